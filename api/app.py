@@ -1,0 +1,41 @@
+"""The app factory; its lifespan owns the pool (started before serving, removed at shutdown)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.routes import router
+from pool.manager import PoolManager
+from pool.settings import Settings, from_env
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the service; settings come from the environment unless given."""
+    settings = settings or from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = PoolManager(settings)
+        app.state.pool = pool
+        try:
+            await pool.start()
+            if not settings.api_keys:
+                log.warning("no WARMPOOL_API_KEYS set: the API is open to anyone who can reach it; "
+                            "serve on loopback only")
+            yield
+        finally:
+            await pool.close()
+
+    app = FastAPI(title="warmpool", version="0.1.0", lifespan=lifespan,
+                  description="Run Python snippets in warm, verified-clean Docker containers.")
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

@@ -1,0 +1,47 @@
+"""Bearer-token checks: API keys for task routes, a separate admin key for /v1/admin/*."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import HTTPException, Request
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _matches(token: str, keys: tuple[str, ...]) -> bool:
+    # compare_digest against every key, without stopping early, so timing says nothing about which matched
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(token.encode(), key.encode())
+    return found
+
+
+def require_api_key(request: Request) -> str:
+    """The caller's key (or "anonymous" when the server has no keys configured)."""
+    keys: tuple[str, ...] = request.app.state.settings.api_keys
+    if not keys:
+        return "anonymous"
+    token = _bearer(request)
+    if token is None:
+        raise HTTPException(status_code=401, detail="missing bearer token",
+                            headers={"WWW-Authenticate": "Bearer"})
+    if not _matches(token, keys):
+        raise HTTPException(status_code=403, detail="invalid API key")
+    return token
+
+
+def require_admin_key(request: Request) -> None:
+    admin_key: str | None = request.app.state.settings.admin_key
+    if not admin_key:
+        raise HTTPException(status_code=403, detail="admin routes are disabled: set WARMPOOL_ADMIN_KEY")
+    token = _bearer(request)
+    if token is None:
+        raise HTTPException(status_code=401, detail="missing bearer token",
+                            headers={"WWW-Authenticate": "Bearer"})
+    if not _matches(token, (admin_key,)):
+        raise HTTPException(status_code=403, detail="invalid admin key")

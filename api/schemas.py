@@ -1,0 +1,118 @@
+"""Pydantic models at the HTTP edge: what clients send and what they get back."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pool.errors import InvalidRequest
+from pool.resources import ResourceRequest, parse_bytes, parse_number
+
+SUPPORTED_TASK_TYPES = ("execute_code",)
+
+
+class ResourcesIn(BaseModel):
+    """What the task needs; every field is optional. Sizes read like Docker's flags (powers of 1024)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpu: Any = Field(default=None, description="CPUs: a number or numeric string, e.g. 0.5 or \"2\"",
+                     examples=["2"])
+    gpu: Any = Field(default=None, description="Whole GPUs; 0 when absent", examples=["0"])
+    ram: Any = Field(default=None, description="Memory: bytes or a size such as \"512MB\" or \"1GiB\"",
+                     examples=["512MB"])
+    storage: Any = Field(default=None, description="Scratch space (tmpfs): bytes or a size such as \"1GB\"",
+                         examples=["1GB"])
+
+    @field_validator("cpu")
+    @classmethod
+    def _cpu(cls, value: Any) -> float | None:
+        return None if value is None else _as_value_error(lambda: parse_number("cpu", value, allow_zero=False))
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu(cls, value: Any) -> int:
+        if value is None:
+            return 0
+        number = _as_value_error(lambda: parse_number("gpu", value, allow_zero=True))
+        if number != int(number):
+            raise ValueError(f"must be a whole number of GPUs, got {value!r}")
+        return int(number)
+
+    @field_validator("ram", "storage")
+    @classmethod
+    def _size(cls, value: Any) -> int | None:
+        return None if value is None else _as_value_error(lambda: parse_bytes("size", value))
+
+    def to_request(self) -> ResourceRequest:
+        return ResourceRequest(cpu=self.cpu, gpu=self.gpu or 0, ram_bytes=self.ram, storage_bytes=self.storage)
+
+
+def _as_value_error(parse: Any) -> Any:
+    """Our parsers name the field themselves; pydantic adds the location, so keep only the message."""
+    try:
+        return parse()
+    except InvalidRequest as exc:
+        raise ValueError(exc.message) from None
+
+
+class ExecuteRequest(BaseModel):
+    """A snippet to run and the resources it needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_type: Literal["execute_code"] = Field(default="execute_code", description="Only 'execute_code' for now")
+    code: str = Field(min_length=1, description="Python source, run as __main__")
+    resources: ResourcesIn | None = None
+    timeout_s: float | None = Field(default=None, gt=0, description="Wall-clock limit; the server sets the default"
+                                    " and the cap")
+    stdin: str = Field(default="", description="Text given to the task on standard input")
+
+
+class ResourcesOut(BaseModel):
+    cpu: float
+    gpu: int
+    ram_bytes: int
+    storage_bytes: int
+
+
+class Timings(BaseModel):
+    queue_ms: float = Field(description="Waiting for a warm container")
+    run_ms: float = Field(description="The task itself, as the runner measured it")
+    total_ms: float = Field(description="From request parsed to response ready")
+
+
+class UsageOut(BaseModel):
+    cpu_s: float
+    max_rss_bytes: int
+
+
+class ExecuteResponse(BaseModel):
+    id: str
+    status: Literal["succeeded", "failed", "timed_out", "memory_exceeded", "output_limit_exceeded",
+                    "sandbox_error"]
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    stdout_truncated: bool
+    stderr_truncated: bool
+    tier: str
+    resources: ResourcesOut
+    timings: Timings
+    usage: UsageOut
+    message: str = Field(default="", description="For sandbox_error: what broke")
+
+
+class TierOut(BaseModel):
+    name: str
+    cpu: float
+    gpu: int
+    ram_bytes: int
+    storage_bytes: int
+    runtime: str
+    min_idle: int
+    max_size: int
+    idle: int
+    busy: int
+    starting: int

@@ -1,0 +1,74 @@
+"""The host capacity ledger: tiers never hold more cpu and memory than the host has (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pool.errors import CapacityError
+from pool.resources import Resources, format_bytes
+
+
+@dataclass(frozen=True)
+class HostInventory:
+    """What the host offers to sandboxes, after the reserve kept for the host itself."""
+
+    cpus: float
+    ram_bytes: int
+    gpu_ids: tuple[str, ...] = ()
+    cpu_overcommit: float = 1.0
+
+    @property
+    def cpu_budget(self) -> float:
+        """CPU quotas may be overcommitted (they are shares of time); memory never is."""
+        return self.cpus * self.cpu_overcommit
+
+
+class CapacityLedger:
+    """Counts what live containers hold; a container is created only after its reservation."""
+
+    def __init__(self, inventory: HostInventory) -> None:
+        self.inventory = inventory
+        self.cpu_held = 0.0
+        self.ram_held_bytes = 0
+        self.gpus_free: list[str] = list(inventory.gpu_ids)
+
+    def check_fits(self, resources: Resources, count: int = 1) -> None:
+        """Raise CapacityError naming the dimension when `count` more containers would not fit."""
+        cpu_after = self.cpu_held + resources.cpu * count
+        ram_after = self.ram_held_bytes + resources.ram_bytes * count
+        if ram_after > self.inventory.ram_bytes:
+            raise CapacityError(
+                f"memory: {format_bytes(ram_after)} would exceed the host's {format_bytes(self.inventory.ram_bytes)}")
+        if cpu_after > self.inventory.cpu_budget + 1e-9:
+            raise CapacityError(
+                f"cpu: {cpu_after:g} would exceed the host's budget of {self.inventory.cpu_budget:g} "
+                f"({self.inventory.cpus:g} cpus x overcommit {self.inventory.cpu_overcommit:g})")
+        if resources.gpu * count > len(self.gpus_free):
+            raise CapacityError(f"gpu: {resources.gpu * count} wanted, {len(self.gpus_free)} free")
+
+    def reserve(self, resources: Resources) -> tuple[str, ...]:
+        """Hold one container's resources; returns the GPU ids it gets. Raises CapacityError."""
+        self.check_fits(resources)
+        self.cpu_held += resources.cpu
+        self.ram_held_bytes += resources.ram_bytes
+        gpu_ids = tuple(self.gpus_free[: resources.gpu])
+        del self.gpus_free[: resources.gpu]
+        return gpu_ids
+
+    def release(self, resources: Resources, gpu_ids: tuple[str, ...] = ()) -> None:
+        self.cpu_held = max(0.0, self.cpu_held - resources.cpu)
+        self.ram_held_bytes = max(0, self.ram_held_bytes - resources.ram_bytes)
+        self.gpus_free.extend(gpu_ids)
+
+    def check_plan(self, plan: list[tuple[Resources, int]]) -> None:
+        """Raise CapacityError when holding `count` containers of each entry at once would not fit."""
+        cpu = sum(r.cpu * n for r, n in plan)
+        ram = sum(r.ram_bytes * n for r, n in plan)
+        gpus = sum(r.gpu * n for r, n in plan)
+        if ram > self.inventory.ram_bytes:
+            raise CapacityError(
+                f"memory: {format_bytes(ram)} needed, the host offers {format_bytes(self.inventory.ram_bytes)}")
+        if cpu > self.inventory.cpu_budget + 1e-9:
+            raise CapacityError(f"cpu: {cpu:g} needed, the host's budget is {self.inventory.cpu_budget:g}")
+        if gpus > len(self.inventory.gpu_ids):
+            raise CapacityError(f"gpu: {gpus} needed, the host has {len(self.inventory.gpu_ids)}")

@@ -1,0 +1,159 @@
+"""One warm sandbox container: created hardened, attached once, then driven only through its channel."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+
+from pool.channel import ChannelClosed, RunnerChannel
+from pool.docker_backend import DockerBackend
+from pool.errors import PoolError, SandboxError
+from pool.results import Status, TaskResult, TaskSpec
+from pool.sandbox_spec import host_config_kwargs, labels_for
+from pool.tiers import Tier
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT_S = 10.0
+RESET_TIMEOUT_S = 5.0
+# The runner enforces the task's deadline itself; the host waits this much longer before it calls the
+# container broken (a runner that cannot answer in time is replaced, and the task is a sandbox_error).
+RESULT_GRACE_S = 5.0
+_serial = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class CreateOptions:
+    """What every container of this pool instance is created with, besides its tier."""
+
+    image: str
+    instance_id: str
+    owner: str
+    nofile_limit: int
+
+
+class ContainerHandle:
+    """A started container whose runner answered a ping; leased to one task at a time."""
+
+    def __init__(self, tier: Tier, container_id: str, name: str, gpu_ids: tuple[str, ...]) -> None:
+        self.tier = tier
+        self.container_id = container_id
+        self.name = name
+        self.gpu_ids = gpu_ids
+        self.created_at = time.monotonic()
+        self.uses = 0
+        self.channel: RunnerChannel | None = None
+        self.on_lost: Callable[[ContainerHandle, str], None] | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.channel is not None and self.channel.alive
+
+    @property
+    def age_s(self) -> float:
+        return time.monotonic() - self.created_at
+
+    def worn_out(self) -> str | None:
+        """Why this container must not be reused, or None."""
+        if self.uses >= self.tier.max_uses:
+            return "use_limit"
+        if self.age_s >= self.tier.max_age_s:
+            return "age_limit"
+        return None
+
+    def _lost(self, reason: str) -> None:
+        log.info("container %s lost its runner: %s", self.name, reason)
+        if self.on_lost is not None:
+            self.on_lost(self, reason)
+
+    async def run(self, spec: TaskSpec, *, fsize_limit_bytes: int, nofile_limit: int) -> TaskResult:
+        """Run one task; a broken container gives a sandbox_error result (then it must be replaced)."""
+        assert self.channel is not None
+        self.uses += 1
+        try:
+            self.channel.send(spec.run_frame(fsize_limit_bytes, nofile_limit))
+            frame = await self.channel.receive(spec.timeout_s + RESULT_GRACE_S)
+        except ChannelClosed as exc:
+            return TaskResult.sandbox_error(spec.task_id, f"the sandbox container died during the task: {exc}")
+        except TimeoutError:
+            return TaskResult.sandbox_error(spec.task_id, "the runner did not answer within the deadline")
+        if frame.get("op") != "result" or frame.get("id") != spec.task_id:
+            return TaskResult.sandbox_error(spec.task_id, f"the runner answered out of turn: {frame.get('op')!r}")
+        try:
+            return TaskResult.from_frame(frame)
+        except (KeyError, ValueError, TypeError) as exc:
+            return TaskResult.sandbox_error(spec.task_id, f"the runner sent a malformed result: {exc!r}")
+
+    async def await_reset(self, task_id: str) -> tuple[bool, str]:
+        """Wait for the runner's verified reset after a task: (clean, detail)."""
+        assert self.channel is not None
+        try:
+            frame = await self.channel.receive(RESET_TIMEOUT_S)
+        except ChannelClosed as exc:
+            return False, f"runner gone: {exc}"
+        except TimeoutError:
+            return False, "reset timed out"
+        if frame.get("op") != "reset" or frame.get("id") != task_id:
+            return False, f"expected reset, got {frame.get('op')!r}"
+        return bool(frame.get("clean")), str(frame.get("detail", ""))
+
+    def close_channel(self) -> None:
+        self.on_lost = None  # our own close is not a loss to report
+        if self.channel is not None:
+            self.channel.close()
+
+
+async def start_container(backend: DockerBackend, tier: Tier, options: CreateOptions,
+                          gpu_ids: tuple[str, ...] = ()) -> ContainerHandle:
+    """Create, attach, start and handshake one container; on any failure nothing is left behind."""
+    name = f"warmpool-{tier.name}-{options.instance_id}-{next(_serial)}"
+    host_config = backend.host_config(**host_config_kwargs(tier, nofile_limit=options.nofile_limit,
+                                                             gpu_ids=gpu_ids))
+    labels = labels_for(tier, options.instance_id, options.owner)
+    container_id = await anyio.to_thread.run_sync(
+        lambda: backend.create(image=options.image, name=name, labels=labels, host_config=host_config))
+    handle = ContainerHandle(tier, container_id, name, gpu_ids)
+    try:
+        # Attach before start so nothing the runner says is lost; the channel lives as long as the container.
+        sock = await anyio.to_thread.run_sync(backend.attach, container_id)
+        handle.channel = await RunnerChannel.open(sock, handle._lost)
+        await anyio.to_thread.run_sync(backend.start, container_id)
+        ping_id = uuid.uuid4().hex
+        handle.channel.send({"op": "ping", "id": ping_id})
+        pong = await handle.channel.receive(HANDSHAKE_TIMEOUT_S)
+        if pong.get("op") != "pong" or pong.get("id") != ping_id:
+            raise SandboxError(f"runner handshake failed: {pong!r}")
+        if not pong.get("clean", False):
+            raise SandboxError(f"fresh container is not clean: {pong.get('detail')}")
+    except BaseException as exc:
+        handle.close_channel()
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(backend.remove, container_id)
+        if isinstance(exc, ChannelClosed | TimeoutError):
+            raise SandboxError(f"container {name} did not come up: {exc!r}") from exc
+        raise
+    return handle
+
+
+async def remove_container(backend: DockerBackend, handle: ContainerHandle) -> None:
+    handle.close_channel()
+    try:
+        await anyio.to_thread.run_sync(backend.remove, handle.container_id)
+    except PoolError as exc:
+        log.warning("could not remove %s: %s", handle.name, exc)
+
+
+def status_needs_replacement(status: Status) -> str | None:
+    """Outcomes that can leave damage the reset cannot vouch for."""
+    if status == Status.MEMORY_EXCEEDED:
+        return "memory_exceeded"
+    if status == Status.SANDBOX_ERROR:
+        return "sandbox_error"
+    return None
+

@@ -1,0 +1,165 @@
+"""The Docker engine boundary: lifecycle calls through docker-py, blocking, meant to run in threads.
+
+Every docker-py or requests exception is turned into `BackendUnavailable` (the engine does not answer)
+or `SandboxError` (it answered no). Nothing here is called on the per-task path.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.types import DeviceRequest, LogConfig, Ulimit
+
+from pool.errors import BackendUnavailable, SandboxError
+
+POOL_LABEL = "warmpool.pool"
+TIER_LABEL = "warmpool.tier"
+INSTANCE_LABEL = "warmpool.instance"
+OWNER_LABEL = "warmpool.owner"
+
+_UNREACHABLE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
+                FileNotFoundError, docker.errors.DockerException)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    cpus: int
+    ram_bytes: int
+    runtimes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class OurContainer:
+    container_id: str
+    name: str
+    labels: dict[str, str]
+
+
+def _wrap(exc: Exception, doing: str) -> Exception:
+    if isinstance(exc, docker.errors.APIError):
+        return SandboxError(f"docker refused to {doing}: {exc.explanation or exc}")
+    if isinstance(exc, _UNREACHABLE):
+        return BackendUnavailable(f"docker engine unreachable while trying to {doing}: {exc}")
+    return SandboxError(f"could not {doing}: {exc!r}")
+
+
+class DockerBackend:
+    """A docker-py API client with our error types; every method blocks."""
+
+    def __init__(self, base_url: str | None = None, timeout_s: float = 30.0) -> None:
+        try:
+            if base_url:
+                self.api = docker.APIClient(base_url=base_url, timeout=int(timeout_s), version="auto")
+            else:
+                self.api = docker.from_env(timeout=int(timeout_s)).api
+        except Exception as exc:  # docker.from_env pings the engine to negotiate the API version
+            raise _wrap(exc, "connect") from exc
+
+    def close(self) -> None:
+        self.api.close()
+
+    def ping(self) -> None:
+        try:
+            self.api.ping()
+        except Exception as exc:
+            raise _wrap(exc, "ping") from exc
+
+    def info(self) -> EngineInfo:
+        try:
+            raw = self.api.info()
+        except Exception as exc:
+            raise _wrap(exc, "read engine info") from exc
+        return EngineInfo(cpus=int(raw.get("NCPU", 1)), ram_bytes=int(raw.get("MemTotal", 0)),
+                          runtimes=tuple((raw.get("Runtimes") or {}).keys()))
+
+    def image_labels(self, image: str) -> dict[str, str] | None:
+        """The image's labels, or None when the image is absent."""
+        try:
+            raw = self.api.inspect_image(image)
+        except docker.errors.ImageNotFound:
+            return None
+        except Exception as exc:
+            raise _wrap(exc, f"inspect image {image}") from exc
+        return dict((raw.get("Config") or {}).get("Labels") or {})
+
+    def create(self, *, image: str, name: str, labels: dict[str, str], host_config: dict[str, Any]) -> str:
+        try:
+            created = self.api.create_container(
+                image=image, name=name, labels=labels, host_config=host_config,
+                stdin_open=True, tty=False, network_disabled=True, environment={},
+            )
+        except Exception as exc:
+            raise _wrap(exc, f"create container {name}") from exc
+        return str(created["Id"])
+
+    def attach(self, container_id: str) -> socket.socket:
+        """Attach stdin and stdout once; returns a socket we own (docker-py's response is closed)."""
+        try:
+            raw = self.api.attach_socket(container_id, params={"stdin": 1, "stdout": 1, "stream": 1})
+        except Exception as exc:
+            raise _wrap(exc, "attach") from exc
+        inner = getattr(raw, "_sock", raw)
+        owned = inner.dup()
+        owned.setblocking(False)
+        raw.close()
+        return owned
+
+    def start(self, container_id: str) -> None:
+        try:
+            self.api.start(container_id)
+        except Exception as exc:
+            raise _wrap(exc, "start container") from exc
+
+    def remove(self, container_id: str) -> None:
+        """Force-remove; a container that is already gone is fine."""
+        try:
+            self.api.remove_container(container_id, force=True, v=True)
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409 and "already in progress" in str(exc.explanation):
+                return
+            raise _wrap(exc, "remove container") from exc
+        except Exception as exc:
+            raise _wrap(exc, "remove container") from exc
+
+    def list_ours(self, extra_label: str | None = None) -> list[OurContainer]:
+        """Every container carrying our pool label (optionally also `key=value`), running or not."""
+        filters = [POOL_LABEL] + ([extra_label] if extra_label else [])
+        try:
+            raw = self.api.containers(all=True, filters={"label": filters})
+        except Exception as exc:
+            raise _wrap(exc, "list containers") from exc
+        return [OurContainer(c["Id"], (c.get("Names") or ["?"])[0].lstrip("/"), dict(c.get("Labels") or {}))
+                for c in raw]
+
+    def inspect(self, container_id: str) -> dict[str, Any]:
+        try:
+            return dict(self.api.inspect_container(container_id))
+        except Exception as exc:
+            raise _wrap(exc, "inspect container") from exc
+
+    def host_config(self, **kwargs: Any) -> dict[str, Any]:
+        return dict(self.api.create_host_config(**kwargs))
+
+
+def ulimits(nofile: int, fsize_bytes: int) -> list[Ulimit]:
+    return [Ulimit(name="nofile", soft=nofile, hard=nofile),
+            Ulimit(name="fsize", soft=fsize_bytes, hard=fsize_bytes),
+            Ulimit(name="core", soft=0, hard=0)]
+
+
+def gpu_device_requests(gpu_ids: tuple[str, ...]) -> list[DeviceRequest]:
+    """Docker device requests for exactly these GPUs, by id, so two containers never share one."""
+    if not gpu_ids:
+        return []
+    return [DeviceRequest(driver="nvidia", device_ids=list(gpu_ids), capabilities=[["gpu"]])]
+
+
+def no_logging() -> LogConfig:
+    return LogConfig(type="none")

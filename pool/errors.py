@@ -1,0 +1,55 @@
+"""The pool's error tree; Docker and Redis exceptions are wrapped into it at the boundary.
+
+    PoolError
+    ├── InvalidRequest          a request field is malformed (names the field)
+    │   └── NoTierFits          no tier can ever cover the request (names the dimension)
+    ├── CapacityError           the host ledger cannot hold what was asked (admin sizing)
+    ├── NoCapacity              no container could be leased in time (retry later)
+    ├── BackendUnavailable      Docker (or Redis) does not answer (retry later)
+    └── SandboxError            a container or its runner broke; the container is replaced
+
+A task's own timeout, OOM or crash is never one of these: it is data in `TaskResult`.
+"""
+
+from __future__ import annotations
+
+
+class PoolError(Exception):
+    """Base of every error the pool engine raises on purpose."""
+
+
+class InvalidRequest(PoolError):
+    """A request field is malformed; `field` names it (dotted, e.g. ``resources.ram``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class NoTierFits(InvalidRequest):
+    """No configured tier can ever cover the request in `field` (e.g. ``resources.gpu``)."""
+
+
+class CapacityError(PoolError):
+    """What was asked does not fit the host's capacity ledger; the message gives the reason."""
+
+
+class NoCapacity(PoolError):
+    """No container of the tier could be had within the wait bound."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BackendUnavailable(PoolError):
+    """The Docker engine (or Redis, in scale-out mode) is unreachable."""
+
+    def __init__(self, message: str, retry_after_s: float = 2.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class SandboxError(PoolError):
+    """A container or its runner failed in a way that is not the task's own doing."""

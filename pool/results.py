@@ -1,0 +1,77 @@
+"""What a task is and what it gave (frozen dataclasses, no I/O)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Status(enum.StrEnum):
+    """How a task ended; every one of them is a result, never an HTTP error."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    MEMORY_EXCEEDED = "memory_exceeded"
+    OUTPUT_LIMIT_EXCEEDED = "output_limit_exceeded"
+    SANDBOX_ERROR = "sandbox_error"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One snippet to run, with the limits the runner enforces."""
+
+    task_id: str
+    code: str
+    stdin: str = ""
+    timeout_s: float = 10.0
+    output_limit_bytes: int = 1024 * 1024
+
+    def run_frame(self, fsize_limit_bytes: int, nofile_limit: int) -> dict[str, Any]:
+        return {"op": "run", "id": self.task_id, "code": self.code, "stdin": self.stdin,
+                "timeout_s": self.timeout_s, "output_limit_bytes": self.output_limit_bytes,
+                "fsize_limit_bytes": fsize_limit_bytes, "nofile_limit": nofile_limit}
+
+
+@dataclass(frozen=True)
+class Usage:
+    cpu_s: float = 0.0
+    max_rss_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """The outcome of one task as the runner (or the host, for sandbox errors) reported it."""
+
+    task_id: str
+    status: Status
+    exit_code: int | None = None
+    signal: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    run_ms: float = 0.0
+    usage: Usage = field(default_factory=Usage)
+    message: str = ""
+
+    @classmethod
+    def from_frame(cls, frame: dict[str, Any]) -> TaskResult:
+        usage = frame.get("usage") or {}
+        return cls(
+            task_id=str(frame.get("id", "")),
+            status=Status(frame["status"]),
+            exit_code=frame.get("exit_code"),
+            signal=frame.get("signal"),
+            stdout=str(frame.get("stdout", "")),
+            stderr=str(frame.get("stderr", "")),
+            stdout_truncated=bool(frame.get("stdout_truncated", False)),
+            stderr_truncated=bool(frame.get("stderr_truncated", False)),
+            run_ms=float(frame.get("run_ms", 0.0)),
+            usage=Usage(cpu_s=float(usage.get("cpu_s", 0.0)), max_rss_bytes=int(usage.get("max_rss_bytes", 0))),
+        )
+
+    @classmethod
+    def sandbox_error(cls, task_id: str, message: str) -> TaskResult:
+        return cls(task_id=task_id, status=Status.SANDBOX_ERROR, message=message)

@@ -1,0 +1,85 @@
+"""The hardened container configuration of a tier (pure: builds arguments, starts nothing).
+
+Security defaults for every container (DESIGN section 3): no network, read-only root, tmpfs scratch
+capped at the tier's storage, every capability dropped but the three the runner needs to drop to the
+sandbox uid and to kill its leftovers, no-new-privileges, Docker's default seccomp, a pids limit, memory
+equal to memory+swap, a cpu quota, ulimits, an empty environment, no mounts, no logging.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from pool.docker_backend import (
+    INSTANCE_LABEL,
+    OWNER_LABEL,
+    POOL_LABEL,
+    TIER_LABEL,
+    gpu_device_requests,
+    no_logging,
+    ulimits,
+)
+from pool.tiers import Tier
+
+RUNNER_CAPABILITIES = ("SETUID", "SETGID", "KILL")
+SHM_CAP_BYTES = 64 * 1024 * 1024
+
+
+def owner_token(pid: int | None = None) -> str:
+    """``host:pid:start`` naming the live process that owns a container (start time defeats pid reuse)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{process_start_ticks(pid)}"
+
+
+def process_start_ticks(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        return fields[19].decode()  # field 22 of stat: start time in clock ticks since boot
+    except (OSError, IndexError):
+        return "gone"
+
+
+def owner_is_alive(token: str) -> bool | None:
+    """True/False for an owner on this host; None when it lives on another host (not ours to judge)."""
+    try:
+        host, pid_text, start = token.rsplit(":", 2)
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return None
+    return process_start_ticks(pid) == start
+
+
+def labels_for(tier: Tier, instance_id: str, owner: str) -> dict[str, str]:
+    return {POOL_LABEL: instance_id, TIER_LABEL: tier.name, INSTANCE_LABEL: instance_id, OWNER_LABEL: owner}
+
+
+def host_config_kwargs(tier: Tier, *, nofile_limit: int, gpu_ids: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Keyword arguments for docker-py's ``create_host_config`` for one container of `tier`."""
+    storage_bytes = tier.resources.storage_bytes
+    kwargs: dict[str, Any] = {
+        "network_mode": "none",
+        "read_only": True,
+        "tmpfs": {"/tmp": f"rw,nosuid,nodev,noexec,size={storage_bytes},mode=1777"},
+        "shm_size": min(storage_bytes, SHM_CAP_BYTES),
+        "cap_drop": ["ALL"],
+        "cap_add": list(RUNNER_CAPABILITIES),
+        "security_opt": ["no-new-privileges"],
+        "pids_limit": tier.pids_limit,
+        "mem_limit": tier.resources.ram_bytes,
+        "memswap_limit": tier.resources.ram_bytes,
+        "nano_cpus": int(tier.resources.cpu * 1e9),
+        "ulimits": ulimits(nofile_limit, storage_bytes),
+        "log_config": no_logging(),
+        "ipc_mode": "private",
+        "privileged": False,
+    }
+    if tier.runtime != "runc":
+        kwargs["runtime"] = tier.runtime
+    if gpu_ids:
+        kwargs["device_requests"] = gpu_device_requests(gpu_ids)
+    return kwargs

@@ -1,0 +1,100 @@
+"""Settings, read once from the environment (prefix ``WARMPOOL_``) and an optional tiers file."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from pool.errors import InvalidRequest
+from pool.resources import parse_bytes, parse_number
+from pool.tiers import Tier, default_tiers, load_tiers_file, sorted_tiers
+
+MIB = 1024 ** 2
+GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service is configured with; built by `from_env` and then never changed."""
+
+    tiers: tuple[Tier, ...] = field(default_factory=default_tiers)
+    image: str = "warmpool-runner:latest"
+    base_image: str = "warmpool-base:bookworm"
+    instance_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
+    docker_host: str | None = None
+    lease_timeout_s: float = 5.0
+    default_timeout_s: float = 10.0
+    max_timeout_s: float = 60.0
+    max_code_bytes: int = MIB
+    output_limit_bytes: int = MIB
+    nofile_limit: int = 256
+    start_concurrency: int = 4
+    cpu_overcommit: float = 16.0
+    host_cpus: float | None = None
+    host_ram_bytes: int | None = None
+    host_reserve_ram_bytes: int = 2 * GIB
+    gpu_ids: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = ()
+    admin_key: str | None = None
+    redis_url: str | None = None
+    result_ttl_s: float = 600.0
+    mode: str = "warm"
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(f"WARMPOOL_{name}")
+    return value if value not in (None, "") else None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = _get(env, name)
+    return default if raw is None else parse_number(f"WARMPOOL_{name}", raw, allow_zero=False)
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    return int(_float(env, name, default))
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    raw = _get(env, name) or ""
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from the environment; nothing needs a file to start."""
+    env = os.environ if env is None else env
+    tiers_file = _get(env, "TIERS_FILE")
+    tiers = sorted_tiers(load_tiers_file(tiers_file) if tiers_file else default_tiers())
+    mode = _get(env, "MODE") or "warm"
+    if mode not in ("warm", "cold"):
+        raise InvalidRequest("WARMPOOL_MODE", f"must be 'warm' or 'cold', got {mode!r}")
+    ram = _get(env, "HOST_RAM")
+    defaults = Settings()
+    return Settings(
+        tiers=tiers,
+        image=_get(env, "IMAGE") or defaults.image,
+        base_image=_get(env, "BASE_IMAGE") or defaults.base_image,
+        instance_id=_get(env, "INSTANCE_ID") or defaults.instance_id,
+        docker_host=env.get("DOCKER_HOST") or None,
+        lease_timeout_s=_float(env, "LEASE_TIMEOUT_S", defaults.lease_timeout_s),
+        default_timeout_s=_float(env, "DEFAULT_TIMEOUT_S", defaults.default_timeout_s),
+        max_timeout_s=_float(env, "MAX_TIMEOUT_S", defaults.max_timeout_s),
+        max_code_bytes=parse_bytes("WARMPOOL_MAX_CODE_BYTES", _get(env, "MAX_CODE_BYTES") or defaults.max_code_bytes),
+        output_limit_bytes=parse_bytes("WARMPOOL_OUTPUT_LIMIT_BYTES",
+                                       _get(env, "OUTPUT_LIMIT_BYTES") or defaults.output_limit_bytes),
+        start_concurrency=_int(env, "START_CONCURRENCY", defaults.start_concurrency),
+        cpu_overcommit=_float(env, "CPU_OVERCOMMIT", defaults.cpu_overcommit),
+        host_cpus=None if _get(env, "HOST_CPUS") is None else _float(env, "HOST_CPUS", 1.0),
+        host_ram_bytes=None if ram is None else parse_bytes("WARMPOOL_HOST_RAM", ram),
+        host_reserve_ram_bytes=parse_bytes("WARMPOOL_HOST_RESERVE_RAM",
+                                           _get(env, "HOST_RESERVE_RAM") or defaults.host_reserve_ram_bytes),
+        gpu_ids=_list(env, "GPU_IDS"),
+        api_keys=_list(env, "API_KEYS"),
+        admin_key=_get(env, "ADMIN_KEY"),
+        redis_url=_get(env, "REDIS_URL"),
+        result_ttl_s=_float(env, "RESULT_TTL_S", defaults.result_ttl_s),
+        mode=mode,
+    )

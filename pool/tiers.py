@@ -1,0 +1,137 @@
+"""Resource tiers and nearest-fit mapping of a request onto them (pure: no I/O)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pool.errors import InvalidRequest, NoTierFits
+from pool.resources import ResourceRequest, Resources, format_bytes, parse_bytes, parse_number
+
+MIB = 1024 ** 2
+GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class Tier:
+    """A class of identical warm containers; the pool keeps between min_idle and max_size of them."""
+
+    name: str
+    resources: Resources
+    min_idle: int = 1
+    max_size: int = 8
+    runtime: str = "runc"
+    pids_limit: int = 128
+    max_uses: int = 1000
+    max_age_s: float = 3600.0
+    gpu_device_ids: tuple[str, ...] = field(default=())
+
+    def sort_key(self) -> tuple[int, int, float, int, str]:
+        """Smaller tiers first: GPUs are the scarcest, then memory, cpu, storage."""
+        r = self.resources
+        return (r.gpu, r.ram_bytes, r.cpu, r.storage_bytes, self.name)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, **self.resources.as_dict(), "runtime": self.runtime,
+                "min_idle": self.min_idle, "max_size": self.max_size}
+
+
+def default_tiers() -> tuple[Tier, ...]:
+    """Tiers that fit a 2-core, 24 GiB host and serve the seed's examples.
+
+    Memory is never overcommitted: at max_size they hold 2 + 4 + 8 = 14 GiB. CPU quotas (32 at max_size) are
+    shares of time, so they fit the default overcommit of 16 on two cores.
+    """
+    return (
+        Tier("nano", Resources(cpu=0.5, gpu=0, ram_bytes=128 * MIB, storage_bytes=128 * MIB),
+             min_idle=4, max_size=16, pids_limit=64),
+        Tier("small", Resources(cpu=2.0, gpu=0, ram_bytes=512 * MIB, storage_bytes=1 * GIB),
+             min_idle=2, max_size=8),
+        Tier("large", Resources(cpu=2.0, gpu=0, ram_bytes=2 * GIB, storage_bytes=2 * GIB),
+             min_idle=1, max_size=4, pids_limit=256),
+    )
+
+
+def tier_from_dict(raw: dict[str, Any], index: int) -> Tier:
+    """One tier from a tiers file entry; sizes take the same units as requests."""
+    where = f"tiers[{index}]"
+    known = {"name", "cpu", "gpu", "ram", "storage", "min_idle", "max_size", "runtime", "pids_limit",
+             "max_uses", "max_age_s"}
+    unknown = set(raw) - known
+    if unknown:
+        raise InvalidRequest(where, f"unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    if not isinstance(raw.get("name"), str) or not raw["name"]:
+        raise InvalidRequest(f"{where}.name", "a non-empty string is required")
+    gpu = parse_number(f"{where}.gpu", raw.get("gpu", 0), allow_zero=True)
+    tier = Tier(
+        name=raw["name"],
+        resources=Resources(
+            cpu=parse_number(f"{where}.cpu", raw.get("cpu", 1), allow_zero=False),
+            gpu=int(gpu),
+            ram_bytes=parse_bytes(f"{where}.ram", raw.get("ram", "256MiB")),
+            storage_bytes=parse_bytes(f"{where}.storage", raw.get("storage", "256MiB")),
+        ),
+        min_idle=int(raw.get("min_idle", 1)),
+        max_size=int(raw.get("max_size", 8)),
+        runtime=str(raw.get("runtime", "runc")),
+        pids_limit=int(raw.get("pids_limit", 128)),
+        max_uses=int(raw.get("max_uses", 1000)),
+        max_age_s=float(raw.get("max_age_s", 3600.0)),
+    )
+    validate_tier(tier, where)
+    return tier
+
+
+def validate_tier(tier: Tier, where: str) -> None:
+    if not 0 <= tier.min_idle <= tier.max_size:
+        raise InvalidRequest(f"{where}.min_idle", "must be between 0 and max_size")
+    if tier.max_size < 1:
+        raise InvalidRequest(f"{where}.max_size", "must be at least 1")
+    if tier.resources.ram_bytes < 32 * MIB:
+        raise InvalidRequest(f"{where}.ram", "must be at least 32MiB (the runner needs ~10 MiB)")
+    if tier.pids_limit < 8:
+        raise InvalidRequest(f"{where}.pids_limit", "must be at least 8")
+
+
+def load_tiers_file(path: str | Path) -> tuple[Tier, ...]:
+    """Tiers from a JSON file: ``{"tiers": [{"name": "nano", "cpu": 0.5, "ram": "128MiB", ...}]}``."""
+    raw = json.loads(Path(path).read_text())
+    entries = raw.get("tiers") if isinstance(raw, dict) else raw
+    if not isinstance(entries, list) or not entries:
+        raise InvalidRequest("tiers", f"{path}: expected a non-empty list under 'tiers'")
+    tiers = tuple(tier_from_dict(entry, i) for i, entry in enumerate(entries))
+    names = [t.name for t in tiers]
+    if len(set(names)) != len(names):
+        raise InvalidRequest("tiers", f"{path}: tier names must be unique, got {names}")
+    return tiers
+
+
+def sorted_tiers(tiers: tuple[Tier, ...]) -> tuple[Tier, ...]:
+    return tuple(sorted(tiers, key=Tier.sort_key))
+
+
+def fit_tier(tiers: tuple[Tier, ...], request: ResourceRequest) -> Tier:
+    """The smallest tier whose every dimension covers the request, or NoTierFits naming why."""
+    wanted = request.as_minimum()
+    for tier in sorted_tiers(tiers):
+        if tier.resources.covers(wanted):
+            return tier
+    raise _no_fit(tiers, wanted)
+
+
+def _no_fit(tiers: tuple[Tier, ...], wanted: Resources) -> NoTierFits:
+    """Name the first dimension that no tier reaches, with the most any tier offers."""
+    dimensions = (
+        ("gpu", wanted.gpu, max(t.resources.gpu for t in tiers), str),
+        ("ram", wanted.ram_bytes, max(t.resources.ram_bytes for t in tiers), format_bytes),
+        ("cpu", wanted.cpu, max(t.resources.cpu for t in tiers), lambda v: f"{v:g}"),
+        ("storage", wanted.storage_bytes, max(t.resources.storage_bytes for t in tiers), format_bytes),
+    )
+    for name, asked, most, show in dimensions:
+        if asked > most:
+            if name == "gpu" and most == 0:
+                return NoTierFits(f"resources.{name}", f"asked for {asked} GPU(s) but this service has no GPU tier")
+            return NoTierFits(f"resources.{name}", f"asked for {show(asked)} but the largest tier offers {show(most)}")
+    return NoTierFits("resources", "no single tier covers every dimension of the request; see GET /v1/tiers")

@@ -1,0 +1,115 @@
+"""Nearest-fit mapping of requests onto tiers, tier files, and the capacity ledger (pure logic)."""
+
+import json
+
+import pytest
+
+from pool.capacity import CapacityLedger, HostInventory
+from pool.errors import CapacityError, InvalidRequest, NoTierFits
+from pool.resources import ResourceRequest, Resources
+from pool.tiers import Tier, default_tiers, fit_tier, load_tiers_file
+
+MIB, GIB = 1024**2, 1024**3
+
+TIERS = (
+    Tier("nano", Resources(0.5, 0, 128 * MIB, 128 * MIB)),
+    Tier("small", Resources(2, 0, 512 * MIB, GIB)),
+    Tier("large", Resources(2, 0, 2 * GIB, 2 * GIB)),
+    Tier("gpu1", Resources(4, 1, 8 * GIB, 8 * GIB)),
+)
+
+
+@pytest.mark.parametrize(("request_", "tier"), [
+    (ResourceRequest(), "nano"),
+    (ResourceRequest(cpu=0.5), "nano"),
+    (ResourceRequest(cpu=0.6), "small"),
+    (ResourceRequest(ram_bytes=128 * MIB), "nano"),
+    (ResourceRequest(ram_bytes=128 * MIB + 1), "small"),
+    (ResourceRequest(cpu=2, ram_bytes=512 * MIB, storage_bytes=GIB), "small"),
+    (ResourceRequest(storage_bytes=GIB + 1), "large"),
+    (ResourceRequest(ram_bytes=GIB), "large"),
+    (ResourceRequest(cpu=3), "gpu1"),
+    (ResourceRequest(gpu=1), "gpu1"),
+])
+def test_smallest_covering_tier_wins(request_, tier):
+    assert fit_tier(TIERS, request_).name == tier
+
+
+def test_order_of_the_tier_list_does_not_matter():
+    assert fit_tier(tuple(reversed(TIERS)), ResourceRequest(cpu=1)).name == "small"
+
+
+@pytest.mark.parametrize(("request_", "field", "words"), [
+    (ResourceRequest(gpu=2), "resources.gpu", "largest tier offers 1"),
+    (ResourceRequest(ram_bytes=64 * GIB), "resources.ram", "8GiB"),
+    (ResourceRequest(cpu=64), "resources.cpu", "offers 4"),
+    (ResourceRequest(storage_bytes=100 * GIB), "resources.storage", "8GiB"),
+])
+def test_no_tier_names_the_dimension_and_the_largest_offer(request_, field, words):
+    with pytest.raises(NoTierFits) as info:
+        fit_tier(TIERS, request_)
+    assert info.value.field == field
+    assert words in info.value.message
+
+
+def test_gpu_request_without_gpu_tiers_says_so():
+    with pytest.raises(NoTierFits) as info:
+        fit_tier(default_tiers(), ResourceRequest(gpu=1))
+    assert "no GPU tier" in info.value.message
+
+
+def test_default_tiers_serve_the_seed_example():
+    tier = fit_tier(default_tiers(), ResourceRequest(cpu=2, gpu=0, ram_bytes=512 * MIB, storage_bytes=GIB))
+    assert tier.name == "small"
+
+
+def test_tiers_file_round_trip(tmp_path):
+    path = tmp_path / "tiers.json"
+    path.write_text(json.dumps({"tiers": [{"name": "tiny", "cpu": "0.25", "ram": "64MiB", "storage": "32M",
+                                           "min_idle": 1, "max_size": 2, "runtime": "runsc"}]}))
+    (tier,) = load_tiers_file(path)
+    assert tier.name == "tiny" and tier.resources.ram_bytes == 64 * MIB and tier.runtime == "runsc"
+
+
+@pytest.mark.parametrize("entry", [{"name": "x", "ram": "lots"}, {"name": "x", "color": "red"}, {"cpu": 1},
+                                   {"name": "x", "min_idle": 5, "max_size": 2}])
+def test_bad_tiers_file_entries_are_named(tmp_path, entry):
+    path = tmp_path / "tiers.json"
+    path.write_text(json.dumps({"tiers": [entry]}))
+    with pytest.raises(InvalidRequest) as info:
+        load_tiers_file(path)
+    assert info.value.field.startswith("tiers[0]")
+
+
+def test_ledger_never_overcommits_memory():
+    ledger = CapacityLedger(HostInventory(cpus=2, ram_bytes=GIB, cpu_overcommit=8))
+    small = Resources(1, 0, 512 * MIB, MIB)
+    ledger.reserve(small)
+    ledger.reserve(small)
+    with pytest.raises(CapacityError, match="memory"):
+        ledger.reserve(small)
+    ledger.release(small)
+    ledger.reserve(small)
+
+
+def test_ledger_bounds_cpu_by_overcommit():
+    ledger = CapacityLedger(HostInventory(cpus=2, ram_bytes=100 * GIB, cpu_overcommit=1.5))
+    ledger.reserve(Resources(2, 0, MIB, MIB))
+    with pytest.raises(CapacityError, match="cpu"):
+        ledger.reserve(Resources(1.5, 0, MIB, MIB))
+
+
+def test_ledger_hands_out_each_gpu_once():
+    ledger = CapacityLedger(HostInventory(cpus=8, ram_bytes=100 * GIB, gpu_ids=("GPU-a", "GPU-b")))
+    one = Resources(1, 1, MIB, MIB)
+    first, second = ledger.reserve(one), ledger.reserve(one)
+    assert {*first, *second} == {"GPU-a", "GPU-b"}
+    with pytest.raises(CapacityError, match="gpu"):
+        ledger.reserve(one)
+    ledger.release(one, first)
+    assert ledger.reserve(one) == first
+
+
+def test_default_tiers_fit_a_two_core_24_gib_host():
+    ledger = CapacityLedger(HostInventory(cpus=2, ram_bytes=22 * GIB, cpu_overcommit=16))
+    ledger.check_plan([(t.resources, t.max_size) for t in default_tiers()])
