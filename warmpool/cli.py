@@ -1,0 +1,72 @@
+"""The `warmpool` command: `serve` (the HTTP API), `worker` (a Redis worker), `image` (the runner image)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+DEFAULT_IMAGE = "warmpool-runner:latest"
+DEFAULT_BASE_IMAGE = "warmpool-base:bookworm"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and run one subcommand; exits non-zero with a message on failure."""
+    parser = argparse.ArgumentParser(prog="warmpool", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+
+    sub.add_parser("worker", help="run a worker that takes tasks from Redis (WARMPOOL_REDIS_URL)")
+
+    image = sub.add_parser("image", help="build the runner image if it is missing or stale; print its id")
+    image.add_argument("--force", action="store_true", help="rebuild even if the image is up to date")
+    image.add_argument("--image", default=os.environ.get("WARMPOOL_IMAGE") or DEFAULT_IMAGE)
+    image.add_argument("--base", default=os.environ.get("WARMPOOL_BASE_IMAGE") or DEFAULT_BASE_IMAGE)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        _serve(args.host, args.port)
+    elif args.command == "worker":
+        _worker()
+    else:
+        _image(args.image, args.base, args.force)
+
+
+def _serve(host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, log_level="info")
+
+
+def _worker() -> None:
+    try:
+        from pool.worker import main as worker_main
+    except ModuleNotFoundError as exc:
+        if exc.name != "pool.worker":
+            raise
+        sys.exit("warmpool worker: the Redis worker (pool.worker) is not available in this version yet")
+    worker_main()
+
+
+def _image(image: str, base_image: str, force: bool) -> None:
+    import docker
+    import docker.errors
+
+    from runner_image.build import ImageBuildError, ensure_image
+
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as exc:
+        sys.exit(f"warmpool image: no Docker engine answers ({exc}); start one (make docker) and retry")
+    try:
+        print(ensure_image(client, image=image, base_image=base_image, force=force))
+    except ImageBuildError as exc:
+        sys.exit(f"warmpool image: {exc}")
+    finally:
+        client.close()
