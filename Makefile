@@ -1,0 +1,59 @@
+# `make run` serves the API on 127.0.0.1:8000; `make test` runs the whole suite against a real Docker
+# engine and a real Redis. Both set up what they need (venv, engine, runner image, redis) on the way.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The machine's own python3 (>= 3.11) makes the venv.
+PYTHON ?= python3
+STAMP := $(VENV)/.warmpool-installed
+API_HOST ?= 127.0.0.1
+API_PORT ?= 8000
+REDIS_PORT ?= $(or $(WARMPOOL_TEST_REDIS_PORT),6399)
+PYTEST_ARGS ?=
+
+.PHONY: venv docker image redis run test lint bench
+
+venv: $(STAMP)
+
+# Debian's python3 has no venv/ensurepip until python3-venv is installed; a failed attempt leaves a
+# half-made venv behind, so remove it before retrying.
+$(PY):
+	@if ! $(PYTHON) -m venv $(VENV) >/dev/null 2>&1; then \
+	  rm -rf $(VENV); \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "make: '$(PYTHON) -m venv' failed; installing python3-venv"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv </dev/null >/dev/null && \
+	    $(PYTHON) -m venv $(VENV); \
+	  else \
+	    echo "make: '$(PYTHON) -m venv' failed: install python3-venv (Debian) or set PYTHON=/path/to/python3.11+" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
+# Reinstall only when the dependencies may have changed.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+docker:
+	bash scripts/ensure-docker.sh
+
+image: venv docker
+	$(VENV)/bin/warmpool image
+
+redis:
+	bash scripts/ensure-redis.sh $(REDIS_PORT)
+
+run: venv docker image
+	$(VENV)/bin/warmpool serve --host $(API_HOST) --port $(API_PORT)
+
+test: venv docker image redis
+	WARMPOOL_TEST_REDIS_URL=redis://127.0.0.1:$(REDIS_PORT)/0 $(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy pool api warmpool runner_image
+
+bench: venv docker image
+	$(PY) benchmarks/latency.py
