@@ -9,7 +9,7 @@ import asyncio
 import collections
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pool.protocol import FrameDecoder, ProtocolError, encode_frame
 
@@ -37,8 +37,7 @@ class RunnerChannel(asyncio.Protocol):
 
     # asyncio.Protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -46,7 +45,8 @@ class RunnerChannel(asyncio.Protocol):
         except ProtocolError as exc:
             self._lose(f"protocol error: {exc}")
             return
-        self._wake()
+        if self._frames:
+            self._wake()
 
     def eof_received(self) -> bool:
         self._lose("the attach stream ended (container stopped or runner exited)")
@@ -68,12 +68,13 @@ class RunnerChannel(asyncio.Protocol):
     async def receive(self, timeout_s: float) -> dict[str, Any]:
         """The next frame; ChannelClosed when the stream is gone, TimeoutError past the timeout."""
         if not self._frames and self.alive:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                async with asyncio.timeout(timeout_s):
-                    await self._waiter
-            finally:
-                self._waiter = None
+            async with asyncio.timeout(timeout_s):
+                while not self._frames and self.alive:  # a large frame arrives in many pieces
+                    self._waiter = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._waiter
+                    finally:
+                        self._waiter = None
         if self._frames:
             return self._frames.popleft()
         raise ChannelClosed(self.lost_reason or "closed")

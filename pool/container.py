@@ -68,8 +68,8 @@ class ContainerHandle:
         return None
 
     def _lost(self, reason: str) -> None:
-        log.info("container %s lost its runner: %s", self.name, reason)
-        if self.on_lost is not None:
+        if self.on_lost is not None:  # None once we closed it ourselves: not a loss
+            log.info("container %s lost its runner: %s", self.name, reason)
             self.on_lost(self, reason)
 
     async def run(self, spec: TaskSpec, *, fsize_limit_bytes: int, nofile_limit: int) -> TaskResult:

@@ -1,0 +1,123 @@
+"""Fixtures: a real Docker engine and runner image, services started per test, and clean-up checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+import docker
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGE = os.environ.get("WARMPOOL_IMAGE", "warmpool-runner:latest")
+
+# Small tiers keep the suite quick: "one" has a single container, so consecutive tasks share it.
+TEST_TIERS = {"tiers": [
+    {"name": "one", "cpu": 0.5, "ram": "96MiB", "storage": "32MiB", "min_idle": 1, "max_size": 1},
+    {"name": "two", "cpu": 1, "ram": "256MiB", "storage": "128MiB", "min_idle": 2, "max_size": 4},
+]}
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    """The real engine; `make test` starts it and builds the image, so here its absence is a failure."""
+    try:
+        client = docker.from_env()
+        client.ping()
+        client.images.get(IMAGE)
+    except Exception as exc:  # noqa: BLE001 - any reason is the same message
+        pytest.fail(f"Docker engine with image {IMAGE} is required (run `make test`): {exc}")
+    yield client
+    client.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def containers_of(client: docker.DockerClient, instance_id: str) -> list:
+    return client.containers.list(all=True, filters={"label": f"warmpool.instance={instance_id}"})
+
+
+class Service:
+    """A `warmpool serve` process on a loopback port."""
+
+    def __init__(self, process: subprocess.Popen, base_url: str, instance_id: str, log: IO[str]) -> None:
+        self.process = process
+        self.log = log
+        self.base_url = base_url
+        self.instance_id = instance_id
+        self.client = httpx.Client(base_url=base_url, timeout=60)
+
+    def execute(self, code: str, **fields) -> httpx.Response:
+        return self.client.post("/v1/execute", json={"code": code, **fields})
+
+    def stop(self, timeout_s: float = 30) -> int:
+        self.client.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def tiers_file(tmp_path: Path) -> Callable[[dict], Path]:
+    def write(tiers: dict) -> Path:
+        path = tmp_path / f"tiers-{secrets.token_hex(3)}.json"
+        path.write_text(json.dumps(tiers))
+        return path
+    return write
+
+
+@pytest.fixture
+def serve(docker_client, tiers_file, tmp_path) -> Iterator[Callable[..., Service]]:
+    """Start services (`serve(tiers=..., env={...})`); each is stopped and checked for leftovers."""
+    started: list[Service] = []
+
+    def start(tiers: dict | None = None, env: dict[str, str] | None = None, ready_timeout_s: float = 60) -> Service:
+        port = _free_port()
+        instance_id = f"test-{secrets.token_hex(4)}"
+        full_env = {**os.environ, "WARMPOOL_TIERS_FILE": str(tiers_file(tiers or TEST_TIERS)),
+                    "WARMPOOL_INSTANCE_ID": instance_id, **(env or {})}
+        log = open(tmp_path / f"serve-{port}.log", "w")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen([sys.executable, "-m", "warmpool", "serve", "--host", "127.0.0.1",
+                                    "--port", str(port)], env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                   cwd=REPO)
+        service = Service(process, f"http://127.0.0.1:{port}", instance_id, log)
+        started.append(service)
+        deadline = time.monotonic() + ready_timeout_s
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                pytest.fail(f"service exited early:\n{(tmp_path / f'serve-{port}.log').read_text()}")
+            try:
+                if service.client.get("/readyz").status_code == 200:
+                    return service
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        pytest.fail(f"service not ready in {ready_timeout_s} s:\n{(tmp_path / f'serve-{port}.log').read_text()}")
+
+    yield start
+    for service in started:
+        service.stop()
+        leftovers = containers_of(docker_client, service.instance_id)
+        for container in leftovers:
+            container.remove(force=True)
+        assert not leftovers, f"service {service.instance_id} left {len(leftovers)} container(s) behind"
