@@ -5,8 +5,10 @@
     │   └── NoTierFits          no tier can ever cover the request (names the dimension)
     ├── CapacityError           the host ledger cannot hold what was asked (admin sizing)
     ├── NoCapacity              no container could be leased in time (retry later)
+    ├── QueueFull               a tier's task queue is at its bound (retry later; HTTP 429)
     ├── BackendUnavailable      Docker (or Redis) does not answer (retry later)
-    └── SandboxError            a container or its runner broke; the container is replaced
+    ├── SandboxError            a container or its runner broke; the container is replaced
+    └── TaskWithdrawn           a leased task was withdrawn before its code was sent (nothing ran)
 
 A task's own timeout, OOM or crash is never one of these: it is data in `TaskResult`.
 """
@@ -43,6 +45,14 @@ class NoCapacity(PoolError):
         self.retry_after_s = retry_after_s
 
 
+class QueueFull(PoolError):
+    """The tier's queue of waiting tasks is at its configured bound."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class BackendUnavailable(PoolError):
     """The Docker engine (or Redis, in scale-out mode) is unreachable."""
 
@@ -53,3 +63,7 @@ class BackendUnavailable(PoolError):
 
 class SandboxError(PoolError):
     """A container or its runner failed in a way that is not the task's own doing."""
+
+
+class TaskWithdrawn(PoolError):
+    """The task's start gate said no (abandoned, answered elsewhere, or its store is down): nothing ran."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ import anyio
 from pool.capacity import CapacityLedger, HostInventory
 from pool.container import ContainerHandle, CreateOptions, remove_container, start_container, status_needs_replacement
 from pool.docker_backend import INSTANCE_LABEL, DockerBackend
-from pool.errors import BackendUnavailable, CapacityError, NoCapacity, PoolError, SandboxError
+from pool.errors import BackendUnavailable, CapacityError, NoCapacity, PoolError, SandboxError, TaskWithdrawn
 from pool.results import TaskResult, TaskSpec
 from pool.sandbox_spec import owner_is_alive, owner_token
 from pool.settings import Settings
@@ -39,6 +39,13 @@ class Execution:
     tier: Tier
     queue_ms: float
     container_name: str
+    worker: str = ""  # the pool instance that ran it (a worker's id in scale-out mode)
+
+
+# Awaited once a container is leased, before the code is sent: False (or an exception) withdraws the task
+# and hands the untouched container back. Scale-out workers record "running" here, so that a task whose
+# worker dies after this point is known to have started and is never run a second time.
+StartGate = Callable[[], Awaitable[bool]]
 
 
 class PoolManager:
@@ -143,11 +150,21 @@ class PoolManager:
         await asyncio.gather(*(anyio.to_thread.run_sync(backend.remove, c.container_id) for c in strays))
 
     # leasing ---------------------------------------------------------------------------------------
-    async def execute(self, tier_name: str, spec: TaskSpec, wait_s: float | None = None) -> Execution:
+    async def execute(self, tier_name: str, spec: TaskSpec, wait_s: float | None = None,
+                      start_gate: StartGate | None = None) -> Execution:
         """Lease a container of the tier, run the task on it, and hand it back for reset."""
         started = time.perf_counter()
         handle = await self.lease(tier_name, self.settings.lease_timeout_s if wait_s is None else wait_s)
         queue_ms = (time.perf_counter() - started) * 1000
+        if start_gate is not None:
+            try:
+                go = await start_gate()
+            except BaseException:
+                self._give_back(handle)
+                raise
+            if not go:
+                self._give_back(handle)
+                raise TaskWithdrawn(f"task {spec.task_id} was withdrawn before it started")
         try:
             result = await handle.run(spec, fsize_limit_bytes=handle.tier.resources.storage_bytes,
                                       nofile_limit=self.settings.nofile_limit)
@@ -156,7 +173,20 @@ class PoolManager:
             self._spawn(self._retire(handle, "cancelled"))
             raise
         self._spawn(self._finish(handle, spec.task_id, result))
-        return Execution(result=result, tier=handle.tier, queue_ms=queue_ms, container_name=handle.name)
+        return Execution(result=result, tier=handle.tier, queue_ms=queue_ms, container_name=handle.name,
+                         worker=self.settings.instance_id)
+
+    def _give_back(self, handle: ContainerHandle) -> None:
+        """A leased container that never received code is still clean: straight back to the pool."""
+        pool = self.pools[handle.tier.name]
+        pool.busy.discard(handle)
+        reason = "shutdown" if self._closing else "runner_lost" if not handle.alive else None
+        if reason is None and self.settings.mode == "cold":
+            reason = "cold_mode"
+        if reason is not None:
+            self._spawn(self._retire(handle, reason))
+        else:
+            pool.offer(handle)
 
     async def lease(self, tier_name: str, wait_s: float) -> ContainerHandle:
         """An idle, verified-clean container of the tier, waiting at most `wait_s` for one."""

@@ -40,7 +40,12 @@ class Settings:
     api_keys: tuple[str, ...] = ()
     admin_key: str | None = None
     redis_url: str | None = None
+    redis_prefix: str = "warmpool"  # every Redis key starts with it: several clusters can share one Redis
     result_ttl_s: float = 600.0
+    max_queued: int = 1000  # per tier: tasks waiting or running (a Redis stream's length); past it, 429
+    heartbeat_s: float = 1.0  # a worker beats this often; missing three beats, it is gone
+    visibility_timeout_s: float = 10.0  # a dead worker's unfinished tasks are claimed after this long
+    worker_tiers: tuple[str, ...] = ()  # the tiers a worker serves; empty: all of them
     mode: str = "warm"
 
 
@@ -95,6 +100,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         api_keys=_list(env, "API_KEYS"),
         admin_key=_get(env, "ADMIN_KEY"),
         redis_url=_get(env, "REDIS_URL"),
+        redis_prefix=_get(env, "REDIS_PREFIX") or defaults.redis_prefix,
         result_ttl_s=_float(env, "RESULT_TTL_S", defaults.result_ttl_s),
+        max_queued=_int(env, "MAX_QUEUED", defaults.max_queued),
+        heartbeat_s=_float(env, "HEARTBEAT_S", defaults.heartbeat_s),
+        visibility_timeout_s=_float(env, "VISIBILITY_TIMEOUT_S", defaults.visibility_timeout_s),
+        worker_tiers=_list(env, "WORKER_TIERS"),
         mode=mode,
     )
