@@ -1,4 +1,8 @@
-"""The app factory; its lifespan owns the pool (started before serving, removed at shutdown)."""
+"""The app factory; its lifespan owns the dispatcher (started before serving, closed at shutdown).
+
+Embedded mode (the default): the dispatcher owns this process's pool, also kept as `app.state.pool`.
+Scale-out mode (WARMPOOL_REDIS_URL set): the dispatcher talks to workers through Redis; no pool here.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.routes import router
-from pool.manager import PoolManager
+from pool.dispatch import create_dispatcher
+from pool.embedded import EmbeddedDispatcher
 from pool.settings import Settings, from_env
 
 log = logging.getLogger(__name__)
@@ -22,16 +27,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = PoolManager(settings)
-        app.state.pool = pool
+        dispatcher = create_dispatcher(settings)
+        app.state.dispatcher = dispatcher
+        app.state.pool = dispatcher.pool if isinstance(dispatcher, EmbeddedDispatcher) else None
         try:
-            await pool.start()
+            await dispatcher.start()
             if not settings.api_keys:
                 log.warning("no WARMPOOL_API_KEYS set: the API is open to anyone who can reach it; "
                             "serve on loopback only")
+            if settings.redis_url:
+                log.info("scale-out mode: tasks go to workers through Redis (prefix %r)", settings.redis_prefix)
             yield
         finally:
-            await pool.close()
+            await dispatcher.close()
 
     app = FastAPI(title="warmpool", version="0.1.0", lifespan=lifespan,
                   description="Run Python snippets in warm, verified-clean Docker containers.")

@@ -8,7 +8,15 @@ import math
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from pool.errors import BackendUnavailable, CapacityError, InvalidRequest, NoCapacity, PoolError, SandboxError
+from pool.errors import (
+    BackendUnavailable,
+    CapacityError,
+    InvalidRequest,
+    NoCapacity,
+    PoolError,
+    QueueFull,
+    SandboxError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +37,8 @@ async def _pool_error(request: Request, exc: Exception) -> JSONResponse:
         return invalid_body(exc.field, exc.message)
     if isinstance(exc, CapacityError):
         return JSONResponse(status_code=409, content={"detail": str(exc)})
+    if isinstance(exc, QueueFull):
+        return retry_after(429, str(exc), exc.retry_after_s)
     if isinstance(exc, NoCapacity):
         return retry_after(503, str(exc), exc.retry_after_s)
     if isinstance(exc, BackendUnavailable):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any
@@ -11,18 +12,21 @@ from fastapi.responses import JSONResponse
 
 from api.auth import require_api_key
 from api.errors import invalid_body
-from api.schemas import ExecuteRequest, ExecuteResponse, TierOut
-from pool.manager import Execution, PoolManager
+from api.schemas import ExecuteRequest, ExecuteResponse, TaskAccepted, TaskPending, TierOut
+from pool.dispatch import Dispatcher, TaskState, TaskView, owner_of
+from pool.manager import Execution
 from pool.resources import ResourceRequest
-from pool.results import TaskSpec
+from pool.results import TaskResult, TaskSpec
 from pool.settings import Settings
-from pool.tiers import fit_tier
+from pool.tiers import Tier, fit_tier
 
 router = APIRouter()
+_TASK_ID = re.compile(r"[0-9a-f]{32}")
 
 
-def _pool(request: Request) -> PoolManager:
-    return request.app.state.pool  # type: ignore[no-any-return]
+def _dispatcher(request: Request) -> Dispatcher:
+    dispatcher: Dispatcher = request.app.state.dispatcher
+    return dispatcher
 
 
 def _settings(request: Request) -> Settings:
@@ -51,8 +55,27 @@ def execution_body(execution: Execution, task_id: str, total_ms: float) -> dict[
         "timings": {"queue_ms": round(execution.queue_ms, 3), "run_ms": round(result.run_ms, 3),
                     "total_ms": round(total_ms, 3)},
         "usage": {"cpu_s": result.usage.cpu_s, "max_rss_bytes": result.usage.max_rss_bytes},
-        "message": result.message,
+        "message": result.message, "worker": execution.worker,
     }
+
+
+def task_body(view: TaskView) -> dict[str, Any]:
+    """An async task's answer: its state while pending, then the same body /v1/execute gives."""
+    if view.state != TaskState.DONE:
+        return {"id": view.task_id, "status": view.state.value}
+    if view.execution is not None:
+        return execution_body(view.execution, view.task_id, view.total_ms)
+    # It never ran (no capacity in time, a backend down): for an async task that is data, not an HTTP error.
+    result = TaskResult.sandbox_error(view.task_id, f"the task could not run: {view.error}")
+    not_run = Execution(result=result, tier=view.tier, queue_ms=view.total_ms, container_name="")
+    return execution_body(not_run, view.task_id, view.total_ms)
+
+
+def prepare(body: ExecuteRequest, settings: Settings) -> tuple[TaskSpec, Tier] | JSONResponse:
+    spec = build_spec(body, settings)
+    if isinstance(spec, JSONResponse):
+        return spec
+    return spec, fit_tier(settings.tiers, body.resources.to_request() if body.resources else ResourceRequest())
 
 
 @router.post("/v1/execute", response_model=ExecuteResponse,
@@ -63,21 +86,49 @@ async def execute(body: ExecuteRequest, request: Request, _key: str = Depends(re
 
     The answer is 200 whenever the task ran, whatever it did: see `status`."""
     started = time.perf_counter()
-    settings = _settings(request)
-    spec = build_spec(body, settings)
-    if isinstance(spec, JSONResponse):
-        return spec
-    tier = fit_tier(settings.tiers, body.resources.to_request() if body.resources else ResourceRequest())
-    execution = await _pool(request).execute(tier.name, spec)
+    prepared = prepare(body, _settings(request))
+    if isinstance(prepared, JSONResponse):
+        return prepared
+    spec, tier = prepared
+    execution = await _dispatcher(request).execute(tier.name, spec)
     return JSONResponse(execution_body(execution, spec.task_id, (time.perf_counter() - started) * 1000))
 
 
-@router.get("/v1/tiers", response_model=list[TierOut])
+@router.post("/v1/tasks", status_code=202, response_model=TaskAccepted,
+             responses={413: {"description": "Code too large"}, 422: {"description": "Invalid request"},
+                        429: {"description": "The tier's queue is full (Retry-After)"},
+                        503: {"description": "No worker serves the tier, or a backend is down (Retry-After)"}})
+async def submit_task(body: ExecuteRequest, request: Request, key: str = Depends(require_api_key)) -> Any:
+    """Queue a snippet to run in the background; poll `link` for its state and then its result.
+
+    The result is kept for the server's result TTL after the task ends; only the same API key can read it."""
+    prepared = prepare(body, _settings(request))
+    if isinstance(prepared, JSONResponse):
+        return prepared
+    spec, tier = prepared
+    await _dispatcher(request).submit(tier.name, spec, owner_of(key))
+    link = f"/v1/tasks/{spec.task_id}"
+    return JSONResponse(status_code=202, content={"id": spec.task_id, "status": "queued", "link": link},
+                        headers={"Location": link})
+
+
+@router.get("/v1/tasks/{task_id}", response_model=ExecuteResponse | TaskPending,
+            responses={404: {"description": "Unknown task, or its result expired"}})
+async def get_task(task_id: str, request: Request, key: str = Depends(require_api_key)) -> Any:
+    """An async task: `queued` or `running` while pending, then the full result, as /v1/execute answers it."""
+    view = await _dispatcher(request).task(task_id, owner_of(key)) if _TASK_ID.fullmatch(task_id) else None
+    if view is None:
+        return JSONResponse(status_code=404, content={"detail": f"no task {task_id!r} (unknown, or expired)"})
+    return JSONResponse(task_body(view))
+
+
+@router.get("/v1/tiers", response_model=list[TierOut], response_model_exclude_none=True)
 async def tiers(request: Request, _key: str = Depends(require_api_key)) -> list[dict[str, Any]]:
-    """The resource tiers, smallest first, with their live container counts."""
-    pool = _pool(request)
-    return [{**p.tier.describe(), "min_idle": p.min_idle, "max_size": p.max_size, "idle": len(p.idle),
-             "busy": len(p.busy), "starting": p.starting} for p in pool.pools.values()]
+    """The resource tiers, smallest first, with their live container counts.
+
+    In scale-out mode the counts are summed over the live workers serving each tier (`workers`), and
+    `queued` counts the tier's tasks waiting or running."""
+    return await _dispatcher(request).tiers()
 
 
 @router.get("/healthz")
@@ -88,9 +139,10 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """Docker reachable, runner image present, and every tier warmed to its min_idle."""
-    pool = _pool(request)
-    checks = {"docker": pool.docker_ok, "image": pool.image_ok, "pools_warm": pool.warm}
+    """Docker reachable, runner image present, and every tier warmed to its min_idle.
+
+    In scale-out mode: Redis answers and at least one worker is alive."""
+    checks = await _dispatcher(request).readiness()
     ready = all(checks.values())
     return JSONResponse(status_code=200 if ready else 503, content={"ready": ready, "checks": checks},
                         headers=None if ready else {"Retry-After": "1"})

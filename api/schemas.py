@@ -102,6 +102,18 @@ class ExecuteResponse(BaseModel):
     timings: Timings
     usage: UsageOut
     message: str = Field(default="", description="For sandbox_error: what broke")
+    worker: str = Field(default="", description="The pool instance (a worker's id in scale-out mode) that ran it")
+
+
+class TaskAccepted(BaseModel):
+    id: str
+    status: Literal["queued"]
+    link: str = Field(description="Where to poll: GET it for the state, then the result")
+
+
+class TaskPending(BaseModel):
+    id: str
+    status: Literal["queued", "running"]
 
 
 class TierOut(BaseModel):
@@ -116,3 +128,5 @@ class TierOut(BaseModel):
     idle: int
     busy: int
     starting: int
+    workers: int | None = Field(default=None, description="Scale-out mode: live workers serving the tier")
+    queued: int | None = Field(default=None, description="Scale-out mode: tasks waiting or running")

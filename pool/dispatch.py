@@ -1,0 +1,82 @@
+"""What the API runs tasks through: the in-process pool (embedded mode) or Redis and workers (scale-out).
+
+The HTTP layer talks to one `Dispatcher` and never asks which kind it has. Both kinds answer `execute`
+synchronously, keep async tasks (`submit`, then `task`) for the configured TTL, and describe their tiers
+and readiness. A task's own failure is data (`Execution.result`); a pool error that kept it from running
+(no capacity, a backend down) is raised by `execute` and kept in `TaskView.error` for async tasks.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pool.errors import PoolError
+from pool.manager import Execution
+from pool.results import TaskSpec
+from pool.settings import Settings
+from pool.tiers import Tier
+
+
+class TaskState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """An async task as its submitter may see it."""
+
+    task_id: str
+    state: TaskState
+    tier: Tier
+    execution: Execution | None = None
+    error: PoolError | None = None  # why it could not run (it did not)
+    total_ms: float = 0.0  # from submission to result
+
+
+class Dispatcher(Protocol):
+    """Runs tasks somewhere and keeps async ones; the API's only way to the pools."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def execute(self, tier_name: str, spec: TaskSpec) -> Execution:
+        """Run the task and return its result; raises NoCapacity/BackendUnavailable when it could not run."""
+        ...
+
+    async def submit(self, tier_name: str, spec: TaskSpec, owner: str) -> None:
+        """Queue the task to run in the background; raises QueueFull past the bound."""
+        ...
+
+    async def task(self, task_id: str, owner: str) -> TaskView | None:
+        """The task if `owner` submitted it and its result has not expired, else None."""
+        ...
+
+    async def tiers(self) -> list[dict[str, Any]]:
+        """Each tier with its live container counts (summed over the cluster in scale-out mode)."""
+        ...
+
+    async def readiness(self) -> dict[str, bool]:
+        """Named checks; the service is ready when every one is True."""
+        ...
+
+
+def owner_of(api_key: str) -> str:
+    """A digest naming who submitted a task, so that only the same key can read it back."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:24]
+
+
+def create_dispatcher(settings: Settings) -> Dispatcher:
+    """Scale-out mode when WARMPOOL_REDIS_URL is set, else the embedded pool."""
+    if settings.redis_url:
+        from pool.redis_dispatch import RedisDispatcher
+
+        return RedisDispatcher(settings)
+    from pool.embedded import EmbeddedDispatcher
+
+    return EmbeddedDispatcher(settings)
