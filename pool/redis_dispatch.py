@@ -1,0 +1,235 @@
+"""Scale-out mode, API side: tasks go on a Redis stream per tier; workers run them; results come back.
+
+The API holds no containers. A synchronous task is added with `reply_to` naming this process's reply
+list; one background reader pops that list (BLPOP) and wakes the waiting request by task id, so each
+outcome reaches its waiter once, and outcomes pushed while the reader was reconnecting are still there.
+A waiter that runs out of time withdraws its task if no worker has started it yet (it then never runs)
+and answers 503. Async tasks are read back from their hash. Every Redis failure is BackendUnavailable
+(503); a full stream is QueueFull (429); a tier no live worker serves is NoCapacity (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, cast
+
+from pool.background import TaskOwner
+from pool.container import RESULT_GRACE_S
+from pool.dispatch import TaskState, TaskView
+from pool.errors import BackendUnavailable, NoCapacity, QueueFull
+from pool.manager import Execution
+from pool.membership import BEATS_TO_DEATH, ClusterView, parse_beat
+from pool.redis_io import Keys, Scripts, connect, redis_errors
+from pool.results import TaskSpec
+from pool.settings import Settings
+from pool.task_codec import MalformedEntry, Outcome, spec_fields
+
+log = logging.getLogger(__name__)
+
+REPLY_BLOCK_S = 1.0
+REPLY_BATCH = 256
+REPLY_SLACK_S = 2.0  # beyond lease wait + timeout + grace: the hops and the worker's own bookkeeping
+ABANDONED_TTL_MS = 60_000
+MAX_BACKOFF_S = 2.0
+
+
+def pending_ttl_ms(settings: Settings) -> int:
+    """How long a task that never ran is kept: long enough to outlast any sane queue."""
+    return int((3600 + settings.max_timeout_s + settings.result_ttl_s) * 1000)
+
+
+class RedisDispatcher:
+    """A `Dispatcher` that sends tasks to workers through Redis."""
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.redis_url
+        self.settings = settings
+        self.tiers_by_name = {t.name: t for t in settings.tiers}
+        self.keys = Keys(settings.redis_prefix)
+        self.reply_key = self.keys.reply(settings.instance_id)
+        self.redis = connect(settings.redis_url)
+        self.blocking = connect(settings.redis_url, blocking_s=REPLY_BLOCK_S)
+        self.scripts = Scripts(self.redis)
+        self.cluster = ClusterView()
+        self._waiters: dict[str, asyncio.Future[Outcome]] = {}
+        self._background = TaskOwner("redis dispatcher")
+
+    async def start(self) -> None:
+        await self._refresh_cluster()
+        self._background.spawn(self._reply_loop())
+        self._background.spawn(self._cluster_loop())
+
+    async def close(self) -> None:
+        await self._background.close()
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(BackendUnavailable("the API is shutting down"))
+        await self.redis.aclose()
+        await self.blocking.aclose()
+
+    # tasks -----------------------------------------------------------------------------------------
+    async def execute(self, tier_name: str, spec: TaskSpec) -> Execution:
+        self._require_worker(tier_name)
+        waiter: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._waiters[spec.task_id] = waiter
+        try:
+            await self._submit(tier_name, spec, kind="sync", owner="", reply_to=self.reply_key)
+            outcome = await self._wait(tier_name, spec, waiter)
+        except asyncio.CancelledError:
+            # The client went away: withdraw the task if it has not started, so it does not run for no one.
+            self._background.spawn(self._abandon(tier_name, spec.task_id))
+            raise
+        finally:
+            self._waiters.pop(spec.task_id, None)
+        return outcome.raise_or_execution()
+
+    async def submit(self, tier_name: str, spec: TaskSpec, owner: str) -> None:
+        self._require_worker(tier_name)
+        await self._submit(tier_name, spec, kind="async", owner=owner, reply_to="")
+
+    async def _submit(self, tier_name: str, spec: TaskSpec, *, kind: str, owner: str, reply_to: str) -> None:
+        now = repr(time.time())
+        entry = {**spec_fields(spec), "reply_to": reply_to, "submitted_unix": now}
+        record = {"state": "queued", "kind": kind, "tier": tier_name, "owner": owner, "submitted_unix": now}
+        with redis_errors("queue the task"):
+            added = await self.scripts.submit(self.keys.stream(tier_name), self.keys.task(spec.task_id),
+                                              max_len=self.settings.max_queued,
+                                              pending_ttl_ms=pending_ttl_ms(self.settings),
+                                              entry=entry, record=record)
+        if added is None:
+            raise QueueFull(f"tier {tier_name!r} already has {self.settings.max_queued} tasks waiting or "
+                            "running; retry later", retry_after_s=max(1.0, spec.timeout_s / 2))
+
+    async def _wait(self, tier_name: str, spec: TaskSpec, waiter: asyncio.Future[Outcome]) -> Outcome:
+        wait_s = self.settings.lease_timeout_s + spec.timeout_s + RESULT_GRACE_S + REPLY_SLACK_S
+        done, _ = await asyncio.wait({waiter}, timeout=wait_s)
+        if not done:
+            state = await self._abandon(tier_name, spec.task_id)
+            if state == "running":  # started late, near our deadline: it deserves its own full run time
+                done, _ = await asyncio.wait({waiter}, timeout=spec.timeout_s + RESULT_GRACE_S + REPLY_SLACK_S)
+            if not done:
+                raise NoCapacity(f"no worker answered within {wait_s:g} s (task state: {state})",
+                                 retry_after_s=2.0)
+        return waiter.result()
+
+    async def _abandon(self, tier_name: str, task_id: str) -> str:
+        with redis_errors("withdraw the task"):
+            return await self.scripts.abandon(self.keys.task(task_id), self.keys.stream(tier_name),
+                                              ABANDONED_TTL_MS)
+
+    async def task(self, task_id: str, owner: str) -> TaskView | None:
+        with redis_errors("read the task"):
+            record = cast(dict[str, str], await self.redis.hgetall(self.keys.task(task_id)))
+        if not record or record.get("kind") != "async" or record.get("owner") != owner:
+            return None
+        tier = self.tiers_by_name.get(record.get("tier", ""))
+        if tier is None:
+            return None
+        state = record.get("state")
+        if state != "done":
+            running = state == "running"
+            return TaskView(task_id=task_id, state=TaskState.RUNNING if running else TaskState.QUEUED, tier=tier)
+        try:
+            outcome = Outcome.from_json(record["outcome"])
+        except (KeyError, MalformedEntry) as exc:
+            log.error("task %s has a bad outcome: %s", task_id, exc)
+            return None
+        return TaskView(task_id=task_id, state=TaskState.DONE, tier=outcome.tier, execution=outcome.execution,
+                        error=outcome.error, total_ms=outcome.total_ms)
+
+    # replies ---------------------------------------------------------------------------------------
+    async def _reply_loop(self) -> None:
+        backoff_s = 0.1
+        lost_contact = False
+        while True:
+            try:
+                with redis_errors("read replies"):
+                    popped = cast(list[str] | None, await self.blocking.blpop([self.reply_key], timeout=REPLY_BLOCK_S))
+                    items = [popped[1]] if popped else []
+                    if items:
+                        items += cast(list[str] | None, await self.redis.lpop(self.reply_key, REPLY_BATCH)) or []
+                    if lost_contact:
+                        await self._fail_lost_waiters()
+                        lost_contact = False
+                        log.info("reading replies from Redis again")
+            except BackendUnavailable as exc:
+                if not lost_contact:
+                    log.warning("%s", exc)
+                lost_contact = True
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)
+                continue
+            backoff_s = 0.1
+            for raw in items:
+                self._deliver(raw)
+
+    def _deliver(self, raw: str) -> None:
+        try:
+            outcome = Outcome.from_json(raw)
+        except MalformedEntry as exc:
+            log.error("dropping a malformed reply: %s", exc)
+            return
+        waiter = self._waiters.get(outcome.task_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(outcome)
+
+    async def _fail_lost_waiters(self) -> None:
+        """After an outage: a waiting task whose hash is gone was lost with Redis's memory; answer 503 now."""
+        waiting = [(task_id, w) for task_id, w in self._waiters.items() if not w.done()]
+        if not waiting:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for task_id, _ in waiting:
+                pipe.exists(self.keys.task(task_id))
+            exists = await pipe.execute()
+        for (task_id, waiter), found in zip(waiting, exists, strict=True):
+            if not found and not waiter.done():
+                waiter.set_exception(BackendUnavailable(f"Redis lost task {task_id} (was it restarted?); retry"))
+
+    # cluster ---------------------------------------------------------------------------------------
+    def _require_worker(self, tier_name: str) -> None:
+        if not self.cluster.redis_ok:
+            raise BackendUnavailable("Redis does not answer; retry shortly")
+        if not self.cluster.serving(tier_name):
+            raise NoCapacity(f"no live worker serves tier {tier_name!r}; retry when one has started",
+                             retry_after_s=self.settings.heartbeat_s * BEATS_TO_DEATH)
+
+    async def _cluster_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.settings.heartbeat_s, 1.0))
+            await self._refresh_cluster()
+
+    async def _refresh_cluster(self) -> None:
+        try:
+            with redis_errors("read worker heartbeats"):
+                ids = sorted(cast(set[str], await self.redis.smembers(self.keys.workers)))
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for worker_id in ids:
+                        pipe.get(self.keys.worker(worker_id))
+                    for tier_name in self.tiers_by_name:
+                        pipe.xlen(self.keys.stream(tier_name))
+                    replies = await pipe.execute()
+                gone = [w for w, raw in zip(ids, replies, strict=False) if raw is None]
+                if gone:
+                    await self.redis.srem(self.keys.workers, *gone)
+        except BackendUnavailable as exc:
+            if self.cluster.redis_ok:
+                log.warning("%s", exc)
+            self.cluster.redis_ok = False
+            return
+        if not self.cluster.redis_ok:
+            log.info("Redis answers")
+        beats = [parse_beat(raw) for raw in replies[:len(ids)] if raw is not None]
+        self.cluster.workers = {b.worker_id: b for b in beats if b is not None}
+        self.cluster.queued = dict(zip(self.tiers_by_name, map(int, replies[len(ids):]), strict=True))
+        self.cluster.redis_ok = True
+        self.cluster.check_tiers(self.settings.tiers)
+
+    async def tiers(self) -> list[dict[str, Any]]:
+        return self.cluster.tier_rows(self.settings.tiers)
+
+    async def readiness(self) -> dict[str, bool]:
+        return {"redis": self.cluster.redis_ok, "workers": bool(self.cluster.workers)}
+

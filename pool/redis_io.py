@@ -1,0 +1,187 @@
+"""The Redis boundary shared by the API and the workers: key names, clients, error wrapping, Lua scripts.
+
+Layout (every key starts with the configured prefix, `warmpool` by default):
+
+    {p}:stream:{tier}   one stream per tier; an entry carries a task (id, code, stdin, limits, reply_to).
+                        Consumer group "workers". Entries are deleted once answered, so the stream's
+                        length is the number of tasks waiting or running: the queue bound is on it.
+    {p}:task:{id}       hash: state (queued, running, done, abandoned), kind (sync or async), owner,
+                        worker, entry, outcome (async only). Expires: pending tasks after a long bound,
+                        answered ones after the result TTL.
+    {p}:reply:{api}     list: the outcomes of one API process's synchronous tasks, popped by it (BLPOP),
+                        so each is delivered once even across reconnects.
+    {p}:worker:{id}     a worker's heartbeat (JSON, expires after three missed beats); {p}:workers is the
+                        set of their ids.
+
+State changes are Lua scripts, so that each is atomic and a retried call is harmless: a task goes from
+queued to running once (the worker that got the container), and to done once (the first outcome wins;
+the entry is acknowledged and deleted in the same step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+
+from pool.errors import BackendUnavailable
+
+GROUP = "workers"
+CONNECT_TIMEOUT_S = 2.0
+COMMAND_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    def stream(self, tier_name: str) -> str:
+        return f"{self.prefix}:stream:{tier_name}"
+
+    def task(self, task_id: str) -> str:
+        return f"{self.prefix}:task:{task_id}"
+
+    def reply(self, api_id: str) -> str:
+        return f"{self.prefix}:reply:{api_id}"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+
+def connect(url: str, *, blocking_s: float = 0.0) -> aioredis.Redis:
+    """An asyncio client; `blocking_s` is the longest server-side block (BLPOP, XREADGROUP) it will issue.
+
+    Retries are few and short: while Redis is down, callers should get BackendUnavailable (503) quickly
+    rather than wait out redis-py's default of ten retries.
+    """
+    return aioredis.Redis.from_url(
+        url, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_timeout=COMMAND_TIMEOUT_S + blocking_s, health_check_interval=30,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=1))
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    """The stream or its consumer group does not exist (a fresh or restarted Redis)."""
+    return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith("NOGROUP")
+
+
+@contextlib.contextmanager
+def redis_errors(doing: str) -> Iterator[None]:
+    """Turn redis-py's exceptions into BackendUnavailable at the boundary."""
+    try:
+        yield
+    except (redis.exceptions.RedisError, OSError) as exc:
+        raise BackendUnavailable(f"Redis unavailable while trying to {doing}: {exc}") from exc
+
+
+# KEYS: stream, task. ARGV: max_len, pending_ttl_ms, n (entry field/value count), entry..., hash...
+_SUBMIT = """
+local existing = redis.call('HGET', KEYS[2], 'entry')
+if existing then return existing end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+local n = tonumber(ARGV[3])
+local entry_args = {}
+for i = 4, 3 + n do entry_args[#entry_args + 1] = ARGV[i] end
+local entry = redis.call('XADD', KEYS[1], '*', unpack(entry_args))
+local hash_args = {'entry', entry}
+for i = 4 + n, #ARGV do hash_args[#hash_args + 1] = ARGV[i] end
+redis.call('HSET', KEYS[2], unpack(hash_args))
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return entry
+"""
+
+# KEYS: task. ARGV: worker, started_unix. Returns run (this worker may send the code), or the state.
+_MARK_RUNNING = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 'gone' end
+if state == 'queued' then
+  redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[1], 'started_unix', ARGV[2])
+  return 'run'
+end
+if state == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[1] then return 'run' end
+return state
+"""
+
+# KEYS: task, stream, reply list ('' for none). ARGV: group, entry id, outcome, ttl_ms (async),
+# reply_ttl_ms, sync_ttl_ms. Only async tasks keep their outcome in the hash: a synchronous one is read
+# from the reply list, and its hash only has to outlive a late claim.
+_FINALIZE = """
+redis.pcall('XACK', KEYS[2], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'queued' and state ~= 'running' then return state or 'gone' end
+if redis.call('HGET', KEYS[1], 'kind') == 'async' then
+  redis.call('HSET', KEYS[1], 'state', 'done', 'outcome', ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+else
+  redis.call('HSET', KEYS[1], 'state', 'done')
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+end
+if KEYS[3] ~= '' then
+  redis.call('RPUSH', KEYS[3], ARGV[3])
+  redis.call('PEXPIRE', KEYS[3], ARGV[5])
+end
+return 'stored'
+"""
+
+# KEYS: task, stream. ARGV: group, entry id. Drop an entry whose task needs nothing more from us.
+_FORGET = """
+redis.pcall('XACK', KEYS[2], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+return 1
+"""
+
+# KEYS: task, stream. ARGV: ttl_ms. The waiting API gave up: a queued task is withdrawn and never runs.
+_ABANDON = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'queued' then return state or 'gone' end
+redis.call('HSET', KEYS[1], 'state', 'abandoned')
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('XDEL', KEYS[2], redis.call('HGET', KEYS[1], 'entry'))
+return 'abandoned'
+"""
+
+
+class Scripts:
+    """The state-changing scripts, registered on one client (re-sent by redis-py after a Redis restart)."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.submit_script = client.register_script(_SUBMIT)
+        self.mark_running_script = client.register_script(_MARK_RUNNING)
+        self.finalize_script = client.register_script(_FINALIZE)
+        self.forget_script = client.register_script(_FORGET)
+        self.abandon_script = client.register_script(_ABANDON)
+
+    async def submit(self, stream: str, task: str, *, max_len: int, pending_ttl_ms: int,
+                     entry: dict[str, str], record: dict[str, str]) -> str | None:
+        """Add the task unless the stream is full (None); the entry id, also on a retried call."""
+        flat_entry = [x for pair in entry.items() for x in pair]
+        flat_record = [x for pair in record.items() for x in pair]
+        args: list[Any] = [max_len, pending_ttl_ms, len(flat_entry), *flat_entry, *flat_record]
+        entry_id = await self.submit_script(keys=[stream, task], args=args)
+        return None if entry_id is None else str(entry_id)
+
+    async def mark_running(self, task: str, worker: str, started_unix: float) -> str:
+        return str(await self.mark_running_script(keys=[task], args=[worker, repr(started_unix)]))
+
+    async def finalize(self, task: str, stream: str, reply_to: str, entry_id: str, outcome: str, *,
+                       ttl_ms: int, reply_ttl_ms: int, sync_ttl_ms: int) -> str:
+        """Answer the task unless it was answered (or withdrawn) already; returns "stored" or the state."""
+        return str(await self.finalize_script(keys=[task, stream, reply_to],
+                                              args=[GROUP, entry_id, outcome, ttl_ms, reply_ttl_ms, sync_ttl_ms]))
+
+    async def forget(self, task: str, stream: str, entry_id: str) -> None:
+        await self.forget_script(keys=[task, stream], args=[GROUP, entry_id])
+
+    async def abandon(self, task: str, stream: str, ttl_ms: int) -> str:
+        return str(await self.abandon_script(keys=[task, stream], args=[ttl_ms]))

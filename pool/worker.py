@@ -1,0 +1,375 @@
+"""`warmpool worker`: takes tasks from Redis streams and runs them on this host's own warm pool.
+
+One worker per Docker host (several may share one engine: each has its own pool instance, and orphan
+clean-up only removes containers whose owning process is dead). For each tier it serves, a reader takes
+entries through the consumer group "workers", never more than the tier's max_size at once, so waiting
+tasks stay in the stream where any worker can take them.
+
+Faults. While a task is in hand the worker re-claims its entry to itself every so often (XCLAIM resets
+the idle time), so its entries never look idle. A worker that dies stops doing that; after the
+visibility timeout a live worker takes its entries over (XAUTOCLAIM) and looks at each task's state:
+
+- `queued`: the dead worker had read it but never sent its code to a container: it is run now.
+- `running`: its code was sent (the worker marks that atomically, right before sending). It is answered
+  `sandbox_error` "worker lost" and is NOT run again: the code may have had effects, and at-most-once is
+  the only safe default for arbitrary code. The client may resubmit. (A delivery count alone cannot tell
+  "read but not started" from "started", so the state is recorded instead.)
+- `done`, `abandoned` or gone: the entry is dropped.
+
+A result is stored and pushed to the waiting API in the same atomic step that acknowledges and deletes
+the entry, and only if the task was not answered already: it is never delivered twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from typing import cast
+
+import redis.exceptions
+
+from pool.background import TaskOwner
+from pool.container import RESULT_GRACE_S
+from pool.errors import BackendUnavailable, InvalidRequest, PoolError, TaskWithdrawn
+from pool.manager import Execution, PoolManager
+from pool.membership import BEATS_TO_DEATH, beat_json
+from pool.redis_io import GROUP, Keys, Scripts, connect, is_nogroup, redis_errors
+from pool.settings import Settings, from_env
+from pool.task_codec import MalformedEntry, Outcome, spec_from_fields, worker_lost
+
+log = logging.getLogger(__name__)
+
+READ_BLOCK_S = 2.0
+FINALIZE_RETRY_S = 30.0
+REPLY_TTL_MS = 300_000  # an API's reply list outlives it by this much
+SYNC_DONE_TTL_MS = 60_000  # an answered synchronous task's (outcome-less) hash
+PRUNE_EVERY_ROUNDS = 20
+WARM_WAIT_S = 120.0
+
+
+class Worker:
+    """Reads the tiers it serves, runs each task on its own `PoolManager`, and reports the outcome."""
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.redis_url
+        known = [t.name for t in settings.tiers]
+        served = settings.worker_tiers or tuple(known)
+        unknown = sorted(set(served) - set(known))
+        if unknown:
+            raise InvalidRequest("WARMPOOL_WORKER_TIERS", f"unknown tiers {unknown}; the tiers are {known}")
+        self.settings = dataclasses.replace(settings, tiers=tuple(t for t in settings.tiers if t.name in served))
+        self.worker_id = settings.instance_id
+        self.pool = PoolManager(self.settings)
+        self.keys = Keys(settings.redis_prefix)
+        self.redis = connect(settings.redis_url)
+        self.blocking = connect(settings.redis_url, blocking_s=READ_BLOCK_S)
+        self.scripts = Scripts(self.redis)
+        self.inflight: dict[str, dict[str, str]] = {name: {} for name in served}  # tier -> entry id -> task id
+        self._freed = {name: asyncio.Event() for name in served}
+        self._loops = TaskOwner("worker loops")  # readers, claimer, heartbeat: stopped first
+        self._handlers = TaskOwner("worker tasks")  # one per task in hand: drained at shutdown
+        self._keeper = TaskOwner("worker keeper")  # keeps in-hand entries claimed until the drain ends
+        self._sweeping = False
+
+    # lifecycle -------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Warm the pool first, so that the first heartbeat announces a worker that can answer at once."""
+        await self.pool.start()
+        if not await self.pool.wait_warm(WARM_WAIT_S):
+            log.warning("the pool is not warm after %.0f s; serving anyway", WARM_WAIT_S)
+        for tier_name in self.inflight:
+            try:
+                await self._ensure_group(tier_name)
+            except BackendUnavailable as exc:
+                log.warning("%s (the readers will retry)", exc)
+        await self._beat()
+        for tier_name in self.inflight:
+            self._loops.spawn(self._read_loop(tier_name))
+        self._loops.spawn(self._claim_loop())
+        self._loops.spawn(self._heartbeat_loop())
+        self._keeper.spawn(self._keep_claimed_loop())
+        log.info("worker %s serving tiers %s", self.worker_id, list(self.inflight))
+
+    async def close(self) -> None:
+        """Stop taking tasks, let those in hand finish (bounded), leave the cluster, remove our containers."""
+        await self._loops.close()
+        try:
+            with redis_errors("leave the cluster"):
+                await self.redis.delete(self.keys.worker(self.worker_id))
+                await self.redis.srem(self.keys.workers, self.worker_id)
+        except BackendUnavailable as exc:
+            log.warning("%s", exc)
+        if len(self._handlers):
+            log.info("waiting for %d task(s) in hand", len(self._handlers))
+            await self._handlers.wait(self.settings.max_timeout_s + RESULT_GRACE_S + 5)
+        await self._handlers.close()
+        await self._keeper.close()
+        await self.pool.close()
+        await self.redis.aclose()
+        await self.blocking.aclose()
+
+    async def _ensure_group(self, tier_name: str) -> None:
+        """Create the tier's stream and group if missing; from id 0, so tasks added before are not skipped."""
+        with redis_errors("create the consumer group"):
+            try:
+                await self.redis.xgroup_create(self.keys.stream(tier_name), GROUP, id="0", mkstream=True)
+            except redis.exceptions.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def _free(self, tier_name: str) -> int:
+        return self.pool.pools[tier_name].max_size - len(self.inflight[tier_name])
+
+    # loops -----------------------------------------------------------------------------------------
+    async def _read_loop(self, tier_name: str) -> None:
+        stream = self.keys.stream(tier_name)
+        backoff_s = 0.1
+        while True:
+            free = self._free(tier_name)
+            if free <= 0:
+                self._freed[tier_name].clear()
+                await self._freed[tier_name].wait()
+                continue
+            try:
+                with redis_errors("read tasks"):
+                    try:
+                        reply = await self.blocking.xreadgroup(GROUP, self.worker_id, {stream: ">"}, count=free,
+                                                               block=int(READ_BLOCK_S * 1000))
+                    except redis.exceptions.ResponseError as exc:
+                        if not is_nogroup(exc):
+                            raise
+                        await self._ensure_group(tier_name)
+                        continue
+            except BackendUnavailable as exc:
+                log.warning("%s; retrying in %.1f s", exc, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(2.0, backoff_s * 2)
+                continue
+            backoff_s = 0.1
+            for _stream, entries in cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply or []):
+                for entry_id, fields in entries:
+                    self._take(tier_name, entry_id, fields, claimed=False)
+
+    async def _claim_loop(self) -> None:
+        """Take over entries that stayed idle past the visibility timeout: their worker is gone."""
+        min_idle_ms = int(self.settings.visibility_timeout_s * 1000)
+        rounds = 0
+        while True:
+            await asyncio.sleep(self.settings.visibility_timeout_s / 2)
+            rounds += 1
+            for tier_name in self.inflight:
+                stream = self.keys.stream(tier_name)
+                try:
+                    with redis_errors("claim idle tasks"):
+                        reply = await self.redis.xautoclaim(stream, GROUP, self.worker_id, min_idle_ms, "0-0",
+                                                            count=max(1, self._free(tier_name)))
+                        if rounds % PRUNE_EVERY_ROUNDS == 0:
+                            await self._prune_consumers(stream)
+                except BackendUnavailable as exc:
+                    log.debug("%s", exc)
+                    continue
+                for entry_id, fields in reply[1]:
+                    if fields and entry_id not in self.inflight[tier_name]:
+                        log.info("claimed task entry %s of tier %s from a silent worker", entry_id, tier_name)
+                        self._take(tier_name, entry_id, fields, claimed=True)
+
+    async def _prune_consumers(self, stream: str) -> None:
+        """Forget consumers of dead workers once they hold nothing (worker ids are new at every start)."""
+        prune_after_ms = 20 * self.settings.visibility_timeout_s * 1000
+        for consumer in await self.redis.xinfo_consumers(stream, GROUP):
+            name = consumer["name"]
+            if (name != self.worker_id and int(consumer["pending"]) == 0 and int(consumer["idle"]) > prune_after_ms
+                    and not await self.redis.exists(self.keys.worker(name))):
+                await self.redis.xgroup_delconsumer(stream, GROUP, name)
+
+    async def _keep_claimed_loop(self) -> None:
+        """Re-claim our in-hand entries to ourselves (resets their idle time) so no one takes them over."""
+        interval_s = max(0.1, min(1.0, self.settings.visibility_timeout_s / 4))
+        while True:
+            await asyncio.sleep(interval_s)
+            for tier_name, entries in self.inflight.items():
+                if not entries:
+                    continue
+                try:
+                    with redis_errors("keep tasks claimed"):
+                        await self.redis.xclaim(self.keys.stream(tier_name), GROUP, self.worker_id, 0,
+                                                list(entries), justid=True)
+                except BackendUnavailable as exc:
+                    log.debug("%s", exc)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            try:
+                await self._beat()
+            except BackendUnavailable as exc:
+                log.debug("%s", exc)
+
+    async def _beat(self) -> None:
+        inflight = {name: len(entries) for name, entries in self.inflight.items()}
+        ttl_ms = int(self.settings.heartbeat_s * BEATS_TO_DEATH * 1000)
+        with redis_errors("send a heartbeat"):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.set(self.keys.worker(self.worker_id), beat_json(self.worker_id, self.pool, inflight), px=ttl_ms)
+                pipe.sadd(self.keys.workers, self.worker_id)
+                await pipe.execute()
+
+    # one task --------------------------------------------------------------------------------------
+    def _take(self, tier_name: str, entry_id: str, fields: dict[str, str], *, claimed: bool) -> None:
+        self.inflight[tier_name][entry_id] = fields.get("id", "")
+        self._handlers.spawn(self._handle(tier_name, entry_id, fields, claimed))
+
+    async def _handle(self, tier_name: str, entry_id: str, fields: dict[str, str], claimed: bool) -> None:
+        stream, task_key = self.keys.stream(tier_name), self.keys.task(fields.get("id", ""))
+        try:
+            if claimed and not await self._claimed_needs_run(tier_name, entry_id, fields):
+                return
+            await self._run(tier_name, entry_id, fields)
+        except MalformedEntry as exc:
+            log.error("dropping entry %s of %s: %s", entry_id, stream, exc)
+            with redis_errors("drop a malformed entry"):
+                await self.scripts.forget(task_key, stream, entry_id)
+        except BackendUnavailable as exc:
+            # Redis failed us, not Docker: the entry stays pending and is claimed again once Redis is back.
+            log.warning("task entry %s left pending: %s", entry_id, exc)
+        finally:
+            self.inflight[tier_name].pop(entry_id, None)
+            self._freed[tier_name].set()
+
+    async def _claimed_needs_run(self, tier_name: str, entry_id: str, fields: dict[str, str]) -> bool:
+        stream, task_key = self.keys.stream(tier_name), self.keys.task(fields.get("id", ""))
+        with redis_errors("inspect a claimed task"):
+            state, owner = cast(list[str | None], await self.redis.hmget(task_key, ["state", "worker"]))
+            if state == "queued":
+                return True
+            if state != "running":
+                await self.scripts.forget(task_key, stream, entry_id)
+                return False
+            if owner and owner != self.worker_id and await self.redis.exists(self.keys.worker(owner)):
+                # Its worker still beats (it was only slow to re-claim): hand the entry back.
+                await self.redis.xclaim(stream, GROUP, owner, 0, [entry_id], justid=True)
+                return False
+        submitted = _float(fields.get("submitted_unix"))
+        total_ms = max(0.0, time.time() - submitted) * 1000
+        log.warning("task %s was running on lost worker %s: answering sandbox_error", fields.get("id"), owner)
+        await self._finalize(tier_name, entry_id, fields, worker_lost(
+            fields.get("id", ""), self.worker_id, self.pool.tiers[tier_name], owner or "?", 0.0, total_ms))
+        self._sweep_orphans()
+        return False
+
+    async def _run(self, tier_name: str, entry_id: str, fields: dict[str, str]) -> None:
+        spec = spec_from_fields(fields)
+        stream, task_key = self.keys.stream(tier_name), self.keys.task(spec.task_id)
+        verdict = ""
+        started_unix = 0.0
+
+        async def mark_running() -> bool:
+            nonlocal verdict, started_unix
+            started_unix = time.time()
+            try:
+                with redis_errors("mark the task running"):
+                    verdict = await self.scripts.mark_running(task_key, self.worker_id, started_unix)
+            except BackendUnavailable:
+                verdict = "redis_down"
+                raise
+            return verdict == "run"
+
+        execution: Execution | None = None
+        error: PoolError | None = None
+        try:
+            execution = await self.pool.execute(tier_name, spec, wait_s=self.settings.lease_timeout_s,
+                                                start_gate=mark_running)
+        except TaskWithdrawn:
+            if verdict != "running":  # "running": another worker holds it now; not ours to acknowledge
+                with redis_errors("drop a withdrawn task"):
+                    await self.scripts.forget(task_key, stream, entry_id)
+            return
+        except PoolError as exc:
+            if verdict == "redis_down":
+                raise
+            error = exc  # no container in time, or our engine is down: the task did not run
+        submitted = _float(fields.get("submitted_unix"))
+        now = time.time()
+        queue_ms = max(0.0, (started_unix or now) - submitted) * 1000 if submitted else 0.0
+        if execution is not None:
+            execution = dataclasses.replace(execution, queue_ms=queue_ms)
+        outcome = Outcome(task_id=spec.task_id, worker=self.worker_id, tier=self.pool.tiers[tier_name],
+                          execution=execution, error=error, queue_ms=queue_ms,
+                          total_ms=max(0.0, now - submitted) * 1000 if submitted else 0.0)
+        await self._finalize(tier_name, entry_id, fields, outcome)
+
+    async def _finalize(self, tier_name: str, entry_id: str, fields: dict[str, str], outcome: Outcome) -> None:
+        """Store the outcome and wake the waiter; retried while Redis is away (the entry stays ours)."""
+        deadline = time.monotonic() + FINALIZE_RETRY_S
+        backoff_s = 0.1
+        payload = outcome.to_json()
+        while True:
+            try:
+                with redis_errors("store the result"):
+                    stored = await self.scripts.finalize(
+                        self.keys.task(outcome.task_id), self.keys.stream(tier_name), fields.get("reply_to", ""),
+                        entry_id, payload, ttl_ms=int(self.settings.result_ttl_s * 1000),
+                        reply_ttl_ms=REPLY_TTL_MS, sync_ttl_ms=SYNC_DONE_TTL_MS)
+                if stored != "stored":
+                    log.info("task %s was already %s: its outcome from %s is dropped", outcome.task_id, stored,
+                             self.worker_id)
+                return
+            except BackendUnavailable as exc:
+                if time.monotonic() > deadline:
+                    log.error("the outcome of task %s is lost: %s", outcome.task_id, exc)
+                    raise
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(2.0, backoff_s * 2)
+
+    def _sweep_orphans(self) -> None:
+        """A peer died: remove the containers it left on this engine (only those whose owner is dead)."""
+        if self._sweeping:
+            return
+        self._sweeping = True
+
+        async def sweep() -> None:
+            try:
+                await self.pool.remove_orphans()
+            except PoolError as exc:
+                log.warning("orphan sweep failed: %s", exc)
+            finally:
+                self._sweeping = False
+
+        self._keeper.spawn(sweep())
+
+
+def _float(raw: str | None) -> float:
+    try:
+        return float(raw or 0.0)
+    except ValueError:
+        return 0.0
+
+
+async def run(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down cleanly."""
+    worker = Worker(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await worker.start()
+        await stop.wait()
+        log.info("worker %s stopping", worker.worker_id)
+    finally:
+        await worker.close()
+
+
+def main() -> None:
+    """Entry point of `warmpool worker`: settings from the environment (WARMPOOL_REDIS_URL is required)."""
+    settings = from_env()
+    if not settings.redis_url:
+        sys.exit("warmpool worker: set WARMPOOL_REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
+    try:
+        asyncio.run(run(settings))
+    except PoolError as exc:
+        sys.exit(f"warmpool worker: {exc}")
