@@ -91,7 +91,9 @@ class RedisDispatcher:
 
     async def _submit(self, tier_name: str, spec: TaskSpec, *, kind: str, owner: str, reply_to: str) -> None:
         now = repr(time.time())
-        entry = {**spec_fields(spec), "reply_to": reply_to, "submitted_unix": now}
+        # The API's result TTL travels with the task: the worker that stores the result applies it.
+        entry = {**spec_fields(spec), "reply_to": reply_to, "submitted_unix": now,
+                 "result_ttl_ms": str(int(self.settings.result_ttl_s * 1000))}
         record = {"state": "queued", "kind": kind, "tier": tier_name, "owner": owner, "submitted_unix": now}
         with redis_errors("queue the task"):
             added = await self.scripts.submit(self.keys.stream(tier_name), self.keys.task(spec.task_id),
@@ -231,5 +233,10 @@ class RedisDispatcher:
         return self.cluster.tier_rows(self.settings.tiers)
 
     async def readiness(self) -> dict[str, bool]:
+        try:
+            with redis_errors("ping"):
+                await self.redis.ping()
+        except BackendUnavailable:
+            self.cluster.redis_ok = False
         return {"redis": self.cluster.redis_ok, "workers": bool(self.cluster.workers)}
 

@@ -58,6 +58,7 @@ class Outcome:
             result["status"] = self.execution.result.status.value
             body["result"] = result
             body["container"] = self.execution.container_name
+            body["ran_on"] = self.execution.worker  # differs from `worker` for a lost worker's task
         if self.error is not None:
             kind = next((k for k, cls in _ERROR_KINDS.items() if isinstance(self.error, cls)), "sandbox_error")
             body["error"] = {"kind": kind, "message": str(self.error),
@@ -76,7 +77,8 @@ class Outcome:
                 result["status"] = Status(result["status"])
                 result["usage"] = Usage(**result.get("usage") or {})
                 execution = Execution(result=TaskResult(**result), tier=tier, queue_ms=float(body["queue_ms"]),
-                                      container_name=str(body.get("container", "")), worker=str(body["worker"]))
+                                      container_name=str(body.get("container", "")),
+                                      worker=str(body.get("ran_on", body["worker"])))
             if "error" in body:
                 error = _error_from(body["error"])
             return cls(task_id=str(body["id"]), worker=str(body["worker"]), tier=tier, execution=execution,

@@ -307,12 +307,13 @@ class Worker:
         deadline = time.monotonic() + FINALIZE_RETRY_S
         backoff_s = 0.1
         payload = outcome.to_json()
+        ttl_ms = int(_float(fields.get("result_ttl_ms")) or self.settings.result_ttl_s * 1000)
         while True:
             try:
                 with redis_errors("store the result"):
                     stored = await self.scripts.finalize(
                         self.keys.task(outcome.task_id), self.keys.stream(tier_name), fields.get("reply_to", ""),
-                        entry_id, payload, ttl_ms=int(self.settings.result_ttl_s * 1000),
+                        entry_id, payload, ttl_ms=ttl_ms,
                         reply_ttl_ms=REPLY_TTL_MS, sync_ttl_ms=SYNC_DONE_TTL_MS)
                 if stored != "stored":
                     log.info("task %s was already %s: its outcome from %s is dropped", outcome.task_id, stored,

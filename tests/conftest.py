@@ -121,3 +121,55 @@ def serve(docker_client, tiers_file, tmp_path) -> Iterator[Callable[..., Service
         for container in leftovers:
             container.remove(force=True)
         assert not leftovers, f"service {service.instance_id} left {len(leftovers)} container(s) behind"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The shared test Redis; `make test` starts it and exports WARMPOOL_TEST_REDIS_URL."""
+    import redis
+
+    url = os.environ.get("WARMPOOL_TEST_REDIS_URL")
+    if not url:
+        pytest.fail("WARMPOOL_TEST_REDIS_URL is required (run `make test`, which starts a redis-server)")
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"no Redis answers at {url}: {exc}")
+    finally:
+        client.close()
+    return url
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[Callable[[], object]]:
+    """Start redis-servers of the test's own (to stop and restart); every one is stopped at the end."""
+    from tests.scaleout_support import RedisServer
+
+    servers: list[RedisServer] = []
+
+    def start() -> RedisServer:
+        server = RedisServer(tmp_path / f"redis-{len(servers)}")
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def cluster(docker_client, redis_url, tiers_file, tmp_path) -> Iterator[Callable[..., object]]:
+    """Scale-out clusters (`cluster(redis_url=..., tiers=...)`): an API and workers as processes."""
+    from tests.scaleout_support import Cluster
+
+    made: list[Cluster] = []
+
+    def make(redis_url_: str | None = None, tiers: dict | None = None) -> Cluster:
+        made.append(Cluster(redis_url_ or redis_url, tmp_path, tiers_file(tiers or TEST_TIERS), docker_client))
+        return made[-1]
+
+    yield make
+    for item in made:
+        item.close()

@@ -1,0 +1,85 @@
+"""The task state machine's Lua scripts against a real Redis: atomic, idempotent, answered once."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import uuid
+
+import pytest
+
+from pool.errors import NoCapacity
+from pool.manager import Execution
+from pool.redis_io import GROUP, Keys, Scripts, connect
+from pool.resources import Resources
+from pool.results import Status, TaskResult, Usage
+from pool.task_codec import Outcome, worker_lost
+from pool.tiers import Tier
+
+TIER = Tier("one", Resources(cpu=0.5, gpu=0, ram_bytes=96 << 20, storage_bytes=32 << 20))
+
+
+def test_outcomes_round_trip_through_json():
+    result = TaskResult(task_id="t", status=Status.FAILED, exit_code=3, stdout="o", stderr="e", run_ms=1.5,
+                        usage=Usage(cpu_s=0.25, max_rss_bytes=1 << 20))
+    ran = Outcome(task_id="t", worker="w1", tier=TIER, queue_ms=2.0, total_ms=9.0,
+                  execution=Execution(result=result, tier=TIER, queue_ms=2.0, container_name="c", worker="w1"))
+    assert Outcome.from_json(ran.to_json()) == ran
+    not_run = Outcome.from_json(Outcome(task_id="t", worker="w1", tier=TIER,
+                                        error=NoCapacity("busy", retry_after_s=3.0)).to_json())
+    assert isinstance(not_run.error, NoCapacity) and not_run.error.retry_after_s == 3.0
+    with pytest.raises(NoCapacity):
+        not_run.raise_or_execution()
+    lost = worker_lost("t", "w2", TIER, "w1", 0.0, 5.0)
+    assert lost.execution is not None and lost.execution.result.status == Status.SANDBOX_ERROR
+
+
+@pytest.mark.redis
+def test_task_state_machine(redis_url):
+    asyncio.run(_state_machine(redis_url))
+
+
+async def _state_machine(url: str) -> None:
+    client = connect(url)
+    keys = Keys(f"wptest-{secrets.token_hex(4)}")
+    scripts = Scripts(client)
+    stream, reply = keys.stream("one"), keys.reply("api")
+    try:
+        await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+
+        async def submit(task_id: str, kind: str = "sync") -> str | None:
+            return await scripts.submit(stream, keys.task(task_id), max_len=2, pending_ttl_ms=60_000,
+                                        entry={"id": task_id}, record={"state": "queued", "kind": kind})
+
+        a, b, c = (uuid.uuid4().hex for _ in range(3))
+        entry_a = await submit(a)
+        assert entry_a is not None and await submit(a) == entry_a, "a retried submit adds nothing"
+        assert await submit(b, kind="async") is not None
+        assert await submit(c) is None, "the stream is at its bound"
+        assert await client.xlen(stream) == 2
+
+        assert await scripts.mark_running(keys.task(a), "w1", 1.0) == "run"
+        assert await scripts.mark_running(keys.task(a), "w1", 1.0) == "run", "idempotent for the same worker"
+        assert await scripts.mark_running(keys.task(a), "w2", 1.0) == "running", "never started twice"
+
+        async def finalize(task_id: str, entry: str, outcome: str, reply_to: str = reply) -> str:
+            return await scripts.finalize(keys.task(task_id), stream, reply_to, entry, outcome, ttl_ms=60_000,
+                                          reply_ttl_ms=60_000, sync_ttl_ms=60_000)
+
+        assert await finalize(a, entry_a, '{"first":1}') == "stored"
+        assert await finalize(a, entry_a, '{"second":1}') == "done", "the first outcome wins"
+        assert await client.lrange(reply, 0, -1) == ['{"first":1}'], "delivered once"
+        assert await client.xlen(stream) == 1 and await client.hget(keys.task(a), "outcome") is None
+
+        entry_b = await client.hget(keys.task(b), "entry")
+        assert await scripts.abandon(keys.task(b), stream, 60_000) == "abandoned"
+        assert await client.xlen(stream) == 0, "a withdrawn task leaves the queue at once"
+        assert await scripts.mark_running(keys.task(b), "w1", 1.0) == "abandoned", "and never runs"
+        assert await finalize(b, entry_b, "{}", reply_to="") == "abandoned"
+        assert await scripts.abandon(keys.task(a), stream, 60_000) == "done", "an answered task stays answered"
+        assert await scripts.mark_running(keys.task(uuid.uuid4().hex), "w1", 1.0) == "gone"
+    finally:
+        found = [k async for k in client.scan_iter(f"{keys.prefix}:*")]
+        if found:
+            await client.delete(*found)
+        await client.aclose()
