@@ -35,19 +35,21 @@ WORK_DIR, HOME_DIR = "/tmp/work", "/tmp/home"
 TASK_ENV = {"HOME": HOME_DIR, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
             "TMPDIR": "/tmp", "USER": "sandbox"}
 MAX_FRAME_BYTES = 64 << 20
-KILL_WAIT_S = 2.0      # how long the reset keeps killing before it calls the container dirty
-CLEANER_WAIT_S = 5.0   # how long the scratch cleaner may take
+KILL_WAIT_S = 2.0  # how long the reset keeps killing before it calls the container dirty
+CLEANER_WAIT_S = 5.0  # how long the scratch cleaner may take
+NO_PIDFD_TICK_S = 0.002  # how often to look for the child's exit where there is no pidfd (gVisor)
 READ_CHUNK = 1 << 16
-FRAME_OUT = -1  # the frame channel's write end, set by main()
-PYTHON_VERSION = "%d.%d.%d" % sys.version_info[:3]
+PYTHON_VERSION = ".".join(map(str, sys.version_info[:3]))
 CPUS = len(os.sched_getaffinity(0))
 OOM_FILES = ("/sys/fs/cgroup/memory/memory.oom_control", "/sys/fs/cgroup/memory.events")  # v1, v2
 SYSV_IPC_FILES = ("/proc/sysvipc/shm", "/proc/sysvipc/msg", "/proc/sysvipc/sem")
 
-# One byte of memory shared with every task child (no fd to leak): how the child says what happened.
-_FLAG = mmap.mmap(-1, 1)
+# One byte of memory shared with each task child (an fd would have to survive the closing of all
+# others): how the child tells what happened to it.
+FLAG = mmap.mmap(-1, 1)
 FLAG_NONE, FLAG_MEMORY_ERROR, FLAG_SETUP_FAILED = 0, 1, 2
-_KEEP = []  # the child's original std streams: if they were freed they would close fds 0-2
+FRAME_OUT = -1  # the frame channel's write end, set by main()
+_KEEP: list = []  # in the task child: the runner's own std streams, kept alive
 
 Task = collections.namedtuple("Task", "id code stdin timeout_s output_limit fsize_limit nofile_limit")
 
@@ -57,35 +59,6 @@ class ProtocolError(Exception):
 
 
 # ---- frames -------------------------------------------------------------------------------------
-
-def read_frame(reader):
-    """Next request as a dict, or None at EOF. Raises ProtocolError for a bad body."""
-    header = reader.read(4)
-    if len(header) < 4:
-        return None
-    (size,) = struct.unpack(">I", header)
-    if size > MAX_FRAME_BYTES:
-        # The stream can no longer be trusted to be in sync: tell the host and stop.
-        send({"op": "error", "id": None, "detail": f"frame of {size} bytes exceeds {MAX_FRAME_BYTES}"})
-        sys.exit(1)
-    body = reader.read(size)
-    if len(body) < size:
-        return None
-    try:
-        msg = json.loads(body)
-    except ValueError as exc:
-        raise ProtocolError(f"bad JSON: {exc}") from None
-    if not isinstance(msg, dict):
-        raise ProtocolError("a frame must hold a JSON object")
-    return msg
-
-
-def send(frame):
-    data = json.dumps(frame).encode()  # ASCII-only, hence always valid UTF-8
-    view = memoryview(struct.pack(">I", len(data)) + data)
-    while view:
-        view = view[os.write(FRAME_OUT, view):]
-
 
 def serve(reader):
     while True:
@@ -102,12 +75,43 @@ def serve(reader):
             send({"op": "error", "id": msg_id, "detail": f"runner error: {exc!r}"})
 
 
+def read_frame(reader):
+    """The next request as a dict, or None at EOF."""
+    header = reader.read(4)
+    if len(header) < 4:
+        return None
+    (size,) = struct.unpack(">I", header)
+    if size > MAX_FRAME_BYTES:  # no frame boundary left to trust: say so and stop
+        send({"op": "error", "id": None, "detail": f"frame of {size} bytes exceeds {MAX_FRAME_BYTES}"})
+        sys.exit(1)
+    body = reader.read(size)
+    if len(body) < size:
+        return None
+    try:
+        msg = json.loads(body)
+    except ValueError as exc:  # invalid UTF-8 too
+        raise ProtocolError(f"bad JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("a frame must hold a JSON object")
+    return msg
+
+
+def send(frame):
+    data = json.dumps(frame).encode()  # ASCII-only, hence always valid UTF-8
+    write_all(FRAME_OUT, struct.pack(">I", len(data)) + data)
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def dispatch(msg, msg_id):
     op = msg.get("op")
     if msg_id is None:
         raise ProtocolError("missing or non-string id")
     if op == "ping":
-        reap_zombies()
         clean, detail = verify_clean()
         send({"op": "pong", "id": msg_id, "clean": clean, "detail": detail, "python": PYTHON_VERSION})
     elif op == "run":
@@ -123,16 +127,15 @@ def parse_task(msg, msg_id):
             raise ProtocolError(f"run: {name} is missing or not a {getattr(kind, '__name__', 'number')}")
         return value
     timeout_s = float(field("timeout_s", (int, float)))
-    if not 0 < timeout_s < math.inf:
-        raise ProtocolError("run: timeout_s must be positive and finite")
-    ints = [field(name, int) for name in ("output_limit_bytes", "fsize_limit_bytes", "nofile_limit")]
-    if min(ints) < 0:
-        raise ProtocolError("run: limits must not be negative")
-    return Task(msg_id, field("code", str), field("stdin", str, ""), timeout_s, *ints)
+    limits = [field(name, int) for name in ("output_limit_bytes", "fsize_limit_bytes", "nofile_limit")]
+    if not 0 < timeout_s < math.inf or min(limits) < 0:
+        raise ProtocolError("run: timeout_s must be positive and finite, limits not negative")
+    return Task(msg_id, field("code", str), field("stdin", str, ""), timeout_s, *limits)
 
 
 def handle_run(task):
-    """Reply `result` then `reset`; a runner failure in between becomes `error` and a dirty reset."""
+    """Reply `result`, then `reset`. If the runner itself fails, `error` replaces `result` and the
+    reset is reported dirty, so that the host replaces the container."""
     failure = ""
     try:
         send(run_task(task))
@@ -148,16 +151,15 @@ def handle_run(task):
     send({"op": "reset", "id": task.id, "clean": clean, "detail": detail})
 
 
-# ---- running a task (parent side) ---------------------------------------------------------------
+# ---- running a task: the parent -----------------------------------------------------------------
 
 def run_task(task):
     reap_zombies()
     stdin_fd = os.memfd_create("stdin", os.MFD_CLOEXEC)
     write_all(stdin_fd, task.stdin.encode("utf-8", "replace"))  # "replace": lone surrogates
     os.lseek(stdin_fd, 0, os.SEEK_SET)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    _FLAG[0] = FLAG_NONE
+    (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
+    FLAG[0] = FLAG_NONE
     oom_before = oom_kills()
     started = time.monotonic()
     pid = os.fork()
@@ -172,141 +174,107 @@ def run_task(task):
         os.close(err_r)
     _, status, usage = os.wait4(pid, 0)
     run_ms = (time.monotonic() - started) * 1000
+    if FLAG[0] == FLAG_SETUP_FAILED:
+        raise RuntimeError(bytes(err[-500:]).decode("utf-8", "replace"))
     sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-    if _FLAG[0] == FLAG_SETUP_FAILED:
-        raise RuntimeError("sandbox setup failed: " + bytes(err).decode("utf-8", "replace")[-500:])
     truncated = [len(buf) > task.output_limit for buf in (out, err)]
     if verdict is None:
-        oom_killed = sig == signal.SIGKILL and oom_kills() > oom_before
-        if _FLAG[0] == FLAG_MEMORY_ERROR or oom_killed:
-            verdict = "memory_exceeded"
+        if FLAG[0] == FLAG_MEMORY_ERROR or (sig == signal.SIGKILL and oom_kills() > oom_before):
+            verdict = "memory_exceeded"  # our SIGKILLs have a verdict already: this one was the kernel's
         elif any(truncated):
             verdict = "output_limit_exceeded"
         else:
             verdict = "succeeded" if exit_code == 0 else "failed"
+    out, err = (bytes(buf[:task.output_limit]).decode("utf-8", "replace") for buf in (out, err))
     return {"op": "result", "id": task.id, "status": verdict, "exit_code": exit_code, "signal": sig,
-            "stdout": decode(out, task.output_limit), "stderr": decode(err, task.output_limit),
-            "stdout_truncated": truncated[0], "stderr_truncated": truncated[1], "run_ms": round(run_ms, 3),
-            "usage": {"cpu_s": round(usage.ru_utime + usage.ru_stime, 6),
-                      "max_rss_bytes": usage.ru_maxrss * 1024}}
+            "stdout": out, "stderr": err, "stdout_truncated": truncated[0], "stderr_truncated": truncated[1],
+            "run_ms": round(run_ms, 3), "usage": {"cpu_s": round(usage.ru_utime + usage.ru_stime, 6),
+                                                  "max_rss_bytes": usage.ru_maxrss * 1024}}
 
 
 def supervise(pid, out_r, err_r, deadline, limit):
     """Collect output until the child exits; kill it at the deadline or past the output cap.
 
-    Returns (verdict or None, stdout buffer, stderr buffer); a buffer longer than `limit` means the
-    stream passed the cap (the caller trims it). The child's exit, not pipe EOF, ends the wait: a
-    daemon it left behind may hold the pipes open for ever.
+    Returns (verdict or None, stdout, stderr); a buffer longer than `limit` passed the cap. The
+    child's exit, not EOF on its pipes, ends the wait: a daemon it left may hold them open for ever.
     """
     bufs = {out_r: bytearray(), err_r: bytearray()}
-    watch = ExitWatch(pid)
+    pidfd = open_pidfd(pid)
+    tick_s = math.inf if pidfd is not None else NO_PIDFD_TICK_S
     poller = select.poll()
-    for fd in (*bufs, watch.fd):
+    for fd in (out_r, err_r, pidfd):
         if fd is not None:
             os.set_blocking(fd, False)
             poller.register(fd, select.POLLIN)
-    verdict = None
+    verdict = "timed_out"
     try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                verdict = "timed_out"
-                break
-            events = poller.poll(math.ceil(min(remaining, watch.tick_s) * 1000))
-            for fd, _ in events:
-                if fd in bufs and not pump(fd, bufs[fd], limit, once=True):
+        while (remaining := deadline - time.monotonic()) > 0:
+            for fd, _ in poller.poll(math.ceil(min(remaining, tick_s) * 1000)):
+                if fd in bufs and not pump(fd, bufs[fd], limit, drain=False):
                     poller.unregister(fd)
             if any(len(buf) > limit for buf in bufs.values()):
                 verdict = "output_limit_exceeded"
                 break
-            if watch.exited(events):
-                for fd, buf in bufs.items():  # whatever the child wrote just before it exited
-                    pump(fd, buf, limit, once=False)
+            if has_exited(pid):
+                for fd, buf in bufs.items():  # what it wrote just before it exited
+                    pump(fd, buf, limit, drain=True)
                 return None, bufs[out_r], bufs[err_r]
     finally:
-        watch.close()
+        if pidfd is not None:
+            os.close(pidfd)
     kill_task(pid)
     return verdict, bufs[out_r], bufs[err_r]
 
 
-def pump(fd, buf, limit, once):
-    """Read what is available (one chunk, or until empty) without going far past `limit`.
-    Returns False at EOF."""
+def pump(fd, buf, limit, drain):
+    """Read one chunk (or, with `drain`, all there is) but stop once past `limit`. False at EOF."""
     while len(buf) <= limit:
         try:
             chunk = os.read(fd, READ_CHUNK)
         except BlockingIOError:
             return True
-        except OSError:
-            return False
         if not chunk:
             return False
         buf += chunk
-        if once:
+        if not drain:
             break
     return True
 
 
-class ExitWatch:
-    """Tells when a child has exited: a pidfd where the kernel has them, else a short poll tick
-    (gVisor has no pidfd_open). Neither reaps, so wait4 still gets the status and rusage."""
+def open_pidfd(pid):
+    try:
+        return os.pidfd_open(pid)
+    except OSError:  # gVisor has no pidfd_open: the caller polls with a short tick instead
+        return None
 
-    def __init__(self, pid):
-        self.pid, self.fd, self.tick_s = pid, None, math.inf
-        try:
-            self.fd = os.pidfd_open(pid)
-        except OSError:
-            self.tick_s = 0.002
 
-    def exited(self, events):
-        if self.fd is not None:
-            return any(fd == self.fd for fd, _ in events)
-        try:
-            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-        except ChildProcessError:
-            return True
-
-    def close(self):
-        if self.fd is not None:
-            os.close(self.fd)
+def has_exited(pid):
+    # WNOWAIT leaves the child a zombie, so that wait4 can still collect its status and rusage.
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
 def kill_task(pid):
-    for kill, target in ((os.killpg, pid), (os.kill, pid)):  # its process group, then the child itself
+    for kill in (os.killpg, os.kill):  # its process group (setsid made it leader), then the child itself
         try:
-            kill(target, signal.SIGKILL)
+            kill(pid, signal.SIGKILL)
         except OSError:
             pass
-
-
-def decode(buf, limit):
-    return bytes(buf[:limit]).decode("utf-8", "replace")
-
-
-def write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def oom_kills():
     """The container's OOM-kill counter (cgroup v1 or v2), or 0 where the kernel does not say."""
     for path in OOM_FILES:
         try:
-            fd = os.open(path, os.O_RDONLY)
+            with open(path, "rb", buffering=0) as f:
+                lines = f.read().splitlines()
         except OSError:
             continue
-        try:
-            for line in os.read(fd, 4096).splitlines():
-                if line.startswith(b"oom_kill "):
-                    return int(line.split()[1])
-        finally:
-            os.close(fd)
+        return next((int(line.split()[1]) for line in lines if line.startswith(b"oom_kill ")), 0)
     return 0
 
 
-# ---- running a task (child side) ----------------------------------------------------------------
+# ---- running a task: the child ------------------------------------------------------------------
 
 def task_child(task, stdin_fd, out_w, err_w):
     """Body of the forked child: enter the sandbox, run the code, _exit. Never returns."""
@@ -318,9 +286,9 @@ def task_child(task, stdin_fd, out_w, err_w):
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the frame channel above all
         enter_sandbox(task)
     except BaseException as exc:  # never run the code half-sandboxed
-        _FLAG[0] = FLAG_SETUP_FAILED
+        FLAG[0] = FLAG_SETUP_FAILED
         try:
-            os.write(2, f"warmpool: sandbox setup failed: {exc!r}\n".encode())
+            os.write(2, f"sandbox setup failed: {exc!r}".encode())
         finally:
             os._exit(status)
     try:
@@ -339,15 +307,14 @@ def enter_sandbox(task):
     os.setgroups([])
     os.setresgid(SANDBOX_GID, SANDBOX_GID, SANDBOX_GID)
     os.setresuid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)
-    if os.getresuid() != (SANDBOX_UID,) * 3 or os.getgroups():
+    if os.getresuid() != (SANDBOX_UID,) * 3 or os.getresgid() != (SANDBOX_GID,) * 3 or os.getgroups():
         raise PermissionError("could not drop to the sandbox uid")
     # RLIMIT_CPU is only a backstop for the wall clock: allow every usable core busy until the deadline.
     cpu_s = math.ceil(task.timeout_s * CPUS) + 1
     for res, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_FSIZE, task.fsize_limit),
                        (resource.RLIMIT_NOFILE, task.nofile_limit), (resource.RLIMIT_CPU, cpu_s)):
-        hard = resource.getrlimit(res)[1]
-        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(res, (value, value))
+        hard = resource.getrlimit(res)[1]  # soft = hard, so that the task cannot raise them
+        resource.setrlimit(res, (value, value) if hard == resource.RLIM_INFINITY else (min(value, hard),) * 2)
     os.umask(0o022)
     for path in (WORK_DIR, HOME_DIR):
         try:
@@ -359,13 +326,14 @@ def enter_sandbox(task):
 
 def run_code(code):
     """Run the task as `python3 script.py` would, on the sandbox's fds 0-2; return the exit status."""
-    _KEEP.append((sys.stdin, sys.stdout, sys.stderr))
-    sys.stdin = sys.__stdin__ = open(0, "r", encoding="utf-8", errors="surrogateescape")
-    sys.stdout = sys.__stdout__ = open(1, "w", encoding="utf-8", errors="surrogateescape")
-    sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, encoding="utf-8",
-                                       errors="backslashreplace")  # line-buffered, as python3 does
+    _KEEP.append((sys.stdin, sys.stdout, sys.stderr))  # freed, the runner's streams would close fds 0-2
+    for name, stream in (("stdin", open(0, encoding="utf-8", errors="surrogateescape")),
+                         ("stdout", open(1, "w", encoding="utf-8", errors="surrogateescape")),
+                         ("stderr", open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace"))):
+        setattr(sys, name, stream)  # stderr line-buffered, as in python3
+        setattr(sys, f"__{name}__", stream)
     sys.argv = ["<task>"]
-    main = types.ModuleType("__main__")  # so `import __main__` and pickle see the task, not the runner
+    main = types.ModuleType("__main__")  # so that `import __main__` and pickle see the task, not us
     main.__builtins__ = builtins
     sys.modules["__main__"] = main
     linecache.cache["<task>"] = (len(code), None, code.splitlines(True), "<task>")  # source in tracebacks
@@ -376,36 +344,31 @@ def run_code(code):
         status = exit_status(exc.code)
     except BaseException as exc:
         if isinstance(exc, MemoryError):
-            _FLAG[0] = FLAG_MEMORY_ERROR
+            FLAG[0] = FLAG_MEMORY_ERROR
         status = 1
         report(exc)
     return shut_down(status)
 
 
 def exit_status(code):
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code & 0xFF
-    report_text(str(code))
+    """The exit status `raise SystemExit(code)` gives, printing `code` when it is not a number."""
+    if code is None or isinstance(code, int):
+        return (code or 0) & 0xFF
+    try:
+        print(code, file=sys.stderr)
+    except BaseException:
+        pass
     return 1
 
 
 def report(exc):
-    """Print an uncaught exception like the interpreter does, without the runner's own frame."""
+    """Print an uncaught exception as the interpreter would, without the runner's own frame."""
+    exc.__traceback__ = exc.__traceback__.tb_next
     try:
-        exc.__traceback__ = exc.__traceback__.tb_next
         if sys.excepthook is sys.__excepthook__:
-            traceback.print_exception(exc)  # unlike the C hook, it finds the task's source in linecache
+            traceback.print_exception(exc)  # unlike the C hook, it reads the task's source from linecache
         else:
             sys.excepthook(type(exc), exc, exc.__traceback__)
-    except BaseException:
-        report_text("".join(traceback.format_exception_only(type(exc), exc)).rstrip())
-
-
-def report_text(text):
-    try:
-        print(text, file=sys.stderr)
     except BaseException:
         pass
 
@@ -418,11 +381,12 @@ def shut_down(status):
         atexit._run_exitfuncs()
     except BaseException:
         pass
-    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):  # the task may swap them
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):  # the task may have swapped them
         try:
-            stream.flush()
+            if stream is not None and not stream.closed:
+                stream.flush()
         except BaseException:
-            status = status or 120  # as the interpreter does when stdout cannot be flushed
+            status = status or 120  # as the interpreter does when it cannot flush stdout
     return status
 
 
@@ -452,13 +416,11 @@ def kill_everything():
 
 def reap_zombies():
     # Daemons the task left behind are reparented to PID 1; their exit status is ours to collect.
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
 
 
 def stray_pids():
@@ -466,9 +428,9 @@ def stray_pids():
 
 
 def empty_scratch():
-    """Remove what the task left. Entries directly in the scratch dirs go from PID 1: unlink and
-    rmdir never follow a symlink, and nothing of the sandbox is alive to race. Anything deeper is
-    removed by a child running as the sandbox uid, so a path can never make root act elsewhere."""
+    """Remove what the task left. Entries right in the scratch dirs go from PID 1: unlink and rmdir
+    never follow a symlink, and nothing of the sandbox is alive to race. Anything deeper is removed by
+    a child running as the sandbox uid, so that no path can make root act elsewhere."""
     leftovers = False
     for top in SCRATCH_DIRS:
         for entry in os.scandir(top):
@@ -491,16 +453,10 @@ def run_cleaner():
                 remove_contents(top)
         finally:
             os._exit(0)
-    watch, deadline = ExitWatch(pid), time.monotonic() + CLEANER_WAIT_S
-    try:
-        poller = select.poll()
-        if watch.fd is not None:
-            poller.register(watch.fd, select.POLLIN)
-        while time.monotonic() < deadline and not watch.exited(poller.poll(min(watch.tick_s, 0.1) * 1000)):
-            pass
-    finally:
-        watch.close()
-    kill_task(pid)  # a no-op when it finished; if it hung, verification reports what is left
+    deadline = time.monotonic() + CLEANER_WAIT_S
+    while not has_exited(pid) and time.monotonic() < deadline:
+        time.sleep(NO_PIDFD_TICK_S)  # a rare path: a plain tick will do
+    kill_task(pid)  # a no-op when it finished; if it hung, verification reports what it left
     os.waitpid(pid, 0)
 
 
@@ -508,46 +464,37 @@ def remove_contents(top):
     """As the sandbox uid: delete everything inside `top`, never following symlinks."""
     for entry in os.scandir(top):
         try:
-            if entry.is_dir(follow_symlinks=False):
-                open_up(entry.path)
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
+            if not entry.is_dir(follow_symlinks=False):
                 os.unlink(entry.path)
+                continue
+            # The task may have left dirs without rwx for their owner: rmtree could not empty those.
+            os.chmod(entry.path, 0o700)
+            for path, dirs, _ in os.walk(entry.path):
+                for sub in (os.path.join(path, name) for name in dirs):
+                    if not os.path.islink(sub):
+                        os.chmod(sub, 0o700)
+            shutil.rmtree(entry.path)
         except Exception:
             pass  # verification reports whatever could not go
 
 
-def open_up(top):
-    # The task may have left dirs without rwx for their owner; rmtree cannot enter or empty those.
-    os.chmod(top, 0o700)
-    for path, dirs, _ in os.walk(top):
-        for name in dirs:
-            sub = os.path.join(path, name)
-            if not os.path.islink(sub):
-                try:
-                    os.chmod(sub, 0o700)
-                except OSError:
-                    pass
-
-
 def verify_clean():
+    """(clean, detail): no process but PID 1, every scratch dir empty, no SysV IPC object left."""
+    reap_zombies()
     problems = []
-    strays = stray_pids()
-    if strays:
+    if strays := stray_pids():
         problems.append(f"{len(strays)} process(es) still alive")
     for top in SCRATCH_DIRS:
         try:
-            left = len(os.listdir(top))
+            if left := len(os.listdir(top)):
+                problems.append(f"{top} still holds {left} entries")
         except OSError as exc:
             problems.append(f"cannot list {top}: {exc.strerror}")
-            continue
-        if left:
-            problems.append(f"{top} still holds {left} entries")
-    for path in SYSV_IPC_FILES:  # SysV IPC objects outlive their processes; the cleaner cannot remove them
+    for path in SYSV_IPC_FILES:  # they outlive their processes, and only their owner may remove them
         try:
             with open(path, "rb") as f:
                 if len(f.read().splitlines()) > 1:
-                    problems.append(f"SysV IPC objects left ({path})")
+                    problems.append(f"SysV IPC objects left in {path}")
         except OSError:
             pass
     return not problems, "; ".join(problems)
@@ -570,7 +517,7 @@ def main():
     os.environ.update(TASK_ENV)
     reader = open(frame_in, "rb", buffering=READ_CHUNK)
     gc.collect()
-    gc.freeze()  # keep the collector off the shared pages, so forks stay cheap
+    gc.freeze()  # keep the collector off the pages shared with the children, so forks stay cheap
     serve(reader)
 
 
