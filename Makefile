@@ -11,7 +11,7 @@ API_PORT ?= 8000
 REDIS_PORT ?= $(or $(WARMPOOL_TEST_REDIS_PORT),6399)
 PYTEST_ARGS ?=
 
-.PHONY: venv docker image redis run test lint bench
+.PHONY: venv docker image redis run test lint bench bench-scaleout
 
 venv: $(STAMP)
 
@@ -57,3 +57,7 @@ lint: venv
 
 bench: venv docker image
 	$(PY) benchmarks/latency.py
+
+# Redis hop latency (vs embedded) and throughput with one and two workers; starts its own redis-server.
+bench-scaleout: venv docker image redis
+	$(PY) benchmarks/scaleout.py

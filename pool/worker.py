@@ -129,6 +129,9 @@ class Worker:
         stream = self.keys.stream(tier_name)
         backoff_s = 0.1
         while True:
+            if not self.pool.docker_ok:  # our engine is down: leave the tasks to workers that can run them
+                await asyncio.sleep(0.5)
+                continue
             free = self._free(tier_name)
             if free <= 0:
                 self._freed[tier_name].clear()
@@ -161,6 +164,8 @@ class Worker:
         while True:
             await asyncio.sleep(self.settings.visibility_timeout_s / 2)
             rounds += 1
+            if not self.pool.docker_ok:
+                continue
             for tier_name in self.inflight:
                 stream = self.keys.stream(tier_name)
                 try:
