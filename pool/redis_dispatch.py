@@ -79,7 +79,7 @@ class RedisDispatcher:
             outcome = await self._wait(tier_name, spec, waiter)
         except asyncio.CancelledError:
             # The client went away: withdraw the task if it has not started, so it does not run for no one.
-            self._background.spawn(self._abandon(tier_name, spec.task_id))
+            self._background.spawn(self._abandon_quietly(tier_name, spec.task_id))
             raise
         finally:
             self._waiters.pop(spec.task_id, None)
@@ -109,8 +109,11 @@ class RedisDispatcher:
         done, _ = await asyncio.wait({waiter}, timeout=wait_s)
         if not done:
             state = await self._abandon(tier_name, spec.task_id)
-            if state == "running":  # started late, near our deadline: it deserves its own full run time
-                done, _ = await asyncio.wait({waiter}, timeout=spec.timeout_s + RESULT_GRACE_S + REPLY_SLACK_S)
+            # "running": it started late, near our deadline, and deserves its own full run time; "done": its
+            # reply is on its way. Anything else: it will never run (withdrawn, or Redis forgot it).
+            extra_s = {"running": spec.timeout_s + RESULT_GRACE_S + REPLY_SLACK_S, "done": REPLY_SLACK_S}
+            if state in extra_s:
+                done, _ = await asyncio.wait({waiter}, timeout=extra_s[state])
             if not done:
                 raise NoCapacity(f"no worker answered within {wait_s:g} s (task state: {state})",
                                  retry_after_s=2.0)
@@ -120,6 +123,12 @@ class RedisDispatcher:
         with redis_errors("withdraw the task"):
             return await self.scripts.abandon(self.keys.task(task_id), self.keys.stream(tier_name),
                                               ABANDONED_TTL_MS)
+
+    async def _abandon_quietly(self, tier_name: str, task_id: str) -> None:
+        try:
+            await self._abandon(tier_name, task_id)
+        except BackendUnavailable as exc:
+            log.info("could not withdraw task %s: %s", task_id, exc)
 
     async def task(self, task_id: str, owner: str) -> TaskView | None:
         with redis_errors("read the task"):

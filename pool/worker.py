@@ -86,7 +86,10 @@ class Worker:
                 await self._ensure_group(tier_name)
             except BackendUnavailable as exc:
                 log.warning("%s (the readers will retry)", exc)
-        await self._beat()
+        try:
+            await self._beat()
+        except BackendUnavailable as exc:
+            log.warning("%s (the heartbeat will retry)", exc)
         for tier_name in self.inflight:
             self._loops.spawn(self._read_loop(tier_name))
         self._loops.spawn(self._claim_loop())

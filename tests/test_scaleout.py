@@ -111,6 +111,23 @@ def test_stream_bound_gives_429_and_an_unserved_tier_503(cluster):
     assert api.client.post("/v1/tasks", json=slow).status_code == 202, "room again once they ended"
 
 
+def test_a_synchronous_task_no_worker_starts_in_time_is_withdrawn(cluster):
+    """Never hangs: past its deadline the request answers 503, and its task is withdrawn, never to run."""
+    c = cluster()
+    c.worker(env={"WARMPOOL_WORKER_TIERS": "one"})
+    api = c.api(env={"WARMPOOL_LEASE_TIMEOUT_S": "1"})
+    blocker = api.client.post("/v1/tasks", json={"code": "import time; time.sleep(12); print('blocker')",
+                                                 "resources": SMALL, "timeout_s": 20}).json()
+    wait_for(c.running_tasks, what="the blocker to start")
+    late = api.execute("print('late')", resources=SMALL, timeout_s=1)
+    assert late.status_code == 503 and "no worker answered" in late.json()["detail"], late.text
+    assert int(late.headers["retry-after"]) >= 1
+    assert c.redis.xlen(f"{c.prefix}:stream:one") == 1, "the withdrawn task left the queue"
+    assert poll_task(api, blocker["id"])["stdout"] == "blocker\n"
+    withdrawn = [c.task_hash(k.rsplit(":", 1)[1]) for k in c.redis.scan_iter(f"{c.prefix}:task:*")]
+    assert sorted(h["state"] for h in withdrawn) == ["abandoned", "done"]
+
+
 def test_sigkill_of_a_worker_mid_task_answers_worker_lost(cluster, docker_client):
     c = cluster()
     workers = [c.worker(), c.worker()]
