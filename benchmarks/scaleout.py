@@ -1,12 +1,14 @@
 """Scale-out (Redis): the latency the Redis hop adds over embedded mode, and throughput with 1 and 2 workers.
 
-Run: .venv/bin/python benchmarks/scaleout.py [--latency N] [--seconds S] [--concurrency C] [--markdown FILE]
+Run: .venv/bin/python benchmarks/scaleout.py [--latency N] [--rounds R] [--seconds S] [--concurrency C]
+                                             [--markdown FILE]
 
-All in one run, on this machine, default tiers, `print('hello')`: it starts a redis-server of its own on a
-free loopback port, then (1) an embedded API, (2) an API and one worker, (3) the same API with a second
-worker, each a separate process. Latency: N sequential requests through one keep-alive client. Throughput:
-C concurrent keep-alive clients for S seconds. The load generator runs on the same cores as everything
-else, so the figures are ratios within one run, not capacity claims.
+All in one run, on this machine, default tiers, `print('hello')`. It starts a redis-server of its own on a
+free loopback port and, as separate processes, an embedded API, a scale-out API with one worker and another
+with two workers (each cluster under its own key prefix), all up for the whole run. Latency: N sequential
+requests to the embedded and the one-worker API, alternating. Throughput: C concurrent keep-alive clients,
+R rounds of S seconds per mode in rotation. Measuring in alternation spreads the machine's noise over every
+mode; the load generator shares the cores with everything else, so the figures are ratios within one run.
 """
 
 from __future__ import annotations
@@ -104,21 +106,27 @@ def workers_serving(count: int) -> Any:
     return lambda client: all(t.get("workers") == count for t in client.get("/v1/tiers").json())
 
 
-def measure_latency(url: str, count: int) -> list[float]:
-    with httpx.Client(base_url=url, timeout=30) as client:
-        for _ in range(min(50, count)):  # warm the connection and both sides' code paths
-            client.post("/v1/execute", json=HELLO)
-        samples = []
-        for _ in range(count):
-            started = time.perf_counter()
-            response = client.post("/v1/execute", json=HELLO)
-            samples.append((time.perf_counter() - started) * 1000)
-            if response.status_code != 200 or response.json()["stdout"] != "hello\n":
-                raise SystemExit(f"unexpected answer: {response.status_code} {response.text[:300]}")
-        return samples
+def measure_latency(urls: dict[str, str], count: int) -> dict[str, list[float]]:
+    """Sequential requests, alternating between the services so that both see the same machine noise."""
+    samples: dict[str, list[float]] = {name: [] for name in urls}
+    clients = {name: httpx.Client(base_url=url, timeout=30) for name, url in urls.items()}
+    try:
+        for i in range(min(50, count) + count):  # the first 50 rounds warm connections and code paths
+            for name, client in clients.items():
+                started = time.perf_counter()
+                response = client.post("/v1/execute", json=HELLO)
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                if response.status_code != 200 or response.json()["stdout"] != "hello\n":
+                    raise SystemExit(f"unexpected answer: {response.status_code} {response.text[:300]}")
+                if i >= min(50, count):
+                    samples[name].append(elapsed_ms)
+    finally:
+        for client in clients.values():
+            client.close()
+    return samples
 
 
-async def _throughput(url: str, seconds: float, concurrency: int) -> dict[str, Any]:
+async def _throughput(url: str, seconds: float, concurrency: int, warmup_s: float) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     done: list[float] = []
     errors: collections.Counter[int] = collections.Counter()
@@ -134,19 +142,30 @@ async def _throughput(url: str, seconds: float, concurrency: int) -> dict[str, A
                 else:
                     errors[response.status_code] += 1
 
-        await asyncio.gather(*(one_client(time.perf_counter() + 2) for _ in range(concurrency)))  # warm-up
+        await asyncio.gather(*(one_client(time.perf_counter() + warmup_s) for _ in range(concurrency)))
         done.clear()
         errors.clear()
         by_worker.clear()
         started = time.perf_counter()
         await asyncio.gather(*(one_client(started + seconds) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    return {"tasks_per_s": len(done) / elapsed, "completed": len(done), "errors": dict(errors),
-            "latency": summary(done or [0.0]), "by_worker": dict(by_worker)}
+    return {"elapsed_s": elapsed, "samples": done, "errors": errors, "by_worker": by_worker}
 
 
-def measure_throughput(url: str, seconds: float, concurrency: int) -> dict[str, Any]:
-    return asyncio.run(_throughput(url, seconds, concurrency))
+def measure_throughput(urls: dict[str, str], rounds: int, seconds: float, concurrency: int) -> dict[str, Any]:
+    """`rounds` rounds of `seconds` per service, in rotation, so that machine noise spreads over all of them."""
+    totals: dict[str, dict[str, Any]] = {name: {"elapsed_s": 0.0, "samples": [], "errors": collections.Counter(),
+                                                "by_worker": collections.Counter()} for name in urls}
+    for round_ in range(rounds):
+        for name, url in urls.items():
+            part = asyncio.run(_throughput(url, seconds, concurrency, warmup_s=2.0 if round_ == 0 else 0.5))
+            totals[name]["elapsed_s"] += part["elapsed_s"]
+            totals[name]["samples"] += part["samples"]
+            totals[name]["errors"].update(part["errors"])
+            totals[name]["by_worker"].update(part["by_worker"])
+    return {name: {"tasks_per_s": len(t["samples"]) / t["elapsed_s"], "completed": len(t["samples"]),
+                   "errors": dict(t["errors"]), "latency": summary(t["samples"] or [0.0]),
+                   "by_worker": dict(t["by_worker"])} for name, t in totals.items()}
 
 
 def start_redis(procs: Processes, workdir: Path) -> str:
@@ -165,53 +184,51 @@ def start_redis(procs: Processes, workdir: Path) -> str:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Everything up at once (idle services cost little), then measured in alternation."""
     procs = Processes(workdir)
-    results: dict[str, Any] = {}
     try:
-        embedded, url = serve(procs, "embedded", {})
-        wait_until(url, ready)
-        results["latency_embedded"] = summary(measure_latency(url, args.latency))
-        results["throughput_embedded"] = measure_throughput(url, args.seconds, args.concurrency)
-        procs.stop(embedded)
-
-        redis_env = {"WARMPOOL_REDIS_URL": start_redis(procs, workdir), "WARMPOOL_REDIS_PREFIX": "bench"}
-        procs.start("worker-1", [sys.executable, "-m", "warmpool", "worker"],
-                    {**redis_env, "WARMPOOL_INSTANCE_ID": "bench-worker-1"})
-        _api, url = serve(procs, "scaleout-api", redis_env)
-        wait_until(url, workers_serving(1))
-        results["latency_scaleout"] = summary(measure_latency(url, args.latency))
-        results["throughput_1_worker"] = measure_throughput(url, args.seconds, args.concurrency)
-
-        procs.start("worker-2", [sys.executable, "-m", "warmpool", "worker"],
-                    {**redis_env, "WARMPOOL_INSTANCE_ID": "bench-worker-2"})
-        wait_until(url, workers_serving(2))
-        results["throughput_2_workers"] = measure_throughput(url, args.seconds, args.concurrency)
+        _embedded, embedded_url = serve(procs, "embedded", {})
+        redis_url = start_redis(procs, workdir)
+        urls = {"embedded": embedded_url}
+        for cluster, workers in (("1-worker", 1), ("2-workers", 2)):
+            env = {"WARMPOOL_REDIS_URL": redis_url, "WARMPOOL_REDIS_PREFIX": f"bench-{cluster}"}
+            for n in range(1, workers + 1):
+                procs.start(f"{cluster}-worker-{n}", [sys.executable, "-m", "warmpool", "worker"],
+                            {**env, "WARMPOOL_INSTANCE_ID": f"bench-{cluster}-worker-{n}"})
+            _api, urls[cluster] = serve(procs, f"{cluster}-api", env)
+        wait_until(embedded_url, ready)
+        wait_until(urls["1-worker"], workers_serving(1))
+        wait_until(urls["2-workers"], workers_serving(2))
+        latency = measure_latency({"embedded": embedded_url, "scale-out": urls["1-worker"]}, args.latency)
+        throughput = measure_throughput(urls, args.rounds, args.seconds, args.concurrency)
     finally:
         procs.stop_all()
-    return results
+    return {"latency": {name: summary(samples) for name, samples in latency.items()}, "throughput": throughput}
 
 
 def render(results: dict[str, Any], args: argparse.Namespace, command: str) -> str:
-    emb, out = results["latency_embedded"], results["latency_scaleout"]
+    emb, out = results["latency"]["embedded"], results["latency"]["scale-out"]
     lines = ["## Scale-out (Redis)", "", f"Command: `{command}`", "",
              f"Machine: {os.cpu_count()} cpus, {platform.python_implementation()} {platform.python_version()}, "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; API, workers, redis-server, containers and "
-             "the load generator all share these cpus.", "",
-             f"Latency of `print('hello')`, {args.latency} sequential requests, one keep-alive client:", "",
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. The APIs, workers, redis-server, containers "
+             "and the load generator all share these cpus; every service is up for the whole run and they are "
+             "measured in alternation, so each sees the same machine noise.", "",
+             f"Latency of `print('hello')`: {args.latency} sequential requests to each, alternating, one "
+             "keep-alive client each:", "",
              "| mode | n | p50 ms | p95 ms | p99 ms | mean ms |", "| --- | --- | --- | --- | --- | --- |"]
     for name, stats in (("embedded (in-process pool)", emb), ("scale-out (API -> Redis -> 1 worker)", out)):
         lines.append(f"| {name} | {stats['n']:.0f} | {stats['p50']:.2f} | {stats['p95']:.2f} | {stats['p99']:.2f} "
                      f"| {stats['mean']:.2f} |")
-    lines += ["", f"Added by the Redis hop: p50 +{out['p50'] - emb['p50']:.2f} ms, p99 +{out['p99'] - emb['p99']:.2f} "
+    lines += ["", f"Added by the Redis hop: p50 {out['p50'] - emb['p50']:+.2f} ms, p99 {out['p99'] - emb['p99']:+.2f} "
                   "ms.", "",
-              f"Throughput, {args.concurrency} concurrent keep-alive clients for {args.seconds:g} s (after a 2 s "
-              "warm-up):", "",
+              f"Throughput: {args.concurrency} concurrent keep-alive clients, {args.rounds} rounds of "
+              f"{args.seconds:g} s per mode in rotation:", "",
               "| mode | tasks/s | completed | errors | p50 ms | p99 ms | tasks per worker |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name, key in (("embedded", "throughput_embedded"), ("scale-out, 1 worker", "throughput_1_worker"),
-                      ("scale-out, 2 workers", "throughput_2_workers")):
-        t = results[key]
-        split = ", ".join(f"{n}" for _, n in sorted(t["by_worker"].items())) if key != "throughput_embedded" else "-"
+    for name, key in (("embedded", "embedded"), ("scale-out, 1 worker", "1-worker"),
+                      ("scale-out, 2 workers", "2-workers")):
+        t = results["throughput"][key]
+        split = ", ".join(str(n) for _, n in sorted(t["by_worker"].items())) if key != "embedded" else "-"
         lines.append(f"| {name} | {t['tasks_per_s']:.0f} | {t['completed']} | {t['errors'] or 0} "
                      f"| {t['latency']['p50']:.1f} | {t['latency']['p99']:.1f} | {split} |")
     return "\n".join(lines) + "\n"
@@ -220,7 +237,8 @@ def render(results: dict[str, Any], args: argparse.Namespace, command: str) -> s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency", type=int, default=1000, help="sequential requests per mode")
-    parser.add_argument("--seconds", type=float, default=15.0, help="length of each throughput run")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each throughput round")
+    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per mode")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent clients in throughput runs")
     parser.add_argument("--markdown", type=Path, help="also append the section to this file")
     args = parser.parse_args()

@@ -158,9 +158,10 @@ class RedisDispatcher:
             try:
                 with redis_errors("read replies"):
                     popped = cast(list[str] | None, await self.blocking.blpop([self.reply_key], timeout=REPLY_BLOCK_S))
-                    items = [popped[1]] if popped else []
-                    if items:
-                        items += cast(list[str] | None, await self.redis.lpop(self.reply_key, REPLY_BATCH)) or []
+                    if popped:
+                        self._deliver(popped[1])  # first, before draining: it is on someone's critical path
+                        for raw in cast(list[str] | None, await self.redis.lpop(self.reply_key, REPLY_BATCH)) or []:
+                            self._deliver(raw)
                     if lost_contact:
                         await self._fail_lost_waiters()
                         lost_contact = False
@@ -173,8 +174,6 @@ class RedisDispatcher:
                 backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)
                 continue
             backoff_s = 0.1
-            for raw in items:
-                self._deliver(raw)
 
     def _deliver(self, raw: str) -> None:
         try:
