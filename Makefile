@@ -55,9 +55,12 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy pool api warmpool runner_image
 
+# Bounded (about 5 minutes): locust sessions and latency.py against servers it starts on loopback;
+# rewrites benchmarks/RESULTS.md.
 bench: venv docker image
-	$(PY) benchmarks/latency.py
+	$(PY) benchmarks/bench.py
 
-# Redis hop latency (vs embedded) and throughput with one and two workers; starts its own redis-server.
+# Bounded (about 3 minutes): Redis hop latency (vs embedded) and throughput with one and two workers;
+# starts its own redis-server; appends its section "Scale-out (Redis)" to benchmarks/RESULTS.md.
 bench-scaleout: venv docker image redis
-	$(PY) benchmarks/scaleout.py
+	$(PY) benchmarks/scaleout.py --markdown benchmarks/RESULTS.md

@@ -30,7 +30,7 @@ def _dispatcher(request: Request) -> Dispatcher:
 
 
 def _settings(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    return request.app.state.settings
 
 
 def build_spec(body: ExecuteRequest, settings: Settings) -> TaskSpec | JSONResponse:
