@@ -17,14 +17,29 @@ from pathlib import Path
 from typing import IO, Any
 
 import docker
+import docker.errors
 import httpx
 import pytest
 import redis
 
-from tests.conftest import REPO, Service, _free_port, containers_of
+from tests.conftest import REPO, Service, _free_port
 
 # Short enough that fault tests take seconds, long enough for a loaded 2-core machine.
 FAST_FAULTS = {"WARMPOOL_HEARTBEAT_S": "0.5", "WARMPOOL_VISIBILITY_TIMEOUT_S": "2"}
+
+
+def container_ids(client: docker.DockerClient, instance_id: str) -> list[str]:
+    """Ids of an instance's containers, in one call: no per-container inspect that a concurrent removal
+    (a worker's orphan sweep, say) could turn into NotFound."""
+    found = client.api.containers(all=True, filters={"label": f"warmpool.instance={instance_id}"})
+    return [c["Id"] for c in found]
+
+
+def remove_quietly(client: docker.DockerClient, container_id: str) -> None:
+    try:
+        client.api.remove_container(container_id, force=True)
+    except docker.errors.NotFound:
+        pass
 
 
 def wait_for(predicate: Any, timeout_s: float = 30, what: str = "condition") -> Any:
@@ -174,11 +189,11 @@ class Cluster:
         leftovers = []
         for worker in self.workers:
             worker.stop()
-            left = containers_of(self.docker, worker.instance_id)
-            for container in left:
-                container.remove(force=True)
+            left = container_ids(self.docker, worker.instance_id)
+            for container_id in left:
+                remove_quietly(self.docker, container_id)
             if not worker.killed:
-                leftovers += [(worker.instance_id, c.name) for c in left]
+                leftovers += [(worker.instance_id, container_id[:12]) for container_id in left]
         try:
             keys = list(self.redis.scan_iter(f"{self.prefix}:*"))
             if keys:

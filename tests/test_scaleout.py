@@ -11,8 +11,7 @@ import pytest
 from pool.dispatch import owner_of
 from pool.results import TaskSpec
 from pool.task_codec import spec_fields
-from tests.conftest import containers_of
-from tests.scaleout_support import wait_for
+from tests.scaleout_support import container_ids, wait_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.docker]
 
@@ -30,12 +29,12 @@ def poll_task(service, task_id: str, timeout_s: float = 60, **kwargs) -> dict:
 def test_one_api_two_workers_share_the_tasks_and_the_engine(cluster, docker_client):
     c = cluster()
     first = c.worker()
-    first_containers = {x.id for x in containers_of(docker_client, first.instance_id)}
+    first_containers = set(container_ids(docker_client, first.instance_id))
     second = c.worker()
     # The second worker's start-up orphan clean-up left the live first worker's containers alone.
-    assert first_containers <= {x.id for x in containers_of(docker_client, first.instance_id)}
+    assert first_containers <= set(container_ids(docker_client, first.instance_id))
     api = c.api()
-    assert containers_of(docker_client, api.instance_id) == [], "the API holds no containers in scale-out mode"
+    assert container_ids(docker_client, api.instance_id) == [], "the API holds no containers in scale-out mode"
 
     tiers = api.client.get("/v1/tiers").json()
     assert [(t["name"], t["workers"]) for t in tiers] == [("one", 2), ("two", 2)]
@@ -48,8 +47,8 @@ def test_one_api_two_workers_share_the_tasks_and_the_engine(cluster, docker_clie
     assert all(b["status"] == "succeeded" for b in bodies), bodies
     assert {b["worker"] for b in bodies} == {first.instance_id, second.instance_id}
     # Each task ran in a container of the worker that says it ran it.
-    owner_by_host = {container.id[:12]: worker.instance_id for worker in (first, second)
-                     for container in containers_of(docker_client, worker.instance_id)}
+    owner_by_host = {container_id[:12]: worker.instance_id for worker in (first, second)
+                     for container_id in container_ids(docker_client, worker.instance_id)}
     assert all(owner_by_host[b["stdout"].strip()] == b["worker"] for b in bodies)
     assert all(b["tier"] == "two" and b["timings"]["run_ms"] >= 1500 for b in bodies)
 
@@ -138,7 +137,7 @@ def test_sigkill_of_a_worker_mid_task_answers_worker_lost(cluster, docker_client
         ((task_id, owner),) = running.items()
         (victim,) = [w for w in workers if w.instance_id == owner]
         (survivor,) = [w for w in workers if w is not victim]
-        assert containers_of(docker_client, victim.instance_id)
+        assert container_ids(docker_client, victim.instance_id)
         victim.kill()
         started = time.monotonic()
         response = pending.result(timeout=60)
@@ -153,9 +152,9 @@ def test_sigkill_of_a_worker_mid_task_answers_worker_lost(cluster, docker_client
     after = api.execute("print('after')", resources=SMALL).json()
     assert after["stdout"] == "after\n" and after["worker"] == survivor.instance_id
     # The survivor removed what the dead worker left on the shared engine, and only that.
-    wait_for(lambda: not containers_of(docker_client, victim.instance_id), timeout_s=30,
+    wait_for(lambda: not container_ids(docker_client, victim.instance_id), timeout_s=30,
              what="the dead worker's containers to be removed")
-    assert containers_of(docker_client, survivor.instance_id)
+    assert container_ids(docker_client, survivor.instance_id)
 
 
 def test_claimed_tasks_run_only_if_they_never_started(cluster):
@@ -226,6 +225,6 @@ def test_sigterm_lets_a_worker_finish_its_task_then_leave(cluster, docker_client
         assert worker.stop() == 0
         body = pending.result(timeout=60).json()
     assert body["status"] == "succeeded" and body["stdout"] == "finished\n"
-    assert containers_of(docker_client, worker.instance_id) == []
+    assert container_ids(docker_client, worker.instance_id) == []
     wait_for(lambda: api.execute("print(1)", resources=SMALL).status_code == 503, timeout_s=10,
              what="the API to see that no worker is left")
