@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from typing import Any, cast
 
@@ -48,7 +49,9 @@ class RedisDispatcher:
         self.settings = settings
         self.tiers_by_name = {t.name: t for t in settings.tiers}
         self.keys = Keys(settings.redis_prefix)
-        self.reply_key = self.keys.reply(settings.instance_id)
+        # Unique per process even if two APIs were (wrongly) given one instance id: a reply list with two
+        # readers would hand replies to the wrong process.
+        self.reply_key = self.keys.reply(f"{settings.instance_id}-{secrets.token_hex(4)}")
         self.redis = connect(settings.redis_url)
         self.blocking = connect(settings.redis_url, blocking_s=REPLY_BLOCK_S)
         self.scripts = Scripts(self.redis)

@@ -375,7 +375,10 @@ async def run(settings: Settings) -> None:
 
 def main() -> None:
     """Entry point of `warmpool worker`: settings from the environment (WARMPOOL_REDIS_URL is required)."""
-    settings = from_env()
+    try:
+        settings = from_env()
+    except PoolError as exc:
+        sys.exit(f"warmpool worker: {exc}")
     if not settings.redis_url:
         sys.exit("warmpool worker: set WARMPOOL_REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
     try:
