@@ -122,6 +122,8 @@ class DockerBackend:
         owned = inner.dup()
         owned.setblocking(False)
         raw.close()
+        if isinstance(inner, socket.socket):
+            inner.close()  # closing the SocketIO wrapper leaves its socket (and fd) open until collected
         return owned
 
     def start(self, container_id: str) -> None:
