@@ -1,5 +1,6 @@
 """The demand-driven warming policy and the tier bookkeeping that applies it (pure logic, no Docker)."""
 
+import concurrent.futures
 import math
 
 import pytest
@@ -9,6 +10,7 @@ from pool.resources import Resources
 from pool.tier_pool import TierPool
 from pool.tiers import Tier
 from pool.warming import Demand, WarmingPolicy, demand_idle, idle_to_remove, warm_target
+from tests.polling import wait_for
 
 MIB = 1024**2
 POLICY = WarmingPolicy(window_s=10, quiet_s=30, burst_sigmas=2)
@@ -191,3 +193,50 @@ def test_a_tier_that_cannot_start_fails_its_waiters_and_backs_off():
     assert pool.refusal() is None, "after the backoff a lease may try again"
     pool.start_succeeded()
     assert pool.last_start_error is None and pool.start_failures == 0
+
+
+BURST_TIERS = {"tiers": [
+    {"name": "one", "cpu": 0.5, "ram": "96MiB", "storage": "32MiB", "min_idle": 1, "max_size": 1},
+    {"name": "burst", "cpu": 0.25, "ram": "128MiB", "storage": "16MiB", "min_idle": 1, "max_size": 6},
+]}
+BURST_ENV = {"WARMPOOL_ADMIN_KEY": "warm-key", "WARMPOOL_WARM_WINDOW_S": "4", "WARMPOOL_WARM_QUIET_S": "3",
+             "WARMPOOL_WARM_BURST_SIGMAS": "1"}
+
+
+@pytest.mark.docker
+def test_a_burst_on_one_tier_warms_it_and_it_idles_back_down(serve, docker_client):
+    """Short windows (4 s rate window, 3 s quiet period) keep this to seconds; nothing asserts a duration."""
+    service = serve(tiers=BURST_TIERS, env=BURST_ENV)
+
+    def tiers() -> dict[str, dict]:
+        body = service.client.get("/v1/admin/pools", headers={"authorization": "Bearer warm-key"}).json()
+        return {t["name"]: t for t in body["tiers"]}
+
+    def burst_containers() -> int:
+        labels = [f"warmpool.instance={service.instance_id}", "warmpool.tier=burst"]
+        return len(docker_client.api.containers(all=True, filters={"label": labels}))
+
+    assert burst_containers() == 1
+    seen_target, seen_idle, one_targets = 0, 0, set()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(service.execute, "import time; time.sleep(0.5); print('ok')",
+                               resources={"ram": "100MiB"}) for _ in range(12)]
+        while True:  # watch the tiers during the burst and just after it
+            now = tiers()
+            seen_target = max(seen_target, now["burst"]["target_idle"])
+            seen_idle = max(seen_idle, now["burst"]["idle"])
+            one_targets.add(now["one"]["target_idle"])
+            if all(f.done() for f in futures) and now["burst"]["busy"] == 0:
+                break
+    assert [f.result().json()["stdout"] for f in futures] == ["ok\n"] * 12
+    after = tiers()["burst"]
+    seen_target, seen_idle = max(seen_target, after["target_idle"]), max(seen_idle, after["idle"])
+    assert seen_target > 1, "demand raised the warm target above min_idle"
+    assert seen_idle > 1, "and the tier held more than min_idle warm"
+    assert after["lease_rate_per_s"] > 0 and after["typical_hold_ms"] >= 500
+    assert one_targets == {1}, "the other tier was not touched"
+
+    wait_for(lambda: tiers()["burst"]["target_idle"] == 1, "the quiet tier's target back at min_idle")
+    wait_for(lambda: burst_containers() == 1, "the quiet tier idled back down to one container")
+    burst = tiers()["burst"]
+    assert burst["idle"] == 1 and burst["replaced"].get("scaled_down", 0) >= 1
