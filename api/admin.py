@@ -29,17 +29,14 @@ class PoolSizesPatch(BaseModel):
     max_size: int | None = Field(default=None, ge=1, description="Containers the tier may hold at most")
 
 
-def _admin(request: Request) -> PoolAdmin:
+def _admin(request: Request, tier: str | None = None) -> PoolAdmin:
+    """The app's PoolAdmin (one per pool manager); 404 when `tier` is not one of its tiers."""
     manager = request.app.state.pool
     admin: PoolAdmin | None = getattr(request.app.state, "pool_admin", None)
     if admin is None or admin.manager is not manager:
         admin = request.app.state.pool_admin = PoolAdmin(manager)
-    return admin
-
-
-def _tier_pool_admin(tier: str, admin: PoolAdmin) -> PoolAdmin:
-    if tier not in admin.manager.pools:
-        raise HTTPException(status_code=404, detail=f"no tier {tier!r}; tiers: {sorted(admin.manager.pools)}")
+    if tier is not None and tier not in manager.pools:
+        raise HTTPException(status_code=404, detail=f"no tier {tier!r}; tiers: {sorted(manager.pools)}")
     return admin
 
 
@@ -61,13 +58,11 @@ async def patch_pool(tier: str, body: PoolSizesPatch, request: Request) -> dict[
     background. The answer is the tier's new state, and whether the change outlives a restart."""
     if body.min_idle is None and body.max_size is None:
         raise InvalidRequest("min_idle", "give min_idle, max_size or both")
-    admin = _tier_pool_admin(tier, _admin(request))
-    return await admin.resize(tier, body.min_idle, body.max_size)
+    return await _admin(request, tier).resize(tier, body.min_idle, body.max_size)
 
 
 @router.post("/pools/{tier}/drain", responses={404: {"description": "No such tier"}})
 async def drain_pool(tier: str, request: Request) -> dict[str, Any]:
     """Replace every idle container of the tier now (e.g. after a new runner image), and every busy one
     when its task ends; fresh containers start in the background."""
-    admin = _tier_pool_admin(tier, _admin(request))
-    return admin.drain(tier)
+    return _admin(request, tier).drain(tier)

@@ -88,12 +88,6 @@ class PoolAdmin:
         self.sizes_file = manager.settings.pool_sizes_file
         self._file_lock = asyncio.Lock()
 
-    def pool(self, tier_name: str) -> TierPool:
-        pool = self.manager.pools.get(tier_name)
-        if pool is None:
-            raise KeyError(tier_name)
-        return pool
-
     def persistence(self) -> dict[str, Any]:
         if self.sizes_file is None:
             return {"persisted": False, "note": NOT_PERSISTED}
@@ -110,7 +104,7 @@ class PoolAdmin:
 
     async def resize(self, tier_name: str, min_idle: int | None, max_size: int | None) -> dict[str, Any]:
         """Set the tier's sizes (checked against the ledger), apply them now, and keep them if configured."""
-        pool = self.pool(tier_name)
+        pool = self.manager.pools[tier_name]
         check_resize(self.manager, pool, min_idle, max_size)
         if min_idle is not None:
             pool.min_idle = min_idle
@@ -130,7 +124,7 @@ class PoolAdmin:
 
     def drain(self, tier_name: str) -> dict[str, Any]:
         """Replace every idle container of the tier now, and every busy one when its task ends."""
-        pool = self.pool(tier_name)
+        pool = self.manager.pools[tier_name]
         pool.drained_at_s = time.monotonic()
         pool.reset_backoff()
         idle = pool.take_all_idle()
