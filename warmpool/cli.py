@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
 def _serve(host: str, port: int) -> None:
     import uvicorn
 
-    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, log_level="info")
+    # No access log: a log line per task costs more than the rest of the request path on a busy server.
+    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, log_level="info", access_log=False)
 
 
 def _worker() -> None:
