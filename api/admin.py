@@ -31,7 +31,9 @@ class PoolSizesPatch(BaseModel):
 
 def _admin(request: Request, tier: str | None = None) -> PoolAdmin:
     """The app's PoolAdmin (one per pool manager); 404 when `tier` is not one of its tiers."""
-    manager = request.app.state.pool
+    manager = getattr(request.app.state, "pool", None)
+    if manager is None:  # e.g. an API process that only dispatches to remote workers
+        raise HTTPException(status_code=409, detail="this process runs no pool of its own to see or size")
     admin: PoolAdmin | None = getattr(request.app.state, "pool_admin", None)
     if admin is None or admin.manager is not manager:
         admin = request.app.state.pool_admin = PoolAdmin(manager)
