@@ -12,7 +12,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api.admin import router as admin_router
 from api.errors import install_error_handlers
+from api.metrics import install_metrics
 from api.routes import router
 from pool.dispatch import create_dispatcher
 from pool.embedded import EmbeddedDispatcher
@@ -46,4 +48,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(admin_router)
+    install_metrics(app)
     return app

@@ -45,6 +45,15 @@ def build_spec(body: ExecuteRequest, settings: Settings) -> TaskSpec | JSONRespo
                     output_limit_bytes=settings.output_limit_bytes)
 
 
+def lease_wait_s(body: ExecuteRequest, settings: Settings) -> float:
+    """The request's max_wait_ms, within the server's lease timeout (its default).
+
+    In scale-out mode it bounds the wait for a worker to start the task, time in the queue included."""
+    if body.max_wait_ms is None:
+        return settings.lease_timeout_s
+    return min(body.max_wait_ms / 1000, settings.lease_timeout_s)
+
+
 def execution_body(execution: Execution, task_id: str, total_ms: float) -> dict[str, Any]:
     result = execution.result
     return {
@@ -86,11 +95,12 @@ async def execute(body: ExecuteRequest, request: Request, _key: str = Depends(re
 
     The answer is 200 whenever the task ran, whatever it did: see `status`."""
     started = time.perf_counter()
-    prepared = prepare(body, _settings(request))
+    settings = _settings(request)
+    prepared = prepare(body, settings)
     if isinstance(prepared, JSONResponse):
         return prepared
     spec, tier = prepared
-    execution = await _dispatcher(request).execute(tier.name, spec)
+    execution = await _dispatcher(request).execute(tier.name, spec, lease_wait_s(body, settings))
     return JSONResponse(execution_body(execution, spec.task_id, (time.perf_counter() - started) * 1000))
 
 

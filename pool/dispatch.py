@@ -45,8 +45,9 @@ class Dispatcher(Protocol):
 
     async def close(self) -> None: ...
 
-    async def execute(self, tier_name: str, spec: TaskSpec) -> Execution:
-        """Run the task and return its result; raises NoCapacity/BackendUnavailable when it could not run."""
+    async def execute(self, tier_name: str, spec: TaskSpec, wait_s: float) -> Execution:
+        """Run the task, waiting at most `wait_s` for it to start; raises NoCapacity/BackendUnavailable when
+        it could not run."""
         ...
 
     async def submit(self, tier_name: str, spec: TaskSpec, owner: str) -> None:

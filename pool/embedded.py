@@ -52,8 +52,8 @@ class EmbeddedDispatcher:
         await self._background.close()
         await self.pool.close()
 
-    async def execute(self, tier_name: str, spec: TaskSpec) -> Execution:
-        return await self.pool.execute(tier_name, spec)
+    async def execute(self, tier_name: str, spec: TaskSpec, wait_s: float) -> Execution:
+        return await self.pool.execute(tier_name, spec, wait_s)
 
     async def submit(self, tier_name: str, spec: TaskSpec, owner: str) -> None:
         self._sweep()

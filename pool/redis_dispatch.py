@@ -73,13 +73,13 @@ class RedisDispatcher:
         await self.blocking.aclose()
 
     # tasks -----------------------------------------------------------------------------------------
-    async def execute(self, tier_name: str, spec: TaskSpec) -> Execution:
+    async def execute(self, tier_name: str, spec: TaskSpec, wait_s: float) -> Execution:
         self._require_worker(tier_name)
         waiter: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._waiters[spec.task_id] = waiter
         try:
-            await self._submit(tier_name, spec, kind="sync", owner="", reply_to=self.reply_key)
-            outcome = await self._wait(tier_name, spec, waiter)
+            await self._submit(tier_name, spec, kind="sync", owner="", reply_to=self.reply_key, lease_wait_s=wait_s)
+            outcome = await self._wait(tier_name, spec, waiter, wait_s)
         except asyncio.CancelledError:
             # The client went away: withdraw the task if it has not started, so it does not run for no one.
             self._background.spawn(self._abandon_quietly(tier_name, spec.task_id))
@@ -90,13 +90,15 @@ class RedisDispatcher:
 
     async def submit(self, tier_name: str, spec: TaskSpec, owner: str) -> None:
         self._require_worker(tier_name)
-        await self._submit(tier_name, spec, kind="async", owner=owner, reply_to="")
+        await self._submit(tier_name, spec, kind="async", owner=owner, reply_to="",
+                           lease_wait_s=self.settings.lease_timeout_s)
 
-    async def _submit(self, tier_name: str, spec: TaskSpec, *, kind: str, owner: str, reply_to: str) -> None:
+    async def _submit(self, tier_name: str, spec: TaskSpec, *, kind: str, owner: str, reply_to: str,
+                      lease_wait_s: float) -> None:
         now = repr(time.time())
-        # The API's result TTL travels with the task: the worker that stores the result applies it.
+        # The API's result TTL and the request's container wait travel with the task: the worker applies them.
         entry = {**spec_fields(spec), "reply_to": reply_to, "submitted_unix": now,
-                 "result_ttl_ms": str(int(self.settings.result_ttl_s * 1000))}
+                 "result_ttl_ms": str(int(self.settings.result_ttl_s * 1000)), "lease_wait_s": repr(lease_wait_s)}
         record = {"state": "queued", "kind": kind, "tier": tier_name, "owner": owner, "submitted_unix": now}
         with redis_errors("queue the task"):
             added = await self.scripts.submit(self.keys.stream(tier_name), self.keys.task(spec.task_id),
@@ -107,8 +109,9 @@ class RedisDispatcher:
             raise QueueFull(f"tier {tier_name!r} already has {self.settings.max_queued} tasks waiting or "
                             "running; retry later", retry_after_s=max(1.0, spec.timeout_s / 2))
 
-    async def _wait(self, tier_name: str, spec: TaskSpec, waiter: asyncio.Future[Outcome]) -> Outcome:
-        wait_s = self.settings.lease_timeout_s + spec.timeout_s + RESULT_GRACE_S + REPLY_SLACK_S
+    async def _wait(self, tier_name: str, spec: TaskSpec, waiter: asyncio.Future[Outcome], lease_wait_s: float,
+                    ) -> Outcome:
+        wait_s = lease_wait_s + spec.timeout_s + RESULT_GRACE_S + REPLY_SLACK_S
         done, _ = await asyncio.wait({waiter}, timeout=wait_s)
         if not done:
             state = await self._abandon(tier_name, spec.task_id)

@@ -289,8 +289,9 @@ class Worker:
         execution: Execution | None = None
         error: PoolError | None = None
         try:
-            execution = await self.pool.execute(tier_name, spec, wait_s=self.settings.lease_timeout_s,
-                                                start_gate=mark_running)
+            asked = fields.get("lease_wait_s")  # the request's max_wait_ms, 0 included
+            wait_s = min(self.settings.lease_timeout_s, _float(asked) if asked else self.settings.lease_timeout_s)
+            execution = await self.pool.execute(tier_name, spec, wait_s=wait_s, start_gate=mark_running)
         except TaskWithdrawn:
             if verdict != "running":  # "running": another worker holds it now; not ours to acknowledge
                 with redis_errors("drop a withdrawn task"):
