@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 REPLY_BLOCK_S = 1.0
 REPLY_BATCH = 256
-REPLY_SLACK_S = 2.0  # beyond lease wait + timeout + grace: the hops and the worker's own bookkeeping
+START_SLACK_S = 1.0  # beyond the lease wait, for a worker to read the task and mark it running
+REPLY_SLACK_S = 2.0  # beyond timeout + grace: the hops and the worker's own bookkeeping
 ABANDONED_TTL_MS = 60_000
 MAX_BACKOFF_S = 2.0
 
@@ -111,19 +112,25 @@ class RedisDispatcher:
 
     async def _wait(self, tier_name: str, spec: TaskSpec, waiter: asyncio.Future[Outcome], lease_wait_s: float,
                     ) -> Outcome:
-        wait_s = lease_wait_s + spec.timeout_s + RESULT_GRACE_S + REPLY_SLACK_S
-        done, _ = await asyncio.wait({waiter}, timeout=wait_s)
-        if not done:
-            state = await self._abandon(tier_name, spec.task_id)
-            # "running": it started late, near our deadline, and deserves its own full run time; "done": its
-            # reply is on its way. Anything else: it will never run (withdrawn, or Redis forgot it).
-            extra_s = {"running": spec.timeout_s + RESULT_GRACE_S + REPLY_SLACK_S, "done": REPLY_SLACK_S}
-            if state in extra_s:
-                done, _ = await asyncio.wait({waiter}, timeout=extra_s[state])
-            if not done:
-                raise NoCapacity(f"no worker answered within {wait_s:g} s (task state: {state})",
-                                 retry_after_s=2.0)
-        return waiter.result()
+        """Wait for the reply; if none came once the task should have started, look at it once.
+
+        Not started by then (still queued): it is withdrawn, so it never runs, and the answer is 503, as for
+        an embedded lease that timed out. Started: it gets its full run time. Answered: the reply is near.
+        """
+        start_by_s = lease_wait_s + START_SLACK_S
+        done, _ = await asyncio.wait({waiter}, timeout=start_by_s)
+        if done:
+            return waiter.result()
+        state = await self._abandon(tier_name, spec.task_id)
+        extra_s = {"running": spec.timeout_s + RESULT_GRACE_S + REPLY_SLACK_S, "done": REPLY_SLACK_S}.get(state)
+        if extra_s is not None:
+            done, _ = await asyncio.wait({waiter}, timeout=extra_s)
+            if done:
+                return waiter.result()
+        if state == "abandoned":
+            raise NoCapacity(f"no {tier_name!r} container was free within {lease_wait_s:g} s on any worker",
+                             retry_after_s=max(1.0, lease_wait_s))
+        raise NoCapacity(f"no answer from the worker (task state: {state})", retry_after_s=2.0)
 
     async def _abandon(self, tier_name: str, task_id: str) -> str:
         with redis_errors("withdraw the task"):

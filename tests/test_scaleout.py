@@ -115,16 +115,18 @@ def test_a_synchronous_task_no_worker_starts_in_time_is_withdrawn(cluster):
     c = cluster()
     c.worker(env={"WARMPOOL_WORKER_TIERS": "one"})
     api = c.api(env={"WARMPOOL_LEASE_TIMEOUT_S": "1"})
-    blocker = api.client.post("/v1/tasks", json={"code": "import time; time.sleep(12); print('blocker')",
+    blocker = api.client.post("/v1/tasks", json={"code": "import time; time.sleep(6); print('blocker')",
                                                  "resources": SMALL, "timeout_s": 20}).json()
     wait_for(c.running_tasks, what="the blocker to start")
     late = api.execute("print('late')", resources=SMALL, timeout_s=1)
-    assert late.status_code == 503 and "no worker answered" in late.json()["detail"], late.text
+    assert late.status_code == 503 and "no 'one' container was free" in late.json()["detail"], late.text
     assert int(late.headers["retry-after"]) >= 1
+    hurried = api.execute("print('hurried')", resources=SMALL, max_wait_ms=0)
+    assert hurried.status_code == 503, "max_wait_ms bounds the wait for a worker to start the task"
     assert c.redis.xlen(f"{c.prefix}:stream:one") == 1, "the withdrawn task left the queue"
     assert poll_task(api, blocker["id"])["stdout"] == "blocker\n"
     withdrawn = [c.task_hash(k.rsplit(":", 1)[1]) for k in c.redis.scan_iter(f"{c.prefix}:task:*")]
-    assert sorted(h["state"] for h in withdrawn) == ["abandoned", "done"]
+    assert sorted(h["state"] for h in withdrawn) == ["abandoned", "abandoned", "done"]
 
 
 def test_sigkill_of_a_worker_mid_task_answers_worker_lost(cluster, docker_client):
