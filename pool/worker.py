@@ -27,26 +27,23 @@ import dataclasses
 import logging
 import signal
 import sys
-import time
 from typing import cast
 
 import redis.exceptions
 
 from pool.background import TaskOwner
 from pool.container import RESULT_GRACE_S
-from pool.errors import BackendUnavailable, InvalidRequest, PoolError, TaskWithdrawn
-from pool.manager import Execution, PoolManager
+from pool.errors import BackendUnavailable, InvalidRequest, PoolError
+from pool.manager import PoolManager
 from pool.membership import BEATS_TO_DEATH, beat_json
 from pool.redis_io import GROUP, Keys, Scripts, connect, is_nogroup, redis_errors
 from pool.settings import Settings, from_env
-from pool.task_codec import MalformedEntry, Outcome, spec_from_fields, worker_lost
+from pool.worker_tasks import TaskHandler
 
 log = logging.getLogger(__name__)
 
 READ_BLOCK_S = 2.0
-FINALIZE_RETRY_S = 30.0
-REPLY_TTL_MS = 300_000  # an API's reply list outlives it by this much
-SYNC_DONE_TTL_MS = 60_000  # an answered synchronous task's (outcome-less) hash
+READ_BACKOFF_S = 0.1
 PRUNE_EVERY_ROUNDS = 20
 WARM_WAIT_S = 120.0
 
@@ -74,6 +71,8 @@ class Worker:
         self._handlers = TaskOwner("worker tasks")  # one per task in hand: drained at shutdown
         self._keeper = TaskOwner("worker keeper")  # keeps in-hand entries claimed until the drain ends
         self._sweeping = False
+        self.handler = TaskHandler(self.worker_id, self.settings, self.pool, self.keys, self.redis, self.scripts,
+                                   on_peer_lost=self._sweep_orphans)
 
     # lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -130,7 +129,7 @@ class Worker:
     # loops -----------------------------------------------------------------------------------------
     async def _read_loop(self, tier_name: str) -> None:
         stream = self.keys.stream(tier_name)
-        backoff_s = 0.1
+        backoff_s = READ_BACKOFF_S
         while True:
             if not self.pool.docker_ok:  # our engine is down: leave the tasks to workers that can run them
                 await asyncio.sleep(0.5)
@@ -151,11 +150,13 @@ class Worker:
                         await self._ensure_group(tier_name)
                         continue
             except BackendUnavailable as exc:
-                log.warning("%s; retrying in %.1f s", exc, backoff_s)
+                (log.warning if backoff_s == READ_BACKOFF_S else log.debug)("%s; retrying", exc)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(2.0, backoff_s * 2)
                 continue
-            backoff_s = 0.1
+            if backoff_s != READ_BACKOFF_S:
+                log.info("reading tier %s from Redis again", tier_name)
+            backoff_s = READ_BACKOFF_S
             for _stream, entries in cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply or []):
                 for entry_id, fields in entries:
                     self._take(tier_name, entry_id, fields, claimed=False)
@@ -232,108 +233,11 @@ class Worker:
         self._handlers.spawn(self._handle(tier_name, entry_id, fields, claimed))
 
     async def _handle(self, tier_name: str, entry_id: str, fields: dict[str, str], claimed: bool) -> None:
-        stream, task_key = self.keys.stream(tier_name), self.keys.task(fields.get("id", ""))
         try:
-            if claimed and not await self._claimed_needs_run(tier_name, entry_id, fields):
-                return
-            await self._run(tier_name, entry_id, fields)
-        except MalformedEntry as exc:
-            log.error("dropping entry %s of %s: %s", entry_id, stream, exc)
-            with redis_errors("drop a malformed entry"):
-                await self.scripts.forget(task_key, stream, entry_id)
-        except BackendUnavailable as exc:
-            # Redis failed us, not Docker: the entry stays pending and is claimed again once Redis is back.
-            log.warning("task entry %s left pending: %s", entry_id, exc)
+            await self.handler.handle(tier_name, entry_id, fields, claimed=claimed)
         finally:
             self.inflight[tier_name].pop(entry_id, None)
             self._freed[tier_name].set()
-
-    async def _claimed_needs_run(self, tier_name: str, entry_id: str, fields: dict[str, str]) -> bool:
-        stream, task_key = self.keys.stream(tier_name), self.keys.task(fields.get("id", ""))
-        with redis_errors("inspect a claimed task"):
-            state, owner = cast(list[str | None], await self.redis.hmget(task_key, ["state", "worker"]))
-            if state == "queued":
-                return True
-            if state != "running":
-                await self.scripts.forget(task_key, stream, entry_id)
-                return False
-            if owner and owner != self.worker_id and await self.redis.exists(self.keys.worker(owner)):
-                # Its worker still beats (it was only slow to re-claim): hand the entry back.
-                await self.redis.xclaim(stream, GROUP, owner, 0, [entry_id], justid=True)
-                return False
-        submitted = _float(fields.get("submitted_unix"))
-        total_ms = max(0.0, time.time() - submitted) * 1000
-        log.warning("task %s was running on lost worker %s: answering sandbox_error", fields.get("id"), owner)
-        await self._finalize(tier_name, entry_id, fields, worker_lost(
-            fields.get("id", ""), self.worker_id, self.pool.tiers[tier_name], owner or "?", 0.0, total_ms))
-        self._sweep_orphans()
-        return False
-
-    async def _run(self, tier_name: str, entry_id: str, fields: dict[str, str]) -> None:
-        spec = spec_from_fields(fields)
-        stream, task_key = self.keys.stream(tier_name), self.keys.task(spec.task_id)
-        verdict = ""
-        started_unix = 0.0
-
-        async def mark_running() -> bool:
-            nonlocal verdict, started_unix
-            started_unix = time.time()
-            try:
-                with redis_errors("mark the task running"):
-                    verdict = await self.scripts.mark_running(task_key, self.worker_id, started_unix)
-            except BackendUnavailable:
-                verdict = "redis_down"
-                raise
-            return verdict == "run"
-
-        execution: Execution | None = None
-        error: PoolError | None = None
-        try:
-            asked = fields.get("lease_wait_s")  # the request's max_wait_ms, 0 included
-            wait_s = min(self.settings.lease_timeout_s, _float(asked) if asked else self.settings.lease_timeout_s)
-            execution = await self.pool.execute(tier_name, spec, wait_s=wait_s, start_gate=mark_running)
-        except TaskWithdrawn:
-            if verdict != "running":  # "running": another worker holds it now; not ours to acknowledge
-                with redis_errors("drop a withdrawn task"):
-                    await self.scripts.forget(task_key, stream, entry_id)
-            return
-        except PoolError as exc:
-            if verdict == "redis_down":
-                raise
-            error = exc  # no container in time, or our engine is down: the task did not run
-        submitted = _float(fields.get("submitted_unix"))
-        now = time.time()
-        queue_ms = max(0.0, (started_unix or now) - submitted) * 1000 if submitted else 0.0
-        if execution is not None:
-            execution = dataclasses.replace(execution, queue_ms=queue_ms)
-        outcome = Outcome(task_id=spec.task_id, worker=self.worker_id, tier=self.pool.tiers[tier_name],
-                          execution=execution, error=error, queue_ms=queue_ms,
-                          total_ms=max(0.0, now - submitted) * 1000 if submitted else 0.0)
-        await self._finalize(tier_name, entry_id, fields, outcome)
-
-    async def _finalize(self, tier_name: str, entry_id: str, fields: dict[str, str], outcome: Outcome) -> None:
-        """Store the outcome and wake the waiter; retried while Redis is away (the entry stays ours)."""
-        deadline = time.monotonic() + FINALIZE_RETRY_S
-        backoff_s = 0.1
-        payload = outcome.to_json()
-        ttl_ms = int(_float(fields.get("result_ttl_ms")) or self.settings.result_ttl_s * 1000)
-        while True:
-            try:
-                with redis_errors("store the result"):
-                    stored = await self.scripts.finalize(
-                        self.keys.task(outcome.task_id), self.keys.stream(tier_name), fields.get("reply_to", ""),
-                        entry_id, payload, ttl_ms=ttl_ms,
-                        reply_ttl_ms=REPLY_TTL_MS, sync_ttl_ms=SYNC_DONE_TTL_MS)
-                if stored != "stored":
-                    log.info("task %s was already %s: its outcome from %s is dropped", outcome.task_id, stored,
-                             self.worker_id)
-                return
-            except BackendUnavailable as exc:
-                if time.monotonic() > deadline:
-                    log.error("the outcome of task %s is lost: %s", outcome.task_id, exc)
-                    raise
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(2.0, backoff_s * 2)
 
     def _sweep_orphans(self) -> None:
         """A peer died: remove the containers it left on this engine (only those whose owner is dead)."""
@@ -350,13 +254,6 @@ class Worker:
                 self._sweeping = False
 
         self._keeper.spawn(sweep())
-
-
-def _float(raw: str | None) -> float:
-    try:
-        return float(raw or 0.0)
-    except ValueError:
-        return 0.0
 
 
 async def run(settings: Settings) -> None:

@@ -1,0 +1,149 @@
+"""One task in a worker's hands: inspect a claimed entry, run the task on the pool, store its outcome once.
+
+What happens to a claimed entry, and why a started task is never run twice, is told in `pool/worker.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import cast
+
+import redis.asyncio as aioredis
+
+from pool.errors import BackendUnavailable, PoolError, TaskWithdrawn
+from pool.manager import Execution, PoolManager
+from pool.redis_io import GROUP, Keys, Scripts, redis_errors
+from pool.settings import Settings
+from pool.task_codec import MalformedEntry, Outcome, spec_from_fields, worker_lost
+
+log = logging.getLogger(__name__)
+
+FINALIZE_RETRY_S = 30.0
+REPLY_TTL_MS = 300_000  # an API's reply list outlives it by this much
+SYNC_DONE_TTL_MS = 60_000  # an answered synchronous task's (outcome-less) hash
+
+
+@dataclasses.dataclass
+class TaskHandler:
+    """What a worker needs to take one entry from its stream to an answer."""
+
+    worker_id: str
+    settings: Settings
+    pool: PoolManager
+    keys: Keys
+    redis: aioredis.Redis
+    scripts: Scripts
+    on_peer_lost: Callable[[], None]  # a peer died mid-task: sweep the containers it left
+
+    async def handle(self, tier_name: str, entry_id: str, fields: dict[str, str], *, claimed: bool) -> None:
+        """Run the entry's task (or answer it, for a claimed one that had started) and store the outcome."""
+        stream, task_key = self.keys.stream(tier_name), self.keys.task(fields.get("id", ""))
+        try:
+            if claimed and not await self._claimed_needs_run(tier_name, entry_id, fields):
+                return
+            await self._run(tier_name, entry_id, fields)
+        except MalformedEntry as exc:
+            log.error("dropping entry %s of %s: %s", entry_id, stream, exc)
+            with redis_errors("drop a malformed entry"):
+                await self.scripts.forget(task_key, stream, entry_id)
+        except BackendUnavailable as exc:
+            # Redis failed us, not Docker: the entry stays pending and is claimed again once Redis is back.
+            log.warning("task entry %s left pending: %s", entry_id, exc)
+
+    async def _claimed_needs_run(self, tier_name: str, entry_id: str, fields: dict[str, str]) -> bool:
+        stream, task_key = self.keys.stream(tier_name), self.keys.task(fields.get("id", ""))
+        with redis_errors("inspect a claimed task"):
+            state, owner = cast(list[str | None], await self.redis.hmget(task_key, ["state", "worker"]))
+            if state == "queued":
+                return True
+            if state != "running":
+                await self.scripts.forget(task_key, stream, entry_id)
+                return False
+            if owner and owner != self.worker_id and await self.redis.exists(self.keys.worker(owner)):
+                # Its worker still beats (it was only slow to re-claim): hand the entry back.
+                await self.redis.xclaim(stream, GROUP, owner, 0, [entry_id], justid=True)
+                return False
+        submitted = _float(fields.get("submitted_unix"))
+        total_ms = max(0.0, time.time() - submitted) * 1000
+        log.warning("task %s was running on lost worker %s: answering sandbox_error", fields.get("id"), owner)
+        await self._finalize(tier_name, entry_id, fields, worker_lost(
+            fields.get("id", ""), self.worker_id, self.pool.tiers[tier_name], owner or "?", 0.0, total_ms))
+        self.on_peer_lost()
+        return False
+
+    async def _run(self, tier_name: str, entry_id: str, fields: dict[str, str]) -> None:
+        spec = spec_from_fields(fields)
+        stream, task_key = self.keys.stream(tier_name), self.keys.task(spec.task_id)
+        verdict = ""
+        started_unix = 0.0
+
+        async def mark_running() -> bool:
+            nonlocal verdict, started_unix
+            started_unix = time.time()
+            try:
+                with redis_errors("mark the task running"):
+                    verdict = await self.scripts.mark_running(task_key, self.worker_id, started_unix)
+            except BackendUnavailable:
+                verdict = "redis_down"
+                raise
+            return verdict == "run"
+
+        execution: Execution | None = None
+        error: PoolError | None = None
+        try:
+            asked = fields.get("lease_wait_s")  # the request's max_wait_ms, 0 included
+            wait_s = min(self.settings.lease_timeout_s, _float(asked) if asked else self.settings.lease_timeout_s)
+            execution = await self.pool.execute(tier_name, spec, wait_s=wait_s, start_gate=mark_running)
+        except TaskWithdrawn:
+            if verdict != "running":  # "running": another worker holds it now; not ours to acknowledge
+                with redis_errors("drop a withdrawn task"):
+                    await self.scripts.forget(task_key, stream, entry_id)
+            return
+        except PoolError as exc:
+            if verdict == "redis_down":
+                raise
+            error = exc  # no container in time, or our engine is down: the task did not run
+        submitted = _float(fields.get("submitted_unix"))
+        now = time.time()
+        queue_ms = max(0.0, (started_unix or now) - submitted) * 1000 if submitted else 0.0
+        if execution is not None:
+            execution = dataclasses.replace(execution, queue_ms=queue_ms)
+        outcome = Outcome(task_id=spec.task_id, worker=self.worker_id, tier=self.pool.tiers[tier_name],
+                          execution=execution, error=error, queue_ms=queue_ms,
+                          total_ms=max(0.0, now - submitted) * 1000 if submitted else 0.0)
+        await self._finalize(tier_name, entry_id, fields, outcome)
+
+    async def _finalize(self, tier_name: str, entry_id: str, fields: dict[str, str], outcome: Outcome) -> None:
+        """Store the outcome and wake the waiter; retried while Redis is away (the entry stays ours)."""
+        deadline = time.monotonic() + FINALIZE_RETRY_S
+        backoff_s = 0.1
+        payload = outcome.to_json()
+        ttl_ms = int(_float(fields.get("result_ttl_ms")) or self.settings.result_ttl_s * 1000)
+        while True:
+            try:
+                with redis_errors("store the result"):
+                    stored = await self.scripts.finalize(
+                        self.keys.task(outcome.task_id), self.keys.stream(tier_name), fields.get("reply_to", ""),
+                        entry_id, payload, ttl_ms=ttl_ms,
+                        reply_ttl_ms=REPLY_TTL_MS, sync_ttl_ms=SYNC_DONE_TTL_MS)
+                if stored != "stored":
+                    log.info("task %s was already %s: its outcome from %s is dropped", outcome.task_id, stored,
+                             self.worker_id)
+                return
+            except BackendUnavailable as exc:
+                if time.monotonic() > deadline:
+                    log.error("the outcome of task %s is lost: %s", outcome.task_id, exc)
+                    raise
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(2.0, backoff_s * 2)
+
+
+def _float(raw: str | None) -> float:
+    try:
+        return float(raw or 0.0)
+    except ValueError:
+        return 0.0
