@@ -270,7 +270,7 @@ def main() -> None:
     parser.add_argument("--latency", type=int, default=1000, help="sequential requests per mode")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each throughput round")
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per mode")
-    parser.add_argument("--concurrency", type=int, default=32, help="concurrent clients in throughput runs")
+    parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients in throughput runs")
     parser.add_argument("--markdown", type=Path, help="also append the section to this file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="warmpool-bench-") as tmp:
