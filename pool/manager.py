@@ -16,10 +16,17 @@ from typing import Any
 import anyio
 
 from pool.capacity import CapacityLedger, HostInventory
-from pool.container import ContainerHandle, CreateOptions, remove_container, start_container, status_needs_replacement
+from pool.container import (
+    ContainerHandle,
+    CreateOptions,
+    explain_loss,
+    remove_container,
+    start_container,
+    status_needs_replacement,
+)
 from pool.docker_backend import INSTANCE_LABEL, DockerBackend
 from pool.errors import BackendUnavailable, CapacityError, NoCapacity, PoolError, SandboxError
-from pool.results import TaskResult, TaskSpec
+from pool.results import Status, TaskResult, TaskSpec
 from pool.sandbox_spec import owner_is_alive, owner_token
 from pool.settings import Settings
 from pool.tier_pool import TierPool
@@ -155,6 +162,8 @@ class PoolManager:
             # Cancelled mid-task: the container's state is unknown, so it is not reused.
             self._spawn(self._retire(handle, "cancelled"))
             raise
+        if result.status == Status.SANDBOX_ERROR and not handle.alive and self.backend is not None:
+            result = await explain_loss(self.backend, handle, result)
         self._spawn(self._finish(handle, spec.task_id, result))
         return Execution(result=result, tier=handle.tier, queue_ms=queue_ms, container_name=handle.name)
 

@@ -25,6 +25,11 @@ from pool.tiers import Tier
 
 RUNNER_CAPABILITIES = ("SETUID", "SETGID", "KILL")
 SHM_CAP_BYTES = 64 * 1024 * 1024
+# Under gVisor the host's pids cgroup counts the sandbox kernel's own threads (Go runtime threads of the
+# Sentry and the gofer: ~40 idle, hundreds while the task execs), not the task's processes; a tight limit
+# makes the Sentry fail to start a thread and die. So the host limit gets this allowance on top, and the
+# tier's pids_limit is enforced inside the sandbox instead (RLIMIT_NPROC, see `task_nproc_limit`).
+SENTRY_THREADS_ALLOWANCE = 1024
 
 
 def owner_token(pid: int | None = None) -> str:
@@ -58,6 +63,17 @@ def labels_for(tier: Tier, instance_id: str, owner: str) -> dict[str, str]:
     return {POOL_LABEL: instance_id, TIER_LABEL: tier.name, INSTANCE_LABEL: instance_id, OWNER_LABEL: owner}
 
 
+def host_pids_limit(tier: Tier) -> int:
+    """The pids cgroup limit of the container: the tier's own under runc, plus the Sentry's threads otherwise."""
+    return tier.pids_limit if tier.runtime == "runc" else tier.pids_limit + SENTRY_THREADS_ALLOWANCE
+
+
+def task_nproc_limit(tier: Tier) -> int:
+    """RLIMIT_NPROC for the task, 0 for none: only where the count is the sandbox's own (not runc's shared
+    kernel, where it would count the sandbox uid's processes in every container on the host)."""
+    return 0 if tier.runtime == "runc" else tier.pids_limit
+
+
 def host_config_kwargs(tier: Tier, *, nofile_limit: int, gpu_ids: tuple[str, ...] = ()) -> dict[str, Any]:
     """Keyword arguments for docker-py's ``create_host_config`` for one container of `tier`."""
     storage_bytes = tier.resources.storage_bytes
@@ -69,7 +85,7 @@ def host_config_kwargs(tier: Tier, *, nofile_limit: int, gpu_ids: tuple[str, ...
         "cap_drop": ["ALL"],
         "cap_add": list(RUNNER_CAPABILITIES),
         "security_opt": ["no-new-privileges"],
-        "pids_limit": tier.pids_limit,
+        "pids_limit": host_pids_limit(tier),
         "mem_limit": tier.resources.ram_bytes,
         "memswap_limit": tier.resources.ram_bytes,
         "nano_cpus": int(tier.resources.cpu * 1e9),

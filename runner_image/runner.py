@@ -51,7 +51,7 @@ FLAG_NONE, FLAG_MEMORY_ERROR, FLAG_SETUP_FAILED = 0, 1, 2
 FRAME_OUT = -1  # the frame channel's write end, set by main()
 _KEEP: list = []  # in the task child: the runner's own std streams, kept alive
 
-Task = collections.namedtuple("Task", "id code stdin timeout_s output_limit fsize_limit nofile_limit")
+Task = collections.namedtuple("Task", "id code stdin timeout_s output_limit fsize_limit nofile_limit nproc_limit")
 
 
 class ProtocolError(Exception):
@@ -128,6 +128,7 @@ def parse_task(msg, msg_id):
         return value
     timeout_s = float(field("timeout_s", (int, float)))
     limits = [field(name, int) for name in ("output_limit_bytes", "fsize_limit_bytes", "nofile_limit")]
+    limits.append(field("nproc_limit", int, 0))  # optional: 0 leaves RLIMIT_NPROC alone
     if not 0 < timeout_s < math.inf or min(limits) < 0:
         raise ProtocolError("run: timeout_s must be positive and finite, limits not negative")
     return Task(msg_id, field("code", str), field("stdin", str, ""), timeout_s, *limits)
@@ -311,8 +312,13 @@ def enter_sandbox(task):
         raise PermissionError("could not drop to the sandbox uid")
     # RLIMIT_CPU is only a backstop for the wall clock: allow every usable core busy until the deadline.
     cpu_s = math.ceil(task.timeout_s * CPUS) + 1
-    for res, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_FSIZE, task.fsize_limit),
-                       (resource.RLIMIT_NOFILE, task.nofile_limit), (resource.RLIMIT_CPU, cpu_s)):
+    limits = [(resource.RLIMIT_CORE, 0), (resource.RLIMIT_FSIZE, task.fsize_limit),
+              (resource.RLIMIT_NOFILE, task.nofile_limit), (resource.RLIMIT_CPU, cpu_s)]
+    if task.nproc_limit:
+        # Only where the host asks (gVisor): there the count is the sandbox's own, while on a shared
+        # kernel RLIMIT_NPROC counts the sandbox uid's processes in every container on the host.
+        limits.append((resource.RLIMIT_NPROC, task.nproc_limit))
+    for res, value in limits:
         hard = resource.getrlimit(res)[1]  # soft = hard, so that the task cannot raise them
         resource.setrlimit(res, (value, value) if hard == resource.RLIM_INFINITY else (min(value, hard),) * 2)
     os.umask(0o022)
