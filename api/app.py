@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
+from api.limits import BodySizeLimit, limiter_from
 from api.routes import router
 from pool.manager import PoolManager
 from pool.settings import Settings, from_env
@@ -27,8 +28,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             await pool.start()
             if not settings.api_keys:
-                log.warning("no WARMPOOL_API_KEYS set: the API is open to anyone who can reach it; "
-                            "serve on loopback only")
+                log.warning("no WARMPOOL_API_KEYS set: every caller is anonymous, so `warmpool serve` listens on "
+                            "loopback only; set WARMPOOL_API_KEYS to serve other hosts")
             yield
         finally:
             await pool.close()
@@ -36,6 +37,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="warmpool", version="0.1.0", lifespan=lifespan,
                   description="Run Python snippets in warm, verified-clean Docker containers.")
     app.state.settings = settings
+    app.state.rate_limiter = limiter_from(settings)
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     app.include_router(router)
     return app

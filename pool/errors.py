@@ -5,6 +5,7 @@
     │   └── NoTierFits          no tier can ever cover the request (names the dimension)
     ├── CapacityError           the host ledger cannot hold what was asked (admin sizing)
     ├── NoCapacity              no container could be leased in time (retry later)
+    │   └── Overloaded          too many leases already wait for the tier (refused at once)
     ├── BackendUnavailable      Docker (or Redis) does not answer (retry later)
     └── SandboxError            a container or its runner broke; the container is replaced
 
@@ -41,6 +42,10 @@ class NoCapacity(PoolError):
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class Overloaded(NoCapacity):
+    """The tier's bounded queue of waiting leases is full; the request is refused without waiting."""
 
 
 class BackendUnavailable(PoolError):

@@ -25,7 +25,7 @@ from pool.container import (
     status_needs_replacement,
 )
 from pool.docker_backend import INSTANCE_LABEL, DockerBackend
-from pool.errors import BackendUnavailable, CapacityError, NoCapacity, PoolError, SandboxError
+from pool.errors import BackendUnavailable, CapacityError, NoCapacity, Overloaded, PoolError, SandboxError
 from pool.results import Status, TaskResult, TaskSpec
 from pool.sandbox_spec import owner_is_alive, owner_token
 from pool.settings import Settings
@@ -180,6 +180,9 @@ class PoolManager:
             return handle
         if not self.docker_ok:
             raise BackendUnavailable("the Docker engine is not answering; retry shortly")
+        if pool.pending_waiters() >= self.settings.max_waiting:
+            raise Overloaded(f"{self.settings.max_waiting} requests already wait for a {tier_name!r} container",
+                             retry_after_s=max(1.0, pool.stats.wait_percentile_ms(0.5) / 1000))
         waiter: asyncio.Future[ContainerHandle] = asyncio.get_running_loop().create_future()
         pool.waiters.append(waiter)
         self._wake.set()
