@@ -12,6 +12,7 @@ Never run this on a host: the reset is kill(-1, SIGKILL), so it refuses to start
 import atexit
 import builtins
 import collections
+import ctypes
 import gc
 import json
 import linecache
@@ -42,7 +43,13 @@ READ_CHUNK = 1 << 16
 PYTHON_VERSION = ".".join(map(str, sys.version_info[:3]))
 CPUS = len(os.sched_getaffinity(0))
 OOM_FILES = ("/sys/fs/cgroup/memory/memory.oom_control", "/sys/fs/cgroup/memory.events")  # v1, v2
-SYSV_IPC_FILES = ("/proc/sysvipc/shm", "/proc/sysvipc/msg", "/proc/sysvipc/sem")
+# SysV IPC objects outlive their processes, and only their owner may remove them. /proc/sysvipc lists them
+# under runc, but gVisor has no /proc/sysvipc (a segment left there reached the next task), so ask the
+# kernel for the counts: the *_INFO command of each call, and where its struct says how many exist.
+LIBC = ctypes.CDLL(None, use_errno=True)
+SYSV_IPC_COUNTS = (("shared memory segment(s)", lambda buf: LIBC.shmctl(0, 14, buf), 0),  # SHM_INFO: used_ids
+                   ("message queue(s)", lambda buf: LIBC.msgctl(0, 12, buf), 0),  # MSG_INFO: msgpool
+                   ("semaphore set(s)", lambda buf: LIBC.semctl(0, 0, 19, buf), 7))  # SEM_INFO: semusz
 
 # One byte of memory shared with each task child (an fd would have to survive the closing of all
 # others): how the child tells what happened to it.
@@ -496,13 +503,12 @@ def verify_clean():
                 problems.append(f"{top} still holds {left} entries")
         except OSError as exc:
             problems.append(f"cannot list {top}: {exc.strerror}")
-    for path in SYSV_IPC_FILES:  # they outlive their processes, and only their owner may remove them
-        try:
-            with open(path, "rb") as f:
-                if len(f.read().splitlines()) > 1:
-                    problems.append(f"SysV IPC objects left in {path}")
-        except OSError:
-            pass
+    ints = (ctypes.c_int * 64)()
+    for what, info, index in SYSV_IPC_COUNTS:
+        if info(ints) < 0:
+            problems.append(f"cannot count SysV IPC {what}: {os.strerror(ctypes.get_errno())}")
+        elif ints[index]:
+            problems.append(f"{ints[index]} SysV IPC {what} left")
     return not problems, "; ".join(problems)
 
 
