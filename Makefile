@@ -55,5 +55,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy pool api warmpool runner_image
 
+# Bounded (about 5 minutes): locust sessions and latency.py against servers it starts on loopback;
+# rewrites benchmarks/RESULTS.md.
 bench: venv docker image
-	$(PY) benchmarks/latency.py
+	$(PY) benchmarks/bench.py

@@ -28,7 +28,8 @@ def _matches(token: str, keys: tuple[str, ...]) -> bool:
     return found
 
 
-def require_api_key(request: Request) -> str:
+# async on purpose: FastAPI runs a plain `def` dependency in a worker thread, a costly hop per request.
+async def require_api_key(request: Request) -> str:
     """The caller's key (or "anonymous" when the server has no keys configured)."""
     keys: tuple[str, ...] = request.app.state.settings.api_keys
     if not keys:
@@ -42,7 +43,7 @@ def require_api_key(request: Request) -> str:
     return token
 
 
-def require_admin_key(request: Request) -> None:
+async def require_admin_key(request: Request) -> None:
     admin_key: str | None = request.app.state.settings.admin_key
     if not admin_key:
         raise HTTPException(status_code=403, detail="admin routes are disabled: set WARMPOOL_ADMIN_KEY")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,11 +124,17 @@ def fit_tier(tiers: tuple[Tier, ...], request: ResourceRequest) -> Tier:
 
 def _no_fit(tiers: tuple[Tier, ...], wanted: Resources) -> NoTierFits:
     """Name the first dimension that no tier reaches, with the most any tier offers."""
-    dimensions = (
-        ("gpu", wanted.gpu, max(t.resources.gpu for t in tiers), str),
-        ("ram", wanted.ram_bytes, max(t.resources.ram_bytes for t in tiers), format_bytes),
-        ("cpu", wanted.cpu, max(t.resources.cpu for t in tiers), lambda v: f"{v:g}"),
-        ("storage", wanted.storage_bytes, max(t.resources.storage_bytes for t in tiers), format_bytes),
+    def size(value: float) -> str:
+        return format_bytes(int(value))
+
+    def number(value: float) -> str:
+        return f"{value:g}"
+
+    dimensions: tuple[tuple[str, float, float, Callable[[float], str]], ...] = (
+        ("gpu", wanted.gpu, max(t.resources.gpu for t in tiers), number),
+        ("ram", wanted.ram_bytes, max(t.resources.ram_bytes for t in tiers), size),
+        ("cpu", wanted.cpu, max(t.resources.cpu for t in tiers), number),
+        ("storage", wanted.storage_bytes, max(t.resources.storage_bytes for t in tiers), size),
     )
     for name, asked, most, show in dimensions:
         if asked > most:

@@ -16,6 +16,7 @@ import ctypes
 import gc
 import json
 import linecache
+import marshal
 import math
 import mmap
 import os
@@ -40,6 +41,10 @@ KILL_WAIT_S = 2.0  # how long the reset keeps killing before it calls the contai
 CLEANER_WAIT_S = 5.0  # how long the scratch cleaner may take
 NO_PIDFD_TICK_S = 0.002  # how often to look for the child's exit where there is no pidfd (gVisor)
 READ_CHUNK = 1 << 16
+# Compiling in the forked child costs ~2 ms of page faults (the compiler writes all over pages shared
+# with PID 1), several times the rest of a small task; so PID 1 compiles code up to this size itself.
+# Compiling runs nothing; larger code still compiles in the child, under the task's deadline and limits.
+PARENT_COMPILE_MAX_CHARS = 64 << 10
 PYTHON_VERSION = ".".join(map(str, sys.version_info[:3]))
 CPUS = len(os.sched_getaffinity(0))
 OOM_FILES = ("/sys/fs/cgroup/memory/memory.oom_control", "/sys/fs/cgroup/memory.events")  # v1, v2
@@ -121,6 +126,8 @@ def dispatch(msg, msg_id):
     if op == "ping":
         clean, detail = verify_clean()
         send({"op": "pong", "id": msg_id, "clean": clean, "detail": detail, "python": PYTHON_VERSION})
+        if clean:
+            ensure_zygote()
     elif op == "run":
         handle_run(parse_task(msg, msg_id))
     else:
@@ -157,24 +164,33 @@ def handle_run(task):
     if failure:
         clean, detail = False, "; ".join(filter(None, [failure, detail]))
     send({"op": "reset", "id": task.id, "clean": clean, "detail": detail})
+    if clean:
+        ensure_zygote()  # after the reply: the host may lease the container while the child sets up
 
 
 # ---- running a task: the parent -----------------------------------------------------------------
 
 def run_task(task):
     reap_zombies()
-    stdin_fd = os.memfd_create("stdin", os.MFD_CLOEXEC)
-    write_all(stdin_fd, task.stdin.encode("utf-8", "replace"))  # "replace": lone surrogates
-    os.lseek(stdin_fd, 0, os.SEEK_SET)
-    (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
-    FLAG[0] = FLAG_NONE
+    zygote = take_zygote()
+    if zygote is not None and has_exited(zygote.pid):  # died while waiting (say, memory pressure)
+        close_zygote(zygote)
+        reap_zombies()
+        zygote = None
+    zygote = zygote or spawn_zygote()
+    compiled = precompile(task.code)
+    go = marshal.dumps((task.code, compiled, task.stdin.encode("utf-8", "replace"),  # "replace": lone surrogates
+                        task.timeout_s, task.fsize_limit, task.nofile_limit, task.nproc_limit))
+    del compiled
     oom_before = oom_kills()
     started = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        task_child(task, stdin_fd, out_w, err_w)  # never returns
-    for fd in (stdin_fd, out_w, err_w):
-        os.close(fd)
+    pid, out_r, err_r = zygote.pid, zygote.out_r, zygote.err_r
+    try:
+        write_all(zygote.go_w, struct.pack(">Q", len(go)) + go)  # the child reads while we write
+    except OSError:
+        pass  # the child is gone: supervise sees it exit, and its FLAG or status says why
+    finally:
+        os.close(zygote.go_w)
     try:
         verdict, out, err = supervise(pid, out_r, err_r, started + task.timeout_s, task.output_limit)
     finally:
@@ -199,6 +215,17 @@ def run_task(task):
             "stdout": out, "stderr": err, "stdout_truncated": truncated[0], "stderr_truncated": truncated[1],
             "run_ms": round(run_ms, 3), "usage": {"cpu_s": round(usage.ru_utime + usage.ru_stime, 6),
                                                   "max_rss_bytes": usage.ru_maxrss * 1024}}
+
+
+def precompile(code):
+    """The task's code object, or None to let the child compile it (large code, or code that does not
+    compile: the child then raises the error and reports it exactly as the interpreter would)."""
+    if len(code) > PARENT_COMPILE_MAX_CHARS:
+        return None
+    try:
+        return compile(code, "<task>", "exec")
+    except BaseException:
+        return None
 
 
 def supervise(pid, out_r, err_r, deadline, limit):
@@ -284,15 +311,72 @@ def oom_kills():
 
 # ---- running a task: the child ------------------------------------------------------------------
 
-def task_child(task, stdin_fd, out_w, err_w):
-    """Body of the forked child: enter the sandbox, run the code, _exit. Never returns."""
+Zygote = collections.namedtuple("Zygote", "pid go_w out_r err_r")
+_zygote = None  # the next task's child, already in the sandbox and waiting for its code
+
+
+def spawn_zygote():
+    """Fork the next task's child ahead of time. It enters the sandbox and blocks reading its code, so
+    the fork and the set-up (~1.5 ms, mostly page faults) are off the task's path. It runs nothing
+    until the code arrives, and it is forked only after a verified reset."""
+    (go_r, go_w), (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe(), os.pipe()
+    FLAG[0] = FLAG_NONE
+    pid = os.fork()
+    if pid == 0:
+        task_child(go_r, out_w, err_w)  # never returns
+    for fd in (go_r, out_w, err_w):
+        os.close(fd)
+    return Zygote(pid, go_w, out_r, err_r)
+
+
+def ensure_zygote():
+    global _zygote
+    if _zygote is None:
+        _zygote = spawn_zygote()
+
+
+def take_zygote():
+    global _zygote
+    zygote, _zygote = _zygote, None
+    return zygote
+
+
+def discard_zygote():
+    """Before a reset: the reset's kill(-1) takes the waiting child too; close our ends of its pipes."""
+    zygote = take_zygote()
+    if zygote is not None:
+        close_zygote(zygote)
+
+
+def close_zygote(zygote):
+    kill_task(zygote.pid)
+    for fd in (zygote.go_w, zygote.out_r, zygote.err_r):
+        os.close(fd)
+
+
+def zygote_pid():
+    return _zygote.pid if _zygote is not None else None
+
+
+def task_child(go_r, out_w, err_w):
+    """Body of the forked child: enter the sandbox, wait for the code, run it, _exit. Never returns."""
     status = 125
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        for src, dst in ((stdin_fd, 0), (out_w, 1), (err_w, 2)):
+        null = os.open(os.devnull, os.O_RDONLY)
+        for src, dst in ((null, 0), (out_w, 1), (err_w, 2), (go_r, 3)):
             os.dup2(src, dst)
-        os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the frame channel above all
-        enter_sandbox(task)
+        os.closerange(4, os.sysconf("SC_OPEN_MAX"))  # the frame channel above all
+        enter_sandbox()
+        code, compiled, stdin, timeout_s, fsize_limit, nofile_limit, nproc_limit = receive_task(3)
+        os.close(3)
+        stdin_fd = os.memfd_create("stdin")  # before the limits: stdin may be larger than RLIMIT_FSIZE
+        write_all(stdin_fd, stdin)
+        os.lseek(stdin_fd, 0, os.SEEK_SET)
+        os.dup2(stdin_fd, 0)
+        os.close(stdin_fd)
+        del stdin
+        apply_task_limits(timeout_s, fsize_limit, nofile_limit, nproc_limit)
     except BaseException as exc:  # never run the code half-sandboxed
         FLAG[0] = FLAG_SETUP_FAILED
         try:
@@ -300,14 +384,30 @@ def task_child(task, stdin_fd, out_w, err_w):
         finally:
             os._exit(status)
     try:
-        status = run_code(task.code)
+        status = run_code(code, compiled)
     except BaseException:  # a runner bug, not the task's: say so where the host will look
         os.write(2, f"warmpool: runner error in the task child:\n{traceback.format_exc()}".encode())
     finally:
         os._exit(status)
 
 
-def enter_sandbox(task):
+def receive_task(fd):
+    """The go message from PID 1: a length, then marshal'd (code, code object or None, stdin bytes,
+    timeout_s, fsize_limit, nofile_limit, nproc_limit). EOF first means PID 1 gave up on us: leave quietly."""
+    def read_exactly(size):
+        chunks = bytearray()
+        while len(chunks) < size:
+            chunk = os.read(fd, size - len(chunks))
+            if not chunk:
+                os._exit(0)
+            chunks += chunk
+        return bytes(chunks)
+    (size,) = struct.unpack(">Q", read_exactly(8))
+    return marshal.loads(read_exactly(size))
+
+
+def enter_sandbox():
+    """What every task gets, done before its code is known: a new session, the sandbox uid, no core."""
     os.setsid()
     fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)  # the OOM killer should take the task, not PID 1
     os.write(fd, b"1000")
@@ -317,18 +417,21 @@ def enter_sandbox(task):
     os.setresuid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)
     if os.getresuid() != (SANDBOX_UID,) * 3 or os.getresgid() != (SANDBOX_GID,) * 3 or os.getgroups():
         raise PermissionError("could not drop to the sandbox uid")
+    set_limit(resource.RLIMIT_CORE, 0)
+    os.umask(0o022)
+
+
+def apply_task_limits(timeout_s, fsize_limit, nofile_limit, nproc_limit):
+    """The task's own limits, and its work and home dirs (made now: a waiting child leaves /tmp empty)."""
     # RLIMIT_CPU is only a backstop for the wall clock: allow every usable core busy until the deadline.
-    cpu_s = math.ceil(task.timeout_s * CPUS) + 1
-    limits = [(resource.RLIMIT_CORE, 0), (resource.RLIMIT_FSIZE, task.fsize_limit),
-              (resource.RLIMIT_NOFILE, task.nofile_limit), (resource.RLIMIT_CPU, cpu_s)]
-    if task.nproc_limit:
+    cpu_s = math.ceil(timeout_s * CPUS) + 1
+    for res, value in ((resource.RLIMIT_FSIZE, fsize_limit), (resource.RLIMIT_NOFILE, nofile_limit),
+                       (resource.RLIMIT_CPU, cpu_s)):
+        set_limit(res, value)
+    if nproc_limit:
         # Only where the host asks (gVisor): there the count is the sandbox's own, while on a shared
         # kernel RLIMIT_NPROC counts the sandbox uid's processes in every container on the host.
-        limits.append((resource.RLIMIT_NPROC, task.nproc_limit))
-    for res, value in limits:
-        hard = resource.getrlimit(res)[1]  # soft = hard, so that the task cannot raise them
-        resource.setrlimit(res, (value, value) if hard == resource.RLIM_INFINITY else (min(value, hard),) * 2)
-    os.umask(0o022)
+        set_limit(resource.RLIMIT_NPROC, nproc_limit)
     for path in (WORK_DIR, HOME_DIR):
         try:
             os.mkdir(path, 0o700)
@@ -337,7 +440,12 @@ def enter_sandbox(task):
     os.chdir(WORK_DIR)
 
 
-def run_code(code):
+def set_limit(res, value):
+    hard = resource.getrlimit(res)[1]  # soft = hard, so that the task cannot raise them
+    resource.setrlimit(res, (value, value) if hard == resource.RLIM_INFINITY else (min(value, hard),) * 2)
+
+
+def run_code(code, compiled=None):
     """Run the task as `python3 script.py` would, on the sandbox's fds 0-2; return the exit status."""
     _KEEP.append((sys.stdin, sys.stdout, sys.stderr))  # freed, the runner's streams would close fds 0-2
     for name, stream in (("stdin", open(0, encoding="utf-8", errors="surrogateescape")),
@@ -351,7 +459,7 @@ def run_code(code):
     sys.modules["__main__"] = main
     linecache.cache["<task>"] = (len(code), None, code.splitlines(True), "<task>")  # source in tracebacks
     try:
-        exec(compile(code, "<task>", "exec"), main.__dict__)
+        exec(compiled if compiled is not None else compile(code, "<task>", "exec"), main.__dict__)
         status = 0
     except SystemExit as exc:
         status = exit_status(exc.code)
@@ -407,6 +515,7 @@ def shut_down(status):
 
 def reset():
     """Kill everything but PID 1, empty the scratch dirs, then say whether both verifiably worked."""
+    discard_zygote()
     kill_everything()
     empty_scratch()
     return verify_clean()
@@ -437,7 +546,9 @@ def reap_zombies():
 
 
 def stray_pids():
-    return [name for name in os.listdir("/proc") if name.isdigit() and name != "1"]
+    """Every process but PID 1 and the waiting child (which has run nothing yet)."""
+    allowed = {"1", str(zygote_pid())}
+    return [name for name in os.listdir("/proc") if name.isdigit() and name not in allowed]
 
 
 def empty_scratch():

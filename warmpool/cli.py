@@ -56,7 +56,8 @@ def _serve(host: str, port: int) -> None:
     if not settings.api_keys:
         logging.getLogger("warmpool").warning("no WARMPOOL_API_KEYS: serving on loopback only (%s:%d), "
                                               "without authentication", host, port)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    # No access log: a log line per task costs more than the rest of the request path on a busy server.
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
 
 
 def is_loopback(host: str) -> bool:
