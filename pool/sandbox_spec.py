@@ -25,11 +25,12 @@ from pool.tiers import Tier
 
 RUNNER_CAPABILITIES = ("SETUID", "SETGID", "KILL")
 SHM_CAP_BYTES = 64 * 1024 * 1024
-# Under gVisor the host's pids cgroup counts the sandbox kernel's own threads (Go runtime threads of the
-# Sentry and the gofer: ~40 idle, hundreds while the task execs), not the task's processes; a tight limit
-# makes the Sentry fail to start a thread and die. So the host limit gets this allowance on top, and the
-# tier's pids_limit is enforced inside the sandbox instead (RLIMIT_NPROC, see `task_nproc_limit`).
-SENTRY_THREADS_ALLOWANCE = 1024
+# Under gVisor the host's pids cgroup counts the sandbox kernel's own threads (the Sentry's Go runtime and,
+# on the ptrace platform, a traced host thread per task thread), not the task's processes: ~40 idle, and
+# a fork bomb drove it past 1,800 in 4 s (Go keeps idle threads). At the limit the Sentry cannot start a
+# thread and the whole container dies. So the host limit sits above Go's own cap of 10,000 threads, as a
+# backstop only, and the tier's pids_limit is enforced inside the sandbox (RLIMIT_NPROC, `task_nproc_limit`).
+SENTRY_THREADS_ALLOWANCE = 10_000
 
 
 def owner_token(pid: int | None = None) -> str:
