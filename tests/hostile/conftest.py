@@ -31,7 +31,7 @@ TASK_TIMEOUT_S = 1.5
 DEADLINE_GRACE_S = 5.0
 # Under gVisor the memory cgroup also holds the Sentry (the sandbox's kernel), which keeps ~3.5 MiB per process
 # (measured: 60 sleeping forks of python3 take 225 MiB there, 10 MiB under runc), so the same tasks need more.
-RAM_BY_RUNTIME = {"runc": "128MiB", "runsc": "512MiB"}
+RAM_BY_RUNTIME = {"runc": "128MiB", "runsc": "1GiB"}
 MAX_WAITING = 8
 HOSTNAME = "import socket; print(socket.gethostname())"
 
