@@ -8,8 +8,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api.admin import router as admin_router
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit, limiter_from
+from api.metrics import install_metrics
 from api.routes import router
 from pool.manager import PoolManager
 from pool.settings import Settings, from_env
@@ -41,4 +43,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(admin_router)
+    install_metrics(app)
     return app

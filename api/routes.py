@@ -50,6 +50,13 @@ def utf8_size(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
+def lease_wait_s(body: ExecuteRequest, settings: Settings) -> float:
+    """The request's max_wait_ms, within the server's lease timeout (its default)."""
+    if body.max_wait_ms is None:
+        return settings.lease_timeout_s
+    return min(body.max_wait_ms / 1000, settings.lease_timeout_s)
+
+
 def execution_body(execution: Execution, task_id: str, total_ms: float) -> dict[str, Any]:
     result = execution.result
     return {
@@ -80,7 +87,7 @@ async def execute(body: ExecuteRequest, request: Request, _key: str = Depends(re
     if isinstance(spec, JSONResponse):
         return spec
     tier = fit_tier(settings.tiers, body.resources.to_request() if body.resources else ResourceRequest())
-    execution = await _pool(request).execute(tier.name, spec)
+    execution = await _pool(request).execute(tier.name, spec, lease_wait_s(body, settings))
     return JSONResponse(execution_body(execution, spec.task_id, (time.perf_counter() - started) * 1000))
 
 

@@ -68,6 +68,10 @@ class ExecuteRequest(BaseModel):
     timeout_s: float | None = Field(default=None, gt=0, description="Wall-clock limit; the server sets the default"
                                     " and the cap")
     stdin: str = Field(default="", description="Text given to the task on standard input")
+    max_wait_ms: float | None = Field(
+        default=None, ge=0, allow_inf_nan=False,
+        description="Longest wait for a container of the tier (capped by the server's lease timeout); when none "
+                    "can be had in time the answer is 503 with Retry-After from the tier's observed waits")
 
 
 class ResourcesOut(BaseModel):

@@ -1,4 +1,4 @@
-"""The host capacity ledger: tiers never hold more cpu and memory than the host has (pure)."""
+"""The host capacity ledger: tiers never hold more cpu, memory or GPUs than the host has (pure)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,15 @@ class CapacityLedger:
                 f"({self.inventory.cpus:g} cpus x overcommit {self.inventory.cpu_overcommit:g})")
         if resources.gpu * count > len(self.gpus_free):
             raise CapacityError(f"gpu: {resources.gpu * count} wanted, {len(self.gpus_free)} free")
+
+    def room_for(self, resources: Resources) -> int:
+        """How many more containers of this size the ledger could hold now."""
+        limits = [(self.inventory.ram_bytes - self.ram_held_bytes) // max(1, resources.ram_bytes)]
+        if resources.cpu > 0:
+            limits.append(int((self.inventory.cpu_budget - self.cpu_held + 1e-9) // resources.cpu))
+        if resources.gpu > 0:
+            limits.append(len(self.gpus_free) // resources.gpu)
+        return max(0, min(limits))
 
     def reserve(self, resources: Resources) -> tuple[str, ...]:
         """Hold one container's resources; returns the GPU ids it gets. Raises CapacityError."""

@@ -6,7 +6,9 @@ or `SandboxError` (it answered no). Nothing here is called on the per-task path.
 
 from __future__ import annotations
 
+import collections
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -53,28 +55,41 @@ class DockerBackend:
     """A docker-py API client with our error types; every method blocks."""
 
     def __init__(self, base_url: str | None = None, timeout_s: float = 30.0) -> None:
+        self.api_errors: collections.Counter[str] = collections.Counter()  # failed calls by operation
+        self._errors_lock = threading.Lock()  # methods run in worker threads
         try:
             if base_url:
                 self.api = docker.APIClient(base_url=base_url, timeout=int(timeout_s), version="auto")
             else:
                 self.api = docker.from_env(timeout=int(timeout_s)).api
         except Exception as exc:  # docker.from_env pings the engine to negotiate the API version
-            raise _wrap(exc, "connect") from exc
+            raise self._failed("connect", exc, "connect") from exc
 
     def close(self) -> None:
         self.api.close()
+
+    def error_counts(self) -> dict[str, int]:
+        """Failed engine calls since start, by operation (a copy: worker threads keep counting)."""
+        with self._errors_lock:
+            return dict(self.api_errors)
+
+    def _failed(self, operation: str, exc: Exception, doing: str) -> Exception:
+        """Count a failed engine call (for metrics) and wrap its exception into our error tree."""
+        with self._errors_lock:
+            self.api_errors[operation] += 1
+        return _wrap(exc, doing)
 
     def ping(self) -> None:
         try:
             self.api.ping()
         except Exception as exc:
-            raise _wrap(exc, "ping") from exc
+            raise self._failed("ping", exc, "ping") from exc
 
     def info(self) -> EngineInfo:
         try:
             raw = self.api.info()
         except Exception as exc:
-            raise _wrap(exc, "read engine info") from exc
+            raise self._failed("info", exc, "read engine info") from exc
         return EngineInfo(cpus=int(raw.get("NCPU", 1)), ram_bytes=int(raw.get("MemTotal", 0)),
                           runtimes=tuple((raw.get("Runtimes") or {}).keys()))
 
@@ -85,7 +100,7 @@ class DockerBackend:
         except docker.errors.ImageNotFound:
             return None
         except Exception as exc:
-            raise _wrap(exc, f"inspect image {image}") from exc
+            raise self._failed("inspect_image", exc, f"inspect image {image}") from exc
         return dict((raw.get("Config") or {}).get("Labels") or {})
 
     def create(self, *, image: str, name: str, labels: dict[str, str], host_config: dict[str, Any]) -> str:
@@ -95,7 +110,7 @@ class DockerBackend:
                 stdin_open=True, tty=False, network_disabled=True, environment={},
             )
         except Exception as exc:
-            raise _wrap(exc, f"create container {name}") from exc
+            raise self._failed("create", exc, f"create container {name}") from exc
         return str(created["Id"])
 
     def attach(self, container_id: str) -> socket.socket:
@@ -103,18 +118,20 @@ class DockerBackend:
         try:
             raw = self.api.attach_socket(container_id, params={"stdin": 1, "stdout": 1, "stream": 1})
         except Exception as exc:
-            raise _wrap(exc, "attach") from exc
+            raise self._failed("attach", exc, "attach") from exc
         inner = getattr(raw, "_sock", raw)
         owned = inner.dup()
         owned.setblocking(False)
         raw.close()
+        if isinstance(inner, socket.socket):
+            inner.close()  # closing the SocketIO wrapper leaves its socket (and fd) open until collected
         return owned
 
     def start(self, container_id: str) -> None:
         try:
             self.api.start(container_id)
         except Exception as exc:
-            raise _wrap(exc, "start container") from exc
+            raise self._failed("start", exc, "start container") from exc
 
     def remove(self, container_id: str) -> None:
         """Force-remove; a container that is already gone is fine."""
@@ -125,9 +142,9 @@ class DockerBackend:
         except docker.errors.APIError as exc:
             if exc.status_code == 409 and "already in progress" in str(exc.explanation):
                 return
-            raise _wrap(exc, "remove container") from exc
+            raise self._failed("remove", exc, "remove container") from exc
         except Exception as exc:
-            raise _wrap(exc, "remove container") from exc
+            raise self._failed("remove", exc, "remove container") from exc
 
     def list_ours(self, extra_label: str | None = None) -> list[OurContainer]:
         """Every container carrying our pool label (optionally also `key=value`), running or not."""
@@ -135,7 +152,7 @@ class DockerBackend:
         try:
             raw = self.api.containers(all=True, filters={"label": filters})
         except Exception as exc:
-            raise _wrap(exc, "list containers") from exc
+            raise self._failed("list", exc, "list containers") from exc
         return [OurContainer(c["Id"], (c.get("Names") or ["?"])[0].lstrip("/"), dict(c.get("Labels") or {}))
                 for c in raw]
 
@@ -143,7 +160,7 @@ class DockerBackend:
         try:
             return dict(self.api.inspect_container(container_id))
         except Exception as exc:
-            raise _wrap(exc, "inspect container") from exc
+            raise self._failed("inspect", exc, "inspect container") from exc
 
     def oom_killed(self, container_id: str, wait_s: float) -> bool:
         """Whether the kernel's OOM killer ended the container, once the engine has recorded its exit

@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 
-from pool.capacity import CapacityLedger, HostInventory
+from pool.capacity import CapacityLedger
 from pool.container import (
     ContainerHandle,
     CreateOptions,
@@ -26,6 +26,7 @@ from pool.container import (
 )
 from pool.docker_backend import INSTANCE_LABEL, DockerBackend
 from pool.errors import BackendUnavailable, CapacityError, NoCapacity, Overloaded, PoolError, SandboxError
+from pool.inventory import detect_gpu_ids, host_inventory, unfit_reason
 from pool.results import Status, TaskResult, TaskSpec
 from pool.sandbox_spec import owner_is_alive, owner_token
 from pool.settings import Settings
@@ -35,7 +36,6 @@ from pool.tiers import Tier
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
-MAX_BACKOFF_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,6 @@ class PoolManager:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
         self._start_slots = asyncio.Semaphore(settings.start_concurrency)
-        self._start_failures = 0
-        self._retry_at = 0.0
         self._closing = False
 
     # lifecycle -------------------------------------------------------------------------------------
@@ -78,17 +76,16 @@ class PoolManager:
         self.image_ok = True
         info = await anyio.to_thread.run_sync(self.backend.info)
         self._check_runtimes(info.runtimes)
-        self.ledger = CapacityLedger(self._inventory(info.cpus, info.ram_bytes))
+        detected_gpu_ids = () if self.settings.gpu_ids else await anyio.to_thread.run_sync(detect_gpu_ids)
+        self.ledger = CapacityLedger(host_inventory(self.settings, info, detected_gpu_ids))
         self.ledger.check_plan([(t.resources, t.min_idle) for t in self.settings.tiers])
+        for pool in self.pools.values():
+            pool.unfit = unfit_reason(self.ledger.inventory, pool.tier)
+            if pool.unfit is not None:
+                log.warning("%s: its requests will be refused", pool.unfit)
         self.docker_ok = True
         await self.remove_orphans()
         self._spawn(self._replenish_loop())
-
-    def _inventory(self, engine_cpus: int, engine_ram_bytes: int) -> HostInventory:
-        s = self.settings
-        ram = s.host_ram_bytes if s.host_ram_bytes is not None else engine_ram_bytes - s.host_reserve_ram_bytes
-        return HostInventory(cpus=s.host_cpus or float(engine_cpus), ram_bytes=max(0, ram),
-                             gpu_ids=s.gpu_ids, cpu_overcommit=s.cpu_overcommit)
 
     def _check_runtimes(self, runtimes: tuple[str, ...]) -> None:
         for tier in self.settings.tiers:
@@ -170,7 +167,7 @@ class PoolManager:
     async def lease(self, tier_name: str, wait_s: float) -> ContainerHandle:
         """An idle, verified-clean container of the tier, waiting at most `wait_s` for one."""
         pool = self.pools[tier_name]
-        pool.stats.leases += 1
+        pool.note_lease()
         started = time.perf_counter()
         if self.settings.mode == "cold":
             return await self._cold_lease(pool, wait_s)
@@ -180,6 +177,8 @@ class PoolManager:
             return handle
         if not self.docker_ok:
             raise BackendUnavailable("the Docker engine is not answering; retry shortly")
+        if (refusal := pool.refusal()) is not None:
+            raise refusal
         if pool.pending_waiters() >= self.settings.max_waiting:
             raise Overloaded(f"{self.settings.max_waiting} requests already wait for a {tier_name!r} container",
                              retry_after_s=max(1.0, pool.stats.wait_percentile_ms(0.5) / 1000))
@@ -194,9 +193,9 @@ class PoolManager:
                 handle = waiter.result()
             else:
                 waiter.cancel()
-                retry = max(1.0, pool.stats.wait_percentile_ms(0.95) / 1000)
+                pool.stats.lease_timeouts += 1
                 raise NoCapacity(f"no {tier_name!r} container became free within {wait_s:g} s",
-                                 retry_after_s=retry) from None
+                                 retry_after_s=pool.retry_after_s()) from None
         finally:
             if not waiter.done():
                 waiter.cancel()
@@ -229,6 +228,8 @@ class PoolManager:
 
     async def _finish(self, handle: ContainerHandle, task_id: str, result: TaskResult) -> None:
         """Await the runner's verified reset; return the container, or replace it."""
+        pool = self.pools[handle.tier.name]
+        pool.stats.run_times.observe(result.status.value, result.run_ms / 1000)
         reason = status_needs_replacement(result.status)
         if reason is None:
             clean, detail = await handle.await_reset(task_id)
@@ -237,8 +238,7 @@ class PoolManager:
                 reason = "unclean_reset"
         if reason is None and self.settings.mode == "cold":
             reason = "cold_mode"
-        reason = reason or handle.worn_out() or (None if handle.alive else "runner_lost")
-        pool = self.pools[handle.tier.name]
+        reason = reason or handle.worn_out() or pool.stale(handle) or (None if handle.alive else "runner_lost")
         if reason is not None or self._closing:
             await self._retire(handle, reason or "shutdown")
             return
@@ -278,14 +278,28 @@ class PoolManager:
                 await self._probe_docker()
                 continue
             self._retire_worn_idle()
-            if time.monotonic() < self._retry_at:
-                continue
             for pool in self.pools.values():
+                self.retune(pool)
                 self._start_wanted(pool)
+
+    def retune(self, pool: TierPool, *, now: bool = False) -> None:
+        """Set the tier's warm target from demand (pool/warming.py); remove the idle containers beyond it."""
+        assert self.ledger is not None
+        for handle, reason in pool.retune(self.settings.warming, self.ledger.room_for(pool.tier.resources),
+                                          now=now):
+            self.retire(handle, reason)
+
+    def retire(self, handle: ContainerHandle, reason: str) -> None:
+        """Remove a container the tier no longer holds, in the background."""
+        self._spawn(self._retire(handle, reason))
+
+    def wake(self) -> None:
+        """Have the replenisher look at every tier now rather than at its next tick."""
+        self._wake.set()
 
     def _start_wanted(self, pool: TierPool) -> None:
         assert self.ledger is not None
-        if self.settings.mode == "cold":
+        if self.settings.mode == "cold" or time.monotonic() < pool.retry_at_s:
             return
         for _ in range(pool.starts_wanted()):
             try:
@@ -313,7 +327,7 @@ class PoolManager:
             return
         pool.starting -= 1
         pool.stats.created += 1
-        self._start_failures = 0
+        pool.start_succeeded()
         if self._closing:
             await remove_container(self.backend, handle)
             self.ledger.release(pool.tier.resources, gpu_ids)
@@ -322,9 +336,7 @@ class PoolManager:
         pool.offer(handle)
 
     def _start_failed(self, pool: TierPool, exc: PoolError) -> None:
-        self._start_failures += 1
-        backoff_s = min(MAX_BACKOFF_S, 0.25 * 2 ** self._start_failures)
-        self._retry_at = time.monotonic() + backoff_s
+        backoff_s = pool.start_failed(str(exc))  # this tier backs off; the others keep warming
         log.warning("starting a %s container failed (retry in %.1f s): %s", pool.tier.name, backoff_s, exc)
 
     def _docker_down(self, exc: BackendUnavailable) -> None:
@@ -343,7 +355,6 @@ class PoolManager:
             return
         log.info("Docker engine is back; warming again")
         self.docker_ok = True
-        self._start_failures = 0
         self._wake.set()
 
     def _retire_worn_idle(self) -> None:

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 
 from pool.errors import InvalidRequest
 from pool.resources import parse_bytes, parse_number
+from pool.sizes_file import apply_sizes, load_sizes
 from pool.tiers import Tier, default_tiers, load_tiers_file, sorted_tiers
+from pool.warming import WarmingPolicy
 
 MIB = 1024 ** 2
 GIB = 1024 ** 3
@@ -40,7 +42,10 @@ class Settings:
     host_cpus: float | None = None
     host_ram_bytes: int | None = None
     host_reserve_ram_bytes: int = 2 * GIB
-    gpu_ids: tuple[str, ...] = ()
+    host_reserve_cpus: float = 0.0
+    gpu_ids: tuple[str, ...] = ()  # declared GPU inventory; when empty, `nvidia-smi -L` is asked
+    warming: WarmingPolicy = field(default_factory=WarmingPolicy)
+    pool_sizes_file: str | None = None  # where admin resizes are kept across restarts; None: not kept
     api_keys: tuple[str, ...] = ()
     admin_key: str | None = None
     # Task submissions per API key (a token bucket); 0 turns the limit off, the default, because what is
@@ -74,6 +79,21 @@ def _float0(env: Mapping[str, str], name: str, default: float) -> float:
     return default if raw is None else parse_number(f"WARMPOOL_{name}", raw, allow_zero=True)
 
 
+def _warming(env: Mapping[str, str]) -> WarmingPolicy:
+    defaults = WarmingPolicy()
+    enabled = (_get(env, "WARMING") or "on").lower()
+    if enabled not in ("on", "off"):
+        raise InvalidRequest("WARMPOOL_WARMING", f"must be 'on' or 'off', got {enabled!r}")
+    burst = _get(env, "WARM_BURST_SIGMAS")
+    return WarmingPolicy(
+        enabled=enabled == "on",
+        window_s=_float(env, "WARM_WINDOW_S", defaults.window_s),
+        quiet_s=_float(env, "WARM_QUIET_S", defaults.quiet_s),
+        burst_sigmas=defaults.burst_sigmas if burst is None
+        else parse_number("WARMPOOL_WARM_BURST_SIGMAS", burst, allow_zero=True),
+    )
+
+
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     raw = _get(env, name) or ""
     return tuple(item.strip() for item in raw.split(",") if item.strip())
@@ -84,6 +104,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     tiers_file = _get(env, "TIERS_FILE")
     tiers = sorted_tiers(load_tiers_file(tiers_file) if tiers_file else default_tiers())
+    sizes_file = _get(env, "POOL_SIZES_FILE")
+    if sizes_file:
+        tiers = apply_sizes(tiers, load_sizes(sizes_file))
     mode = _get(env, "MODE") or "warm"
     if mode not in ("warm", "cold"):
         raise InvalidRequest("WARMPOOL_MODE", f"must be 'warm' or 'cold', got {mode!r}")
@@ -113,7 +136,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         host_ram_bytes=None if ram is None else parse_bytes("WARMPOOL_HOST_RAM", ram),
         host_reserve_ram_bytes=parse_bytes("WARMPOOL_HOST_RESERVE_RAM",
                                            _get(env, "HOST_RESERVE_RAM") or defaults.host_reserve_ram_bytes),
+        host_reserve_cpus=parse_number("WARMPOOL_HOST_RESERVE_CPUS", _get(env, "HOST_RESERVE_CPUS") or 0,
+                                       allow_zero=True),
         gpu_ids=_list(env, "GPU_IDS"),
+        warming=_warming(env),
+        pool_sizes_file=sizes_file,
         api_keys=api_keys,
         admin_key=admin_key,
         rate_limit_per_s=_float0(env, "RATE_LIMIT_PER_S", defaults.rate_limit_per_s),

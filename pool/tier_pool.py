@@ -4,31 +4,41 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pool.container import ContainerHandle
+from pool.errors import NoCapacity, NoTierFits, PoolError
+from pool.stats import RunTimes, WaitSamples
 from pool.tiers import Tier
+from pool.warming import Demand, WarmingPolicy, idle_to_remove, warm_target
+
+START_BACKOFF_MAX_S = 60.0
 
 
 @dataclass
 class TierStats:
+    """Counters since start; `api/metrics.py` exposes them and `pool/admin.py` reports them."""
+
     leases: int = 0
+    lease_timeouts: int = 0
     created: int = 0
+    start_failures: int = 0
     replaced: collections.Counter[str] = field(default_factory=collections.Counter)
-    lease_wait_ms: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=2048))
+    lease_wait_ms: WaitSamples = field(default_factory=WaitSamples)
+    run_times: RunTimes = field(default_factory=RunTimes)
 
     def wait_percentile_ms(self, fraction: float) -> float:
-        if not self.lease_wait_ms:
-            return 0.0
-        ordered = sorted(self.lease_wait_ms)
-        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+        return self.lease_wait_ms.percentile_ms(fraction)
 
 
 class TierPool:
     """One tier's containers. Only the manager changes it, always on the event loop."""
 
-    def __init__(self, tier: Tier) -> None:
+    def __init__(self, tier: Tier, clock: Callable[[], float] = time.monotonic) -> None:
         self.tier = tier
+        self._clock = clock  # monotonic seconds; tests pass their own
         self.min_idle = tier.min_idle
         self.max_size = tier.max_size
         self.target_idle = tier.min_idle  # what the warmer aims for; min_idle unless demand says more
@@ -38,6 +48,14 @@ class TierPool:
         self.waiters: collections.deque[asyncio.Future[ContainerHandle]] = collections.deque()
         self.stats = TierStats()
         self.ever_warm = tier.min_idle == 0
+        self.demand = Demand()
+        self.drained_at_s = 0.0  # containers created before this (monotonic) are replaced when they return
+        self.start_failures = 0  # consecutive; reset by a successful start
+        self.retry_at_s = 0.0  # no start before this (monotonic) after failures
+        self.last_start_error: str | None = None
+        self.unfit: NoTierFits | None = None  # set when the host can never hold one of its containers
+        self._leased_at_s: dict[ContainerHandle, float] = {}
+        self._idle_since_s: dict[ContainerHandle, float] = {}
 
     @property
     def total(self) -> int:
@@ -51,35 +69,136 @@ class TierPool:
         need = self.target_idle + self.pending_waiters() - len(self.idle) - self.starting
         return max(0, min(need, self.max_size - self.total))
 
+    def note_lease(self) -> None:
+        """A lease was asked for (granted or not): counted, and fed to the demand estimate."""
+        self.stats.leases += 1
+        self.demand.record_lease(self._clock())
+
     def take_idle(self) -> ContainerHandle | None:
         while self.idle:
             handle = self.idle.popleft()
+            self._idle_since_s.pop(handle, None)
             if handle.alive:
-                self.busy.add(handle)
+                self._lend(handle)
                 return handle
         return None
 
     def offer(self, handle: ContainerHandle) -> None:
         """A ready container goes to the longest waiter, else to the idle queue (most recent first)."""
+        self._returned(handle)
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
-                self.busy.add(handle)
+                self._lend(handle)
                 waiter.set_result(handle)
                 return
         self.idle.appendleft(handle)
+        self._idle_since_s[handle] = self._clock()
         if len(self.idle) >= self.min_idle:
             self.ever_warm = True
 
     def forget(self, handle: ContainerHandle) -> None:
+        self._returned(handle)
+        self._idle_since_s.pop(handle, None)
         self.busy.discard(handle)
         try:
             self.idle.remove(handle)
         except ValueError:
             pass
 
+    def _lend(self, handle: ContainerHandle) -> None:
+        self.busy.add(handle)
+        self._leased_at_s[handle] = self._clock()
+
+    def _returned(self, handle: ContainerHandle) -> None:
+        self.busy.discard(handle)
+        leased_at_s = self._leased_at_s.pop(handle, None)
+        if leased_at_s is not None:
+            self.demand.record_hold(self._clock() - leased_at_s)
+
     def fail_waiters(self, exc: Exception) -> None:
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(exc)
+
+    # sizing ----------------------------------------------------------------------------------------
+    def stale(self, handle: ContainerHandle) -> str | None:
+        """Why a returning container must go although it is clean: a drain, or a max_size lowered."""
+        if handle.created_at < self.drained_at_s:
+            return "drained"
+        if self.total > self.max_size:
+            return "scaled_down"
+        return None
+
+    def retune(self, policy: WarmingPolicy, ledger_room: int, *,
+               now: bool = False) -> list[tuple[ContainerHandle, str]]:
+        """Set target_idle from demand; take out (and return, with why) the idle containers to remove.
+
+        `ledger_room` is how many more containers of this tier the host ledger could hold now.
+        """
+        drained = [h for h in self.idle if h.created_at < self.drained_at_s]  # were starting during a drain
+        for handle in drained:
+            self.forget(handle)
+        now_s = self._clock()
+        ceiling = min(self.max_size - len(self.busy), len(self.idle) + self.starting + ledger_room)
+        self.target_idle = warm_target(
+            policy, min_idle=self.min_idle, ceiling=ceiling, rate_per_s=self.demand.rate_per_s(now_s, policy.window_s),
+            hold_s=self.demand.typical_hold_s(), quiet_for_s=self.demand.quiet_for_s(now_s))
+        least_recent_first = list(reversed(self.idle))
+        count = idle_to_remove(idle_for_s=[now_s - self._idle_since_s.get(h, now_s) for h in least_recent_first],
+                               target=self.target_idle, total=self.total, max_size=self.max_size,
+                               quiet_s=policy.quiet_s, now=now)
+        doomed = least_recent_first[:count]
+        for handle in doomed:
+            self.forget(handle)
+        return [(h, "drained") for h in drained] + [(h, "scaled_down") for h in doomed]
+
+    def take_all_idle(self) -> list[ContainerHandle]:
+        handles = list(self.idle)
+        for handle in handles:
+            self.forget(handle)
+        return handles
+
+    # start failures --------------------------------------------------------------------------------
+    def start_failed(self, message: str) -> float:
+        """Back off this tier's starts (exponentially); fail its waiters if nothing else can serve them."""
+        self.stats.start_failures += 1
+        self.start_failures += 1
+        backoff_s = min(START_BACKOFF_MAX_S, 0.25 * 2 ** self.start_failures)
+        self.retry_at_s = self._clock() + backoff_s
+        self.last_start_error = message
+        if self.total == 0:
+            self.fail_waiters(self._cannot_start(backoff_s))
+        return backoff_s
+
+    def start_succeeded(self) -> None:
+        self.start_failures = 0
+        self.retry_at_s = 0.0
+        self.last_start_error = None
+
+    def reset_backoff(self) -> None:
+        """An operator acted on the tier (drain, resize): try starting again at once."""
+        self.retry_at_s = 0.0
+
+    def refusal(self) -> PoolError | None:
+        """Fail a lease at once: the host can never run the tier, or the tier has no container and cannot
+        start one before its backoff ends."""
+        if self.unfit is not None:
+            return self.unfit
+        if self.total or self.last_start_error is None:
+            return None
+        remaining_s = self.retry_at_s - self._clock()
+        return self._cannot_start(remaining_s) if remaining_s > 0 else None
+
+    def _cannot_start(self, retry_after_s: float) -> NoCapacity:
+        return NoCapacity(f"tier {self.tier.name!r} cannot start containers: {self.last_start_error}",
+                          retry_after_s=max(1.0, retry_after_s))
+
+    def retry_after_s(self) -> float:
+        """When a lease is likely to succeed: the p95 of observed lease waits, and when every container
+        the tier may have is busy, at least the typical hold time (when one comes back)."""
+        wait_s = self.stats.wait_percentile_ms(0.95) / 1000
+        if not self.idle and self.total >= self.max_size:
+            wait_s = max(wait_s, self.demand.typical_hold_s())
+        return max(1.0, wait_s)

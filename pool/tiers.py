@@ -66,6 +66,8 @@ def tier_from_dict(raw: dict[str, Any], index: int) -> Tier:
     if not isinstance(raw.get("name"), str) or not raw["name"]:
         raise InvalidRequest(f"{where}.name", "a non-empty string is required")
     gpu = parse_number(f"{where}.gpu", raw.get("gpu", 0), allow_zero=True)
+    if gpu != int(gpu):
+        raise InvalidRequest(f"{where}.gpu", f"a tier holds whole GPUs, got {raw.get('gpu')!r}")
     tier = Tier(
         name=raw["name"],
         resources=Resources(

@@ -92,6 +92,9 @@ def test_keys_rates_and_the_admin_key(serve):
     assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
     assert run("key-two").status_code == 200  # buckets are per key
     assert svc.client.get("/healthz").status_code == 200  # probes need no key
+    admin = [svc.client.get("/v1/admin/pools", headers={"Authorization": f"Bearer {t}"} if t else {}).status_code
+             for t in (None, "key-one", "admin-key")]
+    assert admin == [401, 403, 200]
 
 
 def test_admin_routes_take_only_the_admin_key():
