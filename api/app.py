@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from api.admin import router as admin_router
 from api.errors import install_error_handlers
+from api.limits import BodySizeLimit, limiter_from
 from api.metrics import install_metrics
 from api.routes import router
 from pool.dispatch import create_dispatcher
@@ -35,8 +36,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             await dispatcher.start()
             if not settings.api_keys:
-                log.warning("no WARMPOOL_API_KEYS set: the API is open to anyone who can reach it; "
-                            "serve on loopback only")
+                log.warning("no WARMPOOL_API_KEYS set: every caller is anonymous, so `warmpool serve` listens on "
+                            "loopback only; set WARMPOOL_API_KEYS to serve other hosts")
             if settings.redis_url:
                 log.info("scale-out mode: tasks go to workers through Redis (prefix %r)", settings.redis_prefix)
             yield
@@ -46,6 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="warmpool", version="0.1.0", lifespan=lifespan,
                   description="Run Python snippets in warm, verified-clean Docker containers.")
     app.state.settings = settings
+    app.state.rate_limiter = limiter_from(settings)
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(admin_router)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from fastapi import HTTPException, Request
@@ -13,11 +14,17 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
+
+
 def _matches(token: str, keys: tuple[str, ...]) -> bool:
-    # compare_digest against every key, without stopping early, so timing says nothing about which matched
+    # compare_digest on fixed-length digests (on raw strings it returns early when the lengths differ, which
+    # tells a key's length), against every key without stopping early, so the time says nothing of which.
+    probe = _digest(token)
     found = False
     for key in keys:
-        found |= hmac.compare_digest(token.encode(), key.encode())
+        found |= hmac.compare_digest(probe, _digest(key))
     return found
 
 

@@ -1,20 +1,23 @@
-"""Pool errors to HTTP answers: 422 names the field, 503 carries Retry-After, nothing becomes a 500."""
+"""Pool errors to HTTP answers: 422 names the field, 429/503 carry Retry-After, nothing becomes a 500."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 
 from pool.errors import (
     BackendUnavailable,
     CapacityError,
     InvalidRequest,
     NoCapacity,
+    Overloaded,
     PoolError,
-    QueueFull,
     SandboxError,
 )
 
@@ -37,7 +40,7 @@ async def _pool_error(request: Request, exc: Exception) -> JSONResponse:
         return invalid_body(exc.field, exc.message)
     if isinstance(exc, CapacityError):
         return JSONResponse(status_code=409, content={"detail": str(exc)})
-    if isinstance(exc, QueueFull):
+    if isinstance(exc, Overloaded):
         return retry_after(429, str(exc), exc.retry_after_s)
     if isinstance(exc, NoCapacity):
         return retry_after(503, str(exc), exc.retry_after_s)
@@ -49,5 +52,14 @@ async def _pool_error(request: Request, exc: Exception) -> JSONResponse:
     return retry_after(503, str(exc), 1.0)
 
 
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's 422, rendered with ASCII escapes: the errors echo the input, and an input holding a lone
+    surrogate (JSON allows "\\ud800") cannot be encoded as UTF-8, which made FastAPI's own handler a 500."""
+    assert isinstance(exc, RequestValidationError)
+    body = json.dumps({"detail": jsonable_encoder(exc.errors())}, ensure_ascii=True)
+    return Response(body, status_code=422, media_type="application/json")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PoolError, _pool_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)

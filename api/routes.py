@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from api.auth import require_api_key
 from api.errors import invalid_body
+from api.limits import require_task_quota
 from api.schemas import ExecuteRequest, ExecuteResponse, TaskAccepted, TaskPending, TierOut
 from pool.dispatch import Dispatcher, TaskState, TaskView, owner_of
 from pool.manager import Execution
@@ -35,14 +36,22 @@ def _settings(request: Request) -> Settings:
 
 def build_spec(body: ExecuteRequest, settings: Settings) -> TaskSpec | JSONResponse:
     """Server-side checks the schema cannot know: the code size cap and the timeout cap."""
-    if len(body.code.encode()) > settings.max_code_bytes:
-        return JSONResponse(status_code=413, content={
-            "detail": f"code: {len(body.code.encode())} bytes exceeds the {settings.max_code_bytes} byte limit"})
+    for field, text, limit in (("code", body.code, settings.max_code_bytes),
+                               ("stdin", body.stdin, settings.max_stdin_bytes)):
+        size = utf8_size(text)
+        if size > limit:
+            return JSONResponse(status_code=413, content={
+                "detail": f"{field}: {size} bytes exceeds the {limit} byte limit"})
     timeout_s = settings.default_timeout_s if body.timeout_s is None else body.timeout_s
     if timeout_s > settings.max_timeout_s:
         return invalid_body("timeout_s", f"must be at most {settings.max_timeout_s:g} seconds, got {timeout_s:g}")
     return TaskSpec(task_id=uuid.uuid4().hex, code=body.code, stdin=body.stdin, timeout_s=timeout_s,
                     output_limit_bytes=settings.output_limit_bytes)
+
+
+def utf8_size(text: str) -> int:
+    # "surrogatepass": a JSON string may hold a lone surrogate (\ud800), which plain .encode() refuses
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def lease_wait_s(body: ExecuteRequest, settings: Settings) -> float:
@@ -88,9 +97,12 @@ def prepare(body: ExecuteRequest, settings: Settings) -> tuple[TaskSpec, Tier] |
 
 
 @router.post("/v1/execute", response_model=ExecuteResponse,
-             responses={413: {"description": "Code too large"}, 422: {"description": "Invalid request"},
+             responses={413: {"description": "Body, code or stdin too large"},
+                        422: {"description": "Invalid request"},
+                        429: {"description": "Over this key's rate, or too many requests wait for the tier "
+                                             "(Retry-After)"},
                         503: {"description": "No capacity in time, or Docker unavailable (Retry-After)"}})
-async def execute(body: ExecuteRequest, request: Request, _key: str = Depends(require_api_key)) -> Any:
+async def execute(body: ExecuteRequest, request: Request, _key: str = Depends(require_task_quota)) -> Any:
     """Run a Python snippet on a warm container of the smallest tier that covers its resources.
 
     The answer is 200 whenever the task ran, whatever it did: see `status`."""
@@ -105,10 +117,11 @@ async def execute(body: ExecuteRequest, request: Request, _key: str = Depends(re
 
 
 @router.post("/v1/tasks", status_code=202, response_model=TaskAccepted,
-             responses={413: {"description": "Code too large"}, 422: {"description": "Invalid request"},
-                        429: {"description": "The tier's queue is full (Retry-After)"},
+             responses={413: {"description": "Body, code or stdin too large"},
+                        422: {"description": "Invalid request"},
+                        429: {"description": "Over this key's rate, or the tier's queue is full (Retry-After)"},
                         503: {"description": "No worker serves the tier, or a backend is down (Retry-After)"}})
-async def submit_task(body: ExecuteRequest, request: Request, key: str = Depends(require_api_key)) -> Any:
+async def submit_task(body: ExecuteRequest, request: Request, key: str = Depends(require_task_quota)) -> Any:
     """Queue a snippet to run in the background; poll `link` for its state and then its result.
 
     The result is kept for the server's result TTL after the task ends; only the same API key can read it."""

@@ -14,8 +14,9 @@ import anyio
 from pool.channel import ChannelClosed, RunnerChannel
 from pool.docker_backend import DockerBackend
 from pool.errors import PoolError, SandboxError
+from pool.resources import format_bytes
 from pool.results import Status, TaskResult, TaskSpec
-from pool.sandbox_spec import host_config_kwargs, labels_for
+from pool.sandbox_spec import host_config_kwargs, labels_for, task_nproc_limit
 from pool.tiers import Tier
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,8 @@ RESET_TIMEOUT_S = 5.0
 # The runner enforces the task's deadline itself; the host waits this much longer before it calls the
 # container broken (a runner that cannot answer in time is replaced, and the task is a sandbox_error).
 RESULT_GRACE_S = 5.0
+# How long to wait for the engine to record the exit of a container that died under a task.
+DEATH_RECORD_WAIT_S = 3.0
 _serial = itertools.count(1)
 
 
@@ -77,7 +80,7 @@ class ContainerHandle:
         assert self.channel is not None
         self.uses += 1
         try:
-            self.channel.send(spec.run_frame(fsize_limit_bytes, nofile_limit))
+            self.channel.send(spec.run_frame(fsize_limit_bytes, nofile_limit, task_nproc_limit(self.tier)))
             frame = await self.channel.receive(spec.timeout_s + RESULT_GRACE_S)
         except ChannelClosed as exc:
             return TaskResult.sandbox_error(spec.task_id, f"the sandbox container died during the task: {exc}")
@@ -107,6 +110,21 @@ class ContainerHandle:
         self.on_lost = None  # our own close is not a loss to report
         if self.channel is not None:
             self.channel.close()
+
+
+async def explain_loss(backend: DockerBackend, handle: ContainerHandle, result: TaskResult) -> TaskResult:
+    """The result of a task whose container died under it: the task's `memory_exceeded` when the kernel's
+    OOM killer did it (under gVisor the whole sandbox is what the memory cgroup kills), else unchanged."""
+    try:
+        oom_killed = await anyio.to_thread.run_sync(backend.oom_killed, handle.container_id, DEATH_RECORD_WAIT_S)
+    except PoolError as exc:
+        log.warning("could not learn why %s died: %s", handle.name, exc)
+        return result
+    if not oom_killed:
+        return result
+    return TaskResult(task_id=result.task_id, status=Status.MEMORY_EXCEEDED, run_ms=result.run_ms,
+                      message=f"the kernel's OOM killer stopped the sandbox at its "
+                              f"{format_bytes(handle.tier.resources.ram_bytes)} memory limit")
 
 
 async def start_container(backend: DockerBackend, tier: Tier, options: CreateOptions,

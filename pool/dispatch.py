@@ -51,7 +51,7 @@ class Dispatcher(Protocol):
         ...
 
     async def submit(self, tier_name: str, spec: TaskSpec, owner: str) -> None:
-        """Queue the task to run in the background; raises QueueFull past the bound."""
+        """Queue the task to run in the background; raises Overloaded past the bound."""
         ...
 
     async def task(self, task_id: str, owner: str) -> TaskView | None:

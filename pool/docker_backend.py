@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,6 +161,21 @@ class DockerBackend:
             return dict(self.api.inspect_container(container_id))
         except Exception as exc:
             raise self._failed("inspect", exc, "inspect container") from exc
+
+    def oom_killed(self, container_id: str, wait_s: float) -> bool:
+        """Whether the kernel's OOM killer ended the container, once the engine has recorded its exit
+        (waiting at most `wait_s` for that; a container still running then was not OOM-killed)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                state = self.api.inspect_container(container_id).get("State") or {}
+            except docker.errors.NotFound:
+                return False
+            except Exception as exc:
+                raise _wrap(exc, "inspect container") from exc
+            if not state.get("Running") or time.monotonic() > deadline:
+                return bool(state.get("OOMKilled")) and not state.get("Running")
+            time.sleep(0.05)
 
     def host_config(self, **kwargs: Any) -> dict[str, Any]:
         return dict(self.api.create_host_config(**kwargs))

@@ -10,7 +10,7 @@ from typing import Any
 
 from pool.background import TaskOwner
 from pool.dispatch import TaskState, TaskView
-from pool.errors import PoolError, QueueFull, SandboxError
+from pool.errors import Overloaded, PoolError, SandboxError
 from pool.manager import Execution, PoolManager
 from pool.results import TaskSpec
 from pool.settings import Settings
@@ -59,7 +59,7 @@ class EmbeddedDispatcher:
         self._sweep()
         pending = sum(1 for r in self._records.values() if r.tier_name == tier_name and r.state != TaskState.DONE)
         if pending >= self.settings.max_queued:
-            raise QueueFull(f"tier {tier_name!r} already has {pending} tasks waiting or running "
+            raise Overloaded(f"tier {tier_name!r} already has {pending} tasks waiting or running "
                             f"(the bound is {self.settings.max_queued})")
         record = _Record(owner=owner, tier_name=tier_name, submitted_at=time.monotonic())
         self._records[spec.task_id] = record

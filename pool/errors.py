@@ -5,7 +5,7 @@
     │   └── NoTierFits          no tier can ever cover the request (names the dimension)
     ├── CapacityError           the host ledger cannot hold what was asked (admin sizing)
     ├── NoCapacity              no container could be leased in time (retry later)
-    ├── QueueFull               a tier's task queue is at its bound (retry later; HTTP 429)
+    │   └── Overloaded          too many tasks already wait for the tier (refused at once; HTTP 429)
     ├── BackendUnavailable      Docker (or Redis) does not answer (retry later)
     ├── SandboxError            a container or its runner broke; the container is replaced
     └── TaskWithdrawn           a leased task was withdrawn before its code was sent (nothing ran)
@@ -45,12 +45,8 @@ class NoCapacity(PoolError):
         self.retry_after_s = retry_after_s
 
 
-class QueueFull(PoolError):
-    """The tier's queue of waiting tasks is at its configured bound."""
-
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+class Overloaded(NoCapacity):
+    """The tier's bounded queue of waiting leases is full; the request is refused without waiting."""
 
 
 class BackendUnavailable(PoolError):

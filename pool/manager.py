@@ -16,11 +16,26 @@ from typing import Any
 import anyio
 
 from pool.capacity import CapacityLedger
-from pool.container import ContainerHandle, CreateOptions, remove_container, start_container, status_needs_replacement
+from pool.container import (
+    ContainerHandle,
+    CreateOptions,
+    explain_loss,
+    remove_container,
+    start_container,
+    status_needs_replacement,
+)
 from pool.docker_backend import INSTANCE_LABEL, DockerBackend
-from pool.errors import BackendUnavailable, CapacityError, NoCapacity, PoolError, SandboxError, TaskWithdrawn
+from pool.errors import (
+    BackendUnavailable,
+    CapacityError,
+    NoCapacity,
+    Overloaded,
+    PoolError,
+    SandboxError,
+    TaskWithdrawn,
+)
 from pool.inventory import detect_gpu_ids, host_inventory, unfit_reason
-from pool.results import TaskResult, TaskSpec
+from pool.results import Status, TaskResult, TaskSpec
 from pool.sandbox_spec import owner_is_alive, owner_token
 from pool.settings import Settings
 from pool.tier_pool import TierPool
@@ -169,6 +184,8 @@ class PoolManager:
             # Cancelled mid-task: the container's state is unknown, so it is not reused.
             self._spawn(self._retire(handle, "cancelled"))
             raise
+        if result.status == Status.SANDBOX_ERROR and not handle.alive and self.backend is not None:
+            result = await explain_loss(self.backend, handle, result)
         self._spawn(self._finish(handle, spec.task_id, result))
         return Execution(result=result, tier=handle.tier, queue_ms=queue_ms, container_name=handle.name,
                          worker=self.settings.instance_id)
@@ -200,6 +217,9 @@ class PoolManager:
             raise BackendUnavailable("the Docker engine is not answering; retry shortly")
         if (refusal := pool.refusal()) is not None:
             raise refusal
+        if pool.pending_waiters() >= self.settings.max_waiting:
+            raise Overloaded(f"{self.settings.max_waiting} requests already wait for a {tier_name!r} container",
+                             retry_after_s=max(1.0, pool.stats.wait_percentile_ms(0.5) / 1000))
         waiter: asyncio.Future[ContainerHandle] = asyncio.get_running_loop().create_future()
         pool.waiters.append(waiter)
         self._wake.set()

@@ -22,7 +22,13 @@ class ProtocolError(Exception):
 
 
 def encode_frame(message: dict[str, Any]) -> bytes:
-    payload = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    try:
+        payload = text.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (JSON lets a client send \udc80 in stdin) has no UTF-8 form: ASCII escapes
+        # carry it, and the runner decides what it becomes. Rare, so the common path stays the fast one.
+        payload = json.dumps(message, separators=(",", ":"), ensure_ascii=True).encode()
     return _LENGTH.pack(len(payload)) + payload
 
 

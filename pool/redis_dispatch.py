@@ -5,7 +5,7 @@ list; one background reader pops that list (BLPOP) and wakes the waiting request
 outcome reaches its waiter once, and outcomes pushed while the reader was reconnecting are still there.
 A waiter that runs out of time withdraws its task if no worker has started it yet (it then never runs)
 and answers 503. Async tasks are read back from their hash. Every Redis failure is BackendUnavailable
-(503); a full stream is QueueFull (429); a tier no live worker serves is NoCapacity (503).
+(503); a full stream is Overloaded (429); a tier no live worker serves is NoCapacity (503).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, cast
 from pool.background import TaskOwner
 from pool.container import RESULT_GRACE_S
 from pool.dispatch import TaskState, TaskView
-from pool.errors import BackendUnavailable, NoCapacity, QueueFull
+from pool.errors import BackendUnavailable, NoCapacity, Overloaded
 from pool.manager import Execution
 from pool.membership import BEATS_TO_DEATH, ClusterView, parse_beat
 from pool.redis_io import Keys, Scripts, connect, redis_errors
@@ -107,7 +107,7 @@ class RedisDispatcher:
                                               pending_ttl_ms=pending_ttl_ms(self.settings),
                                               entry=entry, record=record)
         if added is None:
-            raise QueueFull(f"tier {tier_name!r} already has {self.settings.max_queued} tasks waiting or "
+            raise Overloaded(f"tier {tier_name!r} already has {self.settings.max_queued} tasks waiting or "
                             "running; retry later", retry_after_s=max(1.0, spec.timeout_s / 2))
 
     async def _wait(self, tier_name: str, spec: TaskSpec, waiter: asyncio.Future[Outcome], lease_wait_s: float,

@@ -28,10 +28,10 @@ class TaskSpec:
     timeout_s: float = 10.0
     output_limit_bytes: int = 1024 * 1024
 
-    def run_frame(self, fsize_limit_bytes: int, nofile_limit: int) -> dict[str, Any]:
+    def run_frame(self, fsize_limit_bytes: int, nofile_limit: int, nproc_limit: int = 0) -> dict[str, Any]:
         return {"op": "run", "id": self.task_id, "code": self.code, "stdin": self.stdin,
                 "timeout_s": self.timeout_s, "output_limit_bytes": self.output_limit_bytes,
-                "fsize_limit_bytes": fsize_limit_bytes, "nofile_limit": nofile_limit}
+                "fsize_limit_bytes": fsize_limit_bytes, "nofile_limit": nofile_limit, "nproc_limit": nproc_limit}
 
 
 @dataclass(frozen=True)

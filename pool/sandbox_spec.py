@@ -25,6 +25,12 @@ from pool.tiers import Tier
 
 RUNNER_CAPABILITIES = ("SETUID", "SETGID", "KILL")
 SHM_CAP_BYTES = 64 * 1024 * 1024
+# Under gVisor the host's pids cgroup counts the sandbox kernel's own threads (the Sentry's Go runtime and,
+# on the ptrace platform, a traced host thread per task thread), not the task's processes: ~40 idle, and
+# a fork bomb drove it past 1,800 in 4 s (Go keeps idle threads). At the limit the Sentry cannot start a
+# thread and the whole container dies. So the host limit sits above Go's own cap of 10,000 threads, as a
+# backstop only, and the tier's pids_limit is enforced inside the sandbox (RLIMIT_NPROC, `task_nproc_limit`).
+SENTRY_THREADS_ALLOWANCE = 10_000
 
 
 def owner_token(pid: int | None = None) -> str:
@@ -58,6 +64,17 @@ def labels_for(tier: Tier, instance_id: str, owner: str) -> dict[str, str]:
     return {POOL_LABEL: instance_id, TIER_LABEL: tier.name, INSTANCE_LABEL: instance_id, OWNER_LABEL: owner}
 
 
+def host_pids_limit(tier: Tier) -> int:
+    """The pids cgroup limit of the container: the tier's own under runc, plus the Sentry's threads otherwise."""
+    return tier.pids_limit if tier.runtime == "runc" else tier.pids_limit + SENTRY_THREADS_ALLOWANCE
+
+
+def task_nproc_limit(tier: Tier) -> int:
+    """RLIMIT_NPROC for the task, 0 for none: only where the count is the sandbox's own (not runc's shared
+    kernel, where it would count the sandbox uid's processes in every container on the host)."""
+    return 0 if tier.runtime == "runc" else tier.pids_limit
+
+
 def host_config_kwargs(tier: Tier, *, nofile_limit: int, gpu_ids: tuple[str, ...] = ()) -> dict[str, Any]:
     """Keyword arguments for docker-py's ``create_host_config`` for one container of `tier`."""
     storage_bytes = tier.resources.storage_bytes
@@ -69,7 +86,7 @@ def host_config_kwargs(tier: Tier, *, nofile_limit: int, gpu_ids: tuple[str, ...
         "cap_drop": ["ALL"],
         "cap_add": list(RUNNER_CAPABILITIES),
         "security_opt": ["no-new-privileges"],
-        "pids_limit": tier.pids_limit,
+        "pids_limit": host_pids_limit(tier),
         "mem_limit": tier.resources.ram_bytes,
         "memswap_limit": tier.resources.ram_bytes,
         "nano_cpus": int(tier.resources.cpu * 1e9),

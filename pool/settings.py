@@ -31,6 +31,10 @@ class Settings:
     default_timeout_s: float = 10.0
     max_timeout_s: float = 60.0
     max_code_bytes: int = MIB
+    max_stdin_bytes: int = MIB
+    # The whole request body, checked before it is parsed: JSON escapes can make code take up to 6 bytes
+    # per byte, so this stays well above max_code_bytes + max_stdin_bytes, yet far below what a flood sends.
+    max_body_bytes: int = 4 * MIB
     output_limit_bytes: int = MIB
     nofile_limit: int = 256
     start_concurrency: int = 4
@@ -44,6 +48,13 @@ class Settings:
     pool_sizes_file: str | None = None  # where admin resizes are kept across restarts; None: not kept
     api_keys: tuple[str, ...] = ()
     admin_key: str | None = None
+    # Task submissions per API key (a token bucket); 0 turns the limit off, the default, because what is
+    # fair depends on the deployment (a benchmark on loopback sends 400 a second).
+    rate_limit_per_s: float = 0.0
+    rate_limit_burst: int = 0  # 0: twice the rate (at least 1)
+    # Leases that may wait for a busy tier at once; past it, requests are refused with 429 at once rather
+    # than queued for a container they would not get in time.
+    max_waiting: int = 256
     redis_url: str | None = None
     redis_prefix: str = "warmpool"  # every Redis key starts with it: several clusters can share one Redis
     result_ttl_s: float = 600.0
@@ -66,6 +77,11 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(_float(env, name, default))
+
+
+def _float0(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = _get(env, name)
+    return default if raw is None else parse_number(f"WARMPOOL_{name}", raw, allow_zero=True)
 
 
 def _warming(env: Mapping[str, str]) -> WarmingPolicy:
@@ -100,6 +116,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     if mode not in ("warm", "cold"):
         raise InvalidRequest("WARMPOOL_MODE", f"must be 'warm' or 'cold', got {mode!r}")
     ram = _get(env, "HOST_RAM")
+    api_keys, admin_key = _list(env, "API_KEYS"), _get(env, "ADMIN_KEY")
+    if admin_key is not None and admin_key in api_keys:
+        raise InvalidRequest("WARMPOOL_ADMIN_KEY", "must differ from every key in WARMPOOL_API_KEYS")
     defaults = Settings()
     return Settings(
         tiers=tiers,
@@ -111,6 +130,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         default_timeout_s=_float(env, "DEFAULT_TIMEOUT_S", defaults.default_timeout_s),
         max_timeout_s=_float(env, "MAX_TIMEOUT_S", defaults.max_timeout_s),
         max_code_bytes=parse_bytes("WARMPOOL_MAX_CODE_BYTES", _get(env, "MAX_CODE_BYTES") or defaults.max_code_bytes),
+        max_stdin_bytes=parse_bytes("WARMPOOL_MAX_STDIN_BYTES",
+                                    _get(env, "MAX_STDIN_BYTES") or defaults.max_stdin_bytes),
+        max_body_bytes=parse_bytes("WARMPOOL_MAX_BODY_BYTES", _get(env, "MAX_BODY_BYTES") or defaults.max_body_bytes),
         output_limit_bytes=parse_bytes("WARMPOOL_OUTPUT_LIMIT_BYTES",
                                        _get(env, "OUTPUT_LIMIT_BYTES") or defaults.output_limit_bytes),
         start_concurrency=_int(env, "START_CONCURRENCY", defaults.start_concurrency),
@@ -124,8 +146,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         gpu_ids=_list(env, "GPU_IDS"),
         warming=_warming(env),
         pool_sizes_file=sizes_file,
-        api_keys=_list(env, "API_KEYS"),
-        admin_key=_get(env, "ADMIN_KEY"),
+        api_keys=api_keys,
+        admin_key=admin_key,
+        rate_limit_per_s=_float0(env, "RATE_LIMIT_PER_S", defaults.rate_limit_per_s),
+        rate_limit_burst=int(_float0(env, "RATE_LIMIT_BURST", defaults.rate_limit_burst)),
+        max_waiting=int(_float0(env, "MAX_WAITING", defaults.max_waiting)),
         redis_url=_get(env, "REDIS_URL"),
         redis_prefix=_get(env, "REDIS_PREFIX") or defaults.redis_prefix,
         result_ttl_s=_float(env, "RESULT_TTL_S", defaults.result_ttl_s),

@@ -11,14 +11,16 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pool.errors import BackendUnavailable, NoCapacity, PoolError, SandboxError
+from pool.errors import BackendUnavailable, NoCapacity, Overloaded, PoolError, SandboxError
 from pool.manager import Execution
 from pool.resources import Resources
 from pool.results import Status, TaskResult, TaskSpec, Usage
 from pool.tiers import Tier
 
+# Most specific first: Overloaded is a NoCapacity (429 rather than 503).
 _ERROR_KINDS: dict[str, type[PoolError]] = {
-    "no_capacity": NoCapacity, "backend_unavailable": BackendUnavailable, "sandbox_error": SandboxError}
+    "overloaded": Overloaded, "no_capacity": NoCapacity, "backend_unavailable": BackendUnavailable,
+    "sandbox_error": SandboxError}
 
 
 class MalformedEntry(ValueError):
@@ -106,6 +108,8 @@ def worker_lost(task_id: str, worker: str, tier: Tier, dead_worker: str, queue_m
 
 def _error_from(raw: dict[str, Any]) -> PoolError:
     message, retry_after_s = str(raw["message"]), float(raw.get("retry_after_s", 1.0))
+    if raw["kind"] == "overloaded":
+        return Overloaded(message, retry_after_s=retry_after_s)
     if raw["kind"] == "no_capacity":
         return NoCapacity(message, retry_after_s=retry_after_s)
     if raw["kind"] == "backend_unavailable":

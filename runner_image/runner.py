@@ -12,6 +12,7 @@ Never run this on a host: the reset is kill(-1, SIGKILL), so it refuses to start
 import atexit
 import builtins
 import collections
+import ctypes
 import gc
 import json
 import linecache
@@ -47,7 +48,13 @@ PARENT_COMPILE_MAX_CHARS = 64 << 10
 PYTHON_VERSION = ".".join(map(str, sys.version_info[:3]))
 CPUS = len(os.sched_getaffinity(0))
 OOM_FILES = ("/sys/fs/cgroup/memory/memory.oom_control", "/sys/fs/cgroup/memory.events")  # v1, v2
-SYSV_IPC_FILES = ("/proc/sysvipc/shm", "/proc/sysvipc/msg", "/proc/sysvipc/sem")
+# SysV IPC objects outlive their processes, and only their owner may remove them. /proc/sysvipc lists them
+# under runc, but gVisor has no /proc/sysvipc (a segment left there reached the next task), so ask the
+# kernel for the counts: the *_INFO command of each call, and where its struct says how many exist.
+LIBC = ctypes.CDLL(None, use_errno=True)
+SYSV_IPC_COUNTS = (("shared memory segment(s)", lambda buf: LIBC.shmctl(0, 14, buf), 0),  # SHM_INFO: used_ids
+                   ("message queue(s)", lambda buf: LIBC.msgctl(0, 12, buf), 0),  # MSG_INFO: msgpool
+                   ("semaphore set(s)", lambda buf: LIBC.semctl(0, 0, 19, buf), 7))  # SEM_INFO: semusz
 
 # One byte of memory shared with each task child (an fd would have to survive the closing of all
 # others): how the child tells what happened to it.
@@ -56,7 +63,7 @@ FLAG_NONE, FLAG_MEMORY_ERROR, FLAG_SETUP_FAILED = 0, 1, 2
 FRAME_OUT = -1  # the frame channel's write end, set by main()
 _KEEP: list = []  # in the task child: the runner's own std streams, kept alive
 
-Task = collections.namedtuple("Task", "id code stdin timeout_s output_limit fsize_limit nofile_limit")
+Task = collections.namedtuple("Task", "id code stdin timeout_s output_limit fsize_limit nofile_limit nproc_limit")
 
 
 class ProtocolError(Exception):
@@ -135,6 +142,7 @@ def parse_task(msg, msg_id):
         return value
     timeout_s = float(field("timeout_s", (int, float)))
     limits = [field(name, int) for name in ("output_limit_bytes", "fsize_limit_bytes", "nofile_limit")]
+    limits.append(field("nproc_limit", int, 0))  # optional: 0 leaves RLIMIT_NPROC alone
     if not 0 < timeout_s < math.inf or min(limits) < 0:
         raise ProtocolError("run: timeout_s must be positive and finite, limits not negative")
     return Task(msg_id, field("code", str), field("stdin", str, ""), timeout_s, *limits)
@@ -172,7 +180,7 @@ def run_task(task):
     zygote = zygote or spawn_zygote()
     compiled = precompile(task.code)
     go = marshal.dumps((task.code, compiled, task.stdin.encode("utf-8", "replace"),  # "replace": lone surrogates
-                        task.timeout_s, task.fsize_limit, task.nofile_limit))
+                        task.timeout_s, task.fsize_limit, task.nofile_limit, task.nproc_limit))
     del compiled
     oom_before = oom_kills()
     started = time.monotonic()
@@ -360,7 +368,7 @@ def task_child(go_r, out_w, err_w):
             os.dup2(src, dst)
         os.closerange(4, os.sysconf("SC_OPEN_MAX"))  # the frame channel above all
         enter_sandbox()
-        code, compiled, stdin, timeout_s, fsize_limit, nofile_limit = receive_task(3)
+        code, compiled, stdin, timeout_s, fsize_limit, nofile_limit, nproc_limit = receive_task(3)
         os.close(3)
         stdin_fd = os.memfd_create("stdin")  # before the limits: stdin may be larger than RLIMIT_FSIZE
         write_all(stdin_fd, stdin)
@@ -368,7 +376,7 @@ def task_child(go_r, out_w, err_w):
         os.dup2(stdin_fd, 0)
         os.close(stdin_fd)
         del stdin
-        apply_task_limits(timeout_s, fsize_limit, nofile_limit)
+        apply_task_limits(timeout_s, fsize_limit, nofile_limit, nproc_limit)
     except BaseException as exc:  # never run the code half-sandboxed
         FLAG[0] = FLAG_SETUP_FAILED
         try:
@@ -385,7 +393,7 @@ def task_child(go_r, out_w, err_w):
 
 def receive_task(fd):
     """The go message from PID 1: a length, then marshal'd (code, code object or None, stdin bytes,
-    timeout_s, fsize_limit, nofile_limit). EOF first means PID 1 gave up on us: leave quietly."""
+    timeout_s, fsize_limit, nofile_limit, nproc_limit). EOF first means PID 1 gave up on us: leave quietly."""
     def read_exactly(size):
         chunks = bytearray()
         while len(chunks) < size:
@@ -413,13 +421,17 @@ def enter_sandbox():
     os.umask(0o022)
 
 
-def apply_task_limits(timeout_s, fsize_limit, nofile_limit):
+def apply_task_limits(timeout_s, fsize_limit, nofile_limit, nproc_limit):
     """The task's own limits, and its work and home dirs (made now: a waiting child leaves /tmp empty)."""
     # RLIMIT_CPU is only a backstop for the wall clock: allow every usable core busy until the deadline.
     cpu_s = math.ceil(timeout_s * CPUS) + 1
     for res, value in ((resource.RLIMIT_FSIZE, fsize_limit), (resource.RLIMIT_NOFILE, nofile_limit),
                        (resource.RLIMIT_CPU, cpu_s)):
         set_limit(res, value)
+    if nproc_limit:
+        # Only where the host asks (gVisor): there the count is the sandbox's own, while on a shared
+        # kernel RLIMIT_NPROC counts the sandbox uid's processes in every container on the host.
+        set_limit(resource.RLIMIT_NPROC, nproc_limit)
     for path in (WORK_DIR, HOME_DIR):
         try:
             os.mkdir(path, 0o700)
@@ -602,13 +614,12 @@ def verify_clean():
                 problems.append(f"{top} still holds {left} entries")
         except OSError as exc:
             problems.append(f"cannot list {top}: {exc.strerror}")
-    for path in SYSV_IPC_FILES:  # they outlive their processes, and only their owner may remove them
-        try:
-            with open(path, "rb") as f:
-                if len(f.read().splitlines()) > 1:
-                    problems.append(f"SysV IPC objects left in {path}")
-        except OSError:
-            pass
+    ints = (ctypes.c_int * 64)()
+    for what, info, index in SYSV_IPC_COUNTS:
+        if info(ints) < 0:
+            problems.append(f"cannot count SysV IPC {what}: {os.strerror(ctypes.get_errno())}")
+        elif ints[index]:
+            problems.append(f"{ints[index]} SysV IPC {what} left")
     return not problems, "; ".join(problems)
 
 

@@ -60,6 +60,7 @@ class Service:
         self.base_url = base_url
         self.instance_id = instance_id
         self.client = httpx.Client(base_url=base_url, timeout=60)
+        self.log_path: Path | None = None
 
     def execute(self, code: str, **fields) -> httpx.Response:
         return self.client.post("/v1/execute", json={"code": code, **fields})
@@ -86,41 +87,56 @@ def tiers_file(tmp_path: Path) -> Callable[[dict], Path]:
     return write
 
 
+def start_service(log_dir: Path, tiers_path: Path, env: dict[str, str] | None = None,
+                  ready_timeout_s: float = 60) -> Service:
+    """A `warmpool serve` process on a free loopback port, ready (or the test fails with its log)."""
+    port = _free_port()
+    instance_id = f"test-{secrets.token_hex(4)}"
+    full_env = {**os.environ, "WARMPOOL_TIERS_FILE": str(tiers_path), "WARMPOOL_INSTANCE_ID": instance_id,
+                **(env or {})}
+    log_path = log_dir / f"serve-{port}.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed with the process
+    process = subprocess.Popen([sys.executable, "-m", "warmpool", "serve", "--host", "127.0.0.1",
+                                "--port", str(port)], env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    service = Service(process, f"http://127.0.0.1:{port}", instance_id, log)
+    service.log_path = log_path
+    deadline = time.monotonic() + ready_timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            service.stop()
+            pytest.fail(f"service exited early:\n{log_path.read_text()}")
+        try:
+            if service.client.get("/readyz").status_code == 200:
+                return service
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    service.stop()
+    pytest.fail(f"service not ready in {ready_timeout_s} s:\n{log_path.read_text()}")
+
+
+def stop_service(service: Service, client: docker.DockerClient) -> None:
+    """Stop a service and fail if it left any of its containers behind (removing them first)."""
+    service.stop()
+    leftovers = containers_of(client, service.instance_id)
+    for container in leftovers:
+        container.remove(force=True)
+    assert not leftovers, f"service {service.instance_id} left {len(leftovers)} container(s) behind"
+
+
 @pytest.fixture
 def serve(docker_client, tiers_file, tmp_path) -> Iterator[Callable[..., Service]]:
     """Start services (`serve(tiers=..., env={...})`); each is stopped and checked for leftovers."""
     started: list[Service] = []
 
     def start(tiers: dict | None = None, env: dict[str, str] | None = None, ready_timeout_s: float = 60) -> Service:
-        port = _free_port()
-        instance_id = f"test-{secrets.token_hex(4)}"
-        full_env = {**os.environ, "WARMPOOL_TIERS_FILE": str(tiers_file(tiers or TEST_TIERS)),
-                    "WARMPOOL_INSTANCE_ID": instance_id, **(env or {})}
-        log = open(tmp_path / f"serve-{port}.log", "w")  # noqa: SIM115 - closed with the process
-        process = subprocess.Popen([sys.executable, "-m", "warmpool", "serve", "--host", "127.0.0.1",
-                                    "--port", str(port)], env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                                   cwd=REPO)
-        service = Service(process, f"http://127.0.0.1:{port}", instance_id, log)
+        service = start_service(tmp_path, tiers_file(tiers or TEST_TIERS), env, ready_timeout_s)
         started.append(service)
-        deadline = time.monotonic() + ready_timeout_s
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"service exited early:\n{(tmp_path / f'serve-{port}.log').read_text()}")
-            try:
-                if service.client.get("/readyz").status_code == 200:
-                    return service
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"service not ready in {ready_timeout_s} s:\n{(tmp_path / f'serve-{port}.log').read_text()}")
+        return service
 
     yield start
     for service in started:
-        service.stop()
-        leftovers = containers_of(docker_client, service.instance_id)
-        for container in leftovers:
-            container.remove(force=True)
-        assert not leftovers, f"service {service.instance_id} left {len(leftovers)} container(s) behind"
+        stop_service(service, docker_client)
 
 
 @pytest.fixture(scope="session")

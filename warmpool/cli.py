@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -40,8 +41,33 @@ def main(argv: list[str] | None = None) -> None:
 def _serve(host: str, port: int) -> None:
     import uvicorn
 
+    from api.app import create_app
+    from pool.errors import InvalidRequest
+    from pool.settings import from_env
+
+    try:
+        settings = from_env()
+    except (InvalidRequest, OSError, ValueError) as exc:
+        sys.exit(f"warmpool serve: bad settings: {exc}")
+    if not settings.api_keys and not is_loopback(host):
+        sys.exit(f"warmpool serve: refusing to listen on {host}: WARMPOOL_API_KEYS is not set, so anyone who "
+                 f"can reach this address could run code here. Set WARMPOOL_API_KEYS (comma-separated bearer "
+                 f"tokens), or serve on loopback (--host 127.0.0.1).")
+    if not settings.api_keys:
+        logging.getLogger("warmpool").warning("no WARMPOOL_API_KEYS: serving on loopback only (%s:%d), "
+                                              "without authentication", host, port)
     # No access log: a log line per task costs more than the rest of the request path on a busy server.
-    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, log_level="info", access_log=False)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (a name other than localhost could resolve anywhere)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _worker() -> None:

@@ -1,0 +1,168 @@
+"""Abuse at the HTTP edge: oversized bodies, floods of requests, keys, rates, and where the server listens."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import anyio
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+
+from api.auth import require_admin_key, require_api_key
+from api.limits import RateLimiter
+from pool.errors import InvalidRequest
+from pool.settings import Settings, from_env
+from tests.conftest import REPO
+from tests.hostile.conftest import MAX_WAITING, container_of_box, execute
+
+MIB = 1024 ** 2
+
+
+@pytest.mark.docker
+def test_oversized_payloads_are_413_before_any_container_is_touched(box):
+    """With the tier's only container busy, a request that reached the pool would wait for it (and get 503
+    after the lease timeout); an oversized one gets 413 at once: it never asked for a container."""
+    host = container_of_box(box)
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        busy = executor.submit(box.execute, "import time\ntime.sleep(6)\nprint('done')", timeout_s=20)
+        _wait_until(lambda: box.client.get("/v1/tiers").json()[0]["busy"] == 1)
+        flood = json.dumps({"code": "#" + "x" * (10 * 1000 * 1000)}).encode()  # 10 MB
+        response = box.client.post("/v1/execute", content=flood, headers={"content-type": "application/json"})
+        assert response.status_code == 413 and "body exceeds" in response.json()["detail"]
+        chunked = box.client.post("/v1/execute", content=iter([flood[i:i + MIB] for i in range(0, len(flood), MIB)]),
+                                  headers={"content-type": "application/json"})
+        assert chunked.status_code == 413  # no Content-Length: refused while reading, past the cap
+        for field in ("code", "stdin"):  # under the body cap, over the field's own cap
+            body = {"code": "print(1)", field: "#" + "x" * (2 * MIB)}
+            response = box.client.post("/v1/execute", json=body)
+            assert response.status_code == 413 and response.json()["detail"].startswith(f"{field}:")
+        tiers = box.client.get("/v1/tiers").json()[0]
+        assert (tiers["busy"], tiers["idle"]) == (1, 0)  # the only container is still the busy one
+        assert busy.result(timeout=60).json()["stdout"] == "done\n"
+    assert container_of_box(box) == host
+
+
+@pytest.mark.docker
+def test_fifty_parallel_requests_are_all_answered(box):
+    """One container, MAX_WAITING leases may wait: the rest are refused at once with 429, none hangs."""
+    barrier = threading.Barrier(50)
+
+    def one(_: int) -> httpx.Response:
+        with httpx.Client(base_url=box.base_url, timeout=120) as client:
+            barrier.wait()
+            return client.post("/v1/execute", json={"code": "import time\ntime.sleep(0.2)\nprint('ok')"})
+
+    with concurrent.futures.ThreadPoolExecutor(50) as executor:
+        responses = list(executor.map(one, range(50)))
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) <= {200, 429, 503}, codes
+    assert 1 <= codes.count(200) <= MAX_WAITING + 2 and codes.count(429) >= 50 - MAX_WAITING - 2, codes
+    for response in responses:
+        if response.status_code == 200:
+            assert response.json()["stdout"] == "ok\n"
+        else:
+            assert int(response.headers["retry-after"]) >= 1 and response.json()["detail"]
+    assert box.process.poll() is None
+    assert execute(box, "print('after the flood')")["stdout"] == "after the flood\n"
+
+
+@pytest.mark.docker
+def test_keys_rates_and_the_admin_key(serve):
+    svc = serve(env={"WARMPOOL_API_KEYS": "key-one,key-two", "WARMPOOL_ADMIN_KEY": "admin-key",
+                     "WARMPOOL_RATE_LIMIT_PER_S": "0.5", "WARMPOOL_RATE_LIMIT_BURST": "2"})
+
+    def run(key: str | None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return svc.client.post("/v1/execute", json={"code": "print('hi')"}, headers=headers)
+
+    missing = run(None)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert run("key-on").status_code == 403 and run("key-one-").status_code == 403
+    assert run("admin-key").status_code == 403  # the admin key is not an API key
+    assert svc.client.get("/v1/tiers").status_code == 401
+    assert [run("key-one").status_code for _ in range(2)] == [200, 200]  # the burst
+    limited = run("key-one")
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    assert run("key-two").status_code == 200  # buckets are per key
+    assert svc.client.get("/healthz").status_code == 200  # probes need no key
+    admin = [svc.client.get("/v1/admin/pools", headers={"Authorization": f"Bearer {t}"} if t else {}).status_code
+             for t in (None, "key-one", "admin-key")]
+    assert admin == [401, 403, 200]
+
+
+def test_admin_routes_take_only_the_admin_key():
+    """The dependency that guards /v1/admin/* (its routes live elsewhere): admin key yes, API keys no."""
+    app = FastAPI()
+
+    @app.get("/v1/admin/probe", dependencies=[Depends(require_admin_key)])
+    def admin_probe() -> dict[str, str]:
+        return {"ok": "admin"}
+
+    @app.get("/v1/probe")
+    def probe(key: str = Depends(require_api_key)) -> dict[str, str]:
+        return {"ok": "api"}
+
+    async def statuses(path: str, *tokens: str | None) -> list[int]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return [(await client.get(path, headers={"Authorization": f"Bearer {t}"} if t else {})).status_code
+                    for t in tokens]
+
+    app.state.settings = Settings(api_keys=("api-key",), admin_key="admin-key")
+    assert anyio.run(statuses, "/v1/admin/probe", None, "api-key", "admin-ke", "admin-key") == [401, 403, 403, 200]
+    assert anyio.run(statuses, "/v1/probe", "admin-key", "api-key") == [403, 200]
+    app.state.settings = Settings(api_keys=("api-key",), admin_key=None)
+    assert anyio.run(statuses, "/v1/admin/probe", "api-key") == [403]  # no admin key configured: admin is off
+
+
+def test_admin_key_must_differ_from_the_api_keys():
+    with pytest.raises(InvalidRequest, match="WARMPOOL_ADMIN_KEY"):
+        from_env({"WARMPOOL_API_KEYS": "a,b", "WARMPOOL_ADMIN_KEY": "b"})
+
+
+def test_rate_limiter_refills_at_its_rate():
+    now = [0.0]
+    limiter = RateLimiter(rate_per_s=2.0, burst=3, clock=lambda: now[0])
+    assert [limiter.take("k") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.take("k") == pytest.approx(0.5)
+    assert limiter.take("other") == 0.0
+    now[0] += 0.5
+    assert limiter.take("k") == 0.0 and limiter.take("k") > 0
+    assert RateLimiter(rate_per_s=0, burst=0).take("k") == 0.0  # off
+
+
+def test_serve_refuses_a_public_address_without_keys():
+    env = {k: v for k, v in os.environ.items() if k != "WARMPOOL_API_KEYS"}
+    for host in ("0.0.0.0", "::", "192.0.2.1", "example.org"):
+        done = subprocess.run([sys.executable, "-m", "warmpool", "serve", "--host", host, "--port", "1"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and "WARMPOOL_API_KEYS" in done.stderr, (host, done.stderr)
+
+
+@pytest.mark.docker
+def test_serve_says_it_is_loopback_only_without_keys(serve):
+    svc = serve()
+    assert svc.log_path is not None and "loopback only" in svc.log_path.read_text()
+
+
+def _wait_until(predicate, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+@pytest.mark.docker
+def test_lone_surrogates_in_the_body_are_never_a_500(box):
+    """JSON may carry a lone surrogate ("\\ud800"), which has no UTF-8 form: both used to make a 500."""
+    for raw, status in ((b'{"code": "\\ud800"}', 422), (b'{"code": "import sys; print(len(sys.stdin.read()))", '
+                                                          b'"stdin": "\\udc80x"}', 200)):
+        response = box.client.post("/v1/execute", content=raw, headers={"content-type": "application/json"})
+        assert response.status_code == status, response.text
+    assert response.json()["stdout"] == "2\n"  # the runner writes the surrogate as "?"
