@@ -147,6 +147,22 @@ def replacement_rate(count: int) -> str:
             f"replaced per second** (tier after the run: {admin_view[0]['idle']} idle).")
 
 
+KEPT_HEADINGS = ("## Scale-out (Redis)",)  # written by benchmarks/scaleout.py, not by this script
+
+
+def kept_sections(path: Path) -> str:
+    """The sections of RESULTS.md that other benchmark scripts own, kept as they are."""
+    if not path.exists():
+        return ""
+    text, kept = path.read_text(), []
+    for heading in KEPT_HEADINGS:
+        start = text.find(heading)
+        if start >= 0:
+            end = text.find("\n## ", start + len(heading))
+            kept.append(text[start:end if end >= 0 else len(text)].rstrip() + "\n")
+    return "\n".join(kept)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| mix | users | requests | failures | req/s | p50 ms | p95 ms | p99 ms |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -190,7 +206,8 @@ def main() -> None:
     header = (f"# Benchmark results\n\nProduced by `make bench` (`python benchmarks/bench.py --run-time "
               f"{args.run_time}`) on {started}; {os.cpu_count()} cpus. Server pinned to cpu 0 and locust to cpu 1: "
               f"{'yes' if PIN else 'no (taskset missing or one cpu)'}; sandbox containers unpinned.\n")
-    args.output.write_text(header + "\n" + "\n\n".join(sections) + "\n")
+    kept = kept_sections(args.output)
+    args.output.write_text(header + "\n" + "\n\n".join(sections) + "\n" + ("\n" + kept if kept else ""))
     print(f"wrote {args.output}")
 
 
