@@ -43,9 +43,10 @@ def server(env_extra: dict[str, str], tiers: dict | None = None):
         json.dump(tiers or {}, tiers_file)
     if tiers:
         env["WARMPOOL_TIERS_FILE"] = tiers_file.name
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115 - closed below
     process = subprocess.Popen(pinned(0, [sys.executable, "-m", "warmpool", "serve", "--host", "127.0.0.1",
                                           "--port", str(port)]), cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=base_url, timeout=10) as client:
@@ -58,12 +59,15 @@ def server(env_extra: dict[str, str], tiers: dict | None = None):
                     pass
                 time.sleep(0.2)
             else:
-                raise SystemExit("server did not become ready")
+                log.seek(0)
+                raise SystemExit(f"server did not become ready:\n{log.read()[-3000:]}")
         yield base_url, process.pid
     finally:
         process.terminate()
         process.wait(60)
         os.unlink(tiers_file.name)
+        log.close()
+        os.unlink(log.name)
 
 
 def locust(base_url: str, users: int, run_time_s: int, mix: str = "hello", ram: str | None = None) -> dict:
