@@ -38,7 +38,8 @@ def pinned(cpu: int, command: list[str]) -> list[str]:
 @contextmanager
 def server(env_extra: dict[str, str], tiers: dict | None = None):
     port = free_port()
-    env = {**os.environ, **env_extra}
+    instance_id = f"bench-{port}"
+    env = {**os.environ, "WARMPOOL_INSTANCE_ID": instance_id, **env_extra}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as tiers_file:
         json.dump(tiers or {}, tiers_file)
     if tiers:
@@ -50,7 +51,7 @@ def server(env_extra: dict[str, str], tiers: dict | None = None):
     base_url = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=base_url, timeout=10) as client:
-            deadline = time.monotonic() + 180
+            deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
                 try:
                     if client.get("/readyz").status_code == 200:
@@ -64,10 +65,22 @@ def server(env_extra: dict[str, str], tiers: dict | None = None):
         yield base_url, process.pid
     finally:
         process.terminate()
-        process.wait(60)
+        process.wait(120)
+        wait_until_removed(instance_id)
         os.unlink(tiers_file.name)
         log.close()
         os.unlink(log.name)
+
+
+def wait_until_removed(instance_id: str, timeout_s: float = 120) -> None:
+    """Let the engine finish removing a stopped server's containers before the next one starts."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        listed = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=warmpool.instance={instance_id}"],
+                                capture_output=True, text=True).stdout.split()
+        if not listed:
+            return
+        time.sleep(1)
 
 
 def locust(base_url: str, users: int, run_time_s: int, mix: str = "hello", ram: str | None = None) -> dict:
