@@ -117,7 +117,8 @@ class PoolManager:
 
     @property
     def warm(self) -> bool:
-        return self.docker_ok and all(p.ever_warm for p in self.pools.values())
+        # Cold mode keeps no warm containers: there is nothing to wait for, so it is ready with Docker.
+        return self.docker_ok and (self.settings.mode == "cold" or all(p.ever_warm for p in self.pools.values()))
 
     async def close(self) -> None:
         """Stop warming, then remove every container this instance started."""
