@@ -234,3 +234,12 @@ def test_docker_outage_gives_503_and_the_service_recovers(serve, tmp_path):
     finally:
         svc.stop()  # while the proxy is up, so that shutdown can remove its containers
         proxy.close()
+
+
+def test_cold_mode_starts_a_container_per_task(serve, docker_client):
+    """WARMPOOL_MODE=cold (for comparison benchmarks): ready at once, a fresh container for every task."""
+    svc = serve(env={"WARMPOOL_MODE": "cold"})
+    assert containers_of(docker_client, svc.instance_id) == []
+    hosts = {svc.execute("import socket; print(socket.gethostname())").json()["stdout"] for _ in range(3)}
+    assert len(hosts) == 3
+    _wait_for(lambda: containers_of(docker_client, svc.instance_id) == [])
