@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import free_port, measure_cold, measure_exec, measure_warm, render, summary  # noqa: E402
+from latency import free_port, measure_cold, measure_exec, measure_warm, render, summary, wait_ready  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LOCUSTFILE = REPO / "benchmarks" / "locustfile.py"
@@ -51,15 +51,7 @@ def server(env_extra: dict[str, str], tiers: dict | None = None):
     base_url = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=base_url, timeout=10) as client:
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
-            else:
+            if not wait_ready(client, 300):
                 log.seek(0)
                 raise SystemExit(f"server did not become ready:\n{log.read()[-3000:]}")
         yield base_url, process.pid

@@ -40,6 +40,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_ready(client: httpx.Client, timeout_s: float) -> bool:
+    """Poll /readyz until it answers 200; False when it did not within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if client.get("/readyz").status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 def measure_warm(count: int, env_extra: dict[str, str] | None = None) -> list[float]:
     port = free_port()
     env = {**os.environ, **(env_extra or {})}
@@ -47,15 +60,7 @@ def measure_warm(count: int, env_extra: dict[str, str] | None = None) -> list[fl
                                str(port)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
-            else:
+            if not wait_ready(client, 120):
                 raise SystemExit("server did not become ready")
             body = {"code": HELLO}
             for _ in range(min(50, count)):  # warm the client connection and the server's code paths
