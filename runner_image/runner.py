@@ -669,7 +669,7 @@ def verify_clean():
     if sockets := network_leftovers():
         problems.append(f"network state left: {sockets}")
     elif not problems and not HAVE_SOCKSTAT:
-        _tcp_opens_when_clean[0] = tcp_opens()
+        _tcp_accepted_when_clean[0] = tcp_accepted()
     return not problems, "; ".join(problems)
 
 
@@ -679,10 +679,11 @@ def network_leftovers():
     found = [f"unix {n}"] if (n := foreign_unix_sockets()) else []
     if HAVE_SOCKSTAT:
         found += sockstat_leftovers()
-    elif (opens := tcp_opens()) != _tcp_opens_when_clean[0]:
-        # gVisor keeps no sockstat and lists no TIME_WAIT in /proc/net/tcp, yet a port stays taken: any
-        # TCP connection made since the last clean check may have left such state.
-        found.append(f"tcp connections opened: {opens - _tcp_opens_when_clean[0]}")
+    elif (accepted := tcp_accepted()) != _tcp_accepted_when_clean[0]:
+        # gVisor keeps no sockstat and lists no TIME_WAIT in /proc/net/tcp, yet a port stays taken. With
+        # only loopback, every connection that got established was accepted in this namespace: any
+        # since the last clean check may have left such state (a refused connect leaves none).
+        found.append(f"tcp connections accepted: {accepted - _tcp_accepted_when_clean[0]}")
     return ", ".join(found)
 
 
@@ -691,7 +692,7 @@ def network_leftovers():
 SOCKSTAT_FILES = ("/proc/net/sockstat", "/proc/net/sockstat6")
 SOCKSTAT_KEYS = (b"inuse", b"tw")
 HAVE_SOCKSTAT = os.path.exists(SOCKSTAT_FILES[0])
-_tcp_opens_when_clean = [0]
+_tcp_accepted_when_clean = [0]
 
 
 def sockstat_leftovers():
@@ -722,8 +723,8 @@ def foreign_unix_sockets():
     return sum(1 for row in rows if len(fields := row.split()) > 6 and int(fields[6]) not in TEMPLATE.inodes)
 
 
-def tcp_opens():
-    """TCP connections opened (active plus passive) in this network namespace, from /proc/net/snmp."""
+def tcp_accepted():
+    """TCP connections accepted (passive opens) in this network namespace, from /proc/net/snmp."""
     try:
         with open("/proc/net/snmp", "rb", buffering=0) as f:
             rows = f.read().splitlines()
@@ -732,7 +733,7 @@ def tcp_opens():
     for names, values in zip(rows[::2], rows[1::2], strict=False):
         if names.startswith(b"Tcp:"):
             counters = dict(zip(names.split()[1:], values.split()[1:], strict=False))
-            return int(counters.get(b"ActiveOpens", 0)) + int(counters.get(b"PassiveOpens", 0))
+            return int(counters.get(b"PassiveOpens", 0))
     return 0
 
 
@@ -789,6 +790,7 @@ def template_main(sock):
     """Body of the template: serve commands until PID 1 closes the socket. Never returns."""
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.setsid()  # out of PID 1's process group and session: a signal aimed at those is not for us
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, 0)
         os.dup2(null, 1)  # the frame channel is PID 1's alone
