@@ -47,7 +47,7 @@ WORK_DIR, HOME_DIR = "/tmp/work", "/tmp/home"
 TASK_ENV = {"HOME": HOME_DIR, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
             "TMPDIR": "/tmp", "USER": "sandbox"}
 MAX_FRAME_BYTES = 64 << 20
-KILL_WAIT_S = 2.0  # how long the reset keeps killing before it calls the container dirty
+KILL_WAIT_S = 3.0  # how long the reset keeps killing before it calls the container dirty (host waits 5 s)
 CLEANER_WAIT_S = 5.0  # how long the scratch cleaner may take
 TEMPLATE_WAIT_S = 10.0  # how long PID 1 waits for the template's answer before it calls the container dirty
 NO_PIDFD_TICK_S = 0.002  # how often to look for the child's exit where there is no pidfd (gVisor)
@@ -369,9 +369,14 @@ def request_zygote():
 
 
 def ensure_zygote():
+    """Called after a reply has gone out: a failure here must not send a frame of its own. The next task
+    then asks again and reports the failure in its place (and the reset after it is not clean)."""
     global _zygote
     if _zygote is None:
-        _zygote = request_zygote()
+        try:
+            _zygote = request_zygote()
+        except RuntimeError:
+            pass
 
 
 def take_zygote():
@@ -389,7 +394,8 @@ def take_zygote():
 
 
 def spawn_zygote():
-    ensure_zygote()
+    global _zygote
+    _zygote = request_zygote()
     return take_zygote()
 
 
@@ -589,12 +595,17 @@ def kill_sandbox():
     Only live processes can fork, so when /proc shows none after reaping, none can appear. Otherwise
     the template's killer, running as the sandbox uid, sends kill(-1): the kernel signals every
     process that uid may signal in one sweep (a forking loop cannot outrun it), and never root's."""
-    deadline = time.monotonic() + KILL_WAIT_S
+    deadline, pause = time.monotonic() + KILL_WAIT_S, 0.0005
     while True:
         reap_zombies()
         if not stray_pids() or time.monotonic() > deadline:
             return
         TEMPLATE.call(b"kill")
+        reap_zombies()
+        if not stray_pids():
+            return
+        time.sleep(pause)  # killed processes take a moment to exit (longer under gVisor): let them
+        pause = min(pause * 2, 0.02)
 
 
 def reap_zombies():
