@@ -7,6 +7,7 @@ builds the test image and prints round-trip times for `print('hello')`.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -26,7 +27,8 @@ from pool.sandbox_spec import owner_token
 REPO = Path(__file__).resolve().parent.parent
 RUNNER = REPO / "runner_image" / "runner.py"
 BASE_IMAGE = "warmpool-base:bookworm"
-TEST_IMAGE = "warmpool-runner-test:dev"
+# Tagged by the runner's content, so that checkouts with different runners never test each other's.
+TEST_IMAGE = f"warmpool-runner-test:{hashlib.sha256(RUNNER.read_bytes()).hexdigest()[:12]}"
 POOL_LABEL = "runner-test"
 
 DOCKERFILE = f"""\
