@@ -76,14 +76,6 @@ def build_hash(spec: ImageSpec) -> str:
     return digest.hexdigest()
 
 
-def up_to_date(client: docker.DockerClient, spec: ImageSpec) -> Image | None:
-    """The image tagged `spec.docker_image` if it was built from what is here now, else None."""
-    current = _get_image(client, spec.docker_image)
-    if current is not None and (current.labels or {}).get(HASH_LABEL) == build_hash(spec):
-        return current
-    return None
-
-
 def ensure_image(
     client: docker.DockerClient,
     spec: ImageSpec,
@@ -93,12 +85,12 @@ def ensure_image(
 ) -> str:
     """Return the id of an up-to-date image for `spec`, building it (and its base, its packages) if needed."""
     image = spec.docker_image
+    previous = _get_image(client, image)
     if not force:
-        current = up_to_date(client, spec)
-        if current is not None:
-            log.info("image %s (%s) is up to date (%s)", spec.name, image, current.short_id)
-            return str(current.id)
-        if _get_image(client, image) is not None:
+        if previous is not None and (previous.labels or {}).get(HASH_LABEL) == build_hash(spec):
+            log.info("image %s (%s) is up to date (%s)", spec.name, image, previous.short_id)
+            return str(previous.id)
+        if previous is not None:
             log.info("image %s (%s) is stale (its build hash changed); rebuilding", spec.name, image)
     ensure_base(client, base_image)
     try:
@@ -109,7 +101,7 @@ def ensure_image(
     buildargs = {"BASE": base_image, "RUNNER_HASH": build_hash(spec), "PRELOAD": ",".join(spec.preload),
                  "SITE_PACKAGES": f"/usr/local/lib/python{spec.python_version}/dist-packages"}
     with tempfile.TemporaryFile() as context:
-        _write_context(context, site_packages)
+        write_context(context, site_packages)
         stage = _build(client, image, fileobj=context, buildargs=buildargs)
     facts = _read_back(client, stage, spec)
     labels = {HASH_LABEL: build_hash(spec), LABEL_NAME: spec.name, LABEL_PYTHON: facts["python_version"],
@@ -123,14 +115,28 @@ def ensure_image(
         built = _build(client, image, fileobj=context, labels=labels, tag=image)
     log.info("built %s (%s): python %s, %d packages", image, built[:19], facts["python_version"],
              len(facts["packages"]))
+    if previous is not None and previous.id != built:
+        _remove_replaced(client, str(previous.id))
     return built
 
 
-def _write_context(out: IO[bytes], site_packages: Path | None) -> None:
+def _remove_replaced(client: docker.DockerClient, image_id: str) -> None:
+    """Remove the image the new build untagged, so that rebuilds do not pile up (a datascience image is
+    ~400 MB of its own). Docker refuses while a container uses it or another tag names it: then it stays."""
+    try:
+        client.images.remove(image_id, force=False, noprune=False)
+        log.info("removed the image it replaced (%s)", image_id[:19])
+    except docker.errors.DockerException as exc:
+        log.info("kept the image it replaced (%s): %s", image_id[:19], _first_line(exc))
+
+
+def write_context(out: IO[bytes], site_packages: Path | None) -> None:
     """The build context as a tar: Dockerfile, runner.py, site-packages/ (empty when there are none)."""
     def as_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
         info.uid = info.gid = 0
         info.uname = info.gname = ""
+        # A fractional mtime needs a PAX header, and `docker build -` does not take a tar that starts with one.
+        info.mtime = int(info.mtime)
         return info
 
     with tarfile.open(fileobj=out, mode="w") as tar:
