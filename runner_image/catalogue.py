@@ -9,7 +9,7 @@ The catalogue is what the operator configured; what an image really holds is rea
 time and kept in its labels (`LABEL_*` below), so the service can list images without running anything.
 Operators add images in the tiers file (`WARMPOOL_TIERS_FILE`), beside `tiers`::
 
-    {"images": [{"name": "ml", "extends": "datascience", "packages": ["scikit-learn==1.7.2"],
+    {"images": [{"name": "ml", "extends": "datascience", "packages": ["scikit-learn==1.9.1", ...],
                  "preload": ["sklearn"]}],
      "tiers": [...]}
 """
@@ -138,7 +138,7 @@ def image_from_dict(raw: Any, where: str, known: Mapping[str, ImageSpec]) -> Ima
                                                              docker_image):
         raise InvalidRequest(f"{where}.docker_image", "a docker image name like 'warmpool-ml:latest'")
     packages = _strings(raw.get("packages", []), f"{where}.packages", _REQUIREMENT,
-                        "a PyPI requirement such as 'scikit-learn==1.7.2'")
+                        "a PyPI requirement such as 'scikit-learn==1.9.1'")
     preload = _strings(raw.get("preload", []), f"{where}.preload", _MODULE, "a module name such as 'sklearn'")
     description = raw.get("description", "")
     if not isinstance(description, str):
