@@ -36,7 +36,7 @@ from runner_image.catalogue import (
     ImageSpec,
     normalize,
 )
-from runner_image.packages import PackagesError, default_cache_dir, ensure_site_packages
+from runner_image.packages import DEFAULT_MACHINE, PackagesError, default_cache_dir, ensure_site_packages
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def ensure_image(
             log.info("image %s (%s) is stale (its build hash changed); rebuilding", spec.name, image)
     ensure_base(client, base_image)
     try:
-        site_packages = ensure_site_packages(spec, cache_dir or default_cache_dir())
+        site_packages = ensure_site_packages(spec, cache_dir or default_cache_dir(), _machine(client))
     except PackagesError as exc:
         raise ImageBuildError(str(exc)) from exc
     log.info("building %s (%s) from %s", spec.name, image, base_image)
@@ -180,7 +180,7 @@ def _read_back(client: docker.DockerClient, image_id: str, spec: ImageSpec) -> d
     """Ask the built image's python3 (no network) what it holds; check it against the entry's pins."""
     try:
         output = client.containers.run(image_id, entrypoint=["python3", "-I", "-c", READ_BACK],
-                                       network_mode="none", remove=True, stdout=True, stderr=True,
+                                       network_mode="none", remove=True, stdout=True, stderr=False,
                                        labels={"warmpool.build": spec.name})
         facts = json.loads(output)
     except (docker.errors.DockerException, ValueError) as exc:
@@ -301,6 +301,14 @@ def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
     if proc.returncode != 0:
         output = (proc.stdout + proc.stderr).strip()[-2000:]
         raise ImageBuildError(f"{what} failed (exit {proc.returncode}):\n{output}")
+
+
+def _machine(client: docker.DockerClient) -> str:
+    """The engine's CPU architecture (`x86_64`, `aarch64`): the images' wheels are chosen for it."""
+    try:
+        return str(client.info().get("Architecture") or DEFAULT_MACHINE)
+    except docker.errors.DockerException as exc:
+        raise ImageBuildError(f"cannot ask the Docker engine for its architecture: {exc}") from exc
 
 
 def _get_image(client: docker.DockerClient, name: str) -> Image | None:

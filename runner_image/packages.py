@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # Debian bookworm's glibc; a wheel built for any manylinux up to it runs in the image. pip 23 does not
 # widen a `--platform` to older manylinux versions itself, so every accepted tag is named.
 GLIBC = (2, 36)
-MACHINE = "x86_64"
+DEFAULT_MACHINE = "x86_64"  # the engine's architecture as `uname -m` names it (also "aarch64")
 COMPLETE = ".warmpool-complete"  # written last: a folder without it is a failed or running install
 PIP_TIMEOUT_S = 900.0
 
@@ -35,16 +35,16 @@ class PackagesError(RuntimeError):
     """The packages could not be fetched or unpacked; the message has pip's own words."""
 
 
-def platforms() -> list[str]:
+def platforms(machine: str = DEFAULT_MACHINE) -> list[str]:
     newest, oldest = GLIBC[1], 17  # manylinux_2_17 is manylinux2014, the oldest any current wheel uses
-    return [f"manylinux_2_{minor}_{MACHINE}" for minor in range(newest, oldest - 1, -1)] + [
-        f"manylinux2014_{MACHINE}"]
+    return [f"manylinux_2_{minor}_{machine}" for minor in range(newest, oldest - 1, -1)] + [
+        f"manylinux2014_{machine}"]
 
 
-def packages_key(spec: ImageSpec) -> str:
+def packages_key(spec: ImageSpec, machine: str = DEFAULT_MACHINE) -> str:
     """Names the unpacked tree: it depends on the requirements and the target, not on the image's name."""
     text = json.dumps({"packages": list(spec.packages), "python": spec.python_version,
-                       "platforms": platforms()}, sort_keys=True)
+                       "platforms": platforms(machine)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -55,11 +55,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "warmpool"
 
 
-def ensure_site_packages(spec: ImageSpec, cache_dir: Path) -> Path | None:
+def ensure_site_packages(spec: ImageSpec, cache_dir: Path, machine: str = DEFAULT_MACHINE) -> Path | None:
     """The folder whose contents go into the image's dist-packages, or None when it has no packages."""
     if not spec.packages:
         return None
-    target = cache_dir / "site-packages" / packages_key(spec)
+    target = cache_dir / "site-packages" / packages_key(spec, machine)
     if (target / COMPLETE).exists():
         log.info("packages of %s: reusing %s", spec.name, target)
         return target
@@ -68,7 +68,7 @@ def ensure_site_packages(spec: ImageSpec, cache_dir: Path) -> Path | None:
     # sees half a tree (rename of a directory is atomic on one filesystem).
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        _pip_install(spec, work)
+        _pip_install(spec, work, machine)
         _drop_scripts(work)
         (work / COMPLETE).write_text("\n".join(spec.packages) + "\n")
         try:
@@ -82,13 +82,13 @@ def ensure_site_packages(spec: ImageSpec, cache_dir: Path) -> Path | None:
     return target
 
 
-def _pip_install(spec: ImageSpec, target: Path) -> None:
+def _pip_install(spec: ImageSpec, target: Path, machine: str) -> None:
     major_minor = spec.python_version.replace(".", "")
     command = [
         sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-input",
         "--target", str(target), "--only-binary=:all:", "--no-compile", "--no-warn-script-location",
         "--python-version", spec.python_version, "--implementation", "cp", "--abi", f"cp{major_minor}",
-        *[arg for platform in platforms() for arg in ("--platform", platform)],
+        *[arg for platform in platforms(machine) for arg in ("--platform", platform)],
         "--", *spec.packages,
     ]
     log.info("packages of %s: pip install --target %s %s", spec.name, target, " ".join(spec.packages))

@@ -130,6 +130,7 @@ def test_platforms_accept_every_manylinux_up_to_the_images_glibc():
     assert tags[0] == "manylinux_2_36_x86_64"
     assert {"manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"} <= set(tags)
     assert "manylinux_2_37_x86_64" not in tags
+    assert packages.platforms("aarch64")[0] == "manylinux_2_36_aarch64"
 
 
 def test_the_build_context_holds_the_one_dockerfile_runner_and_packages(tmp_path):
