@@ -103,15 +103,18 @@ def ensure_image(
     with tempfile.TemporaryFile() as context:
         write_context(context, site_packages)
         stage = _build(client, image, fileobj=context, buildargs=buildargs)
-    facts = _read_back(client, stage, spec)
+    try:
+        facts = _read_back(client, stage, spec)
+    except ImageBuildError:
+        _remove_replaced(client, stage)  # untagged, and not what was asked for
+        raise
     labels = {HASH_LABEL: build_hash(spec), LABEL_NAME: spec.name, LABEL_PYTHON: facts["python_version"],
               LABEL_PACKAGES: json.dumps(facts["packages"], sort_keys=True),
               LABEL_PRELOAD: json.dumps(list(spec.preload))}
     # Labels can only be added by another build: one LABEL step on top of the image just built.
-    dockerfile = f"FROM {stage}\n".encode()
     with tempfile.TemporaryFile() as context:
         with tarfile.open(fileobj=context, mode="w") as tar:
-            _add_bytes(tar, "Dockerfile", dockerfile)
+            _add_bytes(tar, "Dockerfile", f"FROM {stage}\n".encode())
         built = _build(client, image, fileobj=context, labels=labels, tag=image)
     log.info("built %s (%s): python %s, %d packages", image, built[:19], facts["python_version"],
              len(facts["packages"]))
@@ -121,13 +124,14 @@ def ensure_image(
 
 
 def _remove_replaced(client: docker.DockerClient, image_id: str) -> None:
-    """Remove the image the new build untagged, so that rebuilds do not pile up (a datascience image is
-    ~400 MB of its own). Docker refuses while a container uses it or another tag names it: then it stays."""
+    """Remove an image this build made obsolete (the one it untagged, or a failed stage), so that rebuilds
+    do not pile up: a datascience image is ~400 MB of its own. Docker refuses while a container uses it or
+    a tag names it: then it stays."""
     try:
         client.images.remove(image_id, force=False, noprune=False)
-        log.info("removed the image it replaced (%s)", image_id[:19])
+        log.info("removed image %s, which this build replaced", image_id[:19])
     except docker.errors.DockerException as exc:
-        log.info("kept the image it replaced (%s): %s", image_id[:19], _first_line(exc))
+        log.info("kept image %s: %s", image_id[:19], _first_line(exc))
 
 
 def write_context(out: IO[bytes], site_packages: Path | None) -> None:

@@ -174,3 +174,25 @@ def test_an_operator_image_from_the_tiers_file(tmp_path, docker_client):
         assert out.stdout.strip() == "10001", out.stderr
     finally:
         subprocess.run(["docker", "image", "rm", "--force", tag], capture_output=True)
+
+
+@pytest.mark.slow
+def test_an_image_whose_preload_list_does_not_import_is_not_built(tmp_path, docker_client):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _probe_wheel(wheels)
+    tiers = tmp_path / "tiers.json"
+    tiers.write_text(json.dumps({"tiers": [], "images": [
+        {"name": "broken", "packages": ["warmpool-probe==1.0"], "preload": ["warmpool_probe", "warmpool_absent"]}]}))
+    tag = f"warmpool-broken-test:{tmp_path.name.lower()[-20:]}"
+    env = {**os.environ, "WARMPOOL_TIERS_FILE": str(tiers), "WARMPOOL_IMAGE_BROKEN": tag,
+           "WARMPOOL_CACHE_DIR": str(tmp_path / "cache"), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "warmpool", "image", "--only", "broken"], capture_output=True,
+                              text=True, cwd=REPO, env=env, timeout=600)
+        assert proc.returncode != 0
+        assert "No module named 'warmpool_absent'" in proc.stderr
+        absent = subprocess.run(["docker", "image", "inspect", tag], capture_output=True)
+        assert absent.returncode != 0
+    finally:
+        subprocess.run(["docker", "image", "rm", "--force", tag], capture_output=True)
