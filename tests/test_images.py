@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -150,49 +151,50 @@ def _probe_wheel(folder: Path) -> Path:
     return path
 
 
-@pytest.mark.slow
-def test_an_operator_image_from_the_tiers_file(tmp_path, docker_client):
+def build_operator_image(tmp_path: Path, entry: dict) -> tuple[str, subprocess.CompletedProcess[str]]:
+    """`warmpool image --only NAME` for one tiers-file image made of the probe wheel (no index, no network
+    for pip); returns its tag (the caller removes it) and the command's outcome."""
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     _probe_wheel(wheels)
     tiers = tmp_path / "tiers.json"
-    tiers.write_text(json.dumps({"tiers": [], "images": [
-        {"name": "probe", "packages": ["warmpool-probe==1.0"], "preload": ["warmpool_probe"]}]}))
-    tag = f"warmpool-probe-test:{tmp_path.name.lower()[-20:]}"
-    env = {**os.environ, "WARMPOOL_TIERS_FILE": str(tiers), "WARMPOOL_IMAGE_PROBE": tag,
+    tiers.write_text(json.dumps({"tiers": [], "images": [entry]}))
+    tag = f"warmpool-{entry['name']}-test:{tmp_path.name.lower()[-20:]}"
+    env = {**os.environ, "WARMPOOL_TIERS_FILE": str(tiers), catalogue.env_tag_variable(entry["name"]): tag,
            "WARMPOOL_CACHE_DIR": str(tmp_path / "cache"),
            # pip reads these itself: the local wheel and nothing else.
            "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)}
-    try:
-        proc = subprocess.run([sys.executable, "-m", "warmpool", "image", "--only", "probe"], capture_output=True,
-                              text=True, cwd=REPO, env=env, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        labels = labels_of(tag)
-        assert json.loads(labels[catalogue.LABEL_PACKAGES]) == {"warmpool-probe": "1.0"}
-        assert json.loads(labels[catalogue.LABEL_PRELOAD]) == ["warmpool_probe"]
-        out = run_python(tag, "import warmpool_probe; print(warmpool_probe.LOADED_AS)")
-        assert out.stdout.strip() == "10001", out.stderr
-    finally:
+    proc = subprocess.run([sys.executable, "-m", "warmpool", "image", "--only", entry["name"]], capture_output=True,
+                          text=True, cwd=REPO, env=env, timeout=600)
+    return tag, proc
+
+
+@pytest.fixture
+def removed_after() -> Iterator[list[str]]:
+    tags: list[str] = []
+    yield tags
+    for tag in tags:
         subprocess.run(["docker", "image", "rm", "--force", tag], capture_output=True)
 
 
 @pytest.mark.slow
-def test_an_image_whose_preload_list_does_not_import_is_not_built(tmp_path, docker_client):
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    _probe_wheel(wheels)
-    tiers = tmp_path / "tiers.json"
-    tiers.write_text(json.dumps({"tiers": [], "images": [
-        {"name": "broken", "packages": ["warmpool-probe==1.0"], "preload": ["warmpool_probe", "warmpool_absent"]}]}))
-    tag = f"warmpool-broken-test:{tmp_path.name.lower()[-20:]}"
-    env = {**os.environ, "WARMPOOL_TIERS_FILE": str(tiers), "WARMPOOL_IMAGE_BROKEN": tag,
-           "WARMPOOL_CACHE_DIR": str(tmp_path / "cache"), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)}
-    try:
-        proc = subprocess.run([sys.executable, "-m", "warmpool", "image", "--only", "broken"], capture_output=True,
-                              text=True, cwd=REPO, env=env, timeout=600)
-        assert proc.returncode != 0
-        assert "No module named 'warmpool_absent'" in proc.stderr
-        absent = subprocess.run(["docker", "image", "inspect", tag], capture_output=True)
-        assert absent.returncode != 0
-    finally:
-        subprocess.run(["docker", "image", "rm", "--force", tag], capture_output=True)
+def test_an_operator_image_from_the_tiers_file(tmp_path, docker_client, removed_after):
+    tag, proc = build_operator_image(tmp_path, {"name": "probe", "packages": ["warmpool-probe==1.0"],
+                                                "preload": ["warmpool_probe"]})
+    removed_after.append(tag)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    labels = labels_of(tag)
+    assert json.loads(labels[catalogue.LABEL_PACKAGES]) == {"warmpool-probe": "1.0"}
+    assert json.loads(labels[catalogue.LABEL_PRELOAD]) == ["warmpool_probe"]
+    out = run_python(tag, "import warmpool_probe; print(warmpool_probe.LOADED_AS)")
+    assert out.stdout.strip() == "10001", out.stderr
+
+
+@pytest.mark.slow
+def test_an_image_whose_preload_list_does_not_import_is_not_built(tmp_path, docker_client, removed_after):
+    tag, proc = build_operator_image(tmp_path, {"name": "broken", "packages": ["warmpool-probe==1.0"],
+                                                "preload": ["warmpool_probe", "warmpool_absent"]})
+    removed_after.append(tag)
+    assert proc.returncode != 0
+    assert "No module named 'warmpool_absent'" in proc.stderr
+    assert subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode != 0
