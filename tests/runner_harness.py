@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 RUNNER = REPO / "runner_image" / "runner.py"
 BASE_IMAGE = "warmpool-base:bookworm"
 # Tagged by the runner's content, so that checkouts with different runners never test each other's.
-TEST_IMAGE = f"warmpool-runner-test:{hashlib.sha256(RUNNER.read_bytes()).hexdigest()[:12]}"
+TEST_IMAGE = ("warmpool-runner-test:" + hashlib.sha256(
+    RUNNER.read_bytes() + (REPO / "runner_image" / "Dockerfile").read_bytes()).hexdigest()[:12])
 POOL_LABEL = "runner-test"
 
 # What the pool applies to every sandbox container (DESIGN.md section 3), at test sizes.
