@@ -12,8 +12,8 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import require_admin_key
-from pool.admin import PoolAdmin
-from pool.errors import InvalidRequest
+from pool.engine.admin import PoolAdmin
+from pool.model.errors import InvalidRequest
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin_key)],
                    responses={401: {"description": "Missing bearer token"},

@@ -11,7 +11,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from pool.errors import (
+from pool.model.errors import (
     BackendUnavailable,
     CapacityError,
     InvalidRequest,

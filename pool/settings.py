@@ -8,11 +8,11 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from pool.errors import InvalidRequest
-from pool.resources import parse_bytes, parse_number
+from pool.model.errors import InvalidRequest
+from pool.model.resources import parse_bytes, parse_number
+from pool.model.tiers import Tier, default_tiers, load_tiers_file, sorted_tiers
+from pool.model.warming import WarmingPolicy
 from pool.sizes_file import apply_sizes, load_sizes
-from pool.tiers import Tier, default_tiers, load_tiers_file, sorted_tiers
-from pool.warming import WarmingPolicy
 
 MIB = 1024 ** 2
 GIB = 1024 ** 3

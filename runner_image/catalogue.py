@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pool.errors import InvalidRequest
+from pool.model.errors import InvalidRequest
 
 # The Python of the base image (Debian bookworm's python3); wheels are chosen for it.
 PYTHON_VERSION = "3.11"

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pool.sandbox_spec import owner_token
+from pool.engine.sandbox_spec import owner_token
 from runner_image.build import write_context
 
 REPO = Path(__file__).resolve().parent.parent

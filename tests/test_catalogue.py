@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from pool.errors import InvalidRequest
+from pool.model.errors import InvalidRequest
 from runner_image import build, catalogue, packages
 from runner_image.catalogue import BUILTIN, ImageSpec, images_from_config
 

@@ -45,7 +45,7 @@ def _serve(host: str, port: int) -> None:
     import uvicorn
 
     from api.app import create_app
-    from pool.errors import InvalidRequest
+    from pool.model.errors import InvalidRequest
     from pool.settings import from_env
 
     try:
@@ -75,11 +75,11 @@ def is_loopback(host: str) -> bool:
 
 def _worker() -> None:
     try:
-        from pool.worker import main as worker_main
+        from pool.scaleout.worker import main as worker_main
     except ModuleNotFoundError as exc:
-        if exc.name != "pool.worker":
+        if exc.name != "pool.scaleout.worker":
             raise
-        sys.exit("warmpool worker: the Redis worker (pool.worker) is not available in this version yet")
+        sys.exit("warmpool worker: the Redis worker (pool.scaleout.worker) is not available in this version yet")
     worker_main()
 
 
@@ -87,7 +87,7 @@ def _image(only: list[str] | None, python_tag: str | None, base_image: str, forc
     import docker
     import docker.errors
 
-    from pool.errors import InvalidRequest
+    from pool.model.errors import InvalidRequest
     from runner_image import catalogue
     from runner_image.build import ImageBuildError, ensure_image
 

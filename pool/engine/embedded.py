@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pool.background import TaskOwner
-from pool.dispatch import TaskState, TaskView
-from pool.errors import Overloaded, PoolError, SandboxError
-from pool.manager import Execution, PoolManager
-from pool.results import TaskSpec
+from pool.engine.manager import PoolManager
+from pool.model.errors import Overloaded, PoolError, SandboxError
+from pool.model.results import TaskSpec
+from pool.model.tasks import Execution, TaskState, TaskView
 from pool.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -17,15 +17,14 @@ import time
 from typing import Any, cast
 
 from pool.background import TaskOwner
-from pool.container import RESULT_GRACE_S
-from pool.dispatch import TaskState, TaskView
-from pool.errors import BackendUnavailable, NoCapacity, Overloaded
-from pool.manager import Execution
-from pool.membership import BEATS_TO_DEATH, ClusterView, parse_beat
-from pool.redis_io import Keys, Scripts, connect, redis_errors
-from pool.results import TaskSpec
+from pool.engine.container import RESULT_GRACE_S
+from pool.model.errors import BackendUnavailable, NoCapacity, Overloaded
+from pool.model.results import TaskSpec
+from pool.model.tasks import Execution, TaskState, TaskView
+from pool.scaleout.membership import BEATS_TO_DEATH, ClusterView, parse_beat
+from pool.scaleout.redis_io import Keys, Scripts, connect, redis_errors
+from pool.scaleout.task_codec import MalformedEntry, Outcome, spec_fields
 from pool.settings import Settings
-from pool.task_codec import MalformedEntry, Outcome, spec_fields
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pool.errors import InvalidRequest, NoTierFits
-from pool.resources import ResourceRequest, Resources, format_bytes, parse_bytes, parse_number
+from pool.model.errors import InvalidRequest, NoTierFits
+from pool.model.resources import ResourceRequest, Resources, format_bytes, parse_bytes, parse_number
 
 MIB = 1024 ** 2
 GIB = 1024 ** 3

@@ -30,7 +30,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from pool.errors import BackendUnavailable
+from pool.model.errors import BackendUnavailable
 
 GROUP = "workers"
 CONNECT_TIMEOUT_S = 2.0
