@@ -17,6 +17,8 @@ from api.errors import install_error_handlers
 from api.limits import BodySizeLimit, limiter_from
 from api.metrics import install_metrics
 from api.routes import router
+from api.sessions import admin_router as session_admin_router
+from api.sessions import router as session_router
 from pool.dispatch import create_dispatcher
 from pool.engine.embedded import EmbeddedDispatcher
 from pool.settings import Settings, from_env
@@ -51,6 +53,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(session_router)
     app.include_router(admin_router)
+    app.include_router(session_admin_router)
     install_metrics(app)
     return app

@@ -19,6 +19,8 @@ from pool.model.errors import (
     Overloaded,
     PoolError,
     SandboxError,
+    SessionBusy,
+    SessionGone,
 )
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,10 @@ def retry_after(status_code: int, message: str, retry_after_s: float) -> JSONRes
 async def _pool_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, InvalidRequest):
         return invalid_body(exc.field, exc.message)
-    if isinstance(exc, CapacityError):
+    if isinstance(exc, CapacityError | SessionBusy):
         return JSONResponse(status_code=409, content={"detail": str(exc)})
+    if isinstance(exc, SessionGone):
+        return JSONResponse(status_code=404, content={"detail": str(exc)})
     if isinstance(exc, Overloaded):
         return retry_after(429, str(exc), exc.retry_after_s)
     if isinstance(exc, NoCapacity):

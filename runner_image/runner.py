@@ -1014,6 +1014,11 @@ def session_call(main, code, compiled, filename):
         status = exit_status(exc.code)
     except BaseException as exc:
         status, flags = 1, CALL_MEMORY_ERROR if isinstance(exc, MemoryError) else 0
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:  # not our SIGINT handler's frame in the traceback
+            if tb.tb_next.tb_frame.f_code is interrupt_call.__code__:
+                tb.tb_next = None
+            tb = tb.tb_next
         report(exc)
     return flush_streams(status), flags
 
