@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.session_metrics import render_session_metrics
 from pool.engine.manager import PoolManager
 from pool.model.stats import Histogram as PoolHistogram
 
@@ -144,7 +145,9 @@ def install_metrics(app: FastAPI) -> CollectorRegistry:
 
     async def metrics(request: Request) -> Response:
         """Prometheus metrics of this service."""
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        dispatcher = getattr(request.app.state, "dispatcher", None)  # absent before the lifespan started
+        sessions = render_session_metrics(await dispatcher.session_figures()) if dispatcher is not None else b""
+        return Response(generate_latest(registry) + sessions, media_type=CONTENT_TYPE_LATEST)
 
     app.add_api_route("/metrics", metrics, methods=["GET"], response_class=Response)
     return registry

@@ -14,7 +14,7 @@ from api.auth import require_api_key
 from api.errors import invalid_body
 from api.limits import require_task_quota
 from api.schemas import ExecuteRequest, ExecuteResponse, TaskAccepted, TaskPending, TierOut
-from api.streaming import EventSourceResponse, result_response, stream_response, wants_stream
+from api.streaming import result_response, stream_response, wants_stream
 from pool.dispatch import Dispatcher, owner_of
 from pool.model.errors import PoolError
 from pool.model.resources import ResourceRequest
@@ -168,8 +168,9 @@ async def get_task(task_id: str, request: Request, key: str = Depends(require_ap
     return JSONResponse(task_body(view))
 
 
-@router.get("/v1/tasks/{task_id}/events", response_class=EventSourceResponse,
-            responses={404: {"description": "Unknown task, or its result expired"}})
+@router.get("/v1/tasks/{task_id}/events",
+            responses={200: {"content": {"text/event-stream": {}}, "description": "The task's events"},
+                       404: {"description": "Unknown task, or its result expired"}})
 async def task_events(task_id: str, request: Request, key: str = Depends(require_api_key)) -> Any:
     """An async task's output as server-sent events: `stdout` and `stderr` as it writes (from its start, also
     when followed late), then one `result` event with the body `GET /v1/tasks/{id}` gives. A task that has
