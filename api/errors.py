@@ -19,6 +19,7 @@ from pool.errors import (
     NoCapacity,
     Overloaded,
     PoolError,
+    ResultEvicted,
     SandboxError,
 )
 
@@ -47,6 +48,8 @@ async def _pool_error(request: Request, exc: Exception) -> JSONResponse:
         return retry_after(503, str(exc), exc.retry_after_s)
     if isinstance(exc, BackendUnavailable):
         return retry_after(503, str(exc), exc.retry_after_s)
+    if isinstance(exc, ResultEvicted):
+        return JSONResponse(status_code=404, content={"detail": str(exc)})
     if isinstance(exc, SandboxError):
         return retry_after(503, f"sandbox unavailable: {exc}", 1.0)
     log.exception("unexpected pool error", exc_info=exc)

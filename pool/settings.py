@@ -138,7 +138,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     if admin_key is not None and admin_key in api_keys:
         raise InvalidRequest("WARMPOOL_ADMIN_KEY", "must differ from every key in WARMPOOL_API_KEYS")
     defaults = Settings()
-    return Settings(
+    settings = Settings(
         tiers=tiers,
         image=_get(env, "IMAGE") or defaults.image,
         base_image=_get(env, "BASE_IMAGE") or defaults.base_image,
@@ -186,3 +186,17 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         worker_tiers=_list(env, "WORKER_TIERS"),
         mode=mode,
     )
+    _check_result_bounds(settings)
+    return settings
+
+
+def _check_result_bounds(settings: Settings) -> None:
+    """Each bound must hold at least one task of the largest allowed size, else every submission is 429."""
+    from pool.result_bounds import largest_task_bytes
+
+    largest = largest_task_bytes(settings)
+    for name, value in (("MAX_RESULT_BYTES_PER_KEY", settings.max_result_bytes_per_key),
+                        ("MAX_RESULT_BYTES", settings.max_result_bytes)):
+        if value < largest:
+            raise InvalidRequest(f"WARMPOOL_{name}", f"must be at least {largest} bytes (code and stdin caps "
+                                                     f"plus twice the output limit), got {value}")
