@@ -13,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import require_admin_key
 from api.json_body import BodyRoute
-from pool.admin import PoolAdmin
-from pool.errors import InvalidRequest
-from pool.resources import MAX_COUNT
+from pool.engine.admin import PoolAdmin
+from pool.model.errors import InvalidRequest
+from pool.model.resources import MAX_COUNT
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], route_class=BodyRoute,
                    dependencies=[Depends(require_admin_key)],

@@ -19,7 +19,7 @@ from api.limits import BodySizeLimit, limiter_from
 from api.metrics import install_metrics
 from api.routes import router
 from pool.dispatch import create_dispatcher
-from pool.embedded import EmbeddedDispatcher
+from pool.engine.embedded import EmbeddedDispatcher
 from pool.settings import Settings, from_env
 
 log = logging.getLogger(__name__)

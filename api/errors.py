@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from api.json_body import finite_for_json
-from pool.errors import (
+from pool.model.errors import (
     BackendUnavailable,
     CapacityError,
     InvalidRequest,

@@ -1,6 +1,6 @@
 """Prometheus metrics at /metrics, in a registry of the app's own (several apps in one process never clash).
 
-Pool figures are read at scrape time from the pool's own counters (pool/tier_pool.py, pool/stats.py), so
+Pool figures are read at scrape time from the pool's own counters (pool/engine/tier_pool.py, pool/model/stats.py), so
 the task path carries no metrics library; only the end-to-end request time is observed per request,
 by a plain ASGI middleware.
 """
@@ -17,8 +17,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pool.manager import PoolManager
-from pool.stats import Histogram as PoolHistogram
+from pool.engine.manager import PoolManager
+from pool.model.stats import Histogram as PoolHistogram
 
 REQUEST_BOUNDS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 

@@ -15,12 +15,12 @@ from api.errors import invalid_body
 from api.json_body import BodyRoute
 from api.limits import require_task_quota
 from api.schemas import ExecuteRequest, ExecuteResponse, TaskAccepted, TaskPending, TierOut
-from pool.dispatch import Dispatcher, TaskState, TaskView, owner_of
-from pool.manager import Execution
-from pool.resources import ResourceRequest
-from pool.results import TaskResult, TaskSpec
+from pool.dispatch import Dispatcher, owner_of
+from pool.model.resources import ResourceRequest
+from pool.model.results import TaskResult, TaskSpec
+from pool.model.tasks import Execution, TaskState, TaskView
+from pool.model.tiers import Tier, fit_tier
 from pool.settings import Settings
-from pool.tiers import Tier, fit_tier
 
 router = APIRouter(route_class=BodyRoute)
 _TASK_ID = re.compile(r"[0-9a-f]{32}")

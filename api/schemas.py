@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pool.errors import InvalidRequest
-from pool.resources import ResourceRequest, parse_bytes, parse_count, parse_number
+from pool.model.errors import InvalidRequest
+from pool.model.resources import ResourceRequest, parse_bytes, parse_count, parse_number
 
 SUPPORTED_TASK_TYPES = ("execute_code",)
 

@@ -8,34 +8,12 @@ and readiness. A task's own failure is data (`Execution.result`); a pool error t
 
 from __future__ import annotations
 
-import enum
 import hashlib
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pool.errors import PoolError
-from pool.manager import Execution
-from pool.results import TaskSpec
+from pool.model.results import TaskSpec
+from pool.model.tasks import Execution, TaskView
 from pool.settings import Settings
-from pool.tiers import Tier
-
-
-class TaskState(enum.StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-
-
-@dataclass(frozen=True)
-class TaskView:
-    """An async task as its submitter may see it."""
-
-    task_id: str
-    state: TaskState
-    tier: Tier
-    execution: Execution | None = None
-    error: PoolError | None = None  # why it could not run (it did not)
-    total_ms: float = 0.0  # from submission to result
 
 
 class Dispatcher(Protocol):
@@ -75,9 +53,9 @@ def owner_of(api_key: str) -> str:
 def create_dispatcher(settings: Settings) -> Dispatcher:
     """Scale-out mode when WARMPOOL_REDIS_URL is set, else the embedded pool."""
     if settings.redis_url:
-        from pool.redis_dispatch import RedisDispatcher
+        from pool.scaleout.redis_dispatch import RedisDispatcher
 
         return RedisDispatcher(settings)
-    from pool.embedded import EmbeddedDispatcher
+    from pool.engine.embedded import EmbeddedDispatcher
 
     return EmbeddedDispatcher(settings)

@@ -8,11 +8,12 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from pool.errors import InvalidRequest
-from pool.resources import parse_bytes, parse_number
+from pool.model.errors import InvalidRequest
+from pool.model.resources import parse_bytes, parse_number
+from pool.model.result_bounds import Bounds, largest_task_bytes
+from pool.model.tiers import Tier, default_tiers, load_tiers_file, sorted_tiers
+from pool.model.warming import WarmingPolicy
 from pool.sizes_file import apply_sizes, load_sizes
-from pool.tiers import Tier, default_tiers, load_tiers_file, sorted_tiers
-from pool.warming import WarmingPolicy
 
 MIB = 1024 ** 2
 GIB = 1024 ** 3
@@ -77,6 +78,11 @@ class Settings:
     visibility_timeout_s: float = 10.0  # a dead worker's unfinished tasks are claimed after this long
     worker_tiers: tuple[str, ...] = ()  # the tiers a worker serves; empty: all of them
     mode: str = "warm"
+
+    def result_bounds(self) -> Bounds:
+        """The async results bound (pool/model/result_bounds.py) these settings give."""
+        return Bounds(max_tasks_per_key=self.max_tasks_per_key, max_result_bytes_per_key=self.max_result_bytes_per_key,
+                      max_results=self.max_results, max_result_bytes=self.max_result_bytes)
 
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
@@ -192,9 +198,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
 
 def _check_result_bounds(settings: Settings) -> None:
     """Each bound must hold at least one task of the largest allowed size, else every submission is 429."""
-    from pool.result_bounds import largest_task_bytes
-
-    largest = largest_task_bytes(settings)
+    largest = largest_task_bytes(settings.max_code_bytes, settings.max_stdin_bytes, settings.output_limit_bytes)
     for name, value in (("MAX_RESULT_BYTES_PER_KEY", settings.max_result_bytes_per_key),
                         ("MAX_RESULT_BYTES", settings.max_result_bytes)):
         if value < largest:

@@ -16,8 +16,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from pool.errors import InvalidRequest
-from pool.tiers import Tier, validate_tier
+from pool.model.errors import InvalidRequest
+from pool.model.tiers import Tier, validate_tier
 
 Sizes = dict[str, dict[str, int]]
 

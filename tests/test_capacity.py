@@ -7,15 +7,15 @@ import stat
 import docker
 import pytest
 
-from pool.capacity import CapacityLedger, HostInventory
-from pool.docker_backend import EngineInfo
-from pool.errors import CapacityError, InvalidRequest
-from pool.inventory import detect_gpu_ids, host_inventory, parse_gpu_list, unfit_reason
-from pool.resources import ResourceRequest, Resources
-from pool.sandbox_spec import host_config_kwargs
+from pool.engine.docker_backend import EngineInfo
+from pool.engine.inventory import detect_gpu_ids, host_inventory, parse_gpu_list, unfit_reason
+from pool.engine.sandbox_spec import host_config_kwargs
+from pool.model.capacity import CapacityLedger, HostInventory
+from pool.model.errors import CapacityError, InvalidRequest
+from pool.model.resources import ResourceRequest, Resources
+from pool.model.tiers import fit_tier
 from pool.settings import from_env
 from pool.sizes_file import load_sizes, save_sizes
-from pool.tiers import fit_tier
 
 MIB, GIB = 1024**2, 1024**3
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from pool.errors import CapacityError, NoCapacity
-from pool.manager import PoolManager
-from pool.results import TaskSpec
+from pool.engine.manager import PoolManager
+from pool.model.errors import CapacityError, NoCapacity
+from pool.model.results import TaskSpec
 from pool.settings import from_env
 
 pytestmark = pytest.mark.docker

@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from pool.protocol import FrameDecoder, ProtocolError, encode_frame
+from pool.model.protocol import FrameDecoder, ProtocolError, encode_frame
 
 
 def docker_chunk(stream: int, payload: bytes) -> bytes:

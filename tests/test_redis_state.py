@@ -8,13 +8,13 @@ import uuid
 
 import pytest
 
-from pool.errors import NoCapacity
-from pool.manager import Execution
-from pool.redis_io import GROUP, Keys, Scripts, connect
-from pool.resources import Resources
-from pool.results import Status, TaskResult, Usage
-from pool.task_codec import Outcome, worker_lost
-from pool.tiers import Tier
+from pool.model.errors import NoCapacity
+from pool.model.resources import Resources
+from pool.model.results import Status, TaskResult, Usage
+from pool.model.tasks import Execution
+from pool.model.tiers import Tier
+from pool.scaleout.redis_io import GROUP, Keys, Scripts, connect
+from pool.scaleout.task_codec import Outcome, worker_lost
 
 TIER = Tier("one", Resources(cpu=0.5, gpu=0, ram_bytes=96 << 20, storage_bytes=32 << 20))
 

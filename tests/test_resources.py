@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from pool.errors import InvalidRequest
-from pool.resources import parse_bytes, parse_request
+from pool.model.errors import InvalidRequest
+from pool.model.resources import parse_bytes, parse_request
 
 KIB, MIB, GIB, TIB = 1024, 1024**2, 1024**3, 1024**4
 

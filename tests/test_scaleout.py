@@ -9,8 +9,8 @@ import uuid
 import pytest
 
 from pool.dispatch import owner_of
-from pool.results import TaskSpec
-from pool.task_codec import spec_fields
+from pool.model.results import TaskSpec
+from pool.scaleout.task_codec import spec_fields
 from tests.scaleout_support import container_ids, wait_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.docker]

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from pool.capacity import CapacityLedger, HostInventory
-from pool.errors import CapacityError, InvalidRequest, NoTierFits
-from pool.resources import ResourceRequest, Resources
-from pool.tiers import Tier, default_tiers, fit_tier, load_tiers_file
+from pool.model.capacity import CapacityLedger, HostInventory
+from pool.model.errors import CapacityError, InvalidRequest, NoTierFits
+from pool.model.resources import ResourceRequest, Resources
+from pool.model.tiers import Tier, default_tiers, fit_tier, load_tiers_file
 
 MIB, GIB = 1024**2, 1024**3
 

@@ -5,11 +5,11 @@ import math
 
 import pytest
 
-from pool.container import ContainerHandle
-from pool.resources import Resources
-from pool.tier_pool import TierPool
-from pool.tiers import Tier
-from pool.warming import Demand, WarmingPolicy, demand_idle, idle_to_remove, warm_target
+from pool.engine.container import ContainerHandle
+from pool.engine.tier_pool import TierPool
+from pool.model.resources import Resources
+from pool.model.tiers import Tier
+from pool.model.warming import Demand, WarmingPolicy, demand_idle, idle_to_remove, warm_target
 from tests.polling import wait_for
 
 MIB = 1024**2

@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI
 
 from api.auth import require_admin_key, require_api_key
 from api.limits import RateLimiter
-from pool.errors import InvalidRequest
+from pool.model.errors import InvalidRequest
 from pool.settings import Settings, from_env
 from tests.conftest import REPO
 from tests.hostile.conftest import MAX_WAITING, container_of_box, execute

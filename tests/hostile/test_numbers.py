@@ -14,10 +14,10 @@ import httpx
 import pytest
 
 from api.app import create_app
-from pool.errors import InvalidRequest
-from pool.resources import parse_bytes, parse_count, parse_number
+from pool.model.errors import InvalidRequest
+from pool.model.resources import parse_bytes, parse_count, parse_number
+from pool.model.tiers import tier_from_dict
 from pool.settings import Settings, from_env
-from pool.tiers import tier_from_dict
 
 DIGITS_400 = "1" + "0" * 400
 DIGITS_5000 = "9" * 5001  # past CPython's 4300-digit int parsing limit

@@ -13,9 +13,9 @@ import httpx
 import pytest
 import redis
 
-from pool.errors import Overloaded
-from pool.redis_io import GROUP, Held, Keys, Refusal, Scripts, connect
-from pool.result_bounds import RECORD_OVERHEAD_BYTES, Bounds, ResultBook
+from pool.model.errors import Overloaded
+from pool.model.result_bounds import RECORD_OVERHEAD_BYTES, Bounds, ResultBook
+from pool.scaleout.redis_io import GROUP, Held, Keys, Refusal, Scripts, connect
 from tests.hostile.conftest import server_rss_bytes
 from tests.scaleout_support import wait_for
 

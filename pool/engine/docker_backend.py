@@ -18,7 +18,7 @@ import docker.errors
 import requests.exceptions
 from docker.types import DeviceRequest, LogConfig, Ulimit
 
-from pool.errors import BackendUnavailable, SandboxError
+from pool.model.errors import BackendUnavailable, SandboxError
 
 POOL_LABEL = "warmpool.pool"
 TIER_LABEL = "warmpool.tier"

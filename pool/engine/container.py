@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 import anyio
 
-from pool.channel import ChannelClosed, RunnerChannel
-from pool.docker_backend import DockerBackend
-from pool.errors import PoolError, SandboxError
-from pool.resources import format_bytes
-from pool.results import Status, TaskResult, TaskSpec
-from pool.sandbox_spec import host_config_kwargs, labels_for, task_nproc_limit
-from pool.tiers import Tier
+from pool.engine.channel import ChannelClosed, RunnerChannel
+from pool.engine.docker_backend import DockerBackend
+from pool.engine.sandbox_spec import host_config_kwargs, labels_for, task_nproc_limit
+from pool.model.errors import PoolError, SandboxError
+from pool.model.resources import format_bytes
+from pool.model.results import Status, TaskResult, TaskSpec
+from pool.model.tiers import Tier
 
 log = logging.getLogger(__name__)
 

@@ -32,13 +32,13 @@ from typing import cast
 import redis.exceptions
 
 from pool.background import TaskOwner
-from pool.container import RESULT_GRACE_S
-from pool.errors import BackendUnavailable, InvalidRequest, PoolError
-from pool.manager import PoolManager
-from pool.membership import BEATS_TO_DEATH, beat_json
-from pool.redis_io import GROUP, Keys, Scripts, connect, is_nogroup, redis_errors
+from pool.engine.container import RESULT_GRACE_S
+from pool.engine.manager import PoolManager
+from pool.model.errors import BackendUnavailable, InvalidRequest, PoolError
+from pool.scaleout.membership import BEATS_TO_DEATH, beat_json
+from pool.scaleout.redis_io import GROUP, Keys, Scripts, connect, is_nogroup, redis_errors
+from pool.scaleout.worker_tasks import TaskHandler
 from pool.settings import Settings, from_env
-from pool.worker_tasks import TaskHandler
 
 log = logging.getLogger(__name__)
 

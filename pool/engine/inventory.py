@@ -13,12 +13,12 @@ import re
 import shutil
 import subprocess
 
-from pool.capacity import HostInventory
-from pool.docker_backend import EngineInfo
-from pool.errors import NoTierFits
-from pool.resources import format_bytes
+from pool.engine.docker_backend import EngineInfo
+from pool.model.capacity import HostInventory
+from pool.model.errors import NoTierFits
+from pool.model.resources import format_bytes
+from pool.model.tiers import Tier
 from pool.settings import Settings
-from pool.tiers import Tier
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from pool.manager import PoolManager
-from pool.tiers import Tier
+from pool.engine.manager import PoolManager
+from pool.model.tiers import Tier
 
 log = logging.getLogger(__name__)
 

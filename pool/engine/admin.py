@@ -16,11 +16,11 @@ from typing import Any
 
 import anyio
 
-from pool.capacity import CapacityLedger
-from pool.errors import CapacityError, InvalidRequest
-from pool.manager import PoolManager
+from pool.engine.manager import PoolManager
+from pool.engine.tier_pool import TierPool
+from pool.model.capacity import CapacityLedger
+from pool.model.errors import CapacityError, InvalidRequest
 from pool.sizes_file import load_sizes, save_sizes
-from pool.tier_pool import TierPool
 
 log = logging.getLogger(__name__)
 

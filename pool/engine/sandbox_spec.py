@@ -12,7 +12,7 @@ import os
 import socket
 from typing import Any
 
-from pool.docker_backend import (
+from pool.engine.docker_backend import (
     INSTANCE_LABEL,
     OWNER_LABEL,
     POOL_LABEL,
@@ -21,7 +21,7 @@ from pool.docker_backend import (
     no_logging,
     ulimits,
 )
-from pool.tiers import Tier
+from pool.model.tiers import Tier
 
 RUNNER_CAPABILITIES = ("SETUID", "SETGID", "KILL")
 SHM_CAP_BYTES = 64 * 1024 * 1024

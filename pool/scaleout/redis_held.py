@@ -1,4 +1,4 @@
-"""Scale-out mode's bound on async tasks held in Redis: the rule of pool/result_bounds.py, in Lua.
+"""Scale-out mode's bound on async tasks held in Redis: the rule of pool/model/result_bounds.py, in Lua.
 
 Layout (under the configured prefix `{p}`; `owner/task` names a held task as a member):
 
@@ -10,7 +10,7 @@ Layout (under the configured prefix `{p}`; `owner/task` names a held task as a m
     {p}:held-pending        zset owner/task -> when its pending hash expires (ms): released then if lost
     {p}:held-done           zset owner/task -> when its result expires (ms): released then; oldest evicted first
 
-The submit and finalize scripts of pool/redis_io.py start with `PRELUDE` and call its functions, so that
+The submit and finalize scripts of pool/scaleout/redis_io.py start with `PRELUDE` and call its functions, so that
 holding, finishing, expiring and evicting are each part of one atomic step with the task's own change.
 The scripts reach keys they compute from the prefix (not all passed in KEYS): fine on a single Redis,
 which is what scale-out mode uses; not for Redis Cluster.
@@ -21,7 +21,7 @@ so that a GET answers 404 saying it was evicted.
 
 from __future__ import annotations
 
-from pool.result_bounds import RECORD_OVERHEAD_BYTES
+from pool.model.result_bounds import RECORD_OVERHEAD_BYTES
 
 # Functions over `P` (the prefix) and `NOW` (ms), which each script sets first.
 PRELUDE = """
@@ -89,7 +89,7 @@ end
 local function bytes_of(owner) return tonumber(redis.call('HGET', P .. ':held-bytes', owner) or '0') end
 
 -- Admit a pending task of `size` bytes for `owner`, or return a refusal {scope, retry_ms, tasks, bytes}
--- (the scopes of pool.result_bounds.refusal).
+-- (the scopes of pool.model.result_bounds.refusal).
 local function admit(owner, task, size, pending_until, per_key_tasks, per_key_bytes, max_tasks, max_bytes)
   expire_held()
   local held = held_key(owner)
@@ -98,7 +98,7 @@ local function admit(owner, task, size, pending_until, per_key_tasks, per_key_by
     local oldest = redis.call('ZRANGE', held .. ':done', 0, 0, 'WITHSCORES')
     return {'key', oldest[2] and math.floor(tonumber(oldest[2]) - NOW) or -1, mine, bytes_of(owner)}
   end
-  -- Refused before anything is evicted: only finished results can make room (pool/result_bounds.py).
+  -- Refused before anything is evicted: only finished results can make room (pool/model/result_bounds.py).
   local pending_mine = tonumber(redis.call('HGET', P .. ':held-pending-bytes', owner) or '0')
   if pending_mine + size > per_key_bytes then return {'key-bytes', -1, mine, pending_mine} end
   local tasks, bytes, pending_tasks, pending_bytes = totals()

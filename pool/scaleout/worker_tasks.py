@@ -1,6 +1,6 @@
 """One task in a worker's hands: inspect a claimed entry, run the task on the pool, store its outcome once.
 
-What happens to a claimed entry, and why a started task is never run twice, is told in `pool/worker.py`.
+What happens to a claimed entry, and why a started task is never run twice, is told in `pool/scaleout/worker.py`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
-from pool.errors import BackendUnavailable, PoolError, TaskWithdrawn
-from pool.manager import Execution, PoolManager
-from pool.redis_io import GROUP, Keys, Scripts, redis_errors
+from pool.engine.manager import PoolManager
+from pool.model.errors import BackendUnavailable, PoolError, TaskWithdrawn
+from pool.model.tasks import Execution
+from pool.scaleout.redis_io import GROUP, Keys, Scripts, redis_errors
+from pool.scaleout.task_codec import MalformedEntry, Outcome, spec_from_fields, worker_lost
 from pool.settings import Settings
-from pool.task_codec import MalformedEntry, Outcome, spec_from_fields, worker_lost
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pool.background import TaskOwner
-from pool.dispatch import TaskState, TaskView
-from pool.errors import Overloaded, PoolError, ResultEvicted, SandboxError
-from pool.manager import Execution, PoolManager
-from pool.result_bounds import ResultBook, bounds_of, pending_bytes, result_bytes
-from pool.results import TaskSpec
+from pool.engine.manager import PoolManager
+from pool.model.errors import Overloaded, PoolError, ResultEvicted, SandboxError
+from pool.model.result_bounds import ResultBook, pending_bytes, result_bytes
+from pool.model.results import TaskSpec
+from pool.model.tasks import Execution, TaskState, TaskView
 from pool.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class EmbeddedDispatcher:
         self.settings = settings
         self.pool = PoolManager(settings)
         self._records: dict[str, _Record] = {}
-        self._book = ResultBook(bounds_of(settings))
+        self._book = ResultBook(settings.result_bounds())
         # Evicted ids (and their owners), so that a GET says why the result is gone; as many as results.
         self._evicted: OrderedDict[str, str] = OrderedDict()
         self._swept_at = 0.0

@@ -11,11 +11,11 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pool.errors import BackendUnavailable, NoCapacity, Overloaded, PoolError, SandboxError
-from pool.manager import Execution
-from pool.resources import Resources
-from pool.results import Status, TaskResult, TaskSpec, Usage
-from pool.tiers import Tier
+from pool.model.errors import BackendUnavailable, NoCapacity, Overloaded, PoolError, SandboxError
+from pool.model.resources import Resources
+from pool.model.results import Status, TaskResult, TaskSpec, Usage
+from pool.model.tasks import Execution
+from pool.model.tiers import Tier
 
 # Most specific first: Overloaded is a NoCapacity (429 rather than 503).
 _ERROR_KINDS: dict[str, type[PoolError]] = {

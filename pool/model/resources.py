@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pool.errors import InvalidRequest
+from pool.model.errors import InvalidRequest
 
 _UNIT_POWERS = {"": 0, "b": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 # Docker (and the kernel) take sizes as int64; anything larger is no size a host has, and refusing it here

@@ -31,9 +31,9 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from pool.errors import BackendUnavailable
-from pool.redis_held import OVERHEAD_BYTES, PRELUDE
-from pool.result_bounds import Bounds
+from pool.model.errors import BackendUnavailable
+from pool.model.result_bounds import Bounds
+from pool.scaleout.redis_held import OVERHEAD_BYTES, PRELUDE
 
 GROUP = "workers"
 CONNECT_TIMEOUT_S = 2.0

@@ -10,13 +10,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
 
-from pool.capacity import CapacityLedger
-from pool.container import (
+from pool.engine.container import (
     ContainerHandle,
     CreateOptions,
     explain_loss,
@@ -24,8 +22,12 @@ from pool.container import (
     start_container,
     status_needs_replacement,
 )
-from pool.docker_backend import INSTANCE_LABEL, DockerBackend
-from pool.errors import (
+from pool.engine.docker_backend import INSTANCE_LABEL, DockerBackend
+from pool.engine.inventory import detect_gpu_ids, host_inventory, unfit_reason
+from pool.engine.sandbox_spec import owner_is_alive, owner_token
+from pool.engine.tier_pool import TierPool
+from pool.model.capacity import CapacityLedger
+from pool.model.errors import (
     BackendUnavailable,
     CapacityError,
     NoCapacity,
@@ -34,27 +36,13 @@ from pool.errors import (
     SandboxError,
     TaskWithdrawn,
 )
-from pool.inventory import detect_gpu_ids, host_inventory, unfit_reason
-from pool.results import Status, TaskResult, TaskSpec
-from pool.sandbox_spec import owner_is_alive, owner_token
+from pool.model.results import Status, TaskResult, TaskSpec
+from pool.model.tasks import Execution
 from pool.settings import Settings
-from pool.tier_pool import TierPool
-from pool.tiers import Tier
 
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
-
-
-@dataclass(frozen=True)
-class Execution:
-    """A task's result with where and how long it waited and ran."""
-
-    result: TaskResult
-    tier: Tier
-    queue_ms: float
-    container_name: str
-    worker: str = ""  # the pool instance that ran it (a worker's id in scale-out mode)
 
 
 # Awaited once a container is leased, before the code is sent: False (or an exception) withdraws the task
@@ -322,7 +310,7 @@ class PoolManager:
                 self._start_wanted(pool)
 
     def retune(self, pool: TierPool, *, now: bool = False) -> None:
-        """Set the tier's warm target from demand (pool/warming.py); remove the idle containers beyond it."""
+        """Set the tier's warm target from demand (pool/model/warming.py); remove the idle containers beyond it."""
         assert self.ledger is not None
         for handle, reason in pool.retune(self.settings.warming, self.ledger.room_for(pool.tier.resources),
                                           now=now):

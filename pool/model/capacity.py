@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pool.errors import CapacityError
-from pool.resources import Resources, format_bytes
+from pool.model.errors import CapacityError
+from pool.model.resources import Resources, format_bytes
 
 
 @dataclass(frozen=True)

@@ -17,16 +17,15 @@ import time
 from typing import Any, cast
 
 from pool.background import TaskOwner
-from pool.container import RESULT_GRACE_S
-from pool.dispatch import TaskState, TaskView
-from pool.errors import BackendUnavailable, NoCapacity, Overloaded, ResultEvicted
-from pool.manager import Execution
-from pool.membership import BEATS_TO_DEATH, ClusterView, parse_beat
-from pool.redis_io import Held, Keys, Refusal, Scripts, connect, redis_errors
-from pool.result_bounds import bounds_of, pending_bytes, refusal
-from pool.results import TaskSpec
+from pool.engine.container import RESULT_GRACE_S
+from pool.model.errors import BackendUnavailable, NoCapacity, Overloaded, ResultEvicted
+from pool.model.result_bounds import pending_bytes, refusal
+from pool.model.results import TaskSpec
+from pool.model.tasks import Execution, TaskState, TaskView
+from pool.scaleout.membership import BEATS_TO_DEATH, ClusterView, parse_beat
+from pool.scaleout.redis_io import Held, Keys, Refusal, Scripts, connect, redis_errors
+from pool.scaleout.task_codec import MalformedEntry, Outcome, spec_fields
 from pool.settings import Settings
-from pool.task_codec import MalformedEntry, Outcome, spec_fields
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ def pending_ttl_ms(settings: Settings) -> int:
 def _refused(refused: Refusal, settings: Settings) -> Overloaded:
     """The results bound's refusal, as the same 429 embedded mode gives."""
     retry_s = refused.retry_after_ms / 1000 if refused.retry_after_ms >= 0 else settings.max_timeout_s
-    return refusal(refused.scope, refused.tasks, refused.size_bytes, bounds_of(settings), max(1.0, retry_s))
+    return refusal(refused.scope, refused.tasks, refused.size_bytes, settings.result_bounds(), max(1.0, retry_s))
 
 
 class RedisDispatcher:
@@ -100,7 +99,7 @@ class RedisDispatcher:
         self._require_worker(tier_name)
         await self._submit(tier_name, spec, kind="async", owner=owner, reply_to="",
                            lease_wait_s=self.settings.lease_timeout_s,
-                           held=Held(owner=owner, size_bytes=pending_bytes(spec), bounds=bounds_of(self.settings)))
+                           held=Held(owner=owner, size_bytes=pending_bytes(spec), bounds=self.settings.result_bounds()))
 
     async def _submit(self, tier_name: str, spec: TaskSpec, *, kind: str, owner: str, reply_to: str,
                       lease_wait_s: float, held: Held | None = None) -> None:

@@ -11,7 +11,7 @@ import socket
 from collections.abc import Callable
 from typing import Any, cast
 
-from pool.protocol import FrameDecoder, ProtocolError, encode_frame
+from pool.model.protocol import FrameDecoder, ProtocolError, encode_frame
 
 
 class ChannelClosed(Exception):

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pool.errors import InvalidRequest, NoTierFits
-from pool.resources import ResourceRequest, Resources, format_bytes, parse_bytes, parse_count, parse_number
+from pool.model.errors import InvalidRequest, NoTierFits
+from pool.model.resources import ResourceRequest, Resources, format_bytes, parse_bytes, parse_count, parse_number
 
 MIB = 1024 ** 2
 GIB = 1024 ** 3
@@ -69,7 +69,7 @@ def tier_from_dict(raw: dict[str, Any], index: int) -> Tier:
         name=raw["name"],
         resources=Resources(
             cpu=parse_number(f"{where}.cpu", raw.get("cpu", 1), allow_zero=False),
-            gpu=parse_count(f"{where}.gpu", raw.get("gpu", 0)),
+            gpu=_whole_gpus(f"{where}.gpu", raw.get("gpu", 0)),
             ram_bytes=parse_bytes(f"{where}.ram", raw.get("ram", "256MiB")),
             storage_bytes=parse_bytes(f"{where}.storage", raw.get("storage", "256MiB")),
         ),
@@ -82,6 +82,12 @@ def tier_from_dict(raw: dict[str, Any], index: int) -> Tier:
     )
     validate_tier(tier, where)
     return tier
+
+
+def _whole_gpus(field: str, value: Any) -> int:
+    if parse_number(field, value, allow_zero=True) % 1:
+        raise InvalidRequest(field, f"a tier holds whole GPUs, got {value!r}")
+    return parse_count(field, value)
 
 
 def validate_tier(tier: Tier, where: str) -> None:

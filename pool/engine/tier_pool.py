@@ -8,18 +8,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pool.container import ContainerHandle
-from pool.errors import NoCapacity, NoTierFits, PoolError
-from pool.stats import RunTimes, WaitSamples
-from pool.tiers import Tier
-from pool.warming import Demand, WarmingPolicy, idle_to_remove, warm_target
+from pool.engine.container import ContainerHandle
+from pool.model.errors import NoCapacity, NoTierFits, PoolError
+from pool.model.stats import RunTimes, WaitSamples
+from pool.model.tiers import Tier
+from pool.model.warming import Demand, WarmingPolicy, idle_to_remove, warm_target
 
 START_BACKOFF_MAX_S = 60.0
 
 
 @dataclass
 class TierStats:
-    """Counters since start; `api/metrics.py` exposes them and `pool/admin.py` reports them."""
+    """Counters since start; `api/metrics.py` exposes them and `pool/engine/admin.py` reports them."""
 
     leases: int = 0
     lease_timeouts: int = 0

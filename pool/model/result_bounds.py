@@ -28,9 +28,8 @@ import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from pool.errors import Overloaded
-from pool.results import TaskResult, TaskSpec
-from pool.settings import Settings
+from pool.model.errors import Overloaded
+from pool.model.results import TaskResult, TaskSpec
 
 # What a held task costs beyond its text: its record, ids, timings, the dict entries that index it.
 RECORD_OVERHEAD_BYTES = 2048
@@ -44,10 +43,9 @@ def pending_bytes(spec: TaskSpec) -> int:
     return len(spec.code) + len(spec.stdin) + 2 * spec.output_limit_bytes + RECORD_OVERHEAD_BYTES
 
 
-def largest_task_bytes(settings: Settings) -> int:
-    """The most `pending_bytes` can be under these settings."""
-    return (settings.max_code_bytes + settings.max_stdin_bytes + 2 * settings.output_limit_bytes
-            + RECORD_OVERHEAD_BYTES)
+def largest_task_bytes(max_code_bytes: int, max_stdin_bytes: int, output_limit_bytes: int) -> int:
+    """The most `pending_bytes` can be when code, stdin and output are capped so."""
+    return max_code_bytes + max_stdin_bytes + 2 * output_limit_bytes + RECORD_OVERHEAD_BYTES
 
 
 def result_bytes(result: TaskResult | None) -> int:
@@ -64,12 +62,6 @@ class Bounds:
     max_result_bytes_per_key: int
     max_results: int
     max_result_bytes: int
-
-
-def bounds_of(settings: Settings) -> Bounds:
-    return Bounds(max_tasks_per_key=settings.max_tasks_per_key,
-                  max_result_bytes_per_key=settings.max_result_bytes_per_key,
-                  max_results=settings.max_results, max_result_bytes=settings.max_result_bytes)
 
 
 def refusal(scope: str, tasks: int, size_bytes: int, bounds: Bounds, retry_after_s: float) -> Overloaded:

@@ -1,0 +1,39 @@
+"""What a task became: its execution (wherever it ran), and an async task as its submitter sees it (no I/O)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from pool.model.errors import PoolError
+from pool.model.results import TaskResult
+from pool.model.tiers import Tier
+
+
+@dataclass(frozen=True)
+class Execution:
+    """A task's result with where and how long it waited and ran."""
+
+    result: TaskResult
+    tier: Tier
+    queue_ms: float
+    container_name: str
+    worker: str = ""  # the pool instance that ran it (a worker's id in scale-out mode)
+
+
+class TaskState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """An async task as its submitter may see it."""
+
+    task_id: str
+    state: TaskState
+    tier: Tier
+    execution: Execution | None = None
+    error: PoolError | None = None  # why it could not run (it did not)
+    total_ms: float = 0.0  # from submission to result
