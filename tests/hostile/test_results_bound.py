@@ -128,6 +128,17 @@ def _finished(client: httpx.Client, link: str, headers: dict[str, str] | None = 
     return response
 
 
+def _three_tasks_per_key(client: httpx.Client) -> None:
+    """With WARMPOOL_MAX_TASKS_PER_KEY=3 and keys alice and bob: alice's fourth task is a 429, bob's first is not."""
+    alice, bob = {"authorization": "Bearer alice"}, {"authorization": "Bearer bob"}
+    slow = {"code": "import time; time.sleep(1)", "resources": {"ram": "64MiB"}}
+    assert [client.post("/v1/tasks", json=slow, headers=alice).status_code for _ in range(3)] == [202] * 3
+    refused = client.post("/v1/tasks", json=slow, headers=alice)
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1, refused.text
+    assert "3 tasks" in refused.json()["detail"]
+    assert client.post("/v1/tasks", json=slow, headers=bob).status_code == 202  # bob has his own bound
+
+
 @pytest.mark.docker
 def test_embedded_results_stay_within_the_bound(serve):
     svc = serve(env={**BOUND_ENV, "WARMPOOL_API_KEYS": "alice,bob"})
@@ -150,13 +161,7 @@ def test_embedded_results_stay_within_the_bound(serve):
 @pytest.mark.docker
 def test_embedded_tasks_per_key_are_bounded(serve):
     svc = serve(env={"WARMPOOL_MAX_TASKS_PER_KEY": "3", "WARMPOOL_API_KEYS": "alice,bob"})
-    alice, bob = {"authorization": "Bearer alice"}, {"authorization": "Bearer bob"}
-    slow = {"code": "import time; time.sleep(1)", "resources": {"ram": "64MiB"}}
-    assert [svc.client.post("/v1/tasks", json=slow, headers=alice).status_code for _ in range(3)] == [202] * 3
-    refused = svc.client.post("/v1/tasks", json=slow, headers=alice)
-    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1, refused.text
-    assert "3 tasks" in refused.json()["detail"]
-    assert svc.client.post("/v1/tasks", json=slow, headers=bob).status_code == 202  # bob has his own bound
+    _three_tasks_per_key(svc.client)
 
 
 @pytest.mark.docker
@@ -186,10 +191,4 @@ def test_scaleout_tasks_per_key_are_bounded(cluster):
     made = cluster()
     made.worker()
     api = made.api(env={"WARMPOOL_MAX_TASKS_PER_KEY": "3", "WARMPOOL_API_KEYS": "alice,bob"})
-    alice, bob = {"authorization": "Bearer alice"}, {"authorization": "Bearer bob"}
-    slow = {"code": "import time; time.sleep(1)", "resources": {"ram": "64MiB"}}
-    assert [api.client.post("/v1/tasks", json=slow, headers=alice).status_code for _ in range(3)] == [202] * 3
-    refused = api.client.post("/v1/tasks", json=slow, headers=alice)
-    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1, refused.text
-    assert "3 tasks" in refused.json()["detail"]
-    assert api.client.post("/v1/tasks", json=slow, headers=bob).status_code == 202  # bob has his own bound
+    _three_tasks_per_key(api.client)
