@@ -53,6 +53,7 @@ def test_the_book_refuses_per_key_and_evicts_the_oldest_in_total():
     assert book.usage("bob").tasks == 0 and book.total.tasks == 1  # a3, still pending
 
 
+@pytest.mark.redis
 def test_the_redis_scripts_hold_the_same_bound(redis_url):
     anyio.run(_redis_bound, redis_url)
 
