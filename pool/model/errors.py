@@ -9,6 +9,7 @@
     │       └── TooManySessions the key holds as many sessions as it may (HTTP 429)
     ├── BackendUnavailable      Docker (or Redis) does not answer (retry later)
     ├── SandboxError            a container or its runner broke; the container is replaced
+    ├── ResultEvicted           an async task's result was evicted to keep the results bound (HTTP 404)
     ├── TaskWithdrawn           a leased task was withdrawn before its code was sent (nothing ran)
     ├── SessionGone             no such session for this key: unknown, or ended (says why; HTTP 404)
     └── SessionBusy             a call of the session is running already (HTTP 409)
@@ -62,6 +63,10 @@ class BackendUnavailable(PoolError):
 
 class SandboxError(PoolError):
     """A container or its runner failed in a way that is not the task's own doing."""
+
+
+class ResultEvicted(PoolError):
+    """An async task's finished result was dropped before its TTL to keep the server's results bound."""
 
 
 class TaskWithdrawn(PoolError):
