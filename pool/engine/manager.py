@@ -180,6 +180,10 @@ class PoolManager:
         return Execution(result=result, tier=handle.tier, queue_ms=queue_ms, container_name=handle.name,
                          worker=self.settings.instance_id)
 
+    def give_back(self, handle: ContainerHandle) -> None:
+        """A leased container that never received code goes back to the pool as it is (it is still clean)."""
+        self._give_back(handle)
+
     def _give_back(self, handle: ContainerHandle) -> None:
         """A leased container that never received code is still clean: straight back to the pool."""
         pool = self.pools[handle.tier.name]

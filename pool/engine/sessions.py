@@ -27,10 +27,10 @@ from typing import Any
 from pool.background import TaskOwner
 from pool.engine.channel import ChannelClosed
 from pool.engine.container import ContainerHandle, OutputSink
-from pool.engine.manager import PoolManager
+from pool.engine.manager import PoolManager, StartGate
 from pool.engine.session_calls import close_session, open_session, run_call
 from pool.model import sessions as ended_because
-from pool.model.errors import SandboxError, SessionBusy, SessionGone, TooManySessions
+from pool.model.errors import SandboxError, SessionBusy, SessionGone, TaskWithdrawn, TooManySessions
 from pool.model.results import Status, TaskResult, TaskSpec
 from pool.model.sessions import SessionInfo
 from pool.model.tasks import Execution
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 ENDED_MEMORY_S = 3600.0
 ENDED_MEMORY_MAX = 10_000
 REAP_EVERY_S = 0.25
+HOOKS_WAIT_S = 5.0
 
 # Told (session id, owner, reason) when a session ends; scale-out workers record it in Redis.
 EndHook = Callable[[str, str, str], Coroutine[Any, Any, None]]
@@ -75,6 +76,7 @@ class SessionManager:
         self._opening: collections.Counter[str] = collections.Counter()  # per owner: opens not yet done
         self.ended_counts: collections.Counter[str] = collections.Counter()  # by reason, since start
         self._background = TaskOwner("sessions")
+        self._hooks = TaskOwner("session end hooks")
 
     async def start(self) -> None:
         self._background.spawn(self._reap_loop())
@@ -83,12 +85,15 @@ class SessionManager:
         """End every session. Their containers are left to the pool, which removes them all as it closes."""
         for session in list(self._live.values()):
             self._end(session, reason, container_done=True)
+        await self._hooks.wait(HOOKS_WAIT_S)  # let the ends be recorded (scale-out: in Redis) before we go
+        await self._hooks.close()
         await self._background.close()
 
     # the owner's side ------------------------------------------------------------------------------
     async def open(self, tier_name: str, owner: str, image: str, idle_timeout_s: float, wait_s: float,
-                   session_id: str | None = None) -> SessionInfo:
-        """Lease a container of the tier and start a session's interpreter on it."""
+                   session_id: str | None = None, start_gate: StartGate | None = None) -> SessionInfo:
+        """Lease a container of the tier and start a session's interpreter on it. `start_gate`, as for a task
+        (pool/engine/manager.py), may withdraw it once the container is leased (TaskWithdrawn)."""
         held = sum(1 for s in self._live.values() if s.owner == owner) + self._opening[owner]
         if held >= self.settings.max_sessions_per_key:
             raise TooManySessions(f"this key holds {held} sessions, the most it may (WARMPOOL_MAX_SESSIONS_PER_KEY="
@@ -100,6 +105,15 @@ class SessionManager:
             self._opening[owner] -= 1
             if not self._opening[owner]:
                 del self._opening[owner]
+        if start_gate is not None:
+            try:
+                go = await start_gate()
+            except BaseException:
+                self.pool.give_back(handle)
+                raise
+            if not go:
+                self.pool.give_back(handle)
+                raise TaskWithdrawn(f"session {session_id} was withdrawn before it opened")
         try:
             failure, frame_id = await open_session(handle, fsize_limit_bytes=handle.tier.resources.storage_bytes,
                                                    nofile_limit=self.settings.nofile_limit)
@@ -213,7 +227,7 @@ class SessionManager:
         if not container_done and session.call is None:
             self._settle(session)
         if self.on_end is not None:
-            self._background.spawn(self.on_end(session.session_id, session.owner, reason))
+            self._hooks.spawn(self.on_end(session.session_id, session.owner, reason))
 
     def _settle(self, session: _Session) -> None:
         """The ended session's container: reset by the runner (and reused if clean), or replaced."""

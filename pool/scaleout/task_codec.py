@@ -11,15 +11,25 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pool.model.errors import BackendUnavailable, NoCapacity, Overloaded, PoolError, SandboxError
+from pool.model.errors import (
+    BackendUnavailable,
+    NoCapacity,
+    Overloaded,
+    PoolError,
+    SandboxError,
+    SessionBusy,
+    SessionGone,
+    TooManySessions,
+)
 from pool.model.resources import Resources
 from pool.model.results import Status, TaskResult, TaskSpec, Usage
 from pool.model.tasks import Execution
 from pool.model.tiers import Tier
 
-# Most specific first: Overloaded is a NoCapacity (429 rather than 503).
+# Most specific first: Overloaded is a NoCapacity (429 rather than 503), TooManySessions an Overloaded.
 _ERROR_KINDS: dict[str, type[PoolError]] = {
-    "overloaded": Overloaded, "no_capacity": NoCapacity, "backend_unavailable": BackendUnavailable,
+    "too_many_sessions": TooManySessions, "overloaded": Overloaded, "no_capacity": NoCapacity,
+    "backend_unavailable": BackendUnavailable, "session_gone": SessionGone, "session_busy": SessionBusy,
     "sandbox_error": SandboxError}
 
 
@@ -53,7 +63,7 @@ class Outcome:
     total_ms: float = 0.0  # submission to result
 
     def to_json(self) -> str:
-        body: dict[str, Any] = {"id": self.task_id, "worker": self.worker, "tier": _tier_dict(self.tier),
+        body: dict[str, Any] = {"id": self.task_id, "worker": self.worker, "tier": tier_dict(self.tier),
                                 "queue_ms": self.queue_ms, "total_ms": self.total_ms}
         if self.execution is not None:
             result = asdict(self.execution.result)
@@ -62,16 +72,21 @@ class Outcome:
             body["container"] = self.execution.container_name
             body["ran_on"] = self.execution.worker  # differs from `worker` for a lost worker's task
         if self.error is not None:
-            kind = next((k for k, cls in _ERROR_KINDS.items() if isinstance(self.error, cls)), "sandbox_error")
-            body["error"] = {"kind": kind, "message": str(self.error),
-                             "retry_after_s": getattr(self.error, "retry_after_s", 1.0)}
+            body["error"] = error_json(self.error)
         return json.dumps(body, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: str) -> Outcome:
         try:
             body = json.loads(raw)
-            tier = _tier_from(body["tier"])
+        except ValueError as exc:
+            raise MalformedEntry(f"bad outcome: {exc!r}") from exc
+        return cls.from_body(body)
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Outcome:
+        try:
+            tier = tier_from(body["tier"])
             execution: Execution | None = None
             error: PoolError | None = None
             if "result" in body:
@@ -82,7 +97,7 @@ class Outcome:
                                       container_name=str(body.get("container", "")),
                                       worker=str(body.get("ran_on", body["worker"])))
             if "error" in body:
-                error = _error_from(body["error"])
+                error = error_from(body["error"])
             return cls(task_id=str(body["id"]), worker=str(body["worker"]), tier=tier, execution=execution,
                        error=error, queue_ms=float(body["queue_ms"]), total_ms=float(body["total_ms"]))
         except (KeyError, TypeError, ValueError) as exc:
@@ -106,8 +121,22 @@ def worker_lost(task_id: str, worker: str, tier: Tier, dead_worker: str, queue_m
                    total_ms=total_ms)
 
 
-def _error_from(raw: dict[str, Any]) -> PoolError:
+def error_json(error: PoolError) -> dict[str, Any]:
+    kind = next((k for k, cls in _ERROR_KINDS.items() if isinstance(error, cls)), "sandbox_error")
+    body = {"kind": kind, "message": str(error), "retry_after_s": getattr(error, "retry_after_s", 1.0)}
+    if isinstance(error, SessionGone):
+        body.update(session_id=error.session_id, reason=error.reason)
+    return body
+
+
+def error_from(raw: dict[str, Any]) -> PoolError:
     message, retry_after_s = str(raw["message"]), float(raw.get("retry_after_s", 1.0))
+    if raw["kind"] == "too_many_sessions":
+        return TooManySessions(message, retry_after_s=retry_after_s)
+    if raw["kind"] == "session_gone":
+        return SessionGone(str(raw.get("session_id", "")), raw.get("reason"))
+    if raw["kind"] == "session_busy":
+        return SessionBusy(message)
     if raw["kind"] == "overloaded":
         return Overloaded(message, retry_after_s=retry_after_s)
     if raw["kind"] == "no_capacity":
@@ -117,11 +146,11 @@ def _error_from(raw: dict[str, Any]) -> PoolError:
     return SandboxError(message)
 
 
-def _tier_dict(tier: Tier) -> dict[str, Any]:
+def tier_dict(tier: Tier) -> dict[str, Any]:
     return {"name": tier.name, **tier.resources.as_dict(), "runtime": tier.runtime}
 
 
-def _tier_from(raw: dict[str, Any]) -> Tier:
+def tier_from(raw: dict[str, Any]) -> Tier:
     return Tier(name=str(raw["name"]), runtime=str(raw.get("runtime", "runc")),
                 resources=Resources(cpu=float(raw["cpu"]), gpu=int(raw["gpu"]), ram_bytes=int(raw["ram_bytes"]),
                                     storage_bytes=int(raw["storage_bytes"])))

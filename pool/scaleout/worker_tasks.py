@@ -17,7 +17,9 @@ import redis.asyncio as aioredis
 from pool.engine.manager import PoolManager
 from pool.model.errors import BackendUnavailable, PoolError, TaskWithdrawn
 from pool.model.tasks import Execution
+from pool.scaleout.output_relay import OutputRelay
 from pool.scaleout.redis_io import GROUP, Keys, Scripts, redis_errors
+from pool.scaleout.session_worker import WorkerSessions
 from pool.scaleout.task_codec import MalformedEntry, Outcome, spec_from_fields, worker_lost
 from pool.settings import Settings
 
@@ -39,12 +41,16 @@ class TaskHandler:
     redis: aioredis.Redis
     scripts: Scripts
     on_peer_lost: Callable[[], None]  # a peer died mid-task: sweep the containers it left
+    sessions: WorkerSessions | None = None  # takes `session=open` entries (pool/scaleout/session_worker.py)
 
     async def handle(self, tier_name: str, entry_id: str, fields: dict[str, str], *, claimed: bool) -> None:
         """Run the entry's task (or answer it, for a claimed one that had started) and store the outcome."""
         stream, task_key = self.keys.stream(tier_name), self.keys.task(fields.get("id", ""))
         try:
             if claimed and not await self._claimed_needs_run(tier_name, entry_id, fields):
+                return
+            if fields.get("session") == "open" and self.sessions is not None:
+                await self.sessions.open(tier_name, entry_id, fields, self)
                 return
             await self._run(tier_name, entry_id, fields)
         except MalformedEntry as exc:
@@ -93,12 +99,25 @@ class TaskHandler:
                 raise
             return verdict == "run"
 
+        # A streamed task's output goes to Redis as it comes (pool/scaleout/output_relay.py); its start marker
+        # tells the waiting API that the task runs, so that errors before that stay plain HTTP errors.
+        relay = OutputRelay(self.redis, self.keys.output(spec.task_id),
+                            int(_float(fields.get("result_ttl_ms")) or self.settings.result_ttl_s * 1000)) \
+            if fields.get("stream") == "1" else None
+
+        async def gate() -> bool:
+            go = await mark_running()
+            if go and relay is not None:
+                relay.start()
+            return go
+
         execution: Execution | None = None
         error: PoolError | None = None
         try:
             asked = fields.get("lease_wait_s")  # the request's max_wait_ms, 0 included
             wait_s = min(self.settings.lease_timeout_s, _float(asked) if asked else self.settings.lease_timeout_s)
-            execution = await self.pool.execute(tier_name, spec, wait_s=wait_s, start_gate=mark_running)
+            execution = await self.pool.execute(tier_name, spec, wait_s=wait_s, start_gate=gate,
+                                                on_output=relay.write if relay is not None else None)
         except TaskWithdrawn:
             if verdict != "running":  # "running": another worker holds it now; not ours to acknowledge
                 with redis_errors("drop a withdrawn task"):
@@ -108,6 +127,9 @@ class TaskHandler:
             if verdict == "redis_down":
                 raise
             error = exc  # no container in time, or our engine is down: the task did not run
+        finally:
+            if relay is not None:
+                await relay.close()  # its end marker goes out before the outcome does
         submitted = _float(fields.get("submitted_unix"))
         now = time.time()
         queue_ms = max(0.0, (started_unix or now) - submitted) * 1000 if submitted else 0.0
@@ -119,26 +141,29 @@ class TaskHandler:
         await self._finalize(tier_name, entry_id, fields, outcome)
 
     async def _finalize(self, tier_name: str, entry_id: str, fields: dict[str, str], outcome: Outcome) -> None:
-        """Store the outcome and wake the waiter; retried while Redis is away (the entry stays ours)."""
+        await self.finalize_payload(tier_name, entry_id, fields, outcome.task_id, outcome.to_json())
+
+    async def finalize_payload(self, tier_name: str, entry_id: str, fields: dict[str, str], task_id: str,
+                               payload: str) -> None:
+        """Store the answer and wake the waiter; retried while Redis is away (the entry stays ours)."""
         deadline = time.monotonic() + FINALIZE_RETRY_S
         backoff_s = 0.1
-        payload = outcome.to_json()
         ttl_ms = int(_float(fields.get("result_ttl_ms")) or self.settings.result_ttl_s * 1000)
         while True:
             try:
                 with redis_errors("store the result"):
                     stored = await self.scripts.finalize(
-                        self.keys.task(outcome.task_id), self.keys.stream(tier_name), fields.get("reply_to", ""),
+                        self.keys.task(task_id), self.keys.stream(tier_name), fields.get("reply_to", ""),
                         entry_id, payload, ttl_ms=ttl_ms,
-                        reply_ttl_ms=REPLY_TTL_MS, sync_ttl_ms=SYNC_DONE_TTL_MS, task_id=outcome.task_id,
+                        reply_ttl_ms=REPLY_TTL_MS, sync_ttl_ms=SYNC_DONE_TTL_MS, task_id=task_id,
                         max_held_bytes=int(_float(fields.get("max_result_bytes"))))
                 if stored != "stored":
-                    log.info("task %s was already %s: its outcome from %s is dropped", outcome.task_id, stored,
+                    log.info("task %s was already %s: its outcome from %s is dropped", task_id, stored,
                              self.worker_id)
                 return
             except BackendUnavailable as exc:
                 if time.monotonic() > deadline:
-                    log.error("the outcome of task %s is lost: %s", outcome.task_id, exc)
+                    log.error("the outcome of task %s is lost: %s", task_id, exc)
                     raise
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(2.0, backoff_s * 2)
