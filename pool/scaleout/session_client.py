@@ -16,8 +16,9 @@ import asyncio
 import json
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
+from pool.background import TaskOwner
 from pool.engine.container import RESULT_GRACE_S
 from pool.engine.session_calls import INTERRUPT_GRACE_S, OPEN_TIMEOUT_S
 from pool.model import sessions as ended_because
@@ -25,13 +26,39 @@ from pool.model.errors import BackendUnavailable, NoCapacity, SandboxError, Sess
 from pool.model.results import TaskSpec
 from pool.model.sessions import SessionFigures, SessionInfo
 from pool.model.tasks import Execution
-from pool.scaleout.redis_io import redis_errors
+from pool.model.tiers import Tier
+from pool.scaleout.membership import ClusterView
+from pool.scaleout.redis_io import Keys, redis_errors
 from pool.scaleout.session_store import SessionStore
 from pool.scaleout.task_codec import MalformedEntry, Outcome, error_from
+from pool.settings import Settings
 from pool.task_stream import TaskStream
 
-if TYPE_CHECKING:
-    from pool.scaleout.redis_dispatch import RedisDispatcher
+T = TypeVar("T")
+
+
+class Dispatching(Protocol):
+    """What sessions use of the scale-out dispatcher (pool/scaleout/redis_dispatch.py): its Redis, its
+    reply list and waiters, its view of the workers, how it queues a task, waits for and follows one."""
+
+    settings: Settings
+    keys: Keys
+    redis: Any
+    reply_key: str
+    raw_waiters: dict[str, asyncio.Future[dict[str, Any]]]
+    cluster: ClusterView
+    tiers_by_name: dict[str, Tier]
+    _background: TaskOwner
+
+    async def _submit(self, tier_name: str, spec: TaskSpec, *, kind: str, owner: str, reply_to: str,
+                      lease_wait_s: float, held: Any = None, extra: dict[str, str] | None = None) -> None: ...
+
+    async def _wait(self, tier_name: str, spec: TaskSpec, waiter: asyncio.Future[T], lease_wait_s: float) -> T: ...
+
+    async def _abandon_quietly(self, tier_name: str, task_id: str) -> None: ...
+
+    async def _follow(self, task_id: str, stream: TaskStream, answer: asyncio.Task[Execution],
+                      started: asyncio.Future[None] | None = None, keep_output: bool = False) -> None: ...
 
 CALLS_TTL_MS = 300_000  # a worker's calls list outlives the worker by this much
 CALL_SLACK_S = 5.0  # beyond a call's timeout, interrupt grace and result grace: hops and bookkeeping
@@ -42,7 +69,7 @@ WORKER_CHECK_S = 0.5  # how often a waiting call looks at whether its worker sti
 class RedisSessions:
     """The Dispatcher's session methods in scale-out mode."""
 
-    def __init__(self, dispatcher: RedisDispatcher) -> None:
+    def __init__(self, dispatcher: Dispatching) -> None:
         self.d = dispatcher
         self.keys = dispatcher.keys
         self.redis = dispatcher.redis

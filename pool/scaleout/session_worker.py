@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
@@ -31,8 +31,8 @@ from pool.scaleout.session_store import SessionStore
 from pool.scaleout.task_codec import Outcome, error_json
 from pool.settings import Settings
 
-if TYPE_CHECKING:
-    from pool.scaleout.worker_tasks import TaskHandler
+# Stores an entry's answer once and wakes its waiter: (tier, entry id, entry fields, task id, payload).
+Finalize = Callable[[str, str, dict[str, str], str, str], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class WorkerSessions:
         return self.manager.held_in(tier_name)
 
     # opening ---------------------------------------------------------------------------------------
-    async def open(self, tier_name: str, entry_id: str, fields: dict[str, str], handler: TaskHandler) -> None:
+    async def open(self, tier_name: str, entry_id: str, fields: dict[str, str], finalize: Finalize) -> None:
         """Open the session a `session=open` entry asks for and answer the API (once, as for a task)."""
         session_id, owner = fields.get("id", ""), fields.get("owner", "")
 
@@ -98,7 +98,7 @@ class WorkerSessions:
             except BackendUnavailable as exc:
                 self.manager.delete(session_id, owner)  # nobody could reach it
                 body["error"] = error_json(exc)
-        await handler.finalize_payload(tier_name, entry_id, fields, session_id, json.dumps(body))
+        await finalize(tier_name, entry_id, fields, session_id, json.dumps(body))
 
     # calls -----------------------------------------------------------------------------------------
     async def calls_loop(self) -> None:

@@ -50,7 +50,7 @@ class TaskHandler:
             if claimed and not await self._claimed_needs_run(tier_name, entry_id, fields):
                 return
             if fields.get("session") == "open" and self.sessions is not None:
-                await self.sessions.open(tier_name, entry_id, fields, self)
+                await self.sessions.open(tier_name, entry_id, fields, self.finalize_payload)
                 return
             await self._run(tier_name, entry_id, fields)
         except MalformedEntry as exc:
