@@ -79,6 +79,7 @@ class RedisDispatcher:
         # Streamed output is read with blocking XREADs, one per follower, on clients of their own.
         self.follow_redis = connect(settings.redis_url, blocking_s=FOLLOW_BLOCK_S)
         self.sessions = RedisSessions(self)
+        self._followed: dict[str, TaskStream] = {}  # async tasks being followed: one reader each, however many clients
 
     async def start(self) -> None:
         await self._refresh_cluster()
@@ -345,6 +346,8 @@ class RedisDispatcher:
         view = await self.task(task_id, owner)
         if view is None or view.state == TaskState.DONE:
             return view
+        if (shared := self._followed.get(task_id)) is not None:
+            return shared
 
         async def answer() -> Execution:
             """The task's answer, from its hash once it is done (its output's end marker may be lost)."""
@@ -358,8 +361,15 @@ class RedisDispatcher:
                     return current.execution
                 await asyncio.sleep(FOLLOW_BLOCK_S)
 
-        stream = TaskStream(task_id)
-        self._background.spawn(self._follow(task_id, stream, self._background.spawn(answer()), keep_output=True))
+        stream = self._followed[task_id] = TaskStream(task_id)
+
+        async def follow_then_forget() -> None:
+            try:
+                await self._follow(task_id, stream, self._background.spawn(answer()), keep_output=True)
+            finally:
+                self._followed.pop(task_id, None)
+
+        self._background.spawn(follow_then_forget())
         return stream
 
     # sessions (pool/scaleout/session_client.py) ----------------------------------------------------
