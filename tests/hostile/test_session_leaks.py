@@ -75,6 +75,14 @@ def looks_clean(box, before: str) -> dict[str, Any]:
     return seen
 
 
+def deleted_leaves_nothing(box, session_id: str, before: str, secret: str) -> None:
+    """Delete the session; then the container looks clean, and no byte of a later task's memory holds `secret`."""
+    delete(box, session_id)
+    looks_clean(box, before)
+    found = look_everywhere(box)
+    assert not [hit for hit in found if secret[len(PREFIX):] in hit], found
+
+
 def test_a_daemon_planted_by_a_session_is_gone_for_the_next_lease(box):
     before = container_of_box(box)
     secret = f"{PREFIX}daemon{secrets.token_hex(8)}"
@@ -87,10 +95,7 @@ def test_a_daemon_planted_by_a_session_is_gone_for_the_next_lease(box):
     assert call(box, sid, plant)["status"] == "succeeded"
     later = call(box, sid, "print(open('/tmp/beacon').read().strip(), secret)")
     assert later["stdout"] == f"{secret} {secret}\n", later  # the daemon runs, and the session keeps its state
-    delete(box, sid)
-    looks_clean(box, before)
-    found = look_everywhere(box)
-    assert not [hit for hit in found if secret[len(PREFIX):] in hit], found
+    deleted_leaves_nothing(box, sid, before, secret)
 
 
 def test_a_session_that_fills_its_storage_leaves_it_empty_for_the_next_lease(box):
@@ -122,7 +127,4 @@ def test_a_session_that_changes_its_interpreter_deeply_leaves_no_trace(box):
     changed = call(box, sid, "import os, sys\nsys.stdout.write(str(builtins.wp_planted == secret) + ' '"
                              " + os.environ['WPLEAK'][:7] + ' ' + str(sys.getrecursionlimit()))")
     assert changed["stdout"] == f"True {PREFIX} 50", changed  # the session lives with what it did
-    delete(box, sid)
-    looks_clean(box, before)
-    found = look_everywhere(box)
-    assert not [hit for hit in found if secret[len(PREFIX):] in hit], found
+    deleted_leaves_nothing(box, sid, before, secret)
