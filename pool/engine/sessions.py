@@ -91,11 +91,13 @@ class SessionManager:
 
     # the owner's side ------------------------------------------------------------------------------
     async def open(self, tier_name: str, owner: str, image: str, idle_timeout_s: float, wait_s: float,
-                   session_id: str | None = None, start_gate: StartGate | None = None) -> SessionInfo:
+                   session_id: str | None = None, start_gate: StartGate | None = None,
+                   per_key_bound: bool = True) -> SessionInfo:
         """Lease a container of the tier and start a session's interpreter on it. `start_gate`, as for a task
-        (pool/engine/manager.py), may withdraw it once the container is leased (TaskWithdrawn)."""
+        (pool/engine/manager.py), may withdraw it once the container is leased (TaskWithdrawn). Scale-out
+        workers pass `per_key_bound=False`: the API keeps that bound for the whole cluster, in Redis."""
         held = sum(1 for s in self._live.values() if s.owner == owner) + self._opening[owner]
-        if held >= self.settings.max_sessions_per_key:
+        if per_key_bound and held >= self.settings.max_sessions_per_key:
             raise TooManySessions(f"this key holds {held} sessions, the most it may (WARMPOOL_MAX_SESSIONS_PER_KEY="
                                   f"{self.settings.max_sessions_per_key}); delete one first", retry_after_s=1.0)
         self._opening[owner] += 1

@@ -82,7 +82,8 @@ class WorkerSessions:
             wait_s = min(self.settings.lease_timeout_s, float(asked) if asked else self.settings.lease_timeout_s)
             info = await self.manager.open(tier_name, owner, fields.get("image", "python"),
                                            float(fields.get("idle_timeout_s") or self.settings.session_idle_timeout_s),
-                                           wait_s, session_id=session_id, start_gate=mark_running)
+                                           wait_s, session_id=session_id, start_gate=mark_running,
+                                           per_key_bound=False)
         except TaskWithdrawn:
             with redis_errors("drop a withdrawn session"):
                 await self.scripts.forget(self.keys.task(session_id), self.keys.stream(tier_name), entry_id)
