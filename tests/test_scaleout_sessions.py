@@ -113,6 +113,7 @@ def test_sessions_run_on_the_worker_that_holds_them(cluster):
     assert text_of(found, "stdout") == found[-1].data["stdout"] == "42\n"
     listed = api.client.get("/v1/admin/sessions", headers=ADMIN).json()["sessions"]
     assert [(s["id"], s["worker"]) for s in listed] == [(sid, holder)]
+    assert 'warmpool_sessions{tier="two"} 1.0' in api.client.get("/metrics").text
     open_session(api)
     assert api.client.post("/v1/sessions", headers=ALICE, json={"resources": TWO}).status_code == 429
     assert api.client.delete(f"/v1/sessions/{sid}", headers=ALICE).status_code == 204
