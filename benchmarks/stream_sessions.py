@@ -146,7 +146,25 @@ def render(results: dict[str, dict[str, dict[str, float]]], command: str, load_b
             s = results[mode][what]
             lines.append(f"| {mode} | {what} | {s['n']:.0f} | {s['p50']:.2f} | {s['p95']:.2f} | {s['p99']:.2f} "
                          f"| {s['mean']:.2f} | {s['p50'] / plain:.2f}x |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", targets(results)]) + "\n"
+
+
+def targets(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The DESIGN.md targets against this run: a flushed chunk at the client within 100 ms; a session call's p50
+    the same as a plain call's."""
+    def met(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+    chunk = "; ".join(f"{mode} first chunk p99 {results[mode]['first chunk']['p99']:.0f} ms, every chunk p99 "
+                      f"{results[mode]['every chunk']['p99']:.0f} ms: "
+                      f"{met(max(results[mode][w]['p99'] for w in ('first chunk', 'every chunk')) <= 100)}"
+                      for mode in ("embedded", "scale-out"))
+    p50s = {mode: (results[mode]["session call"]["p50"], results[mode]["plain call"]["p50"])
+            for mode in ("embedded", "scale-out")}
+    calls = "; ".join(f"{mode} {session:.2f} ms against {plain:.2f} ms: {met(session <= plain * 1.1)}"
+                      for mode, (session, plain) in p50s.items())
+    return (f"Targets (DESIGN.md section 4). A flushed chunk at the client within 100 ms: {chunk}. A session "
+            f"call's p50 the same as a plain call's (within 10%): {calls}. A session call skips the lease, the "
+            "fork of a task child and the reset, which is why it is a little faster.")
 
 
 def write_section(path: Path, section: str) -> None:
