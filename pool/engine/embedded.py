@@ -6,12 +6,13 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from pool.background import TaskOwner
+from pool.engine.admin import PoolAdmin
 from pool.engine.manager import PoolManager
 from pool.model.errors import Overloaded, PoolError, SandboxError
 from pool.model.results import TaskSpec
+from pool.model.snapshots import AdminView, Drained, PoolsSnapshot, Resized, TierSnapshot
 from pool.model.tasks import Execution, TaskState, TaskView
 from pool.settings import Settings
 
@@ -38,6 +39,7 @@ class EmbeddedDispatcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pool = PoolManager(settings)
+        self.admin = PoolAdmin(self.pool)
         self._records: dict[str, _Record] = {}
         self._swept_at = 0.0
         # Async tasks of a tier run at most max_size at a time; the rest wait here, in submission order,
@@ -98,9 +100,20 @@ class EmbeddedDispatcher:
         for task_id in [i for i, r in self._records.items() if r.expires_at <= now]:
             del self._records[task_id]
 
-    async def tiers(self) -> list[dict[str, Any]]:
-        return [{**p.tier.describe(), "min_idle": p.min_idle, "max_size": p.max_size, "idle": len(p.idle),
-                 "busy": len(p.busy), "starting": p.starting} for p in self.pool.pools.values()]
+    async def tiers(self) -> tuple[TierSnapshot, ...]:
+        return self.pool.snapshot().tiers
 
     async def readiness(self) -> dict[str, bool]:
         return {"docker": self.pool.docker_ok, "image": self.pool.image_ok, "pools_warm": self.pool.warm}
+
+    async def figures(self) -> PoolsSnapshot:
+        return self.pool.snapshot()
+
+    async def pools(self) -> AdminView:
+        return self.admin.view()
+
+    async def resize(self, tier_name: str, min_idle: int | None, max_size: int | None) -> Resized:
+        return await self.admin.resize(tier_name, min_idle, max_size)
+
+    async def drain(self, tier_name: str) -> Drained:
+        return self.admin.drain(tier_name)

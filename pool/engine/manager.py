@@ -26,7 +26,7 @@ from pool.engine.docker_backend import INSTANCE_LABEL, DockerBackend
 from pool.engine.inventory import detect_gpu_ids, host_inventory, unfit_reason
 from pool.engine.sandbox_spec import owner_is_alive, owner_token
 from pool.engine.tier_pool import TierPool
-from pool.model.capacity import CapacityLedger
+from pool.model.capacity import CapacityLedger, HostInventory
 from pool.model.errors import (
     BackendUnavailable,
     CapacityError,
@@ -37,6 +37,7 @@ from pool.model.errors import (
     TaskWithdrawn,
 )
 from pool.model.results import Status, TaskResult, TaskSpec
+from pool.model.snapshots import PoolsSnapshot
 from pool.model.tasks import Execution
 from pool.settings import Settings
 
@@ -59,7 +60,8 @@ class PoolManager:
         self.tiers = {tier.name: tier for tier in settings.tiers}
         self.pools = {tier.name: TierPool(tier) for tier in settings.tiers}
         self.backend: DockerBackend | None = None
-        self.ledger: CapacityLedger | None = None
+        # Nothing is held before `start` reads the host's inventory: until then no container fits.
+        self.ledger = CapacityLedger(HostInventory(cpus=0.0, ram_bytes=0))
         self.docker_ok = False
         self.image_ok = False
         self._options = CreateOptions(image=settings.image, instance_id=settings.instance_id,
@@ -102,6 +104,14 @@ class PoolManager:
             while not self.warm:  # noqa: ASYNC110 - warmth spans many tiers; a poll is simplest
                 await asyncio.sleep(0.05)
         return self.warm
+
+    def snapshot(self) -> PoolsSnapshot:
+        """Every tier, the ledger and the engine's state, frozen now."""
+        window_s = self.settings.warming.window_s
+        errors = self.backend.error_counts() if self.backend is not None else {}
+        return PoolsSnapshot(tiers=tuple(p.snapshot(window_s) for p in self.pools.values()),
+                             capacity=self.ledger.snapshot(), warming=self.settings.warming,
+                             docker_ok=self.docker_ok, docker_api_errors=tuple(sorted(errors.items())))
 
     @property
     def warm(self) -> bool:
@@ -231,7 +241,7 @@ class PoolManager:
 
     async def _cold_lease(self, pool: TierPool, wait_s: float) -> ContainerHandle:
         """Cold mode: a fresh container per task, started on the request path (for comparison)."""
-        assert self.backend is not None and self.ledger is not None
+        assert self.backend is not None
         deadline = time.monotonic() + wait_s
         while pool.total >= pool.max_size:
             if time.monotonic() > deadline:
@@ -276,7 +286,7 @@ class PoolManager:
         pool = self.pools[handle.tier.name]
         pool.forget(handle)
         pool.stats.replaced[reason] += 1
-        assert self.backend is not None and self.ledger is not None
+        assert self.backend is not None
         handle.close_channel()
         self._wake.set()
         try:
@@ -311,7 +321,6 @@ class PoolManager:
 
     def retune(self, pool: TierPool, *, now: bool = False) -> None:
         """Set the tier's warm target from demand (pool/model/warming.py); remove the idle containers beyond it."""
-        assert self.ledger is not None
         for handle, reason in pool.retune(self.settings.warming, self.ledger.room_for(pool.tier.resources),
                                           now=now):
             self.retire(handle, reason)
@@ -325,7 +334,6 @@ class PoolManager:
         self._wake.set()
 
     def _start_wanted(self, pool: TierPool) -> None:
-        assert self.ledger is not None
         if self.settings.mode == "cold" or time.monotonic() < pool.retry_at_s:
             return
         for _ in range(pool.starts_wanted()):
@@ -338,7 +346,7 @@ class PoolManager:
             self._spawn(self._start_one(pool, gpu_ids))
 
     async def _start_one(self, pool: TierPool, gpu_ids: tuple[str, ...]) -> None:
-        assert self.backend is not None and self.ledger is not None
+        assert self.backend is not None
         try:
             async with self._start_slots:
                 handle = await start_container(self.backend, pool.tier, self._options, gpu_ids)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from pool.engine.container import ContainerHandle
 from pool.model.errors import NoCapacity, NoTierFits, PoolError
+from pool.model.snapshots import TierCounters, TierSnapshot
 from pool.model.stats import RunTimes, WaitSamples
 from pool.model.tiers import Tier
 from pool.model.warming import Demand, WarmingPolicy, idle_to_remove, warm_target
@@ -60,6 +61,23 @@ class TierPool:
     @property
     def total(self) -> int:
         return len(self.idle) + len(self.busy) + self.starting
+
+    def snapshot(self, window_s: float) -> TierSnapshot:
+        """The tier now: sizes, live counts, counters since start (the one builder of a tier's view)."""
+        stats = self.stats
+        counters = TierCounters(
+            created=stats.created, replaced=tuple(sorted(stats.replaced.items())),
+            leases=stats.leases, lease_timeouts=stats.lease_timeouts,
+            lease_wait_p50_ms=stats.wait_percentile_ms(0.50), lease_wait_p95_ms=stats.wait_percentile_ms(0.95),
+            lease_rate_per_s=self.demand.rate_per_s(self._clock(), window_s),
+            typical_hold_ms=self.demand.typical_hold_s() * 1000,
+            start_failures=stats.start_failures, last_start_error=self.last_start_error,
+            unfit=None if self.unfit is None else self.unfit.message,
+            gpus_in_use=tuple(sorted(g for h in (*self.idle, *self.busy) for g in h.gpu_ids)),
+            lease_wait=stats.lease_wait_ms.histogram.snapshot(), run_times=stats.run_times.snapshot())
+        return TierSnapshot(tier=self.tier, min_idle=self.min_idle, max_size=self.max_size,
+                            target_idle=self.target_idle, idle=len(self.idle), busy=len(self.busy),
+                            starting=self.starting, waiting=self.pending_waiters(), counters=counters)
 
     def pending_waiters(self) -> int:
         return sum(1 for w in self.waiters if not w.done())

@@ -14,12 +14,13 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import Any, cast
+from typing import cast
 
 from pool.background import TaskOwner
 from pool.engine.container import RESULT_GRACE_S
-from pool.model.errors import BackendUnavailable, NoCapacity, Overloaded
+from pool.model.errors import BackendUnavailable, NoCapacity, NotSupported, Overloaded
 from pool.model.results import TaskSpec
+from pool.model.snapshots import AdminView, Drained, Resized, TierSnapshot
 from pool.model.tasks import Execution, TaskState, TaskView
 from pool.scaleout.membership import BEATS_TO_DEATH, ClusterView, parse_beat
 from pool.scaleout.redis_io import Keys, Scripts, connect, redis_errors
@@ -34,6 +35,7 @@ START_SLACK_S = 1.0  # beyond the lease wait, for a worker to read the task and 
 REPLY_SLACK_S = 2.0  # beyond timeout + grace: the hops and the worker's own bookkeeping
 ABANDONED_TTL_MS = 60_000
 MAX_BACKOFF_S = 2.0
+ADMIN_NOT_SUPPORTED = "this process runs no pool of its own to see or size (scale-out mode: the pools are the workers')"
 
 
 def pending_ttl_ms(settings: Settings) -> int:
@@ -249,8 +251,8 @@ class RedisDispatcher:
         self.cluster.redis_ok = True
         self.cluster.check_tiers(self.settings.tiers)
 
-    async def tiers(self) -> list[dict[str, Any]]:
-        return self.cluster.tier_rows(self.settings.tiers)
+    async def tiers(self) -> tuple[TierSnapshot, ...]:
+        return self.cluster.tier_snapshots(self.settings.tiers)
 
     async def readiness(self) -> dict[str, bool]:
         try:
@@ -260,3 +262,15 @@ class RedisDispatcher:
             self.cluster.redis_ok = False
         return {"redis": self.cluster.redis_ok, "workers": bool(self.cluster.workers)}
 
+    async def figures(self) -> None:
+        return None  # this process holds no pool; each worker's own figures are its own
+
+    # admin: the pools live on the workers; sizing them from here is the cluster admin's job (not built yet)
+    async def pools(self) -> AdminView:
+        raise NotSupported(ADMIN_NOT_SUPPORTED)
+
+    async def resize(self, tier_name: str, min_idle: int | None, max_size: int | None) -> Resized:
+        raise NotSupported(ADMIN_NOT_SUPPORTED)
+
+    async def drain(self, tier_name: str) -> Drained:
+        raise NotSupported(ADMIN_NOT_SUPPORTED)

@@ -221,9 +221,10 @@ class Worker:
     async def _beat(self) -> None:
         inflight = {name: len(entries) for name, entries in self.inflight.items()}
         ttl_ms = int(self.settings.heartbeat_s * BEATS_TO_DEATH * 1000)
+        beat = beat_json(self.worker_id, self.pool.snapshot(), inflight)
         with redis_errors("send a heartbeat"):
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.set(self.keys.worker(self.worker_id), beat_json(self.worker_id, self.pool, inflight), px=ttl_ms)
+                pipe.set(self.keys.worker(self.worker_id), beat, px=ttl_ms)
                 pipe.sadd(self.keys.workers, self.worker_id)
                 await pipe.execute()
 
