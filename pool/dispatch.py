@@ -76,6 +76,7 @@ def create_dispatcher(settings: Settings) -> Dispatcher:
         from pool.scaleout.redis_dispatch import RedisDispatcher
 
         return RedisDispatcher(settings)
+    from pool.engine.docker_backend import DockerBackend
     from pool.engine.embedded import EmbeddedDispatcher
 
-    return EmbeddedDispatcher(settings)
+    return EmbeddedDispatcher(settings, DockerBackend(settings.docker_host))

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import anyio
 
+from pool.engine.backend import ContainerBackend
 from pool.engine.channel import ChannelClosed, RunnerChannel
-from pool.engine.docker_backend import DockerBackend
 from pool.engine.sandbox_spec import host_config_kwargs, labels_for, task_nproc_limit
 from pool.model.errors import PoolError, SandboxError
 from pool.model.resources import format_bytes
@@ -112,7 +112,7 @@ class ContainerHandle:
             self.channel.close()
 
 
-async def explain_loss(backend: DockerBackend, handle: ContainerHandle, result: TaskResult) -> TaskResult:
+async def explain_loss(backend: ContainerBackend, handle: ContainerHandle, result: TaskResult) -> TaskResult:
     """The result of a task whose container died under it: the task's `memory_exceeded` when the kernel's
     OOM killer did it (under gVisor the whole sandbox is what the memory cgroup kills), else unchanged."""
     try:
@@ -127,15 +127,14 @@ async def explain_loss(backend: DockerBackend, handle: ContainerHandle, result: 
                               f"{format_bytes(handle.tier.resources.ram_bytes)} memory limit")
 
 
-async def start_container(backend: DockerBackend, tier: Tier, options: CreateOptions,
+async def start_container(backend: ContainerBackend, tier: Tier, options: CreateOptions,
                           gpu_ids: tuple[str, ...] = ()) -> ContainerHandle:
     """Create, attach, start and handshake one container; on any failure nothing is left behind."""
     name = f"warmpool-{tier.name}-{options.instance_id}-{next(_serial)}"
-    host_config = backend.host_config(**host_config_kwargs(tier, nofile_limit=options.nofile_limit,
-                                                             gpu_ids=gpu_ids))
+    host_options = host_config_kwargs(tier, nofile_limit=options.nofile_limit, gpu_ids=gpu_ids)
     labels = labels_for(tier, options.instance_id, options.owner)
     container_id = await anyio.to_thread.run_sync(
-        lambda: backend.create(image=options.image, name=name, labels=labels, host_config=host_config))
+        lambda: backend.create(image=options.image, name=name, labels=labels, host_options=host_options))
     handle = ContainerHandle(tier, container_id, name, gpu_ids)
     try:
         # Attach before start so nothing the runner says is lost; the channel lives as long as the container.
@@ -159,7 +158,7 @@ async def start_container(backend: DockerBackend, tier: Tier, options: CreateOpt
     return handle
 
 
-async def remove_container(backend: DockerBackend, handle: ContainerHandle) -> None:
+async def remove_container(backend: ContainerBackend, handle: ContainerHandle) -> None:
     handle.close_channel()
     try:
         await anyio.to_thread.run_sync(backend.remove, handle.container_id)

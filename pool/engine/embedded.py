@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from pool.background import TaskOwner
 from pool.engine.admin import PoolAdmin
+from pool.engine.backend import ContainerBackend
 from pool.engine.manager import PoolManager
 from pool.model.errors import Overloaded, PoolError, SandboxError
 from pool.model.results import TaskSpec
@@ -36,9 +37,9 @@ class _Record:
 class EmbeddedDispatcher:
     """A `Dispatcher` over this process's own `PoolManager`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, backend: ContainerBackend) -> None:
         self.settings = settings
-        self.pool = PoolManager(settings)
+        self.pool = PoolManager(settings, backend)
         self.admin = PoolAdmin(self.pool)
         self._records: dict[str, _Record] = {}
         self._swept_at = 0.0

@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 
+from pool.engine.backend import INSTANCE_LABEL, ContainerBackend
 from pool.engine.container import (
     ContainerHandle,
     CreateOptions,
@@ -22,7 +23,6 @@ from pool.engine.container import (
     start_container,
     status_needs_replacement,
 )
-from pool.engine.docker_backend import INSTANCE_LABEL, DockerBackend
 from pool.engine.inventory import detect_gpu_ids, host_inventory, unfit_reason
 from pool.engine.sandbox_spec import owner_is_alive, owner_token
 from pool.engine.tier_pool import TierPool
@@ -55,11 +55,11 @@ StartGate = Callable[[], Awaitable[bool]]
 class PoolManager:
     """Keeps each tier's warm containers and leases them to tasks."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, backend: ContainerBackend) -> None:
         self.settings = settings
+        self.backend = backend
         self.tiers = {tier.name: tier for tier in settings.tiers}
         self.pools = {tier.name: TierPool(tier) for tier in settings.tiers}
-        self.backend: DockerBackend | None = None
         # Nothing is held before `start` reads the host's inventory: until then no container fits.
         self.ledger = CapacityLedger(HostInventory(cpus=0.0, ram_bytes=0))
         self.docker_ok = False
@@ -74,7 +74,6 @@ class PoolManager:
     # lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Connect, clear orphans of dead pools, check capacity, and begin warming in the background."""
-        self.backend = await anyio.to_thread.run_sync(DockerBackend, self.settings.docker_host)
         labels = await anyio.to_thread.run_sync(self.backend.image_labels, self.settings.image)
         if labels is None:
             raise SandboxError(f"runner image {self.settings.image!r} is missing: build it with `warmpool image`")
@@ -90,6 +89,7 @@ class PoolManager:
                 log.warning("%s: its requests will be refused", pool.unfit)
         self.docker_ok = True
         await self.remove_orphans()
+        self._wake.set()  # warm at once rather than after the first tick
         self._spawn(self._replenish_loop())
 
     def _check_runtimes(self, runtimes: tuple[str, ...]) -> None:
@@ -108,7 +108,7 @@ class PoolManager:
     def snapshot(self) -> PoolsSnapshot:
         """Every tier, the ledger and the engine's state, frozen now."""
         window_s = self.settings.warming.window_s
-        errors = self.backend.error_counts() if self.backend is not None else {}
+        errors = self.backend.error_counts()
         return PoolsSnapshot(tiers=tuple(p.snapshot(window_s) for p in self.pools.values()),
                              capacity=self.ledger.snapshot(), warming=self.settings.warming,
                              docker_ok=self.docker_ok, docker_api_errors=tuple(sorted(errors.items())))
@@ -131,17 +131,16 @@ class PoolManager:
         for pool in self.pools.values():
             pool.idle.clear()
             pool.busy.clear()
-        if self.backend is not None:
-            await asyncio.gather(*(remove_container(self.backend, h) for h in handles))
+        await asyncio.gather(*(remove_container(self.backend, h) for h in handles))
+        if self.image_ok:  # the engine answered once: sweep what a failed removal may have left
             try:
                 await self._sweep_strays()
             except PoolError as exc:
                 log.warning("shutdown sweep failed: %s", exc)
-            await anyio.to_thread.run_sync(self.backend.close)
+        await anyio.to_thread.run_sync(self.backend.close)
 
     async def remove_orphans(self) -> int:
         """Remove containers labelled by pools whose owning process is gone (never a live pool's)."""
-        assert self.backend is not None
         backend = self.backend
         ours = await anyio.to_thread.run_sync(backend.list_ours)
         dead = [c for c in ours if owner_is_alive(c.labels.get("warmpool.owner", "")) is False]
@@ -152,7 +151,6 @@ class PoolManager:
 
     async def _sweep_strays(self) -> None:
         """Remove containers of this instance that no handle knows (left by a failed removal)."""
-        assert self.backend is not None
         backend = self.backend
         known = {h.container_id for p in self.pools.values() for h in (*p.idle, *p.busy)}
         ours = await anyio.to_thread.run_sync(
@@ -183,7 +181,7 @@ class PoolManager:
             # Cancelled mid-task: the container's state is unknown, so it is not reused.
             self._spawn(self._retire(handle, "cancelled"))
             raise
-        if result.status == Status.SANDBOX_ERROR and not handle.alive and self.backend is not None:
+        if result.status == Status.SANDBOX_ERROR and not handle.alive:
             result = await explain_loss(self.backend, handle, result)
         self._spawn(self._finish(handle, spec.task_id, result))
         return Execution(result=result, tier=handle.tier, queue_ms=queue_ms, container_name=handle.name,
@@ -241,7 +239,6 @@ class PoolManager:
 
     async def _cold_lease(self, pool: TierPool, wait_s: float) -> ContainerHandle:
         """Cold mode: a fresh container per task, started on the request path (for comparison)."""
-        assert self.backend is not None
         deadline = time.monotonic() + wait_s
         while pool.total >= pool.max_size:
             if time.monotonic() > deadline:
@@ -286,7 +283,6 @@ class PoolManager:
         pool = self.pools[handle.tier.name]
         pool.forget(handle)
         pool.stats.replaced[reason] += 1
-        assert self.backend is not None
         handle.close_channel()
         self._wake.set()
         try:
@@ -346,7 +342,6 @@ class PoolManager:
             self._spawn(self._start_one(pool, gpu_ids))
 
     async def _start_one(self, pool: TierPool, gpu_ids: tuple[str, ...]) -> None:
-        assert self.backend is not None
         try:
             async with self._start_slots:
                 handle = await start_container(self.backend, pool.tier, self._options, gpu_ids)
@@ -382,7 +377,6 @@ class PoolManager:
             pool.fail_waiters(BackendUnavailable("the Docker engine is not answering; retry shortly"))
 
     async def _probe_docker(self) -> None:
-        assert self.backend is not None
         try:
             await anyio.to_thread.run_sync(self.backend.ping)
             await self._sweep_strays()

@@ -32,7 +32,9 @@ from typing import cast
 import redis.exceptions
 
 from pool.background import TaskOwner
+from pool.engine.backend import ContainerBackend
 from pool.engine.container import RESULT_GRACE_S
+from pool.engine.docker_backend import DockerBackend
 from pool.engine.manager import PoolManager
 from pool.model.errors import BackendUnavailable, InvalidRequest, PoolError
 from pool.scaleout.membership import BEATS_TO_DEATH, beat_json
@@ -51,7 +53,7 @@ WARM_WAIT_S = 120.0
 class Worker:
     """Reads the tiers it serves, runs each task on its own `PoolManager`, and reports the outcome."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, backend: ContainerBackend) -> None:
         assert settings.redis_url
         known = [t.name for t in settings.tiers]
         served = settings.worker_tiers or tuple(known)
@@ -60,7 +62,7 @@ class Worker:
             raise InvalidRequest("WARMPOOL_WORKER_TIERS", f"unknown tiers {unknown}; the tiers are {known}")
         self.settings = dataclasses.replace(settings, tiers=tuple(t for t in settings.tiers if t.name in served))
         self.worker_id = settings.instance_id
-        self.pool = PoolManager(self.settings)
+        self.pool = PoolManager(self.settings, backend)
         self.keys = Keys(settings.redis_prefix)
         self.redis = connect(settings.redis_url)
         self.blocking = connect(settings.redis_url, blocking_s=READ_BLOCK_S)
@@ -259,7 +261,7 @@ class Worker:
 
 async def run(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT, then shut down cleanly."""
-    worker = Worker(settings)
+    worker = Worker(settings, DockerBackend(settings.docker_host))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
