@@ -1,10 +1,19 @@
 """warmpool sandbox runner: PID 1 of every sandbox container (stdlib only; see PROTOCOL.md).
 
-The host sends length-prefixed JSON frames on stdin; the runner answers with frames on stdout. For a
-`run` it forks this already-warm interpreter, drops the child to the sandbox uid and runs the code there
-under a wall-clock deadline and output caps, replies `result`, then kills every other process in the
-container, empties the scratch dirs, verifies both and replies `reset`. One task at a time: the loop is
-single-threaded and blocking on purpose, so there is no state to race on.
+The host sends length-prefixed JSON frames on stdin; the runner answers with frames on stdout. Two
+processes of this file live in every container:
+
+- PID 1 reads frames, supervises tasks and resets the container. It holds every task's data (request,
+  code, stdin, output, status), so it never forks a task: the reuse rule (PROTOCOL.md) is that no process
+  that ever held a task's data is forked into, or becomes, a later task.
+- The template, forked from PID 1 at start before any frame is read, is the pristine warm interpreter.
+  It never receives task data: over a control socket it gets only fresh pipe ends and one-word commands,
+  and it forks each task's child (which reads its code and stdin straight from PID 1 over its own pipe),
+  the killer that ends the sandbox uid's processes, and the scratch cleaner.
+
+A `run` goes to the child forked ahead of time; PID 1 replies `result`, then kills every other sandbox
+process, empties the scratch dirs, verifies that and the network tables and replies `reset`. One task at
+a time: the loop is single-threaded and blocking on purpose, so there is no state to race on.
 
 Never run this on a host: the reset is kill(-1, SIGKILL), so it refuses to start unless it is PID 1.
 """
@@ -13,17 +22,18 @@ import atexit
 import builtins
 import collections
 import ctypes
+import fcntl
 import gc
 import json
 import linecache
 import marshal
 import math
-import mmap
 import os
 import resource
 import select
 import shutil
 import signal
+import socket
 import struct
 import sys
 import time
@@ -37,8 +47,9 @@ WORK_DIR, HOME_DIR = "/tmp/work", "/tmp/home"
 TASK_ENV = {"HOME": HOME_DIR, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
             "TMPDIR": "/tmp", "USER": "sandbox"}
 MAX_FRAME_BYTES = 64 << 20
-KILL_WAIT_S = 2.0  # how long the reset keeps killing before it calls the container dirty
+KILL_WAIT_S = 3.0  # how long the reset keeps killing before it calls the container dirty (host waits 5 s)
 CLEANER_WAIT_S = 5.0  # how long the scratch cleaner may take
+TEMPLATE_WAIT_S = 10.0  # how long PID 1 waits for the template's answer before it calls the container dirty
 NO_PIDFD_TICK_S = 0.002  # how often to look for the child's exit where there is no pidfd (gVisor)
 READ_CHUNK = 1 << 16
 # Compiling in the forked child costs ~2 ms of page faults (the compiler writes all over pages shared
@@ -56,11 +67,17 @@ SYSV_IPC_COUNTS = (("shared memory segment(s)", lambda buf: LIBC.shmctl(0, 14, b
                    ("message queue(s)", lambda buf: LIBC.msgctl(0, 12, buf), 0),  # MSG_INFO: msgpool
                    ("semaphore set(s)", lambda buf: LIBC.semctl(0, 0, 19, buf), 7))  # SEM_INFO: semusz
 
-# One byte of memory shared with each task child (an fd would have to survive the closing of all
-# others): how the child tells what happened to it.
-FLAG = mmap.mmap(-1, 1)
-FLAG_NONE, FLAG_MEMORY_ERROR, FLAG_SETUP_FAILED = 0, 1, 2
+# Each task child gets a status pipe of its own (made fresh per task, so nothing carries over): it writes
+# READY once it is sandboxed and limited, just before the task's code runs (so the task cannot unwrite
+# it), and MEMORY_ERROR if the code dies of an uncaught MemoryError. The task can write to the pipe too:
+# only READY as the first byte counts, and MEMORY_ERROR only with the exit status a MemoryError gives.
+STATUS_READY, STATUS_MEMORY_ERROR = b"R", b"M"
+STATUS_FD = 4  # in the task child
 FRAME_OUT = -1  # the frame channel's write end, set by main()
+# Network state the kernel keeps after every socket's process is gone (TIME_WAIT above all) would reach
+# the next task in this network namespace (a port still taken, old connections in /proc/net/tcp); a task
+# cannot have a network namespace of its own (that needs CAP_SYS_ADMIN), so a container that has any
+# such state is not clean, and is replaced. See network_leftovers().
 _KEEP: list = []  # in the task child: the runner's own std streams, kept alive
 
 Task = collections.namedtuple("Task", "id code stdin timeout_s output_limit fsize_limit nofile_limit nproc_limit")
@@ -188,24 +205,28 @@ def run_task(task):
     try:
         write_all(zygote.go_w, struct.pack(">Q", len(go)) + go)  # the child reads while we write
     except OSError:
-        pass  # the child is gone: supervise sees it exit, and its FLAG or status says why
+        pass  # the child is gone: supervise sees it exit, and its status pipe or exit status says why
     finally:
         os.close(zygote.go_w)
     try:
         verdict, out, err = supervise(pid, out_r, err_r, started + task.timeout_s, task.output_limit)
+        _, status, usage = os.wait4(pid, 0)
+        run_ms = (time.monotonic() - started) * 1000
+        said = read_status(zygote.status_r)
     finally:
-        os.close(out_r)
-        os.close(err_r)
-    _, status, usage = os.wait4(pid, 0)
-    run_ms = (time.monotonic() - started) * 1000
-    if FLAG[0] == FLAG_SETUP_FAILED:
-        raise RuntimeError(bytes(err[-500:]).decode("utf-8", "replace"))
+        for fd in (out_r, err_r, zygote.status_r):
+            os.close(fd)
     sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    oom_killed = sig == signal.SIGKILL and oom_kills() > oom_before  # our SIGKILLs have a verdict already
+    if not said.startswith(STATUS_READY) and verdict is None and not oom_killed:
+        raise RuntimeError(f"sandbox setup failed: {bytes(err[-500:]).decode('utf-8', 'replace')}")
     truncated = [len(buf) > task.output_limit for buf in (out, err)]
     if verdict is None:
-        if FLAG[0] == FLAG_MEMORY_ERROR or (sig == signal.SIGKILL and oom_kills() > oom_before):
-            verdict = "memory_exceeded"  # our SIGKILLs have a verdict already: this one was the kernel's
+        # A real uncaught MemoryError exits 1 (120 if stdout cannot flush; see run_code): a task that
+        # writes the byte and exits otherwise has not run out of memory, whatever it says.
+        if oom_killed or (STATUS_MEMORY_ERROR in said[1:] and exit_code in (1, 120)):
+            verdict = "memory_exceeded"
         elif any(truncated):
             verdict = "output_limit_exceeded"
         else:
@@ -215,6 +236,16 @@ def run_task(task):
             "stdout": out, "stderr": err, "stdout_truncated": truncated[0], "stderr_truncated": truncated[1],
             "run_ms": round(run_ms, 3), "usage": {"cpu_s": round(usage.ru_utime + usage.ru_stime, 6),
                                                   "max_rss_bytes": usage.ru_maxrss * 1024}}
+
+
+def read_status(fd):
+    """What the child wrote on its status pipe (a few bytes; a daemon of the task may still hold the
+    write end, so never wait for EOF)."""
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 64)
+    except BlockingIOError:
+        return b""
 
 
 def precompile(code):
@@ -286,7 +317,10 @@ def open_pidfd(pid):
 
 def has_exited(pid):
     # WNOWAIT leaves the child a zombie, so that wait4 can still collect its status and rusage.
-    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # already reaped
+        return True
 
 
 def kill_task(pid):
@@ -311,38 +345,62 @@ def oom_kills():
 
 # ---- running a task: the child ------------------------------------------------------------------
 
-Zygote = collections.namedtuple("Zygote", "pid go_w out_r err_r")
-_zygote = None  # the next task's child, already in the sandbox and waiting for its code
+Zygote = collections.namedtuple("Zygote", "pid go_w out_r err_r status_r")
+# The next task's child: asked of the template right after a clean reset, and collected (its pid is the
+# template's answer) when a task needs it, so that PID 1 reads the next frame while the template forks.
+_zygote = None  # a Zygote, or a Zygote whose pid is still None while the template's answer is pending
 
 
-def spawn_zygote():
-    """Fork the next task's child ahead of time. It enters the sandbox and blocks reading its code, so
-    the fork and the set-up (~1.5 ms, mostly page faults) are off the task's path. It runs nothing
-    until the code arrives, and it is forked only after a verified reset."""
-    (go_r, go_w), (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe(), os.pipe()
-    FLAG[0] = FLAG_NONE
-    pid = os.fork()
-    if pid == 0:
-        task_child(go_r, out_w, err_w)  # never returns
-    for fd in (go_r, out_w, err_w):
-        os.close(fd)
-    return Zygote(pid, go_w, out_r, err_r)
+def request_zygote():
+    """Ask the template to fork the next task's child ahead of time; it enters the sandbox and blocks
+    reading its code. The pipes are made here and their child ends handed over: PID 1 talks to the
+    child directly, the template never sees a byte of a task."""
+    (go_r, go_w), (out_r, out_w), (err_r, err_w), (status_r, status_w) = (os.pipe() for _ in range(4))
+    try:
+        TEMPLATE.request(b"spawn", (go_r, out_w, err_w, status_w))
+    except BaseException:
+        for fd in (go_w, out_r, err_r, status_r):
+            os.close(fd)
+        raise
+    finally:
+        for fd in (go_r, out_w, err_w, status_w):
+            os.close(fd)
+    return Zygote(None, go_w, out_r, err_r, status_r)
 
 
 def ensure_zygote():
+    """Called after a reply has gone out: a failure here must not send a frame of its own. The next task
+    then asks again and reports the failure in its place (and the reset after it is not clean)."""
     global _zygote
     if _zygote is None:
-        _zygote = spawn_zygote()
+        try:
+            _zygote = request_zygote()
+        except RuntimeError:
+            pass
 
 
 def take_zygote():
+    """The waiting child (collecting the template's answer if need be), or None; it is ours now."""
     global _zygote
     zygote, _zygote = _zygote, None
+    if zygote is not None and zygote.pid is None:
+        try:
+            zygote = zygote._replace(pid=TEMPLATE.answer(b"spawn"))
+        except BaseException:
+            for fd in zygote[1:]:
+                os.close(fd)
+            raise
     return zygote
 
 
+def spawn_zygote():
+    global _zygote
+    _zygote = request_zygote()
+    return take_zygote()
+
+
 def discard_zygote():
-    """Before a reset: the reset's kill(-1) takes the waiting child too; close our ends of its pipes."""
+    """Before a reset: kill the waiting child (it ran nothing) and close our ends of its pipes."""
     zygote = take_zygote()
     if zygote is not None:
         close_zygote(zygote)
@@ -350,23 +408,30 @@ def discard_zygote():
 
 def close_zygote(zygote):
     kill_task(zygote.pid)
-    for fd in (zygote.go_w, zygote.out_r, zygote.err_r):
+    for fd in (zygote.go_w, zygote.out_r, zygote.err_r, zygote.status_r):
         os.close(fd)
 
 
 def zygote_pid():
+    global _zygote
+    if _zygote is not None and _zygote.pid is None:
+        _zygote = take_zygote()
     return _zygote.pid if _zygote is not None else None
 
 
-def task_child(go_r, out_w, err_w):
-    """Body of the forked child: enter the sandbox, wait for the code, run it, _exit. Never returns."""
+def task_child(go_r, out_w, err_w, status_w):
+    """Body of a task's child (forked by the template): enter the sandbox, wait for the code, run it,
+    _exit. Never returns."""
     status = 125
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         null = os.open(os.devnull, os.O_RDONLY)
-        for src, dst in ((null, 0), (out_w, 1), (err_w, 2), (go_r, 3)):
+        # Lift every source above the targets first: a source may sit on a target's number.
+        sources = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in (null, out_w, err_w, go_r, status_w)]
+        for dst, src in enumerate(sources):
             os.dup2(src, dst)
-        os.closerange(4, os.sysconf("SC_OPEN_MAX"))  # the frame channel above all
+        os.set_inheritable(STATUS_FD, False)  # not into the task's own subprocesses
+        os.closerange(STATUS_FD + 1, os.sysconf("SC_OPEN_MAX"))  # the template's control socket above all
         enter_sandbox()
         code, compiled, stdin, timeout_s, fsize_limit, nofile_limit, nproc_limit = receive_task(3)
         os.close(3)
@@ -377,8 +442,8 @@ def task_child(go_r, out_w, err_w):
         os.close(stdin_fd)
         del stdin
         apply_task_limits(timeout_s, fsize_limit, nofile_limit, nproc_limit)
+        os.write(STATUS_FD, STATUS_READY)  # from here on the task's code is in charge
     except BaseException as exc:  # never run the code half-sandboxed
-        FLAG[0] = FLAG_SETUP_FAILED
         try:
             os.write(2, f"sandbox setup failed: {exc!r}".encode())
         finally:
@@ -465,7 +530,10 @@ def run_code(code, compiled=None):
         status = exit_status(exc.code)
     except BaseException as exc:
         if isinstance(exc, MemoryError):
-            FLAG[0] = FLAG_MEMORY_ERROR
+            try:
+                os.write(STATUS_FD, STATUS_MEMORY_ERROR)
+            except OSError:
+                pass
         status = 1
         report(exc)
     return shut_down(status)
@@ -514,30 +582,34 @@ def shut_down(status):
 # ---- reset and verification ---------------------------------------------------------------------
 
 def reset():
-    """Kill everything but PID 1, empty the scratch dirs, then say whether both verifiably worked."""
+    """Kill every sandbox process, empty the scratch dirs, then say whether that verifiably worked."""
     discard_zygote()
-    kill_everything()
+    kill_sandbox()
     empty_scratch()
     return verify_clean()
 
 
-def kill_everything():
-    # From PID 1, kill(-1) reaches every other process in the container; repeat until /proc agrees.
-    deadline, pause = time.monotonic() + KILL_WAIT_S, 0.0002
+def kill_sandbox():
+    """End every process but PID 1 and the template; repeat until /proc agrees or the time is up.
+
+    Only live processes can fork, so when /proc shows none after reaping, none can appear. Otherwise
+    the template's killer, running as the sandbox uid, sends kill(-1): the kernel signals every
+    process that uid may signal in one sweep (a forking loop cannot outrun it), and never root's."""
+    deadline, pause = time.monotonic() + KILL_WAIT_S, 0.0005
     while True:
-        try:
-            os.kill(-1, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         reap_zombies()
         if not stray_pids() or time.monotonic() > deadline:
             return
-        time.sleep(pause)
+        TEMPLATE.call(b"kill")
+        reap_zombies()
+        if not stray_pids():
+            return
+        time.sleep(pause)  # killed processes take a moment to exit (longer under gVisor): let them
         pause = min(pause * 2, 0.02)
 
 
 def reap_zombies():
-    # Daemons the task left behind are reparented to PID 1; their exit status is ours to collect.
+    # The task's child and the daemons it left are reparented to PID 1; their exit status is ours.
     try:
         while os.waitpid(-1, os.WNOHANG)[0]:
             pass
@@ -546,15 +618,15 @@ def reap_zombies():
 
 
 def stray_pids():
-    """Every process but PID 1 and the waiting child (which has run nothing yet)."""
-    allowed = {"1", str(zygote_pid())}
+    """Every process but PID 1, the template and the waiting child (which has run nothing yet)."""
+    allowed = {"1", str(TEMPLATE.pid), str(zygote_pid())}
     return [name for name in os.listdir("/proc") if name.isdigit() and name not in allowed]
 
 
 def empty_scratch():
     """Remove what the task left. Entries right in the scratch dirs go from PID 1: unlink and rmdir
     never follow a symlink, and nothing of the sandbox is alive to race. Anything deeper is removed by
-    a child running as the sandbox uid, so that no path can make root act elsewhere."""
+    the template's cleaner, running as the sandbox uid, so that no path can make root act elsewhere."""
     leftovers = False
     for top in SCRATCH_DIRS:
         for entry in os.scandir(top):
@@ -563,25 +635,7 @@ def empty_scratch():
             except OSError:
                 leftovers = True
     if leftovers:
-        run_cleaner()
-
-
-def run_cleaner():
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgroups([])
-            os.setresgid(SANDBOX_GID, SANDBOX_GID, SANDBOX_GID)
-            os.setresuid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)
-            for top in SCRATCH_DIRS:
-                remove_contents(top)
-        finally:
-            os._exit(0)
-    deadline = time.monotonic() + CLEANER_WAIT_S
-    while not has_exited(pid) and time.monotonic() < deadline:
-        time.sleep(NO_PIDFD_TICK_S)  # a rare path: a plain tick will do
-    kill_task(pid)  # a no-op when it finished; if it hung, verification reports what it left
-    os.waitpid(pid, 0)
+        TEMPLATE.call(b"clean")
 
 
 def remove_contents(top):
@@ -603,9 +657,12 @@ def remove_contents(top):
 
 
 def verify_clean():
-    """(clean, detail): no process but PID 1, every scratch dir empty, no SysV IPC object left."""
+    """(clean, detail): no process but PID 1 and a live template, every scratch dir empty, no SysV IPC
+    object and no socket or connection state left in the network namespace."""
     reap_zombies()
     problems = []
+    if not TEMPLATE.alive():
+        problems.append("the template process is gone")
     if strays := stray_pids():
         problems.append(f"{len(strays)} process(es) still alive")
     for top in SCRATCH_DIRS:
@@ -620,13 +677,235 @@ def verify_clean():
             problems.append(f"cannot count SysV IPC {what}: {os.strerror(ctypes.get_errno())}")
         elif ints[index]:
             problems.append(f"{ints[index]} SysV IPC {what} left")
+    if sockets := network_leftovers():
+        problems.append(f"network state left: {sockets}")
+    elif not problems and not HAVE_SOCKSTAT:
+        _tcp_accepted_when_clean[0] = tcp_accepted()
     return not problems, "; ".join(problems)
+
+
+def network_leftovers():
+    """Socket and connection state in the container's network namespace that is not the runner's own
+    control socket, as 'tcp tw 1, unix 1' (empty when none)."""
+    found = [f"unix {n}"] if (n := foreign_unix_sockets()) else []
+    if HAVE_SOCKSTAT:
+        found += sockstat_leftovers()
+    elif (accepted := tcp_accepted()) != _tcp_accepted_when_clean[0]:
+        # gVisor keeps no sockstat and lists no TIME_WAIT in /proc/net/tcp, yet a port stays taken. With
+        # only loopback, every connection that got established was accepted in this namespace: any
+        # since the last clean check may have left such state (a refused connect leaves none).
+        found.append(f"tcp connections accepted: {accepted - _tcp_accepted_when_clean[0]}")
+    return ", ".join(found)
+
+
+# The counters of /proc/net/sockstat that belong to the network namespace (orphan, alloc and mem count
+# the whole host): sockets in use, TIME_WAIT states and IP fragment queues.
+SOCKSTAT_FILES = ("/proc/net/sockstat", "/proc/net/sockstat6")
+SOCKSTAT_KEYS = (b"inuse", b"tw")
+HAVE_SOCKSTAT = os.path.exists(SOCKSTAT_FILES[0])
+_tcp_accepted_when_clean = [0]
+
+
+def sockstat_leftovers():
+    found = []
+    for path in SOCKSTAT_FILES:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                rows = f.read().splitlines()
+        except OSError:
+            continue
+        for row in rows:
+            proto, _, rest = row.partition(b":")
+            fields = rest.split()
+            for key, value in zip(fields[::2], fields[1::2], strict=False):
+                if key in SOCKSTAT_KEYS and proto != b"sockets" and value != b"0":
+                    found.append(f"{proto.decode().lower()} {key.decode()} {value.decode()}")
+    return found
+
+
+def foreign_unix_sockets():
+    """Unix sockets alive in the namespace other than the runner's own pair (all task processes are
+    gone by now, so any such socket outlived them)."""
+    try:
+        with open("/proc/net/unix", "rb", buffering=0) as f:
+            rows = f.read().splitlines()[1:]
+    except OSError:
+        return 0
+    return sum(1 for row in rows if len(fields := row.split()) > 6 and int(fields[6]) not in TEMPLATE.inodes)
+
+
+def tcp_accepted():
+    """TCP connections accepted (passive opens) in this network namespace, from /proc/net/snmp."""
+    try:
+        with open("/proc/net/snmp", "rb", buffering=0) as f:
+            rows = f.read().splitlines()
+    except OSError:
+        return 0
+    for names, values in zip(rows[::2], rows[1::2], strict=False):
+        if names.startswith(b"Tcp:"):
+            counters = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return int(counters.get(b"PassiveOpens", 0))
+    return 0
+
+
+# ---- the template -------------------------------------------------------------------------------
+
+class Template:
+    """PID 1's handle on the pristine template process: a control socket and its pid.
+
+    Commands are one word with, for `spawn`, the child's pipe ends passed as file descriptors; the
+    answer is `ok <pid>` or `error <detail>`. Nothing else ever crosses the socket: the template never
+    holds a task's data, so what it forks starts as clean as the container did."""
+
+    def __init__(self):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # Our own control socket shows in /proc/net/unix: the network check must not count it.
+        self.inodes = {os.fstat(ours.fileno()).st_ino, os.fstat(theirs.fileno()).st_ino}
+        self.pid = os.fork()
+        if self.pid == 0:
+            ours.close()
+            template_main(theirs)  # never returns
+        theirs.close()
+        self.sock = ours
+        self.sock.settimeout(TEMPLATE_WAIT_S)
+
+    def call(self, command, fds=()):
+        """Send a command and wait for the number in its `ok` answer; RuntimeError otherwise."""
+        self.request(command, fds)
+        return self.answer(command)
+
+    def request(self, command, fds=()):
+        try:
+            socket.send_fds(self.sock, [command], list(fds))
+        except OSError as exc:
+            raise RuntimeError(f"the template did not take {command.decode()!r}: {exc!r}") from None
+
+    def answer(self, command):
+        try:
+            answer = self.sock.recv(256)
+        except OSError as exc:
+            raise RuntimeError(f"the template did not answer {command.decode()!r}: {exc!r}") from None
+        word, _, rest = answer.decode("ascii", "replace").partition(" ")
+        if word != "ok":
+            raise RuntimeError(f"the template failed {command.decode()!r}: {rest or 'it is gone'}")
+        return int(rest)
+
+    def alive(self):
+        return not has_exited(self.pid)
+
+
+TEMPLATE = None  # set by main(), in PID 1
+
+
+def template_main(sock):
+    """Body of the template: serve commands until PID 1 closes the socket. Never returns."""
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.setsid()  # out of PID 1's process group and session: a signal aimed at those is not for us
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)  # the frame channel is PID 1's alone
+        keep = sock.fileno()
+        os.closerange(3, keep)
+        os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+        sock.settimeout(None)
+        commands = {b"spawn": template_spawn, b"kill": template_kill, b"clean": template_clean}
+        while True:
+            command, fds, _, _ = socket.recv_fds(sock, 64, 8)
+            if not command:
+                os._exit(0)  # PID 1 is gone
+            try:
+                handler = commands.get(command)
+                answer = f"ok {handler(*fds)}" if handler else f"error unknown command {command!r}"
+            except Exception as exc:
+                answer = f"error {exc!r}"
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            sock.send(answer.encode("ascii", "replace")[:256])
+    finally:
+        os._exit(1)
+
+
+def template_spawn(go_r, out_w, err_w, status_w):
+    """Fork a task's child through an intermediate that exits at once: the child is reparented to PID 1,
+    so that PID 1 can wait for it (status, rusage) as for its own. Returns the child's pid."""
+    pid_r, pid_w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            os.close(pid_r)
+            child = os.fork()
+            if child == 0:
+                os.close(pid_w)
+                task_child(go_r, out_w, err_w, status_w)  # never returns
+            os.write(pid_w, struct.pack(">i", child))
+        finally:
+            os._exit(0)
+    os.close(pid_w)
+    try:
+        data = os.read(pid_r, 4)
+    finally:
+        os.close(pid_r)
+        os.waitpid(middle, 0)  # once it is reaped, the child's parent is PID 1
+    if len(data) != 4:
+        raise RuntimeError("the intermediate process died before it forked")
+    return struct.unpack(">i", data)[0]
+
+
+def template_kill():
+    """One sweep of kill(-1, SIGKILL) as the sandbox uid; PID 1 reaps and checks, and asks again."""
+    return run_as_sandbox(lambda: [kill_all_visible() for _ in range(3)], KILL_WAIT_S)
+
+
+def kill_all_visible():
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def template_clean():
+    return run_as_sandbox(lambda: [remove_contents(top) for top in SCRATCH_DIRS], CLEANER_WAIT_S)
+
+
+def run_as_sandbox(work, wait_s):
+    """Run `work` in a child of the template as the sandbox uid, for at most `wait_s`; returns its pid."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setresgid(SANDBOX_GID, SANDBOX_GID, SANDBOX_GID)
+            os.setresuid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)
+            work()
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + wait_s
+    pause = 0.0001
+    while not os.waitpid(pid, os.WNOHANG)[0]:
+        if time.monotonic() > deadline:
+            kill_task(pid)  # if it hung, verification reports what it left
+            os.waitpid(pid, 0)
+            break
+        time.sleep(pause)
+        pause = min(pause * 2, 0.01)
+    return pid
 
 
 # ---- start-up -----------------------------------------------------------------------------------
 
+def preload(modules):
+    """Import the image's heavy modules once, before the template forks, so that a task's import of them
+    is a dictionary lookup. Every task still starts from this same state: each is a fresh fork."""
+    for name in filter(None, (part.strip() for part in modules.split(","))):
+        try:
+            __import__(name)
+        except Exception as exc:  # a broken optional module must not take the container down
+            print(f"warmpool runner: could not preload {name}: {exc!r}", file=sys.stderr)
+
+
 def main():
-    global FRAME_OUT
+    global FRAME_OUT, TEMPLATE
     if os.getpid() != 1:
         sys.exit("warmpool runner: refusing to start: not PID 1 (its reset kills every process it can)")
     # Move the frame channel off fds 0/1 so that nothing printed by accident can corrupt it.
@@ -636,11 +915,14 @@ def main():
     os.dup2(2, 1)
     os.close(null)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # PID 1 ignores SIGTERM unless it asks for it
+    modules = os.environ.get("WARMPOOL_PRELOAD", "")  # set by the image, not by the host
     os.environ.clear()  # the tasks' environment, set once here so that forks inherit it for free
     os.environ.update(TASK_ENV)
-    reader = open(frame_in, "rb", buffering=READ_CHUNK)
+    preload(modules)
     gc.collect()
     gc.freeze()  # keep the collector off the pages shared with the children, so forks stay cheap
+    TEMPLATE = Template()  # before the first frame is read: it must never have seen one
+    reader = open(frame_in, "rb", buffering=READ_CHUNK)
     serve(reader)
 
 

@@ -7,6 +7,7 @@ builds the test image and prints round-trip times for `print('hello')`.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -15,27 +16,21 @@ import select
 import statistics
 import struct
 import subprocess
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from pool.engine.sandbox_spec import owner_token
+from runner_image.build import write_context
 
 REPO = Path(__file__).resolve().parent.parent
 RUNNER = REPO / "runner_image" / "runner.py"
 BASE_IMAGE = "warmpool-base:bookworm"
-TEST_IMAGE = "warmpool-runner-test:dev"
+# Tagged by the runner's content, so that checkouts with different runners never test each other's.
+TEST_IMAGE = ("warmpool-runner-test:" + hashlib.sha256(
+    RUNNER.read_bytes() + (REPO / "runner_image" / "Dockerfile").read_bytes()).hexdigest()[:12])
 POOL_LABEL = "runner-test"
-
-DOCKERFILE = f"""\
-FROM {BASE_IMAGE}
-RUN groupadd -g 10001 sandbox && useradd -u 10001 -g 10001 -d /tmp/home -M -s /usr/sbin/nologin sandbox \\
- && rm -rf /var/tmp && ln -s /tmp /var/tmp
-COPY runner.py /opt/warmpool/runner.py
-ENTRYPOINT ["python3", "-I", "/opt/warmpool/runner.py"]
-"""
 
 # What the pool applies to every sandbox container (DESIGN.md section 3), at test sizes.
 HARDENING = [
@@ -58,15 +53,13 @@ def label_args() -> list[str]:
 
 
 def build_image(tag: str = TEST_IMAGE) -> str:
-    """Build the test image from the base image and the working tree's runner.py; returns the tag."""
+    """Build the test image from the base image, the one Dockerfile and the working tree's runner.py (the
+    `python` image's recipe, under a tag of its own); returns the tag."""
     context = io.BytesIO()
-    with tarfile.open(fileobj=context, mode="w") as tar:
-        for name, data in (("Dockerfile", DOCKERFILE.encode()), ("runner.py", RUNNER.read_bytes())):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    subprocess.run(["docker", "build", "-q", "-t", tag, "-"], input=context.getvalue(), check=True,
-                   capture_output=True, env={**os.environ, "DOCKER_BUILDKIT": "0"})
+    write_context(context, None)
+    subprocess.run(["docker", "build", "-q", "--network", "none", "--build-arg", f"BASE={BASE_IMAGE}",
+                    "-t", tag, "-"], input=context.getvalue(), check=True, capture_output=True,
+                   env={**os.environ, "DOCKER_BUILDKIT": "0"})
     return tag
 
 

@@ -23,9 +23,12 @@ def main(argv: list[str] | None = None) -> None:
 
     sub.add_parser("worker", help="run a worker that takes tasks from Redis (WARMPOOL_REDIS_URL)")
 
-    image = sub.add_parser("image", help="build the runner image if it is missing or stale; print its id")
-    image.add_argument("--force", action="store_true", help="rebuild even if the image is up to date")
-    image.add_argument("--image", default=os.environ.get("WARMPOOL_IMAGE") or DEFAULT_IMAGE)
+    image = sub.add_parser("image", help="build the sandbox images that are missing or stale; print their ids")
+    image.add_argument("--force", action="store_true", help="rebuild even if an image is up to date")
+    image.add_argument("--only", action="append", metavar="NAME",
+                       help="build only this image (python, datascience, or one of the tiers file); repeatable")
+    image.add_argument("--image", help="docker tag of the `python` image (default: WARMPOOL_IMAGE or "
+                       f"{DEFAULT_IMAGE})")
     image.add_argument("--base", default=os.environ.get("WARMPOOL_BASE_IMAGE") or DEFAULT_BASE_IMAGE)
 
     args = parser.parse_args(argv)
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "worker":
         _worker()
     else:
-        _image(args.image, args.base, args.force)
+        _image(args.only, args.image, args.base, args.force)
 
 
 def _serve(host: str, port: int) -> None:
@@ -80,19 +83,31 @@ def _worker() -> None:
     worker_main()
 
 
-def _image(image: str, base_image: str, force: bool) -> None:
+def _image(only: list[str] | None, python_tag: str | None, base_image: str, force: bool) -> None:
     import docker
     import docker.errors
 
+    from pool.model.errors import InvalidRequest
+    from runner_image import catalogue
     from runner_image.build import ImageBuildError, ensure_image
 
+    try:
+        specs = catalogue.from_env({**os.environ, **({"WARMPOOL_IMAGE": python_tag} if python_tag else {})})
+    except InvalidRequest as exc:
+        sys.exit(f"warmpool image: bad image configuration: {exc}")
+    names = [spec.name for spec in specs]
+    if unknown := set(only or ()) - set(names):
+        sys.exit(f"warmpool image: unknown image(s) {sorted(unknown)}; known: {names}")
     try:
         client = docker.from_env()
         client.ping()
     except docker.errors.DockerException as exc:
         sys.exit(f"warmpool image: no Docker engine answers ({exc}); start one (make docker) and retry")
     try:
-        print(ensure_image(client, image=image, base_image=base_image, force=force))
+        for spec in specs:
+            if not only or spec.name in only:
+                print(spec.name, spec.docker_image, ensure_image(client, spec, base_image=base_image, force=force),
+                      flush=True)
     except ImageBuildError as exc:
         sys.exit(f"warmpool image: {exc}")
     finally:

@@ -18,7 +18,10 @@ scratch = ('/tmp', '/dev/shm', '/var/tmp', os.environ['HOME'], os.getcwd())
 print(json.dumps({
     "entries": {d: sorted(os.listdir(d)) for d in scratch},
     "late": [p for p in ('/tmp/late', '/dev/shm/late') if os.path.lexists(p)],
-    "procs": sorted(int(p) for p in os.listdir('/proc') if p.isdigit() and int(p) not in (1, os.getpid())),
+    # PID 1 and the template are the runner's own (root); no other process may be there.
+    "procs": sorted(int(p) for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid()
+                    and os.stat(f'/proc/{p}').st_uid != 0),
+    "runner_procs": sum(1 for p in os.listdir('/proc') if p.isdigit() and os.stat(f'/proc/{p}').st_uid == 0),
     "cwd": os.getcwd(), "cwd_real": os.path.realpath(os.getcwd()), "home_real": os.path.realpath(os.environ['HOME']),
     "cwd_is_link": os.path.islink('/tmp/work'), "home_is_link": os.path.islink('/tmp/home'),
     "cwd_owner": os.stat('.').st_uid,
@@ -35,7 +38,7 @@ def inspect_next(box, wait_s: float = 0.0) -> dict:
 def assert_pristine(seen: dict) -> None:
     assert seen["entries"] == {"/tmp": ["home", "work"], "/dev/shm": [], "/var/tmp": ["home", "work"],
                                "/tmp/home": [], "/tmp/work": []}, seen["entries"]
-    assert seen["late"] == [] and seen["procs"] == [], seen
+    assert seen["late"] == [] and seen["procs"] == [] and seen["runner_procs"] == 2, seen
     assert seen["cwd"] == seen["cwd_real"] == "/tmp/work" and seen["home_real"] == "/tmp/home"
     assert not seen["cwd_is_link"] and not seen["home_is_link"] and seen["cwd_owner"] == 10001
 

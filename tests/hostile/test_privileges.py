@@ -7,7 +7,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.hostile.conftest import execute, redis_port, run_case, status_is
+from tests.hostile.conftest import execute, redis_port, run_case
 
 pytestmark = pytest.mark.docker
 
@@ -145,6 +145,12 @@ for name, action in (("PID 1's group", lambda: os.killpg(os.getpgid(1), signal.S
         results[name] = "sent"
     except OSError as exc:
         results[name] = "denied: " + os.strerror(exc.errno)
+# What the kernel answers for a group is no proof either way: what matters is whether the runner's own
+# processes (root: PID 1 and the template) are still there and not stopped.
+import time
+time.sleep(0.1)
+results["runner states"] = sorted(open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[0]
+                                  for p in os.listdir('/proc') if p.isdigit() and os.stat(f'/proc/{p}').st_uid == 0)
 print(json.dumps(results), flush=True)
 os.killpg(0, signal.SIGKILL)  # its own process group, itself included
 """
@@ -154,15 +160,23 @@ def test_killing_pid1_the_parent_or_the_process_group_harms_only_the_task(box):
     def check(body):
         assert body["status"] == "failed" and body["exit_code"] is None, body  # died of its own SIGKILL
         results = json.loads(body["stdout"])
-        # kill(-1) as the sandbox uid reaches only the sandbox uid's own processes: "sent" is harmless there
-        sent = {what for what, outcome in results.items() if outcome == "sent"} - {"every process"}
+        # kill(-1) as the sandbox uid reaches only the sandbox uid's own processes, and the namespace's init
+        # ignores what it has no handler for: for these two only the effect below tells
+        sent = {what for what, outcome in results.items() if outcome == "sent"} - {"every process", "PID 1's group"}
         assert sent == set(), results
+        assert results.pop("runner states") in (["S", "S"], ["R", "S"], ["S", "R"]), results
 
     run_case(box, SIGNALS, check)
 
 
 def test_killing_every_process_it_can_ends_only_itself(box):
-    run_case(box, "import os, signal\nos.kill(-1, signal.SIGKILL)\nprint('survived')", status_is("failed"))
+    # kill(-1) never signals the caller. With no other process it may signal, Linux answers ESRCH (an
+    # uncaught error: failed) or, where root's processes are there to be refused, 0; either way only the
+    # task's own processes can die, and run_case checks that the same container serves the next task.
+    def check(body):
+        assert (body["status"], body["stdout"]) in (("failed", ""), ("succeeded", "survived\n")), body
+
+    run_case(box, "import os, signal\nos.kill(-1, signal.SIGKILL)\nprint('survived')", check)
 
 
 INTERFACES = "import json, socket\nprint(json.dumps(sorted(name for _, name in socket.if_nameindex())))"
