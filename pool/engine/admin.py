@@ -17,6 +17,7 @@ import anyio
 from pool.engine.manager import PoolManager
 from pool.engine.tier_pool import TierPool
 from pool.model.errors import CapacityError, InvalidRequest, UnknownTier
+from pool.model.lifecycle import RetireReason
 from pool.model.snapshots import AdminView, Drained, Persistence, Resized
 from pool.sizes_file import load_sizes, save_sizes
 
@@ -100,7 +101,7 @@ class PoolAdmin:
         pool.reset_backoff()
         idle = pool.take_all_idle()
         for handle in idle:
-            self.manager.retire(handle, "drained")
+            self.manager.retire(handle, RetireReason.DRAINED)
         self.manager.wake()
         return Drained(tier_name=tier_name, idle_replaced=len(idle), busy_replaced_when_done=len(pool.busy),
                        starting_replaced_when_ready=pool.starting)

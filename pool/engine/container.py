@@ -62,14 +62,6 @@ class ContainerHandle:
     def age_s(self) -> float:
         return time.monotonic() - self.created_at
 
-    def worn_out(self) -> str | None:
-        """Why this container must not be reused, or None."""
-        if self.uses >= self.tier.max_uses:
-            return "use_limit"
-        if self.age_s >= self.tier.max_age_s:
-            return "age_limit"
-        return None
-
     def _lost(self, reason: str) -> None:
         if self.on_lost is not None:  # None once we closed it ourselves: not a loss
             log.info("container %s lost its runner: %s", self.name, reason)
@@ -165,12 +157,4 @@ async def remove_container(backend: ContainerBackend, handle: ContainerHandle) -
     except PoolError as exc:
         log.warning("could not remove %s: %s", handle.name, exc)
 
-
-def status_needs_replacement(status: Status) -> str | None:
-    """Outcomes that can leave damage the reset cannot vouch for."""
-    if status == Status.MEMORY_EXCEEDED:
-        return "memory_exceeded"
-    if status == Status.SANDBOX_ERROR:
-        return "sandbox_error"
-    return None
 

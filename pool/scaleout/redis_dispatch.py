@@ -18,13 +18,14 @@ from typing import cast
 
 from pool.background import TaskOwner
 from pool.engine.container import RESULT_GRACE_S
+from pool.model.backoff import Backoff
 from pool.model.errors import BackendUnavailable, NoCapacity, NotSupported, Overloaded
 from pool.model.results import TaskSpec
 from pool.model.snapshots import AdminView, Drained, Resized, TierSnapshot
 from pool.model.tasks import Execution, TaskState, TaskView
 from pool.scaleout.membership import BEATS_TO_DEATH, ClusterView, parse_beat
 from pool.scaleout.redis_io import Keys, Scripts, connect, redis_errors
-from pool.scaleout.task_codec import MalformedEntry, Outcome, spec_fields
+from pool.scaleout.task_codec import MalformedEntry, Outcome, StreamEntry
 from pool.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -97,16 +98,16 @@ class RedisDispatcher:
 
     async def _submit(self, tier_name: str, spec: TaskSpec, *, kind: str, owner: str, reply_to: str,
                       lease_wait_s: float) -> None:
-        now = repr(time.time())
+        now = time.time()
         # The API's result TTL and the request's container wait travel with the task: the worker applies them.
-        entry = {**spec_fields(spec), "reply_to": reply_to, "submitted_unix": now,
-                 "result_ttl_ms": str(int(self.settings.result_ttl_s * 1000)), "lease_wait_s": repr(lease_wait_s)}
-        record = {"state": "queued", "kind": kind, "tier": tier_name, "owner": owner, "submitted_unix": now}
+        entry = StreamEntry(spec=spec, reply_to=reply_to, submitted_unix=now,
+                            result_ttl_ms=int(self.settings.result_ttl_s * 1000), lease_wait_s=lease_wait_s)
+        record = {"state": "queued", "kind": kind, "tier": tier_name, "owner": owner, "submitted_unix": repr(now)}
         with redis_errors("queue the task"):
             added = await self.scripts.submit(self.keys.stream(tier_name), self.keys.task(spec.task_id),
                                               max_len=self.settings.max_queued,
                                               pending_ttl_ms=pending_ttl_ms(self.settings),
-                                              entry=entry, record=record)
+                                              entry=entry.to_fields(), record=record)
         if added is None:
             raise Overloaded(f"tier {tier_name!r} already has {self.settings.max_queued} tasks waiting or "
                             "running; retry later", retry_after_s=max(1.0, spec.timeout_s / 2))
@@ -166,7 +167,7 @@ class RedisDispatcher:
 
     # replies ---------------------------------------------------------------------------------------
     async def _reply_loop(self) -> None:
-        backoff_s = 0.1
+        backoff = Backoff(max_s=MAX_BACKOFF_S)
         lost_contact = False
         while True:
             try:
@@ -184,10 +185,9 @@ class RedisDispatcher:
                 if not lost_contact:
                     log.warning("%s", exc)
                 lost_contact = True
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)
+                await asyncio.sleep(backoff.next_s())
                 continue
-            backoff_s = 0.1
+            backoff.reset()
 
     def _deliver(self, raw: str) -> None:
         try:

@@ -36,6 +36,7 @@ from pool.engine.backend import ContainerBackend
 from pool.engine.container import RESULT_GRACE_S
 from pool.engine.docker_backend import DockerBackend
 from pool.engine.manager import PoolManager
+from pool.model.backoff import Backoff
 from pool.model.errors import BackendUnavailable, InvalidRequest, PoolError
 from pool.scaleout.membership import BEATS_TO_DEATH, beat_json
 from pool.scaleout.redis_io import GROUP, Keys, Scripts, connect, is_nogroup, redis_errors
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 READ_BLOCK_S = 2.0
 READ_BACKOFF_S = 0.1
+MAX_READ_BACKOFF_S = 2.0
 PRUNE_EVERY_ROUNDS = 20
 WARM_WAIT_S = 120.0
 
@@ -131,7 +133,7 @@ class Worker:
     # loops -----------------------------------------------------------------------------------------
     async def _read_loop(self, tier_name: str) -> None:
         stream = self.keys.stream(tier_name)
-        backoff_s = READ_BACKOFF_S
+        backoff = Backoff(first_s=READ_BACKOFF_S, max_s=MAX_READ_BACKOFF_S)
         while True:
             if not self.pool.docker_ok:  # our engine is down: leave the tasks to workers that can run them
                 await asyncio.sleep(0.5)
@@ -152,13 +154,12 @@ class Worker:
                         await self._ensure_group(tier_name)
                         continue
             except BackendUnavailable as exc:
-                (log.warning if backoff_s == READ_BACKOFF_S else log.debug)("%s; retrying", exc)
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(2.0, backoff_s * 2)
+                (log.debug if backoff.failing else log.warning)("%s; retrying", exc)
+                await asyncio.sleep(backoff.next_s())
                 continue
-            if backoff_s != READ_BACKOFF_S:
+            if backoff.failing:
                 log.info("reading tier %s from Redis again", tier_name)
-            backoff_s = READ_BACKOFF_S
+            backoff.reset()
             for _stream, entries in cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply or []):
                 for entry_id, fields in entries:
                     self._take(tier_name, entry_id, fields, claimed=False)
