@@ -161,6 +161,18 @@ def test_the_api_reaches_the_pools_only_through_the_dispatcher():
     assert reaching == [], "app.state.pool is gone: ask the dispatcher"
 
 
+def test_the_scale_out_api_holds_no_engine():
+    """In scale-out mode the API process runs no containers: its dispatcher reaches no pool.engine module."""
+    edges = graph()
+    seen, todo = set(), ["pool.scaleout.redis_dispatch"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(edges.get(module, ()))
+    assert sorted(m for m in seen if m.startswith("pool.engine")) == []
+
+
 def test_the_checks_catch_what_they_look_for():
     """The checks themselves: a circle is found, and an upward or I/O import would be named."""
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

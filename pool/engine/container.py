@@ -17,15 +17,13 @@ from pool.engine.sandbox_spec import host_config_kwargs, labels_for, task_nproc_
 from pool.model.errors import PoolError, SandboxError
 from pool.model.resources import format_bytes
 from pool.model.results import Status, TaskResult, TaskSpec
+from pool.model.tasks import RESULT_GRACE_S
 from pool.model.tiers import Tier
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 10.0
 RESET_TIMEOUT_S = 5.0
-# The runner enforces the task's deadline itself; the host waits this much longer before it calls the
-# container broken (a runner that cannot answer in time is replaced, and the task is a sandbox_error).
-RESULT_GRACE_S = 5.0
 # How long to wait for the engine to record the exit of a container that died under a task.
 DEATH_RECORD_WAIT_S = 3.0
 _serial = itertools.count(1)

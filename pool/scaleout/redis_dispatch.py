@@ -17,12 +17,11 @@ import time
 from typing import cast
 
 from pool.background import TaskOwner
-from pool.engine.container import RESULT_GRACE_S
 from pool.model.backoff import Backoff
 from pool.model.errors import BackendUnavailable, NoCapacity, NotSupported, Overloaded
 from pool.model.results import TaskSpec
 from pool.model.snapshots import AdminView, Drained, Resized, TierSnapshot
-from pool.model.tasks import Execution, TaskState, TaskView
+from pool.model.tasks import RESULT_GRACE_S, Execution, TaskState, TaskView
 from pool.scaleout.membership import BEATS_TO_DEATH, ClusterView, parse_beat
 from pool.scaleout.redis_io import Keys, Scripts, connect, redis_errors
 from pool.scaleout.task_codec import MalformedEntry, Outcome, StreamEntry

@@ -33,11 +33,11 @@ import redis.exceptions
 
 from pool.background import TaskOwner
 from pool.engine.backend import ContainerBackend
-from pool.engine.container import RESULT_GRACE_S
 from pool.engine.docker_backend import DockerBackend
 from pool.engine.manager import PoolManager
 from pool.model.backoff import Backoff
 from pool.model.errors import BackendUnavailable, InvalidRequest, PoolError
+from pool.model.tasks import RESULT_GRACE_S
 from pool.scaleout.membership import BEATS_TO_DEATH, beat_json
 from pool.scaleout.redis_io import GROUP, Keys, Scripts, connect, is_nogroup, redis_errors
 from pool.scaleout.worker_tasks import TaskHandler
