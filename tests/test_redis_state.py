@@ -36,7 +36,7 @@ def test_outcomes_round_trip_through_json():
 
 ENTRY = StreamEntry(spec=TaskSpec(task_id="t1", code="print(1)", stdin="in", timeout_s=2.5, output_limit_bytes=1024),
                     reply_to="warmpool:reply:api", submitted_unix=1700000000.25, result_ttl_ms=600_000,
-                    lease_wait_s=0.0)
+                    lease_wait_s=0.0, max_result_bytes=4096)
 
 
 def test_stream_entries_round_trip_through_their_fields():
@@ -52,6 +52,7 @@ def test_stream_entries_round_trip_through_their_fields():
     ("output_limit_bytes", "1.5", "whole"), ("submitted_unix", "inf", "finite"),
     ("submitted_unix", None, "no 'submitted_unix'"), ("result_ttl_ms", "", "not a number"),
     ("lease_wait_s", "-0.5", "at least 0"), ("lease_wait_s", None, "no 'lease_wait_s'"),
+    ("max_result_bytes", "lots", "not a number"), ("max_result_bytes", None, "no 'max_result_bytes'"),
 ])
 def test_a_bad_stream_entry_is_malformed_naming_the_field(field, raw, words):
     fields = ENTRY.to_fields()
@@ -71,12 +72,12 @@ def test_task_state_machine(redis_url):
 async def _state_machine(url: str) -> None:
     client = connect(url)
     keys = Keys(f"wptest-{secrets.token_hex(4)}")
-    scripts = Scripts(client)
+    scripts = Scripts(client, keys.prefix)
     stream, reply = keys.stream("one"), keys.reply("api")
     try:
         await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
 
-        async def submit(task_id: str, kind: str = "sync") -> str | None:
+        async def submit(task_id: str, kind: str = "sync") -> object:
             return await scripts.submit(stream, keys.task(task_id), max_len=2, pending_ttl_ms=60_000,
                                         entry={"id": task_id}, record={"state": "queued", "kind": kind})
 

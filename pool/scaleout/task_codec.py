@@ -41,13 +41,14 @@ class StreamEntry:
     submitted_unix: float  # the API's clock at submission
     result_ttl_ms: int  # how long the outcome of an async task is kept (the API's setting)
     lease_wait_s: float  # the request's wait for a container (its max_wait_ms, within the lease timeout)
+    max_result_bytes: int = 0  # an async task's bound on a stored result (the API's setting); 0: none
 
     def to_fields(self) -> dict[str, str]:
         spec = self.spec
         return {"id": spec.task_id, "code": spec.code, "stdin": spec.stdin, "timeout_s": repr(spec.timeout_s),
                 "output_limit_bytes": str(spec.output_limit_bytes), "reply_to": self.reply_to,
                 "submitted_unix": repr(self.submitted_unix), "result_ttl_ms": str(self.result_ttl_ms),
-                "lease_wait_s": repr(self.lease_wait_s)}
+                "lease_wait_s": repr(self.lease_wait_s), "max_result_bytes": str(self.max_result_bytes)}
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, str]) -> StreamEntry:
@@ -60,7 +61,8 @@ class StreamEntry:
         return cls(spec=spec, reply_to=fields.get("reply_to", ""),
                    submitted_unix=_number(fields, "submitted_unix"),
                    result_ttl_ms=int(_number(fields, "result_ttl_ms", positive=True, whole=True)),
-                   lease_wait_s=_number(fields, "lease_wait_s"))
+                   lease_wait_s=_number(fields, "lease_wait_s"),
+                   max_result_bytes=int(_number(fields, "max_result_bytes", whole=True)))
 
 
 def _text(fields: Mapping[str, str], name: str) -> str:
