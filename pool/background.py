@@ -9,14 +9,13 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-RECANCEL_AFTER_S = 0.2
-
 
 class TaskOwner:
     """Keeps a strong reference to each task it spawns, logs their failures, and ends them in `close()`."""
 
     def __init__(self, what: str) -> None:
         self.what = what
+        self.closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -35,16 +34,17 @@ class TaskOwner:
         return not self._tasks
 
     async def close(self) -> None:
-        """Cancel every task still running and wait until each has ended.
+        """Cancel every task still running and wait until each has ended (shielded clean-ups included).
 
-        A task still running after `RECANCEL_AFTER_S` is cancelled again: a library may swallow one
-        cancellation and carry on (redis-py does when it lands while a blocking command's connection is
-        being made; see redis/redis-py#2028), which would leave this waiting forever."""
+        `closing` turns True first: a loop that checks it ends at its next turn even when a library swallowed
+        its cancellation (redis-py does when the cancel lands while a blocking command's connection is being
+        made; see redis/redis-py#2028), which would otherwise leave this waiting forever."""
+        self.closing = True
         while self._tasks:  # a cancelled task may spawn another on its way out
             tasks = list(self._tasks)
             for task in tasks:
                 task.cancel()
-            await asyncio.wait(tasks, timeout=RECANCEL_AFTER_S)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

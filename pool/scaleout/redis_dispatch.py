@@ -184,7 +184,7 @@ class RedisDispatcher:
     async def _reply_loop(self) -> None:
         backoff = Backoff(max_s=MAX_BACKOFF_S)
         lost_contact = False
-        while True:
+        while not self._background.closing:  # also ends a loop whose cancellation redis-py swallowed
             try:
                 with redis_errors("read replies"):
                     popped = cast(list[str] | None, await self.blocking.blpop([self.reply_key], timeout=REPLY_BLOCK_S))
@@ -236,7 +236,7 @@ class RedisDispatcher:
                              retry_after_s=self.settings.heartbeat_s * BEATS_TO_DEATH)
 
     async def _cluster_loop(self) -> None:
-        while True:
+        while not self._background.closing:  # also ends a loop whose cancellation redis-py swallowed
             await asyncio.sleep(min(self.settings.heartbeat_s, 1.0))
             await self._refresh_cluster()
 

@@ -134,7 +134,7 @@ class Worker:
     async def _read_loop(self, tier_name: str) -> None:
         stream = self.keys.stream(tier_name)
         backoff = Backoff(first_s=READ_BACKOFF_S, max_s=MAX_READ_BACKOFF_S)
-        while True:
+        while not self._loops.closing:  # see TaskOwner.close
             if not self.pool.docker_ok:  # our engine is down: leave the tasks to workers that can run them
                 await asyncio.sleep(0.5)
                 continue
@@ -168,7 +168,7 @@ class Worker:
         """Take over entries that stayed idle past the visibility timeout: their worker is gone."""
         min_idle_ms = int(self.settings.visibility_timeout_s * 1000)
         rounds = 0
-        while True:
+        while not self._loops.closing:  # see TaskOwner.close
             await asyncio.sleep(self.settings.visibility_timeout_s / 2)
             rounds += 1
             if not self.pool.docker_ok:
@@ -201,7 +201,7 @@ class Worker:
     async def _keep_claimed_loop(self) -> None:
         """Re-claim our in-hand entries to ourselves (resets their idle time) so no one takes them over."""
         interval_s = max(0.1, min(1.0, self.settings.visibility_timeout_s / 4))
-        while True:
+        while not self._keeper.closing:  # see TaskOwner.close
             await asyncio.sleep(interval_s)
             for tier_name, entries in self.inflight.items():
                 if not entries:
@@ -214,7 +214,7 @@ class Worker:
                     log.debug("%s", exc)
 
     async def _heartbeat_loop(self) -> None:
-        while True:
+        while not self._loops.closing:  # see TaskOwner.close
             await asyncio.sleep(self.settings.heartbeat_s)
             try:
                 await self._beat()
