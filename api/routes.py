@@ -15,8 +15,9 @@ from api.errors import invalid_body
 from api.json_body import BodyRoute
 from api.limits import require_task_quota
 from api.schemas import ExecuteRequest, ExecuteResponse, TaskAccepted, TaskPending, TierOut
+from api.state import dispatcher_of, settings_of
 from api.streaming import result_response, stream_response, wants_stream
-from pool.dispatch import Dispatcher, owner_of
+from pool.dispatch import owner_of
 from pool.model.errors import PoolError
 from pool.model.resources import ResourceRequest
 from pool.model.results import TaskResult, TaskSpec
@@ -26,15 +27,6 @@ from pool.settings import Settings
 
 router = APIRouter(route_class=BodyRoute)
 _TASK_ID = re.compile(r"[0-9a-f]{32}")
-
-
-def _dispatcher(request: Request) -> Dispatcher:
-    dispatcher: Dispatcher = request.app.state.dispatcher
-    return dispatcher
-
-
-def _settings(request: Request) -> Settings:
-    return request.app.state.settings
 
 
 def build_spec(body: ExecuteRequest, settings: Settings) -> TaskSpec | JSONResponse:
@@ -125,18 +117,18 @@ async def execute(body: ExecuteRequest, request: Request, _key: str = Depends(re
     it is a stream of `stdout` and `stderr` events (`{"text": ...}`) as the task writes, then one `result`
     event holding this same body; errors found before the task starts stay plain HTTP errors."""
     started = time.perf_counter()
-    settings = _settings(request)
+    settings = settings_of(request)
     prepared = prepare(body, settings)
     if isinstance(prepared, JSONResponse):
         return prepared
     spec, tier = prepared
     if wants_stream(request):
-        stream = await _dispatcher(request).execute_stream(tier.name, spec, lease_wait_s(body, settings))
+        stream = await dispatcher_of(request).execute_stream(tier.name, spec, lease_wait_s(body, settings))
 
         async def result_body(outcome: Execution | PoolError) -> dict[str, Any]:
             return outcome_body(outcome, spec.task_id, tier, started)
         return stream_response(stream, result_body)
-    execution = await _dispatcher(request).execute(tier.name, spec, lease_wait_s(body, settings))
+    execution = await dispatcher_of(request).execute(tier.name, spec, lease_wait_s(body, settings))
     return JSONResponse(execution_body(execution, spec.task_id, (time.perf_counter() - started) * 1000))
 
 
@@ -149,11 +141,11 @@ async def submit_task(body: ExecuteRequest, request: Request, key: str = Depends
     """Queue a snippet to run in the background; poll `link` for its state and then its result.
 
     The result is kept for the server's result TTL after the task ends; only the same API key can read it."""
-    prepared = prepare(body, _settings(request))
+    prepared = prepare(body, settings_of(request))
     if isinstance(prepared, JSONResponse):
         return prepared
     spec, tier = prepared
-    await _dispatcher(request).submit(tier.name, spec, owner_of(key))
+    await dispatcher_of(request).submit(tier.name, spec, owner_of(key))
     link = f"/v1/tasks/{spec.task_id}"
     return JSONResponse(status_code=202, content={"id": spec.task_id, "status": "queued", "link": link},
                         headers={"Location": link})
@@ -163,7 +155,7 @@ async def submit_task(body: ExecuteRequest, request: Request, key: str = Depends
             responses={404: {"description": "Unknown task, or its result expired"}})
 async def get_task(task_id: str, request: Request, key: str = Depends(require_api_key)) -> Any:
     """An async task: `queued` or `running` while pending, then the full result, as /v1/execute answers it."""
-    view = await _dispatcher(request).task(task_id, owner_of(key)) if _TASK_ID.fullmatch(task_id) else None
+    view = await dispatcher_of(request).task(task_id, owner_of(key)) if _TASK_ID.fullmatch(task_id) else None
     if view is None:
         return JSONResponse(status_code=404, content={"detail": f"no task {task_id!r} (unknown, or expired)"})
     return JSONResponse(task_body(view))
@@ -177,7 +169,7 @@ async def task_events(task_id: str, request: Request, key: str = Depends(require
     when followed late), then one `result` event with the body `GET /v1/tasks/{id}` gives. A task that has
     ended answers its `result` at once."""
     started = time.perf_counter()
-    dispatcher, owner = _dispatcher(request), owner_of(key)
+    dispatcher, owner = dispatcher_of(request), owner_of(key)
     view = await dispatcher.task(task_id, owner) if _TASK_ID.fullmatch(task_id) else None
     found = await dispatcher.task_events(task_id, owner) if view is not None and view.state != TaskState.DONE \
         else view
@@ -201,7 +193,7 @@ async def tiers(request: Request, _key: str = Depends(require_api_key)) -> list[
 
     In scale-out mode the counts are summed over the live workers serving each tier (`workers`), and
     `queued` counts the tier's tasks waiting or running."""
-    return await _dispatcher(request).tiers()
+    return [snapshot.as_dict() for snapshot in await dispatcher_of(request).tiers()]
 
 
 @router.get("/healthz")
@@ -215,7 +207,7 @@ async def readyz(request: Request) -> JSONResponse:
     """Docker reachable, runner image present, and every tier warmed to its min_idle.
 
     In scale-out mode: Redis answers and at least one worker is alive."""
-    checks = await _dispatcher(request).readiness()
+    checks = await dispatcher_of(request).readiness()
     ready = all(checks.values())
     return JSONResponse(status_code=200 if ready else 503, content={"ready": ready, "checks": checks},
                         headers=None if ready else {"Retry-After": "1"})

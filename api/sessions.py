@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import require_admin_key, require_api_key
 from api.limits import require_task_quota
-from api.routes import _dispatcher, _settings, build_spec, execution_body, outcome_body
+from api.routes import build_spec, execution_body, outcome_body
 from api.schemas import ExecuteRequest, ExecuteResponse, ResourcesIn, ResourcesOut
+from api.state import dispatcher_of, settings_of
 from api.streaming import stream_response, wants_stream
 from pool.dispatch import owner_of
 from pool.model.errors import InvalidRequest, PoolError, SessionGone
@@ -105,12 +106,12 @@ async def open_session(body: SessionCreate, request: Request, key: str = Depends
     """Lease a container of the smallest tier that covers `resources` for this key's session: its calls share
     one interpreter (globals, imports and files persist) until it is deleted or idle past `idle_timeout_s`.
     It holds the container all along, so it counts against the tier's capacity."""
-    settings = _settings(request)
+    settings = settings_of(request)
     tier = session_tier(body, settings)
     idle_timeout_s = min(body.idle_timeout_s or settings.session_idle_timeout_s, settings.max_session_idle_s)
     wait_s = settings.lease_timeout_s if body.max_wait_ms is None else min(body.max_wait_ms / 1000,
                                                                           settings.lease_timeout_s)
-    info = await _dispatcher(request).open_session(tier.name, owner_of(key), body.image, idle_timeout_s, wait_s)
+    info = await dispatcher_of(request).open_session(tier.name, owner_of(key), body.image, idle_timeout_s, wait_s)
     link = f"/v1/sessions/{info.session_id}"
     return JSONResponse(status_code=201, content=session_body(info), headers={"Location": link})
 
@@ -118,7 +119,7 @@ async def open_session(body: SessionCreate, request: Request, key: str = Depends
 @router.get("/v1/sessions/{session_id}", response_model=SessionOut, responses=GONE)
 async def get_session(session_id: str, request: Request, key: str = Depends(require_api_key)) -> Any:
     """The session: its tier, state (`idle` or `busy`), calls so far, and when the idle timeout closes it."""
-    info = await _dispatcher(request).session(_checked_id(session_id), owner_of(key))
+    info = await dispatcher_of(request).session(_checked_id(session_id), owner_of(key))
     return JSONResponse(session_body(info))
 
 
@@ -132,11 +133,11 @@ async def session_execute(session_id: str, body: SessionExecute, request: Reques
     its state when the code stops; a call that runs out of memory, or would not stop, ends the session (its
     `message` says so; later calls get 404 saying why)."""
     started = time.perf_counter()
-    settings = _settings(request)
+    settings = settings_of(request)
     spec = build_spec(ExecuteRequest(code=body.code, stdin=body.stdin, timeout_s=body.timeout_s), settings)
     if isinstance(spec, JSONResponse):
         return spec
-    dispatcher, owner = _dispatcher(request), owner_of(key)
+    dispatcher, owner = dispatcher_of(request), owner_of(key)
     session_id = _checked_id(session_id)
     if wants_stream(request):
         tier = (await dispatcher.session(session_id, owner)).tier
@@ -153,7 +154,7 @@ async def session_execute(session_id: str, body: SessionExecute, request: Reques
 async def delete_session(session_id: str, request: Request, key: str = Depends(require_api_key)) -> Response:
     """End the session. Its container is reset and verified clean (or replaced) before anyone else gets it; a
     call still running finishes first."""
-    await _dispatcher(request).delete_session(_checked_id(session_id), owner_of(key))
+    await dispatcher_of(request).delete_session(_checked_id(session_id), owner_of(key))
     return Response(status_code=204)
 
 
@@ -161,7 +162,7 @@ async def delete_session(session_id: str, request: Request, key: str = Depends(r
 async def admin_sessions(request: Request) -> dict[str, Any]:
     """Every live session: tier, state, calls, idle time, the worker and container holding it, and a digest
     of its key."""
-    infos = await _dispatcher(request).all_sessions()
+    infos = await dispatcher_of(request).all_sessions()
     return {"sessions": [{**session_body(info), "owner": info.owner, "worker": info.worker,
                           "container": info.container} for info in infos],
             "count": len(infos)}

@@ -15,9 +15,9 @@ from typing import Any
 from fastapi import Request
 from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
 
+from pool.dispatch import Chunk, TaskStream
 from pool.model.errors import PoolError
 from pool.model.tasks import Execution
-from pool.task_stream import Chunk, TaskStream
 
 KEEPALIVE_S = 15.0  # a comment line this often while the task is silent, so that proxies keep the connection
 # No caching, and no buffering by a proxy in front of us (nginx honours X-Accel-Buffering).

@@ -11,15 +11,17 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
 
 from pool.background import TaskOwner
+from pool.engine.admin import PoolAdmin
+from pool.engine.backend import ContainerBackend
 from pool.engine.manager import PoolManager
 from pool.engine.sessions import SessionManager
 from pool.model.errors import Overloaded, PoolError, ResultEvicted, SandboxError
 from pool.model.result_bounds import ResultBook, pending_bytes, result_bytes
 from pool.model.results import TaskSpec
 from pool.model.sessions import SessionFigures, SessionInfo
+from pool.model.snapshots import AdminView, Drained, PoolsSnapshot, Resized, TierSnapshot
 from pool.model.tasks import Execution, TaskState, TaskView
 from pool.settings import Settings
 from pool.task_stream import TaskStream
@@ -45,9 +47,10 @@ class _Record:
 class EmbeddedDispatcher:
     """A `Dispatcher` over this process's own `PoolManager`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, backend: ContainerBackend) -> None:
         self.settings = settings
-        self.pool = PoolManager(settings)
+        self.pool = PoolManager(settings, backend)
+        self.admin = PoolAdmin(self.pool)
         self._records: dict[str, _Record] = {}
         self._book = ResultBook(settings.result_bounds())
         # Evicted ids (and their owners), so that a GET says why the result is gone; as many as results.
@@ -136,12 +139,23 @@ class EmbeddedDispatcher:
         for task_id in self._book.expire(now):
             self._records.pop(task_id, None)
 
-    async def tiers(self) -> list[dict[str, Any]]:
-        return [{**p.tier.describe(), "min_idle": p.min_idle, "max_size": p.max_size, "idle": len(p.idle),
-                 "busy": len(p.busy), "starting": p.starting} for p in self.pool.pools.values()]
+    async def tiers(self) -> tuple[TierSnapshot, ...]:
+        return self.pool.snapshot().tiers
 
     async def readiness(self) -> dict[str, bool]:
         return {"docker": self.pool.docker_ok, "image": self.pool.image_ok, "pools_warm": self.pool.warm}
+
+    async def figures(self) -> PoolsSnapshot:
+        return self.pool.snapshot()
+
+    async def pools(self) -> AdminView:
+        return self.admin.view()
+
+    async def resize(self, tier_name: str, min_idle: int | None, max_size: int | None) -> Resized:
+        return await self.admin.resize(tier_name, min_idle, max_size)
+
+    async def drain(self, tier_name: str) -> Drained:
+        return self.admin.drain(tier_name)
 
     # streaming -------------------------------------------------------------------------------------
     async def execute_stream(self, tier_name: str, spec: TaskSpec, wait_s: float) -> TaskStream:

@@ -6,15 +6,12 @@ from __future__ import annotations
 import uuid
 
 from pool.engine.channel import ChannelClosed
-from pool.engine.container import RESULT_GRACE_S, ContainerHandle, OutputSink
+from pool.engine.container import ContainerHandle, OutputSink
 from pool.engine.sandbox_spec import task_nproc_limit
 from pool.model.errors import SandboxError
 from pool.model.results import TaskResult, TaskSpec
-
-# The runner waits up to 10 s for a session's interpreter to say it is ready.
-OPEN_TIMEOUT_S = 15.0
-# The runner gives an interrupted call a second to stop before it ends the session.
-INTERRUPT_GRACE_S = 1.0
+from pool.model.sessions import INTERRUPT_GRACE_S, OPEN_TIMEOUT_S
+from pool.model.tasks import RESULT_GRACE_S
 
 
 async def open_session(handle: ContainerHandle, *, fsize_limit_bytes: int, nofile_limit: int) -> tuple[str, str]:

@@ -31,6 +31,7 @@ from pool.engine.manager import PoolManager, StartGate
 from pool.engine.session_calls import close_session, open_session, run_call
 from pool.model import sessions as ended_because
 from pool.model.errors import SandboxError, SessionBusy, SessionGone, TaskWithdrawn, TooManySessions
+from pool.model.lifecycle import RetireReason
 from pool.model.results import Status, TaskResult, TaskSpec
 from pool.model.sessions import SessionInfo
 from pool.model.tasks import Execution
@@ -120,7 +121,8 @@ class SessionManager:
             failure, frame_id = await open_session(handle, fsize_limit_bytes=handle.tier.resources.storage_bytes,
                                                    nofile_limit=self.settings.nofile_limit)
         except BaseException as exc:
-            self.pool.retire(handle, "sandbox_error" if isinstance(exc, SandboxError) else "cancelled")
+            self.pool.retire(handle, RetireReason.SANDBOX_ERROR if isinstance(exc, SandboxError)
+                             else RetireReason.CANCELLED)
             raise
         if failure:
             self.pool.release(handle, frame_id, Status.FAILED)  # the runner resets it: reused if clean
@@ -183,7 +185,7 @@ class SessionManager:
             result = await self.pool.explain(handle, result)
         except BaseException:  # cancelled (shutdown) mid-call: nobody knows the interpreter's state
             session.call = None
-            self.pool.retire(handle, "cancelled")
+            self.pool.retire(handle, RetireReason.CANCELLED)
             self._end(session, ended_because.SHUTDOWN, container_done=True)
             raise
         session.call = None
@@ -194,7 +196,7 @@ class SessionManager:
         if result.session_ended is not None:
             self.pool.release(handle, spec.task_id, result.status)  # the runner is resetting it
         elif ending is not None:
-            self.pool.retire(handle, "sandbox_error")  # the container broke (or died of memory)
+            self.pool.retire(handle, RetireReason.SANDBOX_ERROR)  # the container broke (or died of memory)
         if ending is not None:
             result = dataclasses.replace(result, session_ended=ending, message="; ".join(filter(None, [
                 result.message, f"the session has ended ({ending}); its later calls get 404"])))
@@ -235,12 +237,12 @@ class SessionManager:
         """The ended session's container: reset by the runner (and reused if clean), or replaced."""
         handle = session.handle
         if not handle.alive:
-            self.pool.retire(handle, "runner_lost")
+            self.pool.retire(handle, RetireReason.RUNNER_LOST)
             return
         try:
             self.pool.release(handle, close_session(handle))
         except ChannelClosed:
-            self.pool.retire(handle, "runner_lost")
+            self.pool.retire(handle, RetireReason.RUNNER_LOST)
 
     async def _reap_loop(self) -> None:
         while True:

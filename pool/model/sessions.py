@@ -6,6 +6,11 @@ from dataclasses import dataclass
 
 from pool.model.tiers import Tier
 
+# The runner waits up to 10 s for a session's interpreter to say it is ready; the host a little longer.
+OPEN_TIMEOUT_S = 15.0
+# The runner gives an interrupted call a second to stop before it ends the session (runner_image/PROTOCOL.md).
+INTERRUPT_GRACE_S = 1.0
+
 # Why a session ended, as its later calls' 404 says it. The runner ends a session in a call for the first
 # four (runner_image/PROTOCOL.md); the pool for the others.
 TIMED_OUT = "timed out"  # a call did not stop within a second of its interrupt

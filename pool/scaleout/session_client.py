@@ -19,18 +19,16 @@ import uuid
 from typing import Any, Protocol, TypeVar
 
 from pool.background import TaskOwner
-from pool.engine.container import RESULT_GRACE_S
-from pool.engine.session_calls import INTERRUPT_GRACE_S, OPEN_TIMEOUT_S
 from pool.model import sessions as ended_because
 from pool.model.errors import BackendUnavailable, NoCapacity, SandboxError, SessionGone, TooManySessions
 from pool.model.results import TaskSpec
-from pool.model.sessions import SessionFigures, SessionInfo
-from pool.model.tasks import Execution
+from pool.model.sessions import INTERRUPT_GRACE_S, OPEN_TIMEOUT_S, SessionFigures, SessionInfo
+from pool.model.tasks import RESULT_GRACE_S, Execution
 from pool.model.tiers import Tier
 from pool.scaleout.membership import ClusterView
 from pool.scaleout.redis_io import Keys, redis_errors
 from pool.scaleout.session_store import SessionStore
-from pool.scaleout.task_codec import MalformedEntry, Outcome, error_from
+from pool.scaleout.task_codec import MalformedEntry, Outcome, SessionOpen, error_from
 from pool.settings import Settings
 from pool.task_stream import TaskStream
 
@@ -51,7 +49,8 @@ class Dispatching(Protocol):
     _background: TaskOwner
 
     async def _submit(self, tier_name: str, spec: TaskSpec, *, kind: str, owner: str, reply_to: str,
-                      lease_wait_s: float, held: Any = None, extra: dict[str, str] | None = None) -> None: ...
+                      lease_wait_s: float, held: Any = None, stream: bool = False,
+                      session: SessionOpen | None = None) -> None: ...
 
     async def _wait(self, tier_name: str, spec: TaskSpec, waiter: asyncio.Future[T], lease_wait_s: float) -> T: ...
 
@@ -88,8 +87,7 @@ class RedisSessions:
         self.d.raw_waiters[session_id] = waiter
         try:
             await self.d._submit(tier_name, spec, kind="sync", owner=owner, reply_to=self.d.reply_key,
-                                 lease_wait_s=wait_s, extra={"session": "open", "owner": owner, "image": image,
-                                                             "idle_timeout_s": repr(idle_timeout_s)})
+                                 lease_wait_s=wait_s, session=SessionOpen(owner, image, idle_timeout_s))
             body = await self.d._wait(tier_name, spec, waiter, wait_s)
             if "session" not in body:
                 raise self._error_of(body)

@@ -28,11 +28,11 @@ from pool.model.results import TaskSpec
 from pool.scaleout.output_relay import OutputRelay
 from pool.scaleout.redis_io import Keys, Scripts, redis_errors
 from pool.scaleout.session_store import SessionStore
-from pool.scaleout.task_codec import Outcome, error_json
+from pool.scaleout.task_codec import Outcome, StreamEntry, error_json
 from pool.settings import Settings
 
-# Stores an entry's answer once and wakes its waiter: (tier, entry id, entry fields, task id, payload).
-Finalize = Callable[[str, str, dict[str, str], str, str], Awaitable[None]]
+# Stores an entry's answer once and wakes its waiter: (tier, entry id, entry, task id, payload).
+Finalize = Callable[[str, str, StreamEntry, str, str], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,10 @@ class WorkerSessions:
         return self.manager.held_in(tier_name)
 
     # opening ---------------------------------------------------------------------------------------
-    async def open(self, tier_name: str, entry_id: str, fields: dict[str, str], finalize: Finalize) -> None:
-        """Open the session a `session=open` entry asks for and answer the API (once, as for a task)."""
-        session_id, owner = fields.get("id", ""), fields.get("owner", "")
+    async def open(self, tier_name: str, entry_id: str, entry: StreamEntry, finalize: Finalize) -> None:
+        """Open the session an entry asks for and answer the API (once, as for a task)."""
+        assert entry.session is not None
+        session_id, asked = entry.spec.task_id, entry.session
 
         async def mark_running() -> bool:
             with redis_errors("mark the session opening"):
@@ -78,28 +79,23 @@ class WorkerSessions:
 
         body: dict[str, Any] = {"id": session_id, "worker": self.worker_id}
         try:
-            asked = fields.get("lease_wait_s")
-            wait_s = min(self.settings.lease_timeout_s, float(asked) if asked else self.settings.lease_timeout_s)
-            info = await self.manager.open(tier_name, owner, fields.get("image", "python"),
-                                           float(fields.get("idle_timeout_s") or self.settings.session_idle_timeout_s),
-                                           wait_s, session_id=session_id, start_gate=mark_running,
-                                           per_key_bound=False)
+            info = await self.manager.open(tier_name, asked.owner, asked.image, asked.idle_timeout_s,
+                                           min(self.settings.lease_timeout_s, entry.lease_wait_s),
+                                           session_id=session_id, start_gate=mark_running, per_key_bound=False)
         except TaskWithdrawn:
             with redis_errors("drop a withdrawn session"):
                 await self.scripts.forget(self.keys.task(session_id), self.keys.stream(tier_name), entry_id)
             return
         except PoolError as exc:
             body["error"] = error_json(exc)
-        except ValueError as exc:
-            body["error"] = {"kind": "sandbox_error", "message": f"bad session entry: {exc}"}
         else:
             try:
                 await self.store.record_open(info)
                 body["session"] = True
             except BackendUnavailable as exc:
-                self.manager.delete(session_id, owner)  # nobody could reach it
+                self.manager.delete(session_id, asked.owner)  # nobody could reach it
                 body["error"] = error_json(exc)
-        await finalize(tier_name, entry_id, fields, session_id, json.dumps(body))
+        await finalize(tier_name, entry_id, entry, session_id, json.dumps(body))
 
     # calls -----------------------------------------------------------------------------------------
     async def calls_loop(self) -> None:

@@ -15,12 +15,13 @@ from typing import cast
 import redis.asyncio as aioredis
 
 from pool.engine.manager import PoolManager
+from pool.model.backoff import Backoff
 from pool.model.errors import BackendUnavailable, PoolError, TaskWithdrawn
 from pool.model.tasks import Execution
 from pool.scaleout.output_relay import OutputRelay
 from pool.scaleout.redis_io import GROUP, Keys, Scripts, redis_errors
 from pool.scaleout.session_worker import WorkerSessions
-from pool.scaleout.task_codec import MalformedEntry, Outcome, spec_from_fields, worker_lost
+from pool.scaleout.task_codec import MalformedEntry, Outcome, StreamEntry, worker_lost
 from pool.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,28 +42,32 @@ class TaskHandler:
     redis: aioredis.Redis
     scripts: Scripts
     on_peer_lost: Callable[[], None]  # a peer died mid-task: sweep the containers it left
-    sessions: WorkerSessions | None = None  # takes `session=open` entries (pool/scaleout/session_worker.py)
+    sessions: WorkerSessions | None = None  # opens the sessions entries ask for (pool/scaleout/session_worker.py)
 
     async def handle(self, tier_name: str, entry_id: str, fields: dict[str, str], *, claimed: bool) -> None:
         """Run the entry's task (or answer it, for a claimed one that had started) and store the outcome."""
-        stream, task_key = self.keys.stream(tier_name), self.keys.task(fields.get("id", ""))
+        stream = self.keys.stream(tier_name)
         try:
-            if claimed and not await self._claimed_needs_run(tier_name, entry_id, fields):
+            try:
+                entry = StreamEntry.from_fields(fields)
+            except MalformedEntry as exc:
+                log.error("dropping entry %s of %s: %s", entry_id, stream, exc)
+                with redis_errors("drop a malformed entry"):
+                    await self.scripts.forget(self.keys.task(fields.get("id", "")), stream, entry_id)
                 return
-            if fields.get("session") == "open" and self.sessions is not None:
-                await self.sessions.open(tier_name, entry_id, fields, self.finalize_payload)
+            if claimed and not await self._claimed_needs_run(tier_name, entry_id, entry):
                 return
-            await self._run(tier_name, entry_id, fields)
-        except MalformedEntry as exc:
-            log.error("dropping entry %s of %s: %s", entry_id, stream, exc)
-            with redis_errors("drop a malformed entry"):
-                await self.scripts.forget(task_key, stream, entry_id)
+            if entry.session is not None and self.sessions is not None:
+                await self.sessions.open(tier_name, entry_id, entry, self.finalize_payload)
+                return
+            await self._run(tier_name, entry_id, entry)
         except BackendUnavailable as exc:
             # Redis failed us, not Docker: the entry stays pending and is claimed again once Redis is back.
             log.warning("task entry %s left pending: %s", entry_id, exc)
 
-    async def _claimed_needs_run(self, tier_name: str, entry_id: str, fields: dict[str, str]) -> bool:
-        stream, task_key = self.keys.stream(tier_name), self.keys.task(fields.get("id", ""))
+    async def _claimed_needs_run(self, tier_name: str, entry_id: str, entry: StreamEntry) -> bool:
+        task_id = entry.spec.task_id
+        stream, task_key = self.keys.stream(tier_name), self.keys.task(task_id)
         with redis_errors("inspect a claimed task"):
             state, owner = cast(list[str | None], await self.redis.hmget(task_key, ["state", "worker"]))
             if state == "queued":
@@ -74,16 +79,15 @@ class TaskHandler:
                 # Its worker still beats (it was only slow to re-claim): hand the entry back.
                 await self.redis.xclaim(stream, GROUP, owner, 0, [entry_id], justid=True)
                 return False
-        submitted = _float(fields.get("submitted_unix"))
-        total_ms = max(0.0, time.time() - submitted) * 1000
-        log.warning("task %s was running on lost worker %s: answering sandbox_error", fields.get("id"), owner)
-        await self._finalize(tier_name, entry_id, fields, worker_lost(
-            fields.get("id", ""), self.worker_id, self.pool.tiers[tier_name], owner or "?", 0.0, total_ms))
+        total_ms = max(0.0, time.time() - entry.submitted_unix) * 1000
+        log.warning("task %s was running on lost worker %s: answering sandbox_error", task_id, owner)
+        await self._finalize(tier_name, entry_id, entry, worker_lost(
+            task_id, self.worker_id, self.pool.tiers[tier_name], owner or "?", 0.0, total_ms))
         self.on_peer_lost()
         return False
 
-    async def _run(self, tier_name: str, entry_id: str, fields: dict[str, str]) -> None:
-        spec = spec_from_fields(fields)
+    async def _run(self, tier_name: str, entry_id: str, entry: StreamEntry) -> None:
+        spec = entry.spec
         stream, task_key = self.keys.stream(tier_name), self.keys.task(spec.task_id)
         verdict = ""
         started_unix = 0.0
@@ -101,9 +105,7 @@ class TaskHandler:
 
         # A streamed task's output goes to Redis as it comes (pool/scaleout/output_relay.py); its start marker
         # tells the waiting API that the task runs, so that errors before that stay plain HTTP errors.
-        relay = OutputRelay(self.redis, self.keys.output(spec.task_id),
-                            int(_float(fields.get("result_ttl_ms")) or self.settings.result_ttl_s * 1000)) \
-            if fields.get("stream") == "1" else None
+        relay = OutputRelay(self.redis, self.keys.output(spec.task_id), entry.result_ttl_ms) if entry.stream else None
 
         async def gate() -> bool:
             go = await mark_running()
@@ -114,8 +116,7 @@ class TaskHandler:
         execution: Execution | None = None
         error: PoolError | None = None
         try:
-            asked = fields.get("lease_wait_s")  # the request's max_wait_ms, 0 included
-            wait_s = min(self.settings.lease_timeout_s, _float(asked) if asked else self.settings.lease_timeout_s)
+            wait_s = min(self.settings.lease_timeout_s, entry.lease_wait_s)  # the request's max_wait_ms, 0 included
             execution = await self.pool.execute(tier_name, spec, wait_s=wait_s, start_gate=gate,
                                                 on_output=relay.write if relay is not None else None)
         except TaskWithdrawn:
@@ -130,33 +131,31 @@ class TaskHandler:
         finally:
             if relay is not None:
                 await relay.close()  # its end marker goes out before the outcome does
-        submitted = _float(fields.get("submitted_unix"))
         now = time.time()
-        queue_ms = max(0.0, (started_unix or now) - submitted) * 1000 if submitted else 0.0
+        queue_ms = max(0.0, (started_unix or now) - entry.submitted_unix) * 1000
         if execution is not None:
             execution = dataclasses.replace(execution, queue_ms=queue_ms)
         outcome = Outcome(task_id=spec.task_id, worker=self.worker_id, tier=self.pool.tiers[tier_name],
                           execution=execution, error=error, queue_ms=queue_ms,
-                          total_ms=max(0.0, now - submitted) * 1000 if submitted else 0.0)
-        await self._finalize(tier_name, entry_id, fields, outcome)
+                          total_ms=max(0.0, now - entry.submitted_unix) * 1000)
+        await self._finalize(tier_name, entry_id, entry, outcome)
 
-    async def _finalize(self, tier_name: str, entry_id: str, fields: dict[str, str], outcome: Outcome) -> None:
-        await self.finalize_payload(tier_name, entry_id, fields, outcome.task_id, outcome.to_json())
+    async def _finalize(self, tier_name: str, entry_id: str, entry: StreamEntry, outcome: Outcome) -> None:
+        await self.finalize_payload(tier_name, entry_id, entry, outcome.task_id, outcome.to_json())
 
-    async def finalize_payload(self, tier_name: str, entry_id: str, fields: dict[str, str], task_id: str,
+    async def finalize_payload(self, tier_name: str, entry_id: str, entry: StreamEntry, task_id: str,
                                payload: str) -> None:
         """Store the answer and wake the waiter; retried while Redis is away (the entry stays ours)."""
         deadline = time.monotonic() + FINALIZE_RETRY_S
-        backoff_s = 0.1
-        ttl_ms = int(_float(fields.get("result_ttl_ms")) or self.settings.result_ttl_s * 1000)
+        backoff = Backoff()
         while True:
             try:
                 with redis_errors("store the result"):
                     stored = await self.scripts.finalize(
-                        self.keys.task(task_id), self.keys.stream(tier_name), fields.get("reply_to", ""),
-                        entry_id, payload, ttl_ms=ttl_ms,
+                        self.keys.task(task_id), self.keys.stream(tier_name), entry.reply_to,
+                        entry_id, payload, ttl_ms=entry.result_ttl_ms,
                         reply_ttl_ms=REPLY_TTL_MS, sync_ttl_ms=SYNC_DONE_TTL_MS, task_id=task_id,
-                        max_held_bytes=int(_float(fields.get("max_result_bytes"))))
+                        max_held_bytes=entry.max_result_bytes)
                 if stored != "stored":
                     log.info("task %s was already %s: its outcome from %s is dropped", task_id, stored,
                              self.worker_id)
@@ -165,12 +164,4 @@ class TaskHandler:
                 if time.monotonic() > deadline:
                     log.error("the outcome of task %s is lost: %s", task_id, exc)
                     raise
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(2.0, backoff_s * 2)
-
-
-def _float(raw: str | None) -> float:
-    try:
-        return float(raw or 0.0)
-    except ValueError:
-        return 0.0
+                await asyncio.sleep(backoff.next_s())
