@@ -997,7 +997,9 @@ def call_stdin(data):
     os.lseek(fd, 0, os.SEEK_SET)
     os.dup2(fd, 0)
     os.close(fd)
-    sys.stdin = sys.__stdin__ = open(0, encoding="utf-8", errors="surrogateescape", closefd=False)
+    stream = open(0, encoding="utf-8", errors="surrogateescape", closefd=False)
+    for name in ("stdin", "__stdin__"):
+        setattr(sys, name, stream)
 
 
 def session_call(main, code, compiled, filename):
