@@ -1,117 +1,111 @@
-"""Drive runner.py over its frame protocol inside real, hardened containers (tests and quick timings).
+"""Drive runner.py over its frame protocol inside containers the product itself creates (tests and timings).
 
-The runner must never run on the host (its reset kills every process it can), so everything here goes
-through `docker run -i` with the same hardening the pool applies. `python tests/runner_harness.py`
-builds the test image and prints round-trip times for `print('hello')`.
+The runner must never run on the host (its reset kills every process it can). Nothing here copies the
+pool's hardening: a `RunnerContainer` is created by the pool's own `DockerBackend.create`, with the host
+config `pool/engine/sandbox_spec.py` builds for a test tier and the pool's labels, then attached before it
+is started, as `pool/engine/container.start_container` does, from the image the service runs
+(`WARMPOOL_IMAGE`), which must be built from this working tree's runner (else the tests fail: run
+`warmpool image`). Frames go over the attach socket; replies are read back with the pool's own
+`FrameDecoder` (Docker's multiplexed stream, then the runner's frames).
+
+`python tests/runner_harness.py` prints round-trip times for `print('hello')`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
+import collections
 import os
 import secrets
-import select
+import socket
 import statistics
-import struct
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-from pool.engine.sandbox_spec import owner_token
-from runner_image.build import write_context
+from pool.engine.backend import INSTANCE_LABEL
+from pool.engine.docker_backend import DockerBackend
+from pool.engine.sandbox_spec import host_config_kwargs, labels_for, owner_token, task_nproc_limit
+from pool.model.protocol import FrameDecoder, encode_frame
+from pool.model.results import TaskSpec
+from pool.model.tiers import Tier, tier_from_dict
+from pool.settings import Settings
+from runner_image import catalogue
+from runner_image.build import HASH_LABEL, build_hash
 
-REPO = Path(__file__).resolve().parent.parent
-RUNNER = REPO / "runner_image" / "runner.py"
-BASE_IMAGE = "warmpool-base:bookworm"
-# Tagged by the runner's content, so that checkouts with different runners never test each other's.
-TEST_IMAGE = ("warmpool-runner-test:" + hashlib.sha256(
-    RUNNER.read_bytes() + (REPO / "runner_image" / "Dockerfile").read_bytes()).hexdigest()[:12])
-POOL_LABEL = "runner-test"
-
-# What the pool applies to every sandbox container (DESIGN.md section 3), at test sizes.
-HARDENING = [
-    "--network", "none", "--read-only",
-    "--tmpfs", "/tmp:rw,nosuid,nodev,noexec,size=64m,mode=1777", "--shm-size", "16m",
-    "--cap-drop", "ALL", "--cap-add", "SETUID", "--cap-add", "SETGID", "--cap-add", "KILL",
-    "--security-opt", "no-new-privileges", "--pids-limit", "64",
-    "--memory", "128m", "--memory-swap", "128m", "--log-driver", "none",
-]
-
-RUN_DEFAULTS = {"stdin": "", "timeout_s": 10.0, "output_limit_bytes": 1 << 20,
-                "fsize_limit_bytes": 32 << 20, "nofile_limit": 256}
+# Every container of this test process carries it (as a pool's instance id), so a test can find its own.
+INSTANCE_ID = f"runner-test-{os.getpid()}-{secrets.token_hex(3)}"
+NOFILE_LIMIT = Settings().nofile_limit  # what the service gives every container
 
 
-def label_args() -> list[str]:
-    """`--label` flags for a test container: the pool label every container carries, and this
-    process as its owner, so that a pool starting meanwhile does not take it for an orphan."""
-    labels = {"warmpool.pool": POOL_LABEL, "warmpool.owner": owner_token()}
-    return [arg for key, value in labels.items() for arg in ("--label", f"{key}={value}")]
+def runner_tier(runtime: str = "runc") -> Tier:
+    """The tier the runner tests' containers belong to: small, with a low pids limit to hit."""
+    return tier_from_dict({"name": "runner-test", "cpu": 1, "ram": "128MiB", "storage": "64MiB", "min_idle": 0,
+                           "max_size": 1, "pids_limit": 64, "runtime": runtime}, 0)
 
 
-def build_image(tag: str = TEST_IMAGE) -> str:
-    """Build the test image from the base image, the one Dockerfile and the working tree's runner.py (the
-    `python` image's recipe, under a tag of its own); returns the tag."""
-    context = io.BytesIO()
-    write_context(context, None)
-    subprocess.run(["docker", "build", "-q", "--network", "none", "--build-arg", f"BASE={BASE_IMAGE}",
-                    "-t", tag, "-"], input=context.getvalue(), check=True, capture_output=True,
-                   env={**os.environ, "DOCKER_BUILDKIT": "0"})
-    return tag
+# A run frame's limits as the pool sends them for the test tier (tests override some).
+RUN_DEFAULTS: dict[str, Any] = {"stdin": "", "timeout_s": 10.0, "output_limit_bytes": 1 << 20,
+                                "fsize_limit_bytes": runner_tier().resources.storage_bytes,
+                                "nofile_limit": NOFILE_LIMIT}
 
 
-def encode_frame(frame: dict[str, Any]) -> bytes:
-    body = json.dumps(frame).encode()
-    return struct.pack(">I", len(body)) + body
+def product_image(backend: DockerBackend) -> str:
+    """The `python` image the service runs; AssertionError when it is missing or built from another runner."""
+    env = {k: v for k, v in os.environ.items() if k != "WARMPOOL_TIERS_FILE"}
+    spec = next(s for s in catalogue.from_env(env) if s.name == "python")
+    labels = backend.image_labels(spec.docker_image)
+    if labels is None:
+        raise AssertionError(f"image {spec.docker_image} is missing: run `make image` (or `warmpool image`)")
+    if labels.get(HASH_LABEL) != build_hash(spec):
+        raise AssertionError(f"image {spec.docker_image} was built from another runner.py or Dockerfile than this "
+                             "working tree's: run `warmpool image` (with your own WARMPOOL_IMAGE tag)")
+    return spec.docker_image
 
 
 class RunnerContainer:
-    """One `docker run -i` container whose stdin/stdout carry the runner's frames."""
+    """One sandbox container, made as the pool makes them, whose attach socket carries the runner's frames."""
 
-    def __init__(self, image: str = TEST_IMAGE, *, runtime: str | None = None,
-                 hardening: list[str] = HARDENING, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, image: str, backend: DockerBackend, *, runtime: str = "runc") -> None:
+        self.backend = backend
+        self.tier = runner_tier(runtime)
         self.name = f"warmpool-runner-test-{secrets.token_hex(4)}"
-        runtime_args = ["--runtime", runtime] if runtime else []
-        self.stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            ["docker", "run", "-i", "--rm", "--name", self.name, *label_args(), *runtime_args, *hardening,
-             *extra_args, image],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, bufsize=0)
-        self._buf = bytearray()
+        self.container_id = backend.create(
+            image=image, name=self.name, labels=labels_for(self.tier, INSTANCE_ID, owner_token()),
+            host_options=host_config_kwargs(self.tier, nofile_limit=NOFILE_LIMIT))
+        self.sock: socket.socket | None = None
+        try:
+            self.sock = backend.attach(self.container_id)  # before start: nothing the runner says is lost
+            backend.start(self.container_id)
+        except BaseException:
+            self.close()
+            raise
+        self._decoder = FrameDecoder()
+        self._frames: collections.deque[dict[str, Any]] = collections.deque()
 
     def send(self, frame: dict[str, Any]) -> None:
         self.send_raw(encode_frame(frame))
 
     def send_raw(self, data: bytes) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
-
-    def _read_exactly(self, n: int, deadline: float) -> bytes:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        while len(self._buf) < n:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                raise TimeoutError(f"no complete frame in time; runner stderr: {self.stderr_text()}")
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                raise EOFError(f"runner closed its stdout; stderr: {self.stderr_text()}")
-            self._buf += chunk
-        data = bytes(self._buf[:n])
-        del self._buf[:n]
-        return data
+        assert self.sock is not None
+        self.sock.settimeout(30)
+        self.sock.sendall(data)
 
     def recv(self, wait_s: float = 60.0) -> dict[str, Any]:
-        """The next frame, parsed strictly (the body must be valid UTF-8 JSON holding an object)."""
+        """The next frame, parsed strictly (UTF-8 JSON holding an object, or the decoder raises)."""
+        assert self.sock is not None
         deadline = time.monotonic() + wait_s
-        (size,) = struct.unpack(">I", self._read_exactly(4, deadline))
-        frame = json.loads(self._read_exactly(size, deadline).decode("utf-8"))
-        assert isinstance(frame, dict)
-        return frame
+        while not self._frames:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no complete frame within {wait_s:g} s; container: {self.state()}")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(1 << 16)
+            except TimeoutError:
+                continue
+            if not data:
+                raise EOFError(f"the attach stream ended; container: {self.state()}")
+            self._frames.extend(self._decoder.feed(data))
+        return self._frames.popleft()
 
     def ping(self, wait_s: float = 60.0) -> dict[str, Any]:
         frame_id = secrets.token_hex(4)
@@ -121,41 +115,57 @@ class RunnerContainer:
         return pong
 
     def run(self, code: str, wait_s: float = 60.0, **fields: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Run a task (`fields` override RUN_DEFAULTS); returns (result, reset), checking that both
-        answer this request. `wait_s` bounds the wait for each reply frame."""
+        """Run a task (the pool's run frame for the test tier; `fields` override its values); returns
+        (result, reset), checking that both answer this request. `wait_s` bounds the wait for each reply."""
         frame_id = secrets.token_hex(4)
-        self.send({"op": "run", "id": frame_id, "code": code, **{**RUN_DEFAULTS, **fields}})
+        frame = TaskSpec(task_id=frame_id, code=code).run_frame(
+            RUN_DEFAULTS["fsize_limit_bytes"], NOFILE_LIMIT, task_nproc_limit(self.tier))
+        self.send({**frame, **{k: v for k, v in RUN_DEFAULTS.items() if k not in frame}, **fields})
         result = self.recv(wait_s)
         reset = self.recv(wait_s)
         assert (result["op"], result["id"]) == ("result", frame_id), result
         assert (reset["op"], reset["id"]) == ("reset", frame_id), reset
         return result, reset
 
-    def stderr_text(self) -> str:
-        self.stderr.seek(0)
-        return self.stderr.read().decode(errors="replace")[-2000:]
+    def close_stdin(self) -> None:
+        """Half-close the attach socket: the engine passes that on as EOF on the runner's stdin."""
+        assert self.sock is not None
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def wait(self, timeout_s: float) -> int:
+        """The container's exit code, once it has exited (within `timeout_s`)."""
+        return int(self.backend.api.wait(self.container_id, timeout=timeout_s)["StatusCode"])
+
+    def state(self) -> dict[str, Any]:
+        """What the engine says of the container (the runner's stderr is not kept: logging is off)."""
+        try:
+            state = self.backend.inspect(self.container_id).get("State") or {}
+        except Exception as exc:  # noqa: BLE001 - only for a failure message
+            return {"inspect": repr(exc)}
+        return {k: state.get(k) for k in ("Status", "ExitCode", "OOMKilled", "Error")}
 
     def close(self) -> None:
-        """Stop the container whatever state it is in (EOF first, then force removal)."""
-        try:
-            if self.proc.stdin:
-                self.proc.stdin.close()
-            self.proc.wait(timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        subprocess.run(["docker", "rm", "-f", self.name], capture_output=True, check=False)
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
-        self.stderr.close()
+        """Remove the container whatever state it is in (the pool's own removal: forced)."""
+        if self.sock is not None:
+            self.sock.close()
+        self.backend.remove(self.container_id)
+
+
+def label_args() -> list[str]:
+    """`--label` flags with the pool's labels for a container this process starts with `docker run`."""
+    labels = labels_for(runner_tier(), INSTANCE_ID, owner_token())
+    return [arg for key, value in labels.items() for arg in ("--label", f"{key}={value}")]
+
+
+def containers_left(backend: DockerBackend) -> list[str]:
+    """Names of this test process's runner containers the engine still has."""
+    return [c.name for c in backend.list_ours(f"{INSTANCE_LABEL}={INSTANCE_ID}")]
 
 
 def measure(runs: int = 200) -> None:
     """Print round-trip times of print('hello') through one container (send -> result, -> reset)."""
-    build_image()
-    box = RunnerContainer()
+    backend = DockerBackend()
+    box = RunnerContainer(product_image(backend), backend)
     try:
         box.ping()
         to_result, to_reset, run_ms = [], [], []
@@ -176,6 +186,7 @@ def measure(runs: int = 200) -> None:
                   f"p90 {values[int(len(values) * 0.9)]:6.2f} ms  (n={len(values)})")
     finally:
         box.close()
+        backend.close()
 
 
 if __name__ == "__main__":

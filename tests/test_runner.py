@@ -1,7 +1,6 @@
-"""The in-container runner (runner_image/runner.py) over its frame protocol, in real hardened containers.
-
-Each test starts its own container (with the `warmpool.pool` label) from a test image built from the
-working tree's runner.py; the `runner` fixture removes every container it started, even on failure.
+"""The in-container runner (runner_image/runner.py) over its frame protocol, in sandbox containers the
+pool's own code creates (tests/runner_harness.py): its backend, its host config for a test tier, its labels,
+from the image the service runs. The `runner` fixture removes every container it started, even on failure.
 """
 
 from __future__ import annotations
@@ -14,7 +13,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.runner_harness import BASE_IMAGE, HARDENING, RunnerContainer, build_image, label_args
+from pool.engine.docker_backend import DockerBackend
+from tests.runner_harness import RunnerContainer, containers_left, label_args, product_image
 
 pytestmark = pytest.mark.docker
 
@@ -30,36 +30,46 @@ RESULT_KEYS = {"op", "id", "status", "exit_code", "signal", "stdout", "stderr", 
 
 
 @pytest.fixture(scope="session")
-def runner_image() -> str:
+def engine(docker_client) -> Iterator[DockerBackend]:
+    """The pool's own Docker backend (`docker_client` fails the test when there is no engine)."""
+    backend = DockerBackend()
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="session")
+def runner_image(engine: DockerBackend) -> str:
+    """The image the service runs, which must hold this working tree's runner: a stale one fails, never skips."""
     try:
-        subprocess.run(["docker", "image", "inspect", BASE_IMAGE], check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"needs a Docker engine with {BASE_IMAGE}: {exc}")
-    return build_image()
+        return product_image(engine)
+    except AssertionError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture
-def runner(runner_image: str) -> Iterator[Callable[..., RunnerContainer]]:
-    """Start runner containers (`runner(runtime=..., extra_args=...)`); all are removed afterwards."""
+def runner(runner_image: str, engine: DockerBackend) -> Iterator[Callable[..., RunnerContainer]]:
+    """Start runner containers (`runner(runtime=...)`); all are removed afterwards, and the engine must agree."""
     started: list[RunnerContainer] = []
 
-    def start(**kwargs) -> RunnerContainer:
-        box = RunnerContainer(runner_image, **kwargs)
+    def start(runtime: str = "runc") -> RunnerContainer:
+        box = RunnerContainer(runner_image, engine, runtime=runtime)
         started.append(box)
         return box
 
     yield start
     for box in started:
         box.close()
-    if started:  # close() removes by name; make sure the engine agrees
-        name_filters = [arg for box in started for arg in ("--filter", f"name=^/{box.name}$")]
-        left = subprocess.run(["docker", "ps", "-aq", *name_filters], capture_output=True, text=True).stdout
-        assert not left.split(), f"containers left behind: {left}"
+    left = set(containers_left(engine)) & {box.name for box in started}
+    assert not left, f"containers left behind: {sorted(left)}"
 
 
 @pytest.fixture
 def box(runner) -> RunnerContainer:
     return runner()
+
+
+def require_gvisor(engine: DockerBackend) -> None:
+    assert "runsc" in engine.info().runtimes, "the engine has no runsc runtime (scripts/ensure-docker.sh adds it)"
 
 
 def run_ok(box: RunnerContainer, code: str, **fields) -> dict:
@@ -328,14 +338,13 @@ def test_oversized_frame_is_refused(box):
     box.send_raw(struct.pack(">I", (64 << 20) + 1))
     reply = box.recv()
     assert (reply["op"], reply["id"]) == ("error", None)
-    assert box.proc.wait(timeout=20) == 1  # no frame boundary left to trust: the runner exits
+    assert box.wait(timeout_s=20) == 1  # no frame boundary left to trust: the runner exits
 
 
 def test_eof_on_stdin_stops_the_runner(box):
     box.ping()
-    assert box.proc.stdin is not None
-    box.proc.stdin.close()
-    assert box.proc.wait(timeout=20) == 0
+    box.close_stdin()
+    assert box.wait(timeout_s=20) == 0
 
 
 def test_runner_refuses_to_start_unless_pid_1(runner_image):
@@ -352,15 +361,10 @@ def test_runner_refuses_to_start_unless_pid_1(runner_image):
     assert done.stdout.strip() == "rc=1"
 
 
-def test_works_under_gvisor(runner):
-    runtimes = subprocess.run(["docker", "info", "--format", "{{json .Runtimes}}"],
-                              capture_output=True, text=True).stdout
-    if "runsc" not in runtimes:
-        pytest.skip("the engine has no runsc runtime")
-    # This engine's runsc (release 20221219) crashes its sandbox (exit 2) under --pids-limit when a
-    # fork follows the kill of a leftover process, with or without this runner; so no pids limit here.
-    without_pids_limit = [arg for arg in HARDENING if arg not in ("--pids-limit", "64")]
-    box = runner(runtime="runsc", hardening=without_pids_limit)
+def test_works_under_gvisor(runner, engine):
+    require_gvisor(engine)
+    # The pool's runsc host config: the pids cgroup only a backstop (sandbox_spec.SENTRY_THREADS_ALLOWANCE).
+    box = runner(runtime="runsc")
     assert box.ping()["clean"] is True
     assert run_ok(box, "print('hello')")["stdout"] == "hello\n"
     result, reset = box.run("import subprocess, time\nsubprocess.Popen(['sleep', '100'])\ntime.sleep(100)",

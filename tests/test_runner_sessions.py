@@ -3,21 +3,19 @@
 
 from __future__ import annotations
 
-import json
 import secrets
-import subprocess
 import time
 from typing import Any
 
 import pytest
 
 from tests import test_runner
-from tests.runner_harness import HARDENING, RUN_DEFAULTS, RunnerContainer
+from tests.runner_harness import RUN_DEFAULTS, RunnerContainer
 from tests.test_runner import run_ok
 
 pytestmark = pytest.mark.docker
 # The same containers as tests/test_runner.py's (a fresh one per test, all removed afterwards).
-runner_image, runner, box = test_runner.runner_image, test_runner.runner, test_runner.box
+engine, runner_image, runner, box = test_runner.engine, test_runner.runner_image, test_runner.runner, test_runner.box
 
 LIMITS = {"fsize_limit_bytes": RUN_DEFAULTS["fsize_limit_bytes"], "nofile_limit": RUN_DEFAULTS["nofile_limit"]}
 CALL_DEFAULTS = {"stdin": "", "timeout_s": 10.0, "output_limit_bytes": RUN_DEFAULTS["output_limit_bytes"]}
@@ -243,12 +241,9 @@ def test_session_ops_out_of_turn_are_errors_and_change_nothing(box):
     assert box.ping()["clean"] is True
 
 
-def test_sessions_work_under_gvisor(runner):
-    runtimes = subprocess.run(["docker", "info", "--format", "{{json .Runtimes}}"],
-                              capture_output=True, text=True).stdout
-    assert "runsc" in json.loads(runtimes), "the engine has no runsc runtime (scripts/ensure-docker.sh adds it)"
-    without_pids_limit = [arg for arg in HARDENING if arg not in ("--pids-limit", "64")]  # see test_runner.py
-    box = runner(runtime="runsc", hardening=without_pids_limit)
+def test_sessions_work_under_gvisor(runner, engine):
+    test_runner.require_gvisor(engine)
+    box = runner(runtime="runsc")
     assert box.ping()["clean"] is True
     session = Session(box)
     session.ok("x = 5\nimport subprocess\nsubprocess.Popen(['sleep', '300'])")
