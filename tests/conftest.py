@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
@@ -18,6 +17,8 @@ from typing import IO
 import docker
 import httpx
 import pytest
+
+from tests.polling import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("WARMPOOL_IMAGE", "warmpool-runner:latest")
@@ -106,14 +107,15 @@ def tiers_file(tmp_path: Path) -> Callable[[dict], Path]:
 
 
 def start_service(log_dir: Path, tiers_path: Path, env: dict[str, str] | None = None,
-                  ready_timeout_s: float = 60, nofile_limit: int | None = None) -> Service:
-    """A `warmpool serve` process on a free loopback port, ready (or the test fails with its log).
-
-    `nofile_limit` sets the process's open-file limit (soft and hard), to exhaust it with few connections."""
+                  ready_timeout_s: float = 60, nofile_limit: int | None = None, ready: bool = True) -> Service:
+    """A `warmpool serve` process on a free loopback port (the one way tests start one), answering `/readyz`
+    with 200, or with anything when `ready` is False (a scale-out API with no worker yet); else the test
+    fails with its log. `env` may name its WARMPOOL_INSTANCE_ID; `nofile_limit` sets its open-file limit
+    (soft and hard), to exhaust it with few connections."""
     port = _free_port()
-    instance_id = f"test-{secrets.token_hex(4)}"
-    full_env = {**os.environ, "WARMPOOL_TIERS_FILE": str(tiers_path), "WARMPOOL_INSTANCE_ID": instance_id,
-                **(env or {})}
+    full_env = {**os.environ, "WARMPOOL_TIERS_FILE": str(tiers_path),
+                "WARMPOOL_INSTANCE_ID": f"test-{secrets.token_hex(4)}", **(env or {})}
+    instance_id = full_env["WARMPOOL_INSTANCE_ID"]
     log_path = log_dir / f"serve-{port}.log"
     log = open(log_path, "w")  # noqa: SIM115 - closed with the process
     def limit_files() -> None:
@@ -125,19 +127,22 @@ def start_service(log_dir: Path, tiers_path: Path, env: dict[str, str] | None = 
                                preexec_fn=limit_files if nofile_limit is not None else None)
     service = Service(process, f"http://127.0.0.1:{port}", instance_id, log)
     service.log_path = log_path
-    deadline = time.monotonic() + ready_timeout_s
-    while time.monotonic() < deadline:
+
+    def answering() -> bool:
         if process.poll() is not None:
-            service.stop()
-            pytest.fail(f"service exited early:\n{log_path.read_text()}")
+            raise RuntimeError("exited early")
         try:
-            if service.client.get("/readyz").status_code == 200:
-                return service
+            status = service.client.get("/readyz").status_code
         except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    service.stop()
-    pytest.fail(f"service not ready in {ready_timeout_s} s:\n{log_path.read_text()}")
+            return False
+        return status == 200 or not ready
+
+    try:
+        wait_for(answering, f"the service on port {port} to be ready", timeout_s=ready_timeout_s, interval_s=0.1)
+    except (AssertionError, RuntimeError) as exc:
+        service.stop()
+        pytest.fail(f"service not ready ({exc}):\n{log_path.read_text()}")
+    return service
 
 
 def stop_service(service: Service, client: docker.DockerClient) -> None:

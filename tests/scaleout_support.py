@@ -12,17 +12,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import docker
 import docker.errors
-import httpx
 import pytest
 import redis
 
-from tests.conftest import REPO, Service, _free_port
+from tests.conftest import REPO, Service, _free_port, start_service
+from tests.polling import wait_for
 
 # Short enough that fault tests take seconds, long enough for a loaded 2-core machine.
 FAST_FAULTS = {"WARMPOOL_HEARTBEAT_S": "0.5", "WARMPOOL_VISIBILITY_TIMEOUT_S": "2"}
@@ -40,16 +39,6 @@ def remove_quietly(client: docker.DockerClient, container_id: str) -> None:
         client.api.remove_container(container_id, force=True)
     except docker.errors.NotFound:
         pass
-
-
-def wait_for(predicate: Any, timeout_s: float = 30, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not met within {timeout_s} s")
 
 
 class RedisServer:
@@ -70,7 +59,7 @@ class RedisServer:
              "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=1)
         try:
-            wait_for(lambda: _pings(client), timeout_s=10, what=f"redis-server on port {self.port}")
+            wait_for(lambda: _pings(client), f"redis-server on port {self.port}", timeout_s=10, interval_s=0.1)
         finally:
             client.close()
 
@@ -124,6 +113,7 @@ class Cluster:
         self.prefix = f"wptest-{secrets.token_hex(4)}"
         self.tmp_path = tmp_path
         self.docker = docker_client
+        self.tiers_path = tiers_path
         self.env = {"WARMPOOL_REDIS_URL": redis_url, "WARMPOOL_REDIS_PREFIX": self.prefix,
                     "WARMPOOL_TIERS_FILE": str(tiers_path), **FAST_FAULTS}
         self.workers: list[WorkerProcess] = []
@@ -146,29 +136,15 @@ class Cluster:
                 if process.poll() is not None:
                     pytest.fail(f"worker exited early:\n{log_path.read_text()}")
                 return bool(self.redis.exists(f"{self.prefix}:worker:{instance_id}"))
-            wait_for(beating, timeout_s=90, what=f"heartbeat of worker {instance_id}")
+            wait_for(beating, f"heartbeat of worker {instance_id}", timeout_s=90, interval_s=0.1)
         return worker
 
     def api(self, env: dict[str, str] | None = None, ready: bool = True) -> Service:
-        port = _free_port()
-        instance_id = f"api-{secrets.token_hex(4)}"
-        log_path = self.tmp_path / f"{instance_id}.log"
-        log = open(log_path, "w")  # noqa: SIM115 - closed with the process
-        process = subprocess.Popen([sys.executable, "-m", "warmpool", "serve", "--host", "127.0.0.1", "--port",
-                                    str(port)], env=self._env(instance_id, env), stdout=log,
-                                   stderr=subprocess.STDOUT, cwd=REPO)
-        service = Service(process, f"http://127.0.0.1:{port}", instance_id, log)
+        """An API process (conftest.start_service) on the cluster's prefix; with `ready=False` it need not
+        be ready yet (no worker is alive), only answering."""
+        service = start_service(self.tmp_path, self.tiers_path, env={
+            **self.env, "WARMPOOL_INSTANCE_ID": f"api-{secrets.token_hex(4)}", **(env or {})}, ready=ready)
         self.apis.append(service)
-
-        def answering() -> bool:
-            if process.poll() is not None:
-                pytest.fail(f"API exited early:\n{log_path.read_text()}")
-            try:
-                response = service.client.get("/readyz")
-            except httpx.TransportError:
-                return False
-            return response.status_code == 200 or (not ready and response.status_code == 503)
-        wait_for(answering, timeout_s=60, what=f"API {instance_id}")
         return service
 
     def task_hash(self, task_id: str) -> dict[str, str]:

@@ -43,19 +43,18 @@ def app_of(tmp_path: Path) -> App:
         settings = from_env({"WARMPOOL_TIERS_FILE": str(tiers), "WARMPOOL_INSTANCE_ID": "inproc", **env})
         backend = FakeBackend()
         async with serve_in_process(create_app(settings, lambda s: EmbeddedDispatcher(s, backend))) as client:
-            await until_ready(client)
+            await until_status(client, "/readyz", 200)
             yield client, backend
         assert backend.containers == {} and backend.join() == []
 
     return make
 
 
-async def until_ready(client: httpx.AsyncClient) -> None:
-    for _ in range(500):
-        if (await client.get("/readyz")).status_code == 200:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("not ready")
+async def until_status(client: httpx.AsyncClient, path: str, status: int) -> None:
+    async def answers() -> bool:
+        return (await client.get(path)).status_code == status
+
+    await until(answers, f"GET {path} to answer {status}")
 
 
 async def test_a_task_round_trip_and_the_tier_it_went_to(app_of):
@@ -113,10 +112,10 @@ async def test_a_busy_tier_answers_503_with_retry_after_within_max_wait_ms(app_o
     async with app_of() as (client, _):
         busy = asyncio.create_task(client.post("/v1/execute", json={"code": "# fake: sleep=0.3",
                                                                      "resources": {"ram": "64MiB"}}))
-        for _ in range(500):
-            if (await client.get("/v1/tiers")).json()[0]["busy"] == 1:
-                break
-            await asyncio.sleep(0.01)
+        async def busy_one() -> bool:
+            return (await client.get("/v1/tiers")).json()[0]["busy"] == 1
+
+        await until(busy_one, "tier one busy")
         refused = await client.post("/v1/execute", json={"code": "print(1)", "resources": {"ram": "64MiB"},
                                                           "max_wait_ms": 20})
         assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
@@ -130,11 +129,11 @@ async def test_async_tasks_are_kept_for_their_submitter_only(app_of):
         assert accepted.status_code == 202 and accepted.headers["location"] == accepted.json()["link"]
         link = accepted.json()["link"]
         assert (await client.get(link, headers=BOB)).status_code == 404
-        for _ in range(500):
+        async def ended() -> dict | None:
             body = (await client.get(link, headers=ALICE)).json()
-            if body["status"] not in ("queued", "running"):
-                break
-            await asyncio.sleep(0.01)
+            return None if body["status"] in ("queued", "running") else body
+
+        body = await until(ended, "the task to end")
         assert body["status"] == "succeeded" and body["stdout"] == "later\n"
 
 

@@ -17,16 +17,18 @@ pytestmark = pytest.mark.anyio
 async def test_a_loop_that_swallows_its_cancellation_ends_once_its_owner_closes():
     owner = TaskOwner("test")
     swallowed = []
+    looping = asyncio.Event()
 
     async def loop() -> None:
         while not owner.closing:
+            looping.set()
             try:
                 await asyncio.sleep(0.01)
             except asyncio.CancelledError:
                 swallowed.append(True)  # what a library bug looks like: carry on as if nothing happened
 
     owner.spawn(loop())
-    await asyncio.sleep(0.02)
+    await looping.wait()
     await asyncio.wait_for(owner.close(), timeout=10)
     assert swallowed == [True] and len(owner) == 0
 
@@ -34,8 +36,10 @@ async def test_a_loop_that_swallows_its_cancellation_ends_once_its_owner_closes(
 async def test_close_lets_a_shielded_clean_up_finish():
     owner = TaskOwner("test")
     cleaned = []
+    running = asyncio.Event()
 
     async def task() -> None:
+        running.set()
         try:
             await asyncio.sleep(3600)
         finally:
@@ -44,7 +48,7 @@ async def test_close_lets_a_shielded_clean_up_finish():
             cleaned.append(True)
 
     owner.spawn(task())
-    await asyncio.sleep(0.01)
+    await running.wait()
     await owner.close()
     assert cleaned == [True]
 

@@ -132,7 +132,7 @@ async def test_a_withdrawn_task_sends_no_code_and_the_container_stays(pool_of):
     async def no() -> bool:
         return False
 
-    with pytest.raises(TaskWithdrawn):
+    with pytest.raises(TaskWithdrawn, match="was withdrawn before it started"):
         await manager.execute("one", spec(), start_gate=no)
     await settled(manager, "one", idle=1)
     (container,) = backend.by_tier("one")
@@ -166,11 +166,11 @@ async def test_max_uses_retires_a_container_after_its_last_task(pool_of):
 async def test_max_age_retires_a_container_when_it_returns_and_when_it_idles(pool_of):
     manager, backend = await pool_of(tiers=[{**ONE, "max_age_s": 0.2}])
     first = await manager.execute("one", spec())
-    await asyncio.sleep(0.25)
+    await until(lambda: all(h.age_s >= 0.2 for h in manager.pools["one"].idle), "the container past its max age")
     assert (await manager.execute("one", spec())).container_name == first.container_name, "old, but not retired yet"
     await until(lambda: replaced(manager, "one").get("age_limit") == 1, "retired when it came back")
     await settled(manager, "one", idle=1)
-    await asyncio.sleep(0.25)
+    await until(lambda: all(h.age_s >= 0.2 for h in manager.pools["one"].idle), "the new one past its max age too")
     manager.wake()
     await until(lambda: replaced(manager, "one").get("age_limit") == 2, "an idle container past its age retired")
     await settled(manager, "one", idle=1)

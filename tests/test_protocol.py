@@ -36,15 +36,20 @@ def test_frames_survive_any_split():
 
 def test_oversized_frame_is_a_protocol_error():
     decoder = FrameDecoder(max_frame_bytes=10)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="frame of 11 bytes exceeds the 10 byte cap"):
         decoder.feed(docker_chunk(1, struct.pack(">I", 11) + b"x" * 11))
 
 
 def test_non_object_frame_is_a_protocol_error():
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="not a JSON object"):
         FrameDecoder().feed(docker_chunk(1, struct.pack(">I", 2) + b"[]"))
 
 
+def test_a_frame_that_is_not_json_is_a_protocol_error():
+    with pytest.raises(ProtocolError, match="not JSON"):
+        FrameDecoder().feed(docker_chunk(1, struct.pack(">I", 5) + b"{nope"))
+
+
 def test_unknown_stream_is_a_protocol_error():
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="unknown docker stream type 9"):
         FrameDecoder().feed(struct.pack(">BxxxI", 9, 0))

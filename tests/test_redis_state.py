@@ -28,7 +28,7 @@ def test_outcomes_round_trip_through_json():
     not_run = Outcome.from_json(Outcome(task_id="t", worker="w1", tier=TIER,
                                         error=NoCapacity("busy", retry_after_s=3.0)).to_json())
     assert isinstance(not_run.error, NoCapacity) and not_run.error.retry_after_s == 3.0
-    with pytest.raises(NoCapacity):
+    with pytest.raises(NoCapacity, match="^busy$"):
         not_run.raise_or_execution()
     lost = worker_lost("t", "w2", TIER, "w1", 0.0, 5.0)
     assert lost.execution is not None and lost.execution.result.status == Status.SANDBOX_ERROR

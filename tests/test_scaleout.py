@@ -11,7 +11,8 @@ import pytest
 from pool.dispatch import owner_of
 from pool.model.results import TaskSpec
 from pool.scaleout.task_codec import StreamEntry
-from tests.scaleout_support import container_ids, wait_for
+from tests.polling import wait_for
+from tests.scaleout_support import container_ids
 
 pytestmark = [pytest.mark.redis, pytest.mark.docker]
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.scaleout_support import wait_for
+from tests.polling import wait_for
 from tests.sse import events, stream_all, text_of
 
 pytestmark = [pytest.mark.redis, pytest.mark.docker]

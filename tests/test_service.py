@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import signal
-import time
 
 import pytest
 
 from tests.conftest import containers_of
+from tests.polling import wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -17,9 +18,12 @@ SEED = {"task_type": "execute_code", "code": "print('Hello, World!')",
 MIB = 1024 ** 2
 
 
+ADMIN = {"authorization": "Bearer service-admin-key"}
+
+
 @pytest.fixture
 def service(serve):
-    return serve()
+    return serve(env={"WARMPOOL_ADMIN_KEY": "service-admin-key"})
 
 
 def test_seed_examples_with_default_tiers(serve):
@@ -63,31 +67,45 @@ def test_stdin_and_main_guard(service):
     assert service.execute(code, stdin="hi there").json()["stdout"] == "HI THERE\n"
 
 
-def test_limits_are_really_applied(service, docker_client):
-    code = """
-import os
-def read(path):
-    try:
-        return open(path).read().strip()
-    except OSError:
-        return "?"
-print(read('/sys/fs/cgroup/memory/memory.limit_in_bytes'))
-print(read('/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes'))
-print(read('/sys/fs/cgroup/pids/pids.max'))
-st = os.statvfs('/tmp'); print(st.f_blocks * st.f_frsize)
-print(os.getuid())
+LIMITS_SEEN_INSIDE = """
+import json, os, socket
+def read(*paths):  # cgroup v1's file, else v2's
+    for path in paths:
+        if os.path.exists(path):
+            return open(path).read().strip()
+    raise SystemExit(f"none of {paths} exists")
+st = os.statvfs('/tmp')
+v1 = os.path.exists('/sys/fs/cgroup/memory')
+print(json.dumps({
+    "cgroup": "v1" if v1 else "v2",
+    "memory": read('/sys/fs/cgroup/memory/memory.limit_in_bytes', '/sys/fs/cgroup/memory.max'),
+    # memory+swap (v1), or swap alone (v2): its file must be there, or swap is not limited
+    "swap": read('/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes' if v1 else '/sys/fs/cgroup/memory.swap.max'),
+    "pids": read('/sys/fs/cgroup/pids/pids.max', '/sys/fs/cgroup/pids.max'),
+    "tmp_bytes": st.f_blocks * st.f_frsize, "uid": os.getuid(), "host": socket.gethostname()}))
 """
-    body = service.execute(code, resources={"ram": "200MiB"}).json()
-    memory, memsw, pids, tmp_size, uid = body["stdout"].split()
-    assert int(memory) == 256 * MIB and memsw in (str(256 * MIB), "?")
-    assert tmp_size == str(128 * MIB) and uid == "10001"
-    container = containers_of(docker_client, service.instance_id)[0]
-    host = docker_client.api.inspect_container(container.id)["HostConfig"]
-    tier_ram = {"one": 96 * MIB, "two": 256 * MIB}
-    assert host["Memory"] in tier_ram.values() and host["MemorySwap"] == host["Memory"]
-    assert host["NanoCpus"] in (500_000_000, 1_000_000_000) and host["PidsLimit"] == 128
-    assert host["NetworkMode"] == "none" and host["ReadonlyRootfs"] is True
-    assert pids == "128"
+
+
+@pytest.mark.parametrize(("ram", "tier", "ram_bytes", "nano_cpus", "tmp_bytes"), [
+    ("64MiB", "one", 96 * MIB, 500_000_000, 32 * MIB),
+    ("200MiB", "two", 256 * MIB, 1_000_000_000, 128 * MIB),
+])
+def test_limits_are_really_applied(service, docker_client, ram, tier, ram_bytes, nano_cpus, tmp_bytes):
+    """The container that ran the task has its own tier's limits, seen from inside and by the engine."""
+    body = service.execute(LIMITS_SEEN_INSIDE, resources={"ram": ram}).json()
+    assert (body["status"], body["tier"]) == ("succeeded", tier), body
+    inside = json.loads(body["stdout"])
+    no_swap = str(ram_bytes) if inside["cgroup"] == "v1" else "0"  # memory+swap == memory, or swap 0
+    assert int(inside["memory"]) == ram_bytes and inside["swap"] == no_swap
+    assert inside["pids"] == "128" and inside["tmp_bytes"] == tmp_bytes and inside["uid"] == 10001
+    # The hostname is the container's short id: inspect that very container.
+    inspect = docker_client.api.inspect_container(inside["host"])
+    assert inspect["Config"]["Labels"]["warmpool.tier"] == tier
+    assert inspect["Config"]["Labels"]["warmpool.instance"] == service.instance_id
+    host = inspect["HostConfig"]
+    assert (host["Memory"], host["MemorySwap"], host["NanoCpus"]) == (ram_bytes, ram_bytes, nano_cpus)
+    assert host["PidsLimit"] == 128 and host["NetworkMode"] == "none" and host["ReadonlyRootfs"] is True
+    assert host["Tmpfs"] == {"/tmp": f"rw,nosuid,nodev,noexec,size={tmp_bytes},mode=1777"}
 
 
 def test_files_and_processes_do_not_survive_into_the_next_task(service):
@@ -153,11 +171,17 @@ def test_bad_input_is_a_4xx_naming_the_field_and_the_pool_keeps_serving(service,
     assert service.execute("print('still here')").json()["stdout"] == "still here\n"
 
 
-def test_garbage_bodies_are_4xx(service):
-    for raw, content_type in ((b"{not json", "application/json"), (b"\xff\xfe", "application/json"),
-                              (b"[]", "application/json"), (b"code=1", "text/plain")):
-        response = service.client.post("/v1/execute", content=raw, headers={"content-type": content_type})
-        assert 400 <= response.status_code < 500, (raw, response.status_code)
+@pytest.mark.parametrize(("raw", "content_type", "error_type"), [
+    (b"{not json", "application/json", "json_invalid"),
+    (b"\xff\xfe", "application/json", "json_invalid"),
+    (b"[]", "application/json", "model_attributes_type"),
+    (b"code=1", "text/plain", "model_attributes_type"),
+])
+def test_garbage_bodies_are_422_located_at_the_body(service, raw, content_type, error_type):
+    response = service.client.post("/v1/execute", content=raw, headers={"content-type": content_type})
+    assert response.status_code == 422, (raw, response.status_code, response.text)
+    (error,) = response.json()["detail"]
+    assert error["type"] == error_type and error["loc"][0] == "body", error
 
 
 def test_tiers_route_lists_tiers_smallest_first(service):
@@ -174,19 +198,30 @@ def test_health_and_readiness(service):
 
 def test_container_killed_from_outside_is_replaced(service, docker_client):
     """An idle container killed by `docker kill` is replaced; a busy one gives its task sandbox_error."""
-    idle = [c for c in containers_of(docker_client, service.instance_id) if c.labels["warmpool.tier"] == "one"]
-    idle[0].kill()
-    _wait_for(lambda: service.execute("print(1)", resources={"ram": "64MiB"}).json()["status"] == "succeeded")
+    (idle,) = [c for c in containers_of(docker_client, service.instance_id) if c.labels["warmpool.tier"] == "one"]
+    idle.kill()
+    wait_for(lambda: service.execute("print(1)", resources={"ram": "64MiB"}).json()["status"] == "succeeded",
+             "a task on tier one's replacement container")
+    assert tier_view(service, "one")["replaced"] == {"runner_lost": 1}
 
     with concurrent.futures.ThreadPoolExecutor(1) as executor:
         pending = executor.submit(service.execute, "import time; time.sleep(30)", resources={"ram": "64MiB"})
-        time.sleep(1.5)
+        wait_for(lambda: tier_view(service, "one")["busy"] == 1, "tier one busy with the task")
         (busy,) = [c for c in containers_of(docker_client, service.instance_id)
-                   if c.labels["warmpool.tier"] == "one" and c.status == "running"]
+                   if c.labels["warmpool.tier"] == "one" and c.id != idle.id]
         busy.kill()
         body = pending.result(timeout=30).json()
     assert body["status"] == "sandbox_error" and body["message"]
     assert service.execute("print(2)", resources={"ram": "64MiB"}).json()["stdout"] == "2\n"
+    assert tier_view(service, "one")["replaced"] == {"runner_lost": 1, "sandbox_error": 1}
+
+
+def tier_view(service, tier: str) -> dict:
+    """The tier as the admin view shows it (the service runs with ADMIN_KEY)."""
+    response = service.client.get("/v1/admin/pools", headers=ADMIN)
+    assert response.status_code == 200, response.text
+    (view,) = [t for t in response.json()["tiers"] if t["name"] == tier]
+    return view
 
 
 def test_shutdown_removes_every_container(serve, docker_client):
@@ -206,15 +241,6 @@ def test_orphans_of_a_dead_pool_are_removed_at_start(serve, docker_client):
     assert containers_of(docker_client, svc.instance_id) == []
 
 
-def _wait_for(predicate, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
-
-
 def test_docker_outage_gives_503_and_the_service_recovers(serve, tmp_path):
     """The service's engine goes away (through a proxy we cut) and comes back."""
     from tests.docker_proxy import DockerProxy
@@ -225,12 +251,12 @@ def test_docker_outage_gives_503_and_the_service_recovers(serve, tmp_path):
     try:
         assert svc.execute("print('before')").json()["stdout"] == "before\n"
         proxy.cut()
-        time.sleep(1.0)
+        wait_for(lambda: svc.client.get("/readyz").status_code == 503, "the service to see the engine gone")
         response = svc.execute("print('during')")
         assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
-        assert svc.client.get("/readyz").status_code == 503
         proxy.start()
-        _wait_for(lambda: svc.client.get("/readyz").status_code == 200, timeout_s=60)
+        wait_for(lambda: svc.client.get("/readyz").status_code == 200, "the service to see the engine back",
+                 timeout_s=60)
         assert svc.execute("print('after')").json()["stdout"] == "after\n"
     finally:
         svc.stop()  # while the proxy is up, so that shutdown can remove its containers
@@ -243,4 +269,4 @@ def test_cold_mode_starts_a_container_per_task(serve, docker_client):
     assert containers_of(docker_client, svc.instance_id) == []
     hosts = {svc.execute("import socket; print(socket.gethostname())").json()["stdout"] for _ in range(3)}
     assert len(hosts) == 3
-    _wait_for(lambda: containers_of(docker_client, svc.instance_id) == [])
+    wait_for(lambda: containers_of(docker_client, svc.instance_id) == [], "every task's container removed")

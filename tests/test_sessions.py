@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import TEST_TIERS, Service, start_service, stop_service
-from tests.scaleout_support import wait_for
+from tests.polling import wait_for
 from tests.sse import stream_all, text_of
 
 pytestmark = pytest.mark.docker

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import anyio
 import httpx
@@ -21,6 +20,7 @@ from pool.model.errors import InvalidRequest
 from pool.settings import Settings, from_env
 from tests.conftest import REPO
 from tests.hostile.conftest import MAX_WAITING, container_of_box, execute
+from tests.polling import wait_for
 
 MIB = 1024 ** 2
 
@@ -32,7 +32,7 @@ def test_oversized_payloads_are_413_before_any_container_is_touched(box):
     host = container_of_box(box)
     with concurrent.futures.ThreadPoolExecutor(1) as executor:
         busy = executor.submit(box.execute, "import time\ntime.sleep(6)\nprint('done')", timeout_s=20)
-        _wait_until(lambda: box.client.get("/v1/tiers").json()[0]["busy"] == 1)
+        wait_for(lambda: box.client.get("/v1/tiers").json()[0]["busy"] == 1, "the only container busy")
         flood = json.dumps({"code": "#" + "x" * (10 * 1000 * 1000)}).encode()  # 10 MB
         response = box.client.post("/v1/execute", content=flood, headers={"content-type": "application/json"})
         assert response.status_code == 413 and "body exceeds" in response.json()["detail"]
@@ -149,13 +149,6 @@ def test_serve_refuses_a_public_address_without_keys():
 def test_serve_says_it_is_loopback_only_without_keys(serve):
     svc = serve()
     assert svc.log_path is not None and "loopback only" in svc.log_path.read_text()
-
-
-def _wait_until(predicate, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 @pytest.mark.docker

@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import subprocess
-import time
 
 import pytest
 
@@ -20,6 +19,7 @@ from tests.hostile.conftest import (
     server_rss_bytes,
     status_is,
 )
+from tests.polling import wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -161,7 +161,7 @@ def test_a_sandbox_killed_through_the_engine_is_a_sandbox_error_not_memory(box, 
     engine counts as memory_exceeded; one that `docker kill` ended must still say sandbox_error."""
     with concurrent.futures.ThreadPoolExecutor(1) as executor:
         pending = executor.submit(execute, box, "import time; time.sleep(30)", timeout_s=40)
-        time.sleep(2)
+        wait_for(lambda: box.client.get("/v1/tiers").json()[0]["busy"] == 1, "the task to hold the container")
         box_container(box, docker_client).kill()
         body = pending.result(timeout=60)
     assert body["status"] == "sandbox_error", body

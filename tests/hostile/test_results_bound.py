@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 import uuid
 
 import anyio
@@ -17,7 +16,7 @@ from pool.model.errors import Overloaded
 from pool.model.result_bounds import RECORD_OVERHEAD_BYTES, Bounds, ResultBook
 from pool.scaleout.redis_io import GROUP, Held, Keys, Refusal, Scripts, connect
 from tests.hostile.conftest import server_rss_bytes
-from tests.scaleout_support import wait_for
+from tests.polling import wait_for
 
 MIB = 1024 ** 2
 # Small caps on code and stdin keep a pending task's reservation (inputs plus twice the output limit) near
@@ -41,12 +40,14 @@ def test_the_book_refuses_per_key_and_evicts_the_oldest_in_total():
     with pytest.raises(Overloaded) as info:
         book.admit("a4", "alice", 100, now=10, pending_retry_s=60)
     assert info.value.retry_after_s == 90  # when her oldest finished result expires
-    with pytest.raises(Overloaded):  # per-key bytes
+    with pytest.raises(Overloaded, match="this key's pending async tasks already hold"):  # per-key bytes
         book.admit("b1", "bob", 1001, now=0, pending_retry_s=60)
     assert book.admit("b1", "bob", 900, now=0, pending_retry_s=60) == ["a1"]  # total bytes: a1 goes
     assert book.total.size_bytes == 1100 and book.usage("alice").tasks == 2
-    with pytest.raises(Overloaded):  # only pending tasks left, and 600 more would pass 1100
+    with pytest.raises(Overloaded, match="this key's pending async tasks"):  # bob's 900 pending + 600 pass his 1000
         book.admit("b2", "bob", 600, now=0, pending_retry_s=60)
+    with pytest.raises(Overloaded, match="1100 bytes.*pending ones filling the bound"):  # only pending tasks left
+        book.admit("c1", "carol", 100, now=0, pending_retry_s=60)  # within carol's own bound, past the total
     assert book.finish("a2", 10, expires_at=200) == []
     assert book.finish("b1", 1400, expires_at=300) == ["a2"]  # finished bigger than reserved: oldest out
     assert book.expire(now=299) == [] and book.expire(now=300) == ["b1"]
@@ -106,20 +107,18 @@ async def _redis_bound(url: str) -> None:
 
 
 def _submit_all(client: httpx.Client, count: int, headers: dict[str, str] | None = None) -> list[str]:
-    """Submit `count` megabyte tasks, waiting out every 429 (its Retry-After is when room comes back, but
-    a pending task's room comes back sooner: poll every 0.2 s, bounded)."""
-    links: list[str] = []
-    deadline = time.monotonic() + 240
-    while len(links) < count:
-        assert time.monotonic() < deadline, f"only {len(links)} of {count} tasks accepted in time"
+    """Submit `count` megabyte tasks, each retried while it is refused with 429 (its Retry-After is when room
+    comes back, but a pending task's room comes back sooner: it is asked again at the polling interval)."""
+
+    def accepted() -> str | None:
         response = client.post("/v1/tasks", json=MEGABYTE_TASK, headers=headers or {})
         if response.status_code == 429:
             assert int(response.headers["retry-after"]) >= 1 and "bound" in response.json()["detail"]
-            time.sleep(0.2)
-            continue
+            return None
         assert response.status_code == 202, response.text
-        links.append(response.json()["link"])
-    return links
+        return str(response.json()["link"])
+
+    return [wait_for(accepted, f"room for task {i + 1} of {count}", timeout_s=240) for i in range(count)]
 
 
 def _finished(client: httpx.Client, link: str, headers: dict[str, str] | None = None) -> httpx.Response | None:
