@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from tests.conftest import TEST_TIERS
 from tests.polling import wait_for
 
 pytestmark = pytest.mark.docker
@@ -77,15 +78,27 @@ def test_resize_up_and_down_live(service, docker_client):
     assert len(ids_of(docker_client, service, "one")) == 1, "the other tier is untouched"
 
 
-def test_lowering_max_size_retires_busy_containers_when_they_finish(service, docker_client):
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        running = [pool.submit(service.execute, "import time; time.sleep(2); print('done')",
-                               resources={"ram": "200MiB"}) for _ in range(2)]
+def test_lowering_max_size_retires_busy_containers_when_they_finish(serve, docker_client):
+    """Both containers of "two" are busy when max_size drops to 1: the first to finish its task is removed
+    then and there, never offered again, so the lease that waits meanwhile gets the second one."""
+    full = {"tiers": [TEST_TIERS["tiers"][0], {**TEST_TIERS["tiers"][1], "min_idle": 2, "max_size": 2}]}
+    service = serve(tiers=full, env={"WARMPOOL_ADMIN_KEY": ADMIN_KEY, "WARMPOOL_LEASE_TIMEOUT_S": "30"})
+    host = "import socket, time\ntime.sleep({})\nprint(socket.gethostname())"
+    medium = {"ram": "200MiB"}
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        shorter = pool.submit(service.execute, host.format(3), resources=medium, timeout_s=30)
+        longer = pool.submit(service.execute, host.format(8), resources=medium, timeout_s=30)
         wait_for(lambda: pools(service)["two"]["busy"] == 2, "both two containers busy")
         assert patch(service, "two", min_idle=0, max_size=1).status_code == 200
-        assert [f.result(timeout=30).json()["stdout"] for f in running] == ["done\n", "done\n"]
-    wait_for(lambda: len(ids_of(docker_client, service, "two")) <= 1, "two back within max_size 1")
-    assert pools(service)["two"]["replaced"].get("scaled_down", 0) >= 1
+        waiting = pool.submit(service.execute, host.format(0), resources=medium)
+        wait_for(lambda: pools(service)["two"]["waiting"] == 1, "a third lease waiting for a two container")
+        assert not shorter.done(), "the first task ended before the third lease waited: the test proves nothing"
+        first, second, third = (f.result(timeout=60).json() for f in (shorter, longer, waiting))
+    assert [b.get("status") for b in (first, second, third)] == ["succeeded"] * 3, (first, second, third)
+    assert third["stdout"] == second["stdout"] != first["stdout"], "the waiter got the container that stayed"
+    wait_for(lambda: {i[:12] for i in ids_of(docker_client, service, "two")} == {second["stdout"].strip()},
+             "only the second container left in two")
+    assert pools(service)["two"]["replaced"] == {"scaled_down": 1}
 
 
 @pytest.mark.parametrize(("sizes", "words"), [
