@@ -15,12 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.app import create_app
-from pool.engine.embedded import EmbeddedDispatcher
-from pool.settings import from_env
 from tests.conftest import TEST_TIERS
 from tests.fake_backend import FakeBackend
-from tests.inprocess import serve_in_process
+from tests.inprocess import embedded_over_fake
 from tests.polling import until
 
 pytestmark = pytest.mark.anyio
@@ -35,26 +32,13 @@ App = Callable[..., AbstractAsyncContextManager[tuple[httpx.AsyncClient, FakeBac
 @pytest.fixture
 def app_of(tmp_path: Path) -> App:
     """`async with app_of(**env) as (client, backend)`: the app, started and warm, over a fake backend."""
-    tiers = tmp_path / "tiers.json"
-    tiers.write_text(json.dumps(TEST_TIERS))
 
     @asynccontextmanager
     async def make(**env: str) -> AsyncIterator[tuple[httpx.AsyncClient, FakeBackend]]:
-        settings = from_env({"WARMPOOL_TIERS_FILE": str(tiers), "WARMPOOL_INSTANCE_ID": "inproc", **env})
-        backend = FakeBackend()
-        async with serve_in_process(create_app(settings, lambda s: EmbeddedDispatcher(s, backend))) as client:
-            await until_status(client, "/readyz", 200)
+        async with embedded_over_fake(tmp_path, TEST_TIERS, env) as (client, backend, _):
             yield client, backend
-        assert backend.containers == {} and backend.join() == []
 
     return make
-
-
-async def until_status(client: httpx.AsyncClient, path: str, status: int) -> None:
-    async def answers() -> bool:
-        return (await client.get(path)).status_code == status
-
-    await until(answers, f"GET {path} to answer {status}")
 
 
 async def test_a_task_round_trip_and_the_tier_it_went_to(app_of):

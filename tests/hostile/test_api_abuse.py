@@ -5,21 +5,21 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
 
-import anyio
 import httpx
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
-from api.auth import require_admin_key, require_api_key
 from api.limits import RateLimiter
 from pool.model.errors import InvalidRequest
-from pool.settings import Settings, from_env
-from tests.conftest import REPO
+from pool.settings import from_env
+from tests.conftest import REPO, TEST_TIERS
 from tests.hostile.conftest import MAX_WAITING, container_of_box, execute
+from tests.inprocess import embedded_over_fake
 from tests.polling import wait_for
 
 MIB = 1024 ** 2
@@ -97,28 +97,42 @@ def test_keys_rates_and_the_admin_key(serve):
     assert admin == [401, 403, 200]
 
 
-def test_admin_routes_take_only_the_admin_key():
-    """The dependency that guards /v1/admin/* (its routes live elsewhere): admin key yes, API keys no."""
-    app = FastAPI()
+def admin_operations(app: FastAPI) -> list[tuple[str, str]]:
+    """(method, path) of every operation of the app's OpenAPI document under /v1/admin, path parameters
+    filled with tier "two"."""
+    return [(method.upper(), re.sub(r"\{[^}]+\}", "two", path))
+            for path, item in app.openapi()["paths"].items() if path.startswith("/v1/admin/") for method in item]
 
-    @app.get("/v1/admin/probe", dependencies=[Depends(require_admin_key)])
-    def admin_probe() -> dict[str, str]:
-        return {"ok": "admin"}
 
-    @app.get("/v1/probe")
-    def probe(key: str = Depends(require_api_key)) -> dict[str, str]:
-        return {"ok": "api"}
+@pytest.mark.anyio
+async def test_every_admin_route_takes_only_the_admin_key(tmp_path):
+    """The real app (in process, over the fake backend): every /v1/admin route answers 401 without a key and
+    403 to an API key or a near miss, changing nothing; only the admin key opens it. The admin key is no API
+    key, and with no admin key configured the admin routes are off for everyone."""
+    keys = {"WARMPOOL_API_KEYS": "api-key", "WARMPOOL_ADMIN_KEY": "admin-key"}
+    async with embedded_over_fake(tmp_path, TEST_TIERS, keys) as (client, backend, app):
+        operations = admin_operations(app)
+        assert {path for _, path in operations} >= {"/v1/admin/pools", "/v1/admin/pools/two",
+                                                    "/v1/admin/pools/two/drain", "/v1/admin/sessions"}
 
-    async def statuses(path: str, *tokens: str | None) -> list[int]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            return [(await client.get(path, headers={"Authorization": f"Bearer {t}"} if t else {})).status_code
-                    for t in tokens]
+        async def status(method: str, path: str, token: str | None) -> int:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            return (await client.request(method, path, json={"min_idle": 2}, headers=headers)).status_code
 
-    app.state.settings = Settings(api_keys=("api-key",), admin_key="admin-key")
-    assert anyio.run(statuses, "/v1/admin/probe", None, "api-key", "admin-ke", "admin-key") == [401, 403, 403, 200]
-    assert anyio.run(statuses, "/v1/probe", "admin-key", "api-key") == [403, 200]
-    app.state.settings = Settings(api_keys=("api-key",), admin_key=None)
-    assert anyio.run(statuses, "/v1/admin/probe", "api-key") == [403]  # no admin key configured: admin is off
+        for method, path in operations:
+            assert [await status(method, path, t) for t in (None, "api-key", "admin-ke", "admin-key-")] == \
+                [401, 403, 403, 403], (method, path)
+        assert backend.removed == [] and len(backend.by_tier("two")) == 2, "no refused call changed anything"
+        for method, path in operations:
+            assert await status(method, path, "admin-key") == 200, (method, path)
+        assert await status("POST", "/v1/execute", "admin-key") == 403, "the admin key is not an API key"
+    async with embedded_over_fake(tmp_path, TEST_TIERS, {"WARMPOOL_API_KEYS": "api-key"}) as (client, _, app):
+        for method, path in admin_operations(app):
+            for token in ("api-key", None):
+                headers = {"Authorization": f"Bearer {token}"} if token else {}
+                response = await client.request(method, path, json={"min_idle": 2}, headers=headers)
+                assert response.status_code == 403 and "WARMPOOL_ADMIN_KEY" in response.json()["detail"], \
+                    (method, path, token, response.text)
 
 
 def test_admin_key_must_differ_from_the_api_keys():
