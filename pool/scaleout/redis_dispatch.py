@@ -18,11 +18,13 @@ from typing import cast
 
 from pool.background import TaskOwner
 from pool.model.backoff import Backoff
-from pool.model.errors import BackendUnavailable, NoCapacity, NotSupported, Overloaded, ResultEvicted
+from pool.model.errors import BackendUnavailable, NoCapacity, Overloaded, ResultEvicted
 from pool.model.result_bounds import pending_bytes, refusal
 from pool.model.results import TaskSpec
 from pool.model.snapshots import AdminView, Drained, Resized, TierSnapshot
 from pool.model.tasks import RESULT_GRACE_S, Execution, TaskState, TaskView
+from pool.scaleout.cluster_admin import ClusterAdmin
+from pool.scaleout.cluster_config import ConfigStore
 from pool.scaleout.membership import BEATS_TO_DEATH, ClusterView, parse_beat
 from pool.scaleout.redis_io import Held, Keys, Refusal, Scripts, connect, redis_errors
 from pool.scaleout.task_codec import MalformedEntry, Outcome, StreamEntry
@@ -36,7 +38,6 @@ START_SLACK_S = 1.0  # beyond the lease wait, for a worker to read the task and 
 REPLY_SLACK_S = 2.0  # beyond timeout + grace: the hops and the worker's own bookkeeping
 ABANDONED_TTL_MS = 60_000
 MAX_BACKOFF_S = 2.0
-ADMIN_NOT_SUPPORTED = "this process runs no pool of its own to see or size (scale-out mode: the pools are the workers')"
 
 
 def pending_ttl_ms(settings: Settings) -> int:
@@ -65,6 +66,8 @@ class RedisDispatcher:
         self.blocking = connect(settings.redis_url, blocking_s=REPLY_BLOCK_S)
         self.scripts = Scripts(self.redis, settings.redis_prefix)
         self.cluster = ClusterView()
+        self.admin = ClusterAdmin(settings, ConfigStore(self.redis, settings.redis_prefix), self.cluster,
+                                  refresh=self._refresh_or_fail)
         self._waiters: dict[str, asyncio.Future[Outcome]] = {}
         self._background = TaskOwner("redis dispatcher")
 
@@ -240,6 +243,12 @@ class RedisDispatcher:
             await asyncio.sleep(min(self.settings.heartbeat_s, 1.0))
             await self._refresh_cluster()
 
+    async def _refresh_or_fail(self) -> None:
+        """Re-read the heartbeats now (admin wants them fresh); BackendUnavailable when Redis is down."""
+        await self._refresh_cluster()
+        if not self.cluster.redis_ok:
+            raise BackendUnavailable("Redis does not answer; retry shortly")
+
     async def _refresh_cluster(self) -> None:
         try:
             with redis_errors("read worker heartbeats"):
@@ -280,12 +289,12 @@ class RedisDispatcher:
     async def figures(self) -> None:
         return None  # this process holds no pool; each worker's own figures are its own
 
-    # admin: the pools live on the workers; sizing them from here is the cluster admin's job (not built yet)
+    # admin: the pools live on the workers; pool/scaleout/cluster_admin.py sizes them through Redis
     async def pools(self) -> AdminView:
-        raise NotSupported(ADMIN_NOT_SUPPORTED)
+        return await self.admin.view()
 
     async def resize(self, tier_name: str, min_idle: int | None, max_size: int | None) -> Resized:
-        raise NotSupported(ADMIN_NOT_SUPPORTED)
+        return await self.admin.resize(tier_name, min_idle, max_size)
 
     async def drain(self, tier_name: str) -> Drained:
-        raise NotSupported(ADMIN_NOT_SUPPORTED)
+        return await self.admin.drain(tier_name)

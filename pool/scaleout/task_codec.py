@@ -170,3 +170,13 @@ def _tier_from(raw: dict[str, Any]) -> Tier:
     return Tier(name=str(raw["name"]), runtime=str(raw.get("runtime", "runc")),
                 resources=Resources(cpu=float(raw["cpu"]), gpu=int(raw["gpu"]), ram_bytes=int(raw["ram_bytes"]),
                                     storage_bytes=int(raw["storage_bytes"])))
+
+
+def worker_stopped(task_id: str, worker: str, tier: Tier, queue_ms: float, total_ms: float) -> Outcome:
+    """The verdict for a task still running when its worker's grace period ended: stopped, never rerun."""
+    result = TaskResult.sandbox_error(
+        task_id, f"worker stopped: worker {worker!r} was stopped and its grace period ended while this task ran; "
+                 "the task was not run again because it may have had effects (resubmit it if it is safe to repeat)")
+    execution = Execution(result=result, tier=tier, queue_ms=queue_ms, container_name="", worker=worker)
+    return Outcome(task_id=task_id, worker=worker, tier=tier, execution=execution, queue_ms=queue_ms,
+                   total_ms=total_ms)
