@@ -65,7 +65,7 @@ class TierSnapshot:
 
     def counts_dict(self) -> dict[str, Any]:
         """`as_dict` without the tier's description (name, resources, runtime): a worker's row of the tier."""
-        described = self.tier.describe()
+        described = set(self.tier.describe()) - {"min_idle", "max_size"}
         return {k: v for k, v in self.as_dict().items() if k not in described}
 
     def as_dict(self) -> dict[str, Any]:
@@ -146,6 +146,7 @@ class WorkerRow:
 
     worker_id: str
     host: str
+    engine: str  # the Docker engine it runs containers on (its DOCKER_HOST)
     state: str  # "serving", or "draining" once it was told to stop
     docker_ok: bool
     inflight: int
@@ -153,8 +154,9 @@ class WorkerRow:
     sizes_refused: str | None = None  # why it did not apply the cluster's stored sizes (its capacity)
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"worker": self.worker_id, "host": self.host, "state": self.state,
-                               "docker_ok": self.docker_ok, "inflight": self.inflight, **self.tier.counts_dict()}
+        out: dict[str, Any] = {"worker": self.worker_id, "host": self.host, "engine": self.engine,
+                               "state": self.state, "docker_ok": self.docker_ok, "inflight": self.inflight,
+                               **self.tier.counts_dict()}
         if self.sizes_refused is not None:
             out["sizes_refused"] = self.sizes_refused
         return out

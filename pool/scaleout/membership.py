@@ -34,12 +34,14 @@ class WorkerBeat:
     tiers: dict[str, dict[str, Any]]  # tier name -> resources, sizes, counts and counters
     state: str = SERVING
     capacity: CapacitySnapshot | None = None
+    engine: str = ""
 
     def row(self, tier: Tier) -> WorkerRow:
         """This worker's row of one of the tiers it serves, with the API's definition of the tier."""
         raw = self.tiers[tier.name]
         refused = raw.get("sizes_refused")
-        return WorkerRow(worker_id=self.worker_id, host=self.host, state=self.state, docker_ok=self.docker_ok,
+        return WorkerRow(worker_id=self.worker_id, host=self.host, engine=self.engine, state=self.state,
+                         docker_ok=self.docker_ok,
                          inflight=int(raw.get("inflight", 0)), tier=tier_row(tier, raw),
                          sizes_refused=None if refused is None else str(refused))
 
@@ -55,7 +57,7 @@ class WorkerBeat:
 
 
 def beat_json(worker_id: str, pools: PoolsSnapshot, inflight: dict[str, int], *, state: str = SERVING,
-              refused: dict[str, str] | None = None) -> str:
+              refused: dict[str, str] | None = None, engine: str = "") -> str:
     """A worker's heartbeat: each tier as every view shows it, plus the tasks it has in hand."""
     tiers = {}
     for s in pools.tiers:
@@ -63,7 +65,7 @@ def beat_json(worker_id: str, pools: PoolsSnapshot, inflight: dict[str, int], *,
         if refused and s.name in refused:
             tiers[s.name]["sizes_refused"] = refused[s.name]
     return json.dumps({"id": worker_id, "host": socket.gethostname(), "docker_ok": pools.docker_ok,
-                       "state": state, "capacity": pools.capacity.as_dict(), "tiers": tiers},
+                       "state": state, "engine": engine, "capacity": pools.capacity.as_dict(), "tiers": tiers},
                       separators=(",", ":"))
 
 
@@ -73,7 +75,7 @@ def parse_beat(raw: str) -> WorkerBeat | None:
         capacity = body.get("capacity")
         return WorkerBeat(worker_id=str(body["id"]), host=str(body["host"]), docker_ok=bool(body["docker_ok"]),
                           tiers={str(k): dict(v) for k, v in body["tiers"].items()},
-                          state=str(body.get("state", SERVING)),
+                          state=str(body.get("state", SERVING)), engine=str(body.get("engine", "")),
                           capacity=None if capacity is None else capacity_of(capacity))
     except (KeyError, TypeError, ValueError, AttributeError):
         log.warning("ignoring a malformed worker heartbeat: %.200s", raw)

@@ -60,6 +60,7 @@ READ_BACKOFF_S = 0.1
 MAX_READ_BACKOFF_S = 2.0
 PRUNE_EVERY_ROUNDS = 20
 WARM_WAIT_S = 120.0
+DEFAULT_ENGINE = "unix:///var/run/docker.sock"  # docker-py's, when DOCKER_HOST is unset
 CLAIM_POLL_S = 0.5  # how often idle entries are looked for: part of a dead worker's detection time
 
 # Something to run beside the worker for its whole life (the CLI's /metrics and /healthz server).
@@ -174,7 +175,8 @@ class Worker:
 
     def health(self) -> dict[str, Any]:
         """What /healthz of a worker says: alive, and in which state."""
-        return {"worker": self.worker_id, "state": self.state, "docker_ok": self.pool.docker_ok,
+        return {"worker": self.worker_id, "engine": self.settings.docker_host or DEFAULT_ENGINE, "state": self.state,
+                "docker_ok": self.pool.docker_ok,
                 "redis_ok": self.redis_ok, "inflight": {name: len(e) for name, e in self.inflight.items()}}
 
     def _free(self, tier_name: str) -> int:
@@ -275,7 +277,7 @@ class Worker:
         inflight = {name: len(entries) for name, entries in self.inflight.items()}
         ttl_ms = int(self.settings.heartbeat_s * BEATS_TO_DEATH * 1000)
         beat = beat_json(self.worker_id, self.pool.snapshot(), inflight, state=self.state,
-                         refused=self.follower.refused)
+                         refused=self.follower.refused, engine=self.settings.docker_host or DEFAULT_ENGINE)
         try:
             with redis_errors("send a heartbeat"):
                 async with self.redis.pipeline(transaction=True) as pipe:
