@@ -114,6 +114,10 @@ load_images() {
         fi
         say "loading $image into the second engine (docker save | docker load)"
         docker save "$image" | docker -H "$HOST" load -q >&2
+        if [ -n "$have" ]; then
+            # The tag moved to the new image: drop the old one, unless a container still uses it.
+            docker -H "$HOST" image rm "$have" >/dev/null 2>&1 || true
+        fi
     done
 }
 
