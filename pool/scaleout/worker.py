@@ -150,6 +150,8 @@ class Worker:
                 await self.redis.srem(self.keys.workers, self.worker_id)
         except BackendUnavailable as exc:
             log.warning("%s", exc)
+        else:
+            log.info("worker %s left the cluster; its containers are removed", self.worker_id)
         await self.redis.aclose()
         await self.blocking.aclose()
 
