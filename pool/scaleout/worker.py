@@ -49,6 +49,7 @@ from pool.model.errors import BackendUnavailable, InvalidRequest, PoolError
 from pool.scaleout.cluster_config import ConfigStore
 from pool.scaleout.membership import BEATS_TO_DEATH, DRAINING, SERVING, beat_json
 from pool.scaleout.redis_io import GROUP, Keys, Scripts, connect, is_nogroup, redis_errors
+from pool.scaleout.session_worker import WorkerSessions
 from pool.scaleout.worker_config import ConfigFollower
 from pool.scaleout.worker_tasks import TaskHandler
 from pool.settings import Settings, from_env
@@ -96,8 +97,10 @@ class Worker:
         self.follower = ConfigFollower(self.worker_id, socket.gethostname(), self.pool,
                                        ConfigStore(self.redis, settings.redis_prefix))
         self._sweeping = False
+        self.sessions = WorkerSessions(self.worker_id, self.settings, self.pool, self.keys, self.redis, self.blocking,
+                                       self.scripts, on_freed=self._wake_readers)
         self.handler = TaskHandler(self.worker_id, self.settings, self.pool, self.keys, self.redis, self.scripts,
-                                   on_peer_lost=self._sweep_orphans)
+                                   on_peer_lost=self._sweep_orphans, sessions=self.sessions)
 
     # lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -107,7 +110,8 @@ class Worker:
         starts a container, so a worker started later warms to them directly."""
         configs = await self.follower.load()
         await self.pool.start()
-        self.follower.apply_initial(configs)
+        self.follower.apply_initial(configs)  # before any await: the replenisher has not run yet
+        await self.sessions.start()
         if not await self.pool.wait_warm(WARM_WAIT_S):
             log.warning("the pool is not warm after %.0f s; serving anyway", WARM_WAIT_S)
         for tier_name in self.inflight:
@@ -124,6 +128,7 @@ class Worker:
             self._loops.spawn(self._read_loop(tier_name))
         self._loops.spawn(self._claim_loop())
         self._loops.spawn(self.follower.loop(lambda: self._loops.closing))
+        self._loops.spawn(self.sessions.calls_loop())
         self._beating.spawn(self._heartbeat_loop())
         self._keeper.spawn(self._keep_claimed_loop())
         log.info("worker %s serving tiers %s", self.worker_id, list(self.inflight))
@@ -142,6 +147,7 @@ class Worker:
                 await self._stop_unfinished()
         await self._handlers.close()
         await self._keeper.close()
+        await self.sessions.close()  # recorded as ended ("worker stopped") before the containers go
         await self.pool.close()
         await self._beating.close()
         try:
@@ -178,11 +184,18 @@ class Worker:
     def health(self) -> dict[str, Any]:
         """What /healthz of a worker says: alive, and in which state."""
         return {"worker": self.worker_id, "engine": self.settings.docker_host or DEFAULT_ENGINE, "state": self.state,
-                "docker_ok": self.pool.docker_ok,
-                "redis_ok": self.redis_ok, "inflight": {name: len(e) for name, e in self.inflight.items()}}
+                "docker_ok": self.pool.docker_ok, "redis_ok": self.redis_ok,
+                "inflight": {name: len(e) for name, e in self.inflight.items()}}
+
+    def _wake_readers(self) -> None:
+        """A session ended: its container may take a task now."""
+        for freed in self._freed.values():
+            freed.set()
 
     def _free(self, tier_name: str) -> int:
-        return self.pool.pools[tier_name].max_size - len(self.inflight[tier_name])
+        """Tasks of the tier we may take now: containers neither running one nor held by a session."""
+        held = len(self.inflight[tier_name]) + self.sessions.held_in(tier_name)
+        return self.pool.pools[tier_name].max_size - held
 
     # loops -----------------------------------------------------------------------------------------
     async def _read_loop(self, tier_name: str) -> None:
