@@ -73,9 +73,12 @@ class ConfigFollower:
                 log.debug("%s", exc)
 
     async def _apply(self, tier_name: str, config: TierConfig) -> None:
+        # A tier first seen here (Redis did not answer at start) has no past drain to catch up on: its
+        # containers are new. Its sizes are applied.
+        first_sight = tier_name not in self._seen
         seen = self._seen.get(tier_name, TierConfig())
         drained: Drained | None = None
-        if config.drain is not None and config.drain != seen.drain:
+        if not first_sight and config.drain is not None and config.drain != seen.drain:
             drained = self.admin.drain(tier_name)
             log.info("drained tier %s (cluster change %s): %d idle replaced", tier_name, config.change,
                      drained.idle_replaced)
