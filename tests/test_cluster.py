@@ -107,6 +107,10 @@ def test_tasks_resizes_and_drains_reach_workers_on_two_engines(cluster, docker_c
     warm(api, (later,), idle=3)
     tiers = {t["name"]: t for t in api.client.get("/v1/tiers").json()}
     assert (tiers["two"]["workers"], tiers["two"]["min_idle"]) == (3, 9)
+    # One on a host too small for them keeps its tiers file's sizes and says why.
+    tiny = c.worker(env={**STEADY, "WARMPOOL_HOST_RAM": "700MiB"})
+    row = wait_for(lambda: rows(api).get(tiny.instance_id), what="the small worker's row")
+    assert row["min_idle"] == 2 and "memory" in row["sizes_refused"], row
 
 
 def metric(text: str, name: str, **labels: str) -> float:
