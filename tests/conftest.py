@@ -97,6 +97,16 @@ def containers_of(client: docker.DockerClient, instance_id: str) -> list:
     return client.containers.list(all=True, filters={"label": f"warmpool.instance={instance_id}"})
 
 
+def idle_again(service: Service, tier: str, headers: dict[str, str] | None = None) -> None:
+    """Wait until the tier's containers are all back from their tasks (returned after their reset), so that
+    the next "busy" a test waits for is its own task's."""
+    def idle() -> bool:
+        (found,) = [t for t in service.client.get("/v1/tiers", headers=headers or {}).json() if t["name"] == tier]
+        return found["busy"] == 0 and found["idle"] >= 1
+
+    wait_for(idle, f"tier {tier} idle again")
+
+
 class Service:
     """A `warmpool serve` process on a loopback port."""
 

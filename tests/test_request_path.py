@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from tests.conftest import TEST_TIERS, containers_of
+from tests.conftest import TEST_TIERS, containers_of, idle_again
 from tests.docker_proxy import DockerProxy
 from tests.polling import wait_for
 from tests.test_streaming import run_seconds
@@ -88,6 +88,7 @@ def test_a_client_gone_mid_task_leaves_the_container_to_the_next_task(serve, str
     service = serve(env={"WARMPOOL_ADMIN_KEY": ADMIN_KEY})
     host = service.execute(HOSTNAME, resources=ONE).json()["stdout"]
     runs = run_seconds(service, "one", "succeeded")[0]
+    idle_again(service, "one")
     send_and_hang_up(service, {"code": "import time\nprint('working', flush=True)\ntime.sleep(2)",
                                "resources": ONE}, stream)
     wait_for(lambda: run_seconds(service, "one", "succeeded")[0] == runs + 1, "the task to run to its end")

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from tests.conftest import containers_of
+from tests.conftest import containers_of, idle_again
 from tests.polling import wait_for
 
 pytestmark = pytest.mark.docker
@@ -203,6 +203,7 @@ def test_container_killed_from_outside_is_replaced(service, docker_client):
     wait_for(lambda: service.execute("print(1)", resources={"ram": "64MiB"}).json()["status"] == "succeeded",
              "a task on tier one's replacement container")
     assert tier_view(service, "one")["replaced"] == {"runner_lost": 1}
+    idle_again(service, "one")
 
     with concurrent.futures.ThreadPoolExecutor(1) as executor:
         pending = executor.submit(service.execute, "import time; time.sleep(30)", resources={"ram": "64MiB"})

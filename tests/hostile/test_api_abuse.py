@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from api.limits import RateLimiter
 from pool.model.errors import InvalidRequest
 from pool.settings import from_env
-from tests.conftest import REPO, TEST_TIERS
+from tests.conftest import REPO, TEST_TIERS, idle_again
 from tests.hostile.conftest import MAX_WAITING, container_of_box, execute
 from tests.inprocess import embedded_over_fake
 from tests.polling import wait_for
@@ -30,6 +30,7 @@ def test_oversized_payloads_are_413_before_any_container_is_touched(box):
     """With the tier's only container busy, a request that reached the pool would wait for it (and get 503
     after the lease timeout); an oversized one gets 413 at once: it never asked for a container."""
     host = container_of_box(box)
+    idle_again(box, "box")
     with concurrent.futures.ThreadPoolExecutor(1) as executor:
         busy = executor.submit(box.execute, "import time\ntime.sleep(6)\nprint('done')", timeout_s=20)
         wait_for(lambda: box.client.get("/v1/tiers").json()[0]["busy"] == 1, "the only container busy")

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from tests.conftest import idle_again
 from tests.hostile.conftest import (
     DEADLINE_GRACE_S,
     OUTPUT_LIMIT_BYTES,
@@ -160,6 +161,7 @@ def test_a_sandbox_killed_through_the_engine_is_a_sandbox_error_not_memory(box, 
     """Under gVisor the engine may lose the OOM record, so a SIGKILLed sandbox with no `kill` asked of the
     engine counts as memory_exceeded; one that `docker kill` ended must still say sandbox_error."""
     with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        idle_again(box, "box")
         pending = executor.submit(execute, box, "import time; time.sleep(30)", timeout_s=40)
         wait_for(lambda: box.client.get("/v1/tiers").json()[0]["busy"] == 1, "the task to hold the container")
         box_container(box, docker_client).kill()
