@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import socket
+import threading
 import time
 import uuid
 
@@ -231,3 +233,74 @@ def test_sigterm_lets_a_worker_finish_its_task_then_leave(cluster, docker_client
     assert container_ids(docker_client, worker.instance_id) == []
     wait_for(lambda: api.execute("print(1)", resources=SMALL).status_code == 503, timeout_s=10,
              what="the API to see that no worker is left")
+
+
+def test_readyz_is_503_while_no_worker_is_alive(cluster):
+    c = cluster()
+    api = c.api(ready=False)
+    alone = api.client.get("/readyz")
+    assert alone.status_code == 503 and alone.json()["checks"] == {"redis": True, "workers": False}, alone.text
+    stopped = c.worker()
+    wait_for(lambda: api.client.get("/readyz").status_code == 200, "the API to see the worker")
+    stopped.stop()  # SIGTERM: it leaves the membership
+    wait_for(lambda: api.client.get("/readyz").status_code == 503, "the API to see no worker left")
+    killed = c.worker()
+    wait_for(lambda: api.client.get("/readyz").status_code == 200, "the API to see the new worker")
+    killed.kill()  # no goodbye: its heartbeats stop
+    wait_for(lambda: api.client.get("/readyz").status_code == 503, "the API to see the dead worker gone")
+    assert api.client.get("/readyz").json()["checks"] == {"redis": True, "workers": False}
+
+
+class RedisMonitor:
+    """Every command a redis-server runs (MONITOR shows those of scripts too), read on a thread of its own."""
+
+    def __init__(self, port: int) -> None:
+        self.lines: list[str] = []
+        self._sock = socket.create_connection(("127.0.0.1", port))
+        self._sock.sendall(b"MONITOR\r\n")
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        pending = b""
+        while data := self._sock.recv(1 << 16):
+            pending += data
+            *complete, pending = pending.split(b"\r\n")
+            self.lines += [line.decode(errors="replace") for line in complete]
+
+    def close(self) -> list[str]:
+        self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        self._thread.join(timeout=10)
+        return self.lines
+
+
+def test_two_api_replicas_each_get_their_own_replies_once(redis_server, cluster):
+    """Two API processes, even given one instance id, on one Redis: every synchronous task's reply is pushed
+    once, to the reply list of the API that took it, and read from there (nothing is left)."""
+    server = redis_server()
+    c = cluster(redis_url_=server.url)
+    c.worker()
+    twins = [c.api(env={"WARMPOOL_INSTANCE_ID": "api-twin"}) for _ in range(2)]
+    monitor = RedisMonitor(server.port)
+    tokens = [uuid.uuid4().hex for _ in range(12)]
+
+    def run(i: int) -> dict:
+        body = twins[i % 2].execute(f"import time\ntime.sleep(0.3)\nprint('{tokens[i]}')", resources=MEDIUM)
+        assert body.status_code == 200, body.text
+        return body.json()
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(12) as executor:
+            bodies = list(executor.map(run, range(12)))
+    finally:
+        lines = monitor.close()
+    assert [b["stdout"] for b in bodies] == [f"{t}\n" for t in tokens], "each request got its own task's result"
+    pushes = [line for line in lines if '"rpush"' in line.lower() and f'"{c.prefix}:reply:' in line]
+    reply_keys: dict[int, set[str]] = {0: set(), 1: set()}
+    for i, body in enumerate(bodies):
+        (push,) = [line for line in pushes if body["id"] in line]  # exactly one reply per task
+        reply_keys[i % 2].add(push.split('"')[3])  # ... "RPUSH" "<key>" "<reply>"
+    assert len(pushes) == 12, pushes
+    assert all(len(keys) == 1 for keys in reply_keys.values()) and reply_keys[0] != reply_keys[1], reply_keys
+    assert all(c.redis.llen(key) == 0 for keys in reply_keys.values() for key in keys), "every reply was read"
