@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import subprocess
 import sys
 import zipfile
@@ -129,6 +130,31 @@ def test_warmpool_image_reuses_images_that_are_up_to_date(datascience):
     printed = {line.split()[0]: line.split()[2] for line in proc.stdout.splitlines()}
     assert printed == before
     assert "up to date" in proc.stderr and "building" not in proc.stderr
+
+
+def test_a_stale_image_is_rebuilt(docker_client, removed_after):
+    """An image whose build hash no longer matches this tree's Dockerfile, runner and catalogue entry (one
+    built from an older runner.py, say) is rebuilt by `warmpool image`, which then finds it up to date."""
+    spec = SPECS["python"]
+    tag = f"warmpool-runner-stale-test:{secrets.token_hex(4)}"
+    removed_after.append(tag)
+    stale, _ = docker_client.images.build(
+        fileobj=io.BytesIO(f"FROM {spec.docker_image}\nLABEL {HASH_LABEL}=from-an-older-runner\n".encode()),
+        tag=tag, rm=True)
+    env = {**{k: v for k, v in os.environ.items() if k != "WARMPOOL_TIERS_FILE"}, "WARMPOOL_IMAGE": tag}
+
+    def image_command() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "warmpool", "image", "--only", "python"], capture_output=True,
+                              text=True, cwd=REPO, env=env, timeout=600)
+
+    rebuilt = image_command()
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    assert "is stale (its build hash changed); rebuilding" in rebuilt.stderr, rebuilt.stderr[-3000:]
+    built = docker_client.images.get(tag)
+    assert built.id != stale.id and built.labels[HASH_LABEL] == build_hash(spec)
+    assert rebuilt.stdout.split() == ["python", tag, built.id]
+    again = image_command()
+    assert again.returncode == 0 and "up to date" in again.stderr and "building" not in again.stderr, again.stderr
 
 
 def _probe_wheel(folder: Path) -> Path:
