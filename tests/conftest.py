@@ -108,6 +108,17 @@ def containers_of(client: docker.DockerClient, instance_id: str) -> list:
     return client.containers.list(all=True, filters={"label": f"warmpool.instance={instance_id}"})
 
 
+ADMIN_KEY = "test-admin-key"  # what tests that read the admin view start their services with
+
+
+def tier_view(service: Service, tier: str) -> dict[str, Any]:
+    """The tier as GET /v1/admin/pools shows it (the service runs with WARMPOOL_ADMIN_KEY=ADMIN_KEY)."""
+    response = service.client.get("/v1/admin/pools", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert response.status_code == 200, response.text
+    (view,) = [t for t in response.json()["tiers"] if t["name"] == tier]
+    return dict(view)
+
+
 def idle_again(service: Service, tier: str, headers: dict[str, str] | None = None) -> None:
     """Wait until the tier's containers are all back from their tasks (returned after their reset), so that
     the next "busy" a test waits for is its own task's."""

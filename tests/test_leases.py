@@ -9,22 +9,13 @@ import math
 
 import pytest
 
-from tests.conftest import TEST_TIERS, idle_again
+from tests.conftest import ADMIN_KEY, TEST_TIERS, idle_again, tier_view
 from tests.polling import wait_for
 
 pytestmark = pytest.mark.docker
 
-ADMIN_KEY = "leases-admin"
-ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 ONE = {"ram": "64MiB"}
 HOSTNAME = "import socket; print(socket.gethostname())"
-
-
-def tier_view(service, tier: str) -> dict:
-    response = service.client.get("/v1/admin/pools", headers=ADMIN)
-    assert response.status_code == 200, response.text
-    (view,) = [t for t in response.json()["tiers"] if t["name"] == tier]
-    return view
 
 
 def test_a_lease_waits_at_most_the_lease_timeout_and_max_wait_ms_is_capped_by_it(serve):

@@ -10,25 +10,16 @@ import socket
 
 import pytest
 
-from tests.conftest import TEST_TIERS, containers_of, idle_again
+from tests.conftest import ADMIN_KEY, TEST_TIERS, containers_of, idle_again, tier_view
 from tests.docker_proxy import DockerProxy
 from tests.polling import wait_for
 from tests.test_streaming import run_seconds
 
 pytestmark = pytest.mark.docker
 
-ADMIN_KEY = "request-path-admin"
-ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 ONE = {"ram": "64MiB"}  # tier "one": a single container, so consecutive tasks share it
 TWO = {"ram": "200MiB"}
 HOSTNAME = "import socket; print(socket.gethostname())"
-
-
-def tier_view(service, tier: str) -> dict:
-    response = service.client.get("/v1/admin/pools", headers=ADMIN)
-    assert response.status_code == 200, response.text
-    (view,) = [t for t in response.json()["tiers"] if t["name"] == tier]
-    return view
 
 
 def settled(service) -> bool:

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from tests.conftest import containers_of, idle_again
+from tests.conftest import ADMIN_KEY, containers_of, idle_again, tier_view
 from tests.polling import wait_for
 
 pytestmark = pytest.mark.docker
@@ -18,12 +18,9 @@ SEED = {"task_type": "execute_code", "code": "print('Hello, World!')",
 MIB = 1024 ** 2
 
 
-ADMIN = {"authorization": "Bearer service-admin-key"}
-
-
 @pytest.fixture
 def service(serve):
-    return serve(env={"WARMPOOL_ADMIN_KEY": "service-admin-key"})
+    return serve(env={"WARMPOOL_ADMIN_KEY": ADMIN_KEY})
 
 
 def test_seed_examples_with_default_tiers(serve):
@@ -215,14 +212,6 @@ def test_container_killed_from_outside_is_replaced(service, docker_client):
     assert body["status"] == "sandbox_error" and body["message"]
     assert service.execute("print(2)", resources={"ram": "64MiB"}).json()["stdout"] == "2\n"
     assert tier_view(service, "one")["replaced"] == {"runner_lost": 1, "sandbox_error": 1}
-
-
-def tier_view(service, tier: str) -> dict:
-    """The tier as the admin view shows it (the service runs with ADMIN_KEY)."""
-    response = service.client.get("/v1/admin/pools", headers=ADMIN)
-    assert response.status_code == 200, response.text
-    (view,) = [t for t in response.json()["tiers"] if t["name"] == tier]
-    return view
 
 
 def test_shutdown_removes_every_container(serve, docker_client):
