@@ -11,7 +11,7 @@ API_PORT ?= 8000
 REDIS_PORT ?= $(or $(WARMPOOL_TEST_REDIS_PORT),6399)
 PYTEST_ARGS ?=
 
-.PHONY: venv docker image redis run test check lint bench bench-scaleout
+.PHONY: venv docker image redis browser run test check lint bench bench-scaleout
 
 venv: $(STAMP)
 
@@ -47,10 +47,14 @@ image: venv docker
 redis:
 	bash scripts/ensure-redis.sh $(REDIS_PORT)
 
+# Debian's chromium and chromedriver, for the dashboard's browser tests (a no-op when installed).
+browser:
+	bash scripts/ensure-chromium.sh
+
 run: venv docker image
 	$(VENV)/bin/warmpool serve --host $(API_HOST) --port $(API_PORT)
 
-test: venv docker image redis
+test: venv docker image redis browser
 	WARMPOOL_TEST_REDIS_URL=redis://127.0.0.1:$(REDIS_PORT)/0 $(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 lint: venv

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from api.admin import router as admin_router
 from api.auth import AuthBeforeBody
+from api.dashboard import router as dashboard_router
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit, limiter_from
 from api.metrics import install_metrics
@@ -55,5 +56,6 @@ def create_app(settings: Settings | None = None,
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(admin_router)
+    app.include_router(dashboard_router)
     install_metrics(app)
     return app
