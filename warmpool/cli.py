@@ -1,4 +1,5 @@
-"""The `warmpool` command: `serve` (the HTTP API), `worker` (a Redis worker), `image` (the runner image)."""
+"""The `warmpool` command: `serve` (the HTTP API), `worker` (a Redis worker), `image` (the sandbox images),
+`service-image` (the image the deployments run)."""
 
 from __future__ import annotations
 
@@ -31,12 +32,21 @@ def main(argv: list[str] | None = None) -> None:
                        f"{DEFAULT_IMAGE})")
     image.add_argument("--base", default=os.environ.get("WARMPOOL_BASE_IMAGE") or DEFAULT_BASE_IMAGE)
 
+    service = sub.add_parser("service-image", help="build the image the deployments run (API, worker, Redis) "
+                             "from wheels and Debian packages fetched here; no registry")
+    service.add_argument("--tag", default="warmpool-service:latest")
+    service.add_argument("--base", default=os.environ.get("WARMPOOL_BASE_IMAGE") or DEFAULT_BASE_IMAGE)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         _serve(args.host, args.port)
     elif args.command == "worker":
         _worker()
+    elif args.command == "service-image":
+        from warmpool.service_image import main as service_image_main
+
+        service_image_main(args.tag, args.base)
     else:
         _image(args.only, args.image, args.base, args.force)
 

@@ -284,9 +284,10 @@ function fillCard(card, tier) {
 // Scale-out mode: one row per worker serving the tier, when the admin API lists them.
 function fillWorkers(card, workers) {
   if (!Array.isArray(workers) || workers.length === 0) { card.workers.replaceChildren(); return; }
-  const columns = [["idle", "idle"], ["busy", "busy"], ["starting", "starting"], ["target_idle", "target"],
+  const columns = [["host", "host"], ["state", "state"], ["inflight", "running"], ["idle", "idle"], ["busy", "busy"], ["starting", "starting"], ["target_idle", "target"],
                    ["min_idle", "min_idle"], ["max_size", "max_size"], ["lease_rate_per_s", "lease rate /s"],
-                   ["lease_wait_p95", "wait p95 ms"], ["replaced", "replaced"], ["sessions", "sessions"]];
+                   ["lease_wait_p95", "wait p95 ms"], ["replaced", "replaced"], ["sessions", "sessions"],
+                   ["sizes_refused", "sizes refused"]];
   const present = columns.filter(([field]) => workers.some((w) => valueOf(w, field) !== undefined));
   const head = el("tr", {}, el("th", {text: "worker"}), ...present.map(([, label]) => el("th", {text: label})));
   const rows = workers.map((w) => el("tr", {"data-worker": String(w.worker ?? w.id ?? w.name ?? "?")},
@@ -347,6 +348,14 @@ function say(card, text, kind) {
   card.message.className = `message ${kind}`;
 }
 
+// Scale-out mode: what each worker did with a resize or drain (applied, refused with why, pending).
+function perWorker(workers) {
+  if (!Array.isArray(workers)) return "";
+  const said = workers.map((w) => `${w.worker ?? "?"}${w.host ? ` (${w.host})` : ""}: ${w.status ?? "?"}` +
+                                  `${w.detail ? ` (${w.detail})` : ""}`);
+  return ` · ${workers.length} worker(s): ${said.join("; ")}`;
+}
+
 async function doResize(name, card) {
   const body = {};
   for (const [field, input] of [["min_idle", card.minIdle], ["max_size", card.maxSize]]) {
@@ -360,9 +369,7 @@ async function doResize(name, card) {
     const answer = await api("PATCH", `/v1/admin/pools/${encodeURIComponent(name)}`, body);
     delete card.minIdle.dataset.dirty;
     delete card.maxSize.dataset.dirty;
-    let text = `resized: min_idle ${answer.min_idle}, max_size ${answer.max_size}`;
-    if (Array.isArray(answer.workers)) text += ` on ${answer.workers.length} worker(s)`;
-    say(card, text, "ok");
+    say(card, `resized: min_idle ${answer.min_idle}, max_size ${answer.max_size}${perWorker(answer.workers)}`, "ok");
   } catch (exc) {
     if (exc.status === 401 || exc.status === 403) { askForKey(`Admin key refused (${exc.message}).`); return; }
     say(card, `resize refused: ${exc.message}`, "error");
@@ -374,7 +381,7 @@ async function doDrain(name, card) {
   try {
     const answer = await api("POST", `/v1/admin/pools/${encodeURIComponent(name)}/drain`);
     say(card, `drained: ${answer.idle_replaced} idle replaced now, ${answer.busy_replaced_when_done} busy ` +
-              `when done, ${answer.starting_replaced_when_ready} starting when ready`, "ok");
+              `when done, ${answer.starting_replaced_when_ready} starting when ready${perWorker(answer.workers)}`, "ok");
   } catch (exc) {
     if (exc.status === 401 || exc.status === 403) { askForKey(`Admin key refused (${exc.message}).`); return; }
     say(card, `drain refused: ${exc.message}`, "error");
