@@ -42,8 +42,10 @@ def css(driver, selector: str):
 
 
 def text_of(driver, selector: str) -> str | None:
-    found = css(driver, selector)
-    return found[0].text if found else None
+    # Read in one step in the page: the page redraws its figures every poll, so an element found first
+    # and read afterwards may already be gone.
+    return driver.execute_script("const e = document.querySelector(arguments[0]); return e && e.textContent;",
+                                 selector)
 
 
 def tier_field(driver, tier: str, field: str) -> str | None:
@@ -76,13 +78,13 @@ def set_input(driver, tier: str, name: str, value: int) -> None:
     field.send_keys(str(value))
 
 
-def keep_screenshot(driver, tmp_path, name: str) -> None:
+def keep_screenshot(driver, tmp_path, name: str, for_readme: bool = False) -> None:
     """A screenshot under the test's tmp dir (and where WARMPOOL_DASHBOARD_SCREENSHOT says, for the README)."""
     path = tmp_path / name
     assert driver.save_screenshot(str(path)), "chromium took no screenshot"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     print(f"dashboard screenshot: {path}")
-    if target := os.environ.get("WARMPOOL_DASHBOARD_SCREENSHOT"):
+    if for_readme and (target := os.environ.get("WARMPOOL_DASHBOARD_SCREENSHOT")):
         shutil.copyfile(path, target)
 
 
@@ -100,7 +102,9 @@ def test_page_asks_for_the_key_then_shows_live_tiers(service, browser, tmp_path)
     assert float(tier_field(browser, "two", "lease_rate_per_s").split()[0]) > 0
     assert tier_field(browser, "two", "lease_wait_p95").endswith(" ms")
     assert tier_field(browser, "two", "replaced") == "none"
-    points = css(browser, '[data-tier="two"] polyline[data-series="idle"]')[0].get_attribute("points").split()
+    idle_line = '[data-tier="two"] polyline[data-series="idle"]'
+    points = browser.execute_script("return document.querySelector(arguments[0]).getAttribute('points')",
+                                    idle_line).split()
     assert len(points) >= 3, "the chart keeps the samples it polled"
     # The key lives in the tab's sessionStorage, not in a cookie or the URL.
     assert browser.execute_script("return sessionStorage.getItem('warmpool.adminKey')") == ADMIN_KEY
@@ -113,7 +117,12 @@ def test_page_asks_for_the_key_then_shows_live_tiers(service, browser, tmp_path)
     assert all(a.json()["status"] == "succeeded" for a in answers), [a.text for a in answers]
     wait_for(lambda: tier_field(browser, "two", "leases") == "7", "seven leases shown")
     wait_for(lambda: tier_field(browser, "two", "busy") == "0", "the burst over, on the page too")
-    keep_screenshot(browser, tmp_path, "dashboard-live.png")
+    # A session holds a `two` container: the page counts it (from GET /v1/admin/sessions).
+    assert tier_field(browser, "two", "sessions") == "0 (0 busy)"
+    opened = service.client.post("/v1/sessions", json={"resources": {"ram": "200MiB"}})
+    assert opened.status_code in (200, 201), opened.text
+    wait_for(lambda: tier_field(browser, "two", "sessions") == "1 (0 busy)", "the session shown")
+    keep_screenshot(browser, tmp_path, "dashboard-live.png", for_readme=True)
 
 
 def test_resize_through_the_page_changes_the_pool(service, browser, docker_client, tmp_path):
@@ -126,7 +135,7 @@ def test_resize_through_the_page_changes_the_pool(service, browser, docker_clien
     message = wait_for(lambda: "refused" in (m := text_of(browser, '[data-tier="two"] .message') or "") and m,
                        "the refusal shown")
     assert "409" in message and "memory" in message, message
-    assert "error" in css(browser, '[data-tier="two"] .message')[0].get_attribute("class")
+    assert "error" in browser.execute_script("return document.querySelector('[data-tier=\"two\"] .message').className")
     assert (pools(service)["two"]["min_idle"], pools(service)["two"]["max_size"]) == (2, 4)
 
     set_input(browser, "two", "max_size", 4)

@@ -132,10 +132,17 @@ function startPolling() {
 async function poll() {
   if (!polling) return;
   try {
-    const view = await api("GET", "/v1/admin/pools");
+    // Sessions are listed by their own admin route; a server without it still shows its pools.
+    const [view, sessions] = await Promise.all([
+      api("GET", "/v1/admin/pools"),
+      api("GET", "/v1/admin/sessions").catch((exc) => {
+        if (exc.status === 401 || exc.status === 403) throw exc;
+        return null;
+      }),
+    ]);
     if (!polling) return;
     hideBanner();
-    render(view);
+    render(view, sessions);
   } catch (exc) {
     if (!polling) return;
     if (exc.status === 401 || exc.status === 403) {
@@ -169,7 +176,18 @@ function formatReplaced(replaced) {
   return entries.length ? entries.map(([reason, n]) => `${reason} ${n}`).join(", ") : "none";
 }
 
-function render(view) {
+// Live sessions per tier (and per worker), from GET /v1/admin/sessions, unless the tier says itself.
+function countSessions(tier, sessions) {
+  if (tier.sessions !== undefined || !sessions || !Array.isArray(sessions.sessions)) return;
+  const mine = sessions.sessions.filter((s) => s.tier === tier.name);
+  tier.sessions = mine.length;
+  tier.sessions_busy = mine.filter((s) => s.state === "busy").length;
+  for (const w of Array.isArray(tier.workers) ? tier.workers : []) {
+    if (w.sessions === undefined) w.sessions = mine.filter((s) => s.worker === w.worker).length;
+  }
+}
+
+function render(view, sessions) {
   $("board").hidden = false;
   renderSummary(view);
   const seen = new Set();
@@ -177,6 +195,7 @@ function render(view) {
   for (const tier of view.tiers || []) {
     seen.add(tier.name);
     const card = cards.get(tier.name) || makeCard(tier.name);
+    countSessions(tier, sessions);
     remember(tier, now);
     fillCard(card, tier);
   }
@@ -269,7 +288,10 @@ function fillCard(card, tier) {
     ...figure("waiting", "waiting", formatNumber(tier.waiting)),
     ...figure("replaced", "replaced", formatReplaced(tier.replaced)),
   ];
-  if (tier.sessions !== undefined) items.push(...figure("sessions", "sessions", formatNumber(tier.sessions)));
+  if (tier.sessions !== undefined) {
+    const busy = tier.sessions_busy !== undefined ? ` (${tier.sessions_busy} busy)` : "";
+    items.push(...figure("sessions", "sessions", `${formatNumber(tier.sessions)}${busy}`));
+  }
   if (tier.queued !== undefined) items.push(...figure("queued", "queued", formatNumber(tier.queued)));
   if (tier.last_start_error) items.push(...figure("last_start_error", "last start error", tier.last_start_error));
   if (tier.unfit) items.push(...figure("unfit", "unfit", tier.unfit));
