@@ -11,7 +11,7 @@ API_PORT ?= 8000
 REDIS_PORT ?= $(or $(WARMPOOL_TEST_REDIS_PORT),6399)
 PYTEST_ARGS ?=
 
-.PHONY: venv docker image redis browser run test check lint bench bench-scaleout bench-stream
+.PHONY: venv docker image redis browser run test check lint bench bench-scaleout bench-stream service-image test-swarm
 
 venv: $(STAMP)
 
@@ -55,7 +55,17 @@ run: venv docker image
 	$(VENV)/bin/warmpool serve --host $(API_HOST) --port $(API_PORT)
 
 test: venv docker image redis browser
-	WARMPOOL_TEST_REDIS_URL=redis://127.0.0.1:$(REDIS_PORT)/0 $(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	WARMPOOL_TEST_REDIS_URL=redis://127.0.0.1:$(REDIS_PORT)/0 $(VENV)/bin/pytest -q -m "not swarm" $(PYTEST_ARGS)
+
+# The image the deployments run (API, worker, Redis), from wheels and Debian packages fetched here.
+SERVICE_IMAGE ?= $(or $(WARMPOOL_SERVICE_IMAGE),warmpool-service:latest)
+service-image: venv docker image
+	$(VENV)/bin/warmpool service-image --tag $(SERVICE_IMAGE)
+
+# A few minutes: deploy/swarm/stack.yml on a one-node swarm of a Docker engine started for the test
+# (never the engine the other tests use); tasks, a resize and a drain through the deployed API.
+test-swarm: service-image
+	WARMPOOL_SERVICE_IMAGE=$(SERVICE_IMAGE) $(VENV)/bin/pytest -q -m swarm $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
