@@ -8,13 +8,12 @@ numbers; a resize and a drain made by clicking change the real pool (checked thr
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import shutil
 from collections.abc import Iterator
 
 import pytest
 
-from tests.browser import start_chromium
+from tests.browser import chart_points, click, css, keep_screenshot, set_input, start_chromium, text_of
+from tests.browser import open_with_key as browser_open_with_key
 from tests.polling import wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -35,30 +34,12 @@ def browser(tmp_path) -> Iterator[object]:
     driver.quit()
 
 
-def css(driver, selector: str):
-    from selenium.webdriver.common.by import By
-
-    return driver.find_elements(By.CSS_SELECTOR, selector)
-
-
-def text_of(driver, selector: str) -> str | None:
-    # Read in one step in the page: the page redraws its figures every poll, so an element found first
-    # and read afterwards may already be gone.
-    return driver.execute_script("const e = document.querySelector(arguments[0]); return e && e.textContent;",
-                                 selector)
-
-
 def tier_field(driver, tier: str, field: str) -> str | None:
     return text_of(driver, f'[data-tier="{tier}"] [data-field="{field}"]')
 
 
 def open_with_key(driver, service, key: str = ADMIN_KEY) -> None:
-    """Open the page, check that it asks for the key and shows nothing else, and give it `key`."""
-    driver.get(f"{service.base_url}/admin")
-    wait_for(lambda: css(driver, "#admin-key") and css(driver, "#admin-key")[0].is_displayed(), "key prompt")
-    assert not css(driver, "#board")[0].is_displayed() and not css(driver, "[data-tier]"), "no data before the key"
-    css(driver, "#admin-key")[0].send_keys(key)
-    css(driver, "#key-submit")[0].click()
+    browser_open_with_key(driver, service.base_url, key)
 
 
 def pools(service) -> dict[str, dict]:
@@ -70,22 +51,6 @@ def pools(service) -> dict[str, dict]:
 def ids_of(docker_client, service, tier: str) -> set[str]:
     labels = [f"warmpool.instance={service.instance_id}", f"warmpool.tier={tier}"]
     return {c["Id"] for c in docker_client.api.containers(filters={"label": labels})}
-
-
-def set_input(driver, tier: str, name: str, value: int) -> None:
-    field = css(driver, f'[data-tier="{tier}"] input[name="{name}"]')[0]
-    field.clear()
-    field.send_keys(str(value))
-
-
-def keep_screenshot(driver, tmp_path, name: str, for_readme: bool = False) -> None:
-    """A screenshot under the test's tmp dir (and where WARMPOOL_DASHBOARD_SCREENSHOT says, for the README)."""
-    path = tmp_path / name
-    assert driver.save_screenshot(str(path)), "chromium took no screenshot"
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    print(f"dashboard screenshot: {path}")
-    if for_readme and (target := os.environ.get("WARMPOOL_DASHBOARD_SCREENSHOT")):
-        shutil.copyfile(path, target)
 
 
 def test_page_asks_for_the_key_then_shows_live_tiers(service, browser, tmp_path):
@@ -102,9 +67,7 @@ def test_page_asks_for_the_key_then_shows_live_tiers(service, browser, tmp_path)
     assert float(tier_field(browser, "two", "lease_rate_per_s").split()[0]) > 0
     assert tier_field(browser, "two", "lease_wait_p95").endswith(" ms")
     assert tier_field(browser, "two", "replaced") == "none"
-    idle_line = '[data-tier="two"] polyline[data-series="idle"]'
-    points = browser.execute_script("return document.querySelector(arguments[0]).getAttribute('points')",
-                                    idle_line).split()
+    points = chart_points(browser, '[data-tier="two"] polyline[data-series="idle"]')
     assert len(points) >= 3, "the chart keeps the samples it polled"
     # The key lives in the tab's sessionStorage, not in a cookie or the URL.
     assert browser.execute_script("return sessionStorage.getItem('warmpool.adminKey')") == ADMIN_KEY
@@ -122,7 +85,7 @@ def test_page_asks_for_the_key_then_shows_live_tiers(service, browser, tmp_path)
     opened = service.client.post("/v1/sessions", json={"resources": {"ram": "200MiB"}})
     assert opened.status_code in (200, 201), opened.text
     wait_for(lambda: tier_field(browser, "two", "sessions") == "1 (0 busy)", "the session shown")
-    keep_screenshot(browser, tmp_path, "dashboard-live.png", for_readme=True)
+    keep_screenshot(browser, tmp_path, "dashboard-live.png", "WARMPOOL_DASHBOARD_SCREENSHOT")
 
 
 def test_resize_through_the_page_changes_the_pool(service, browser, docker_client, tmp_path):
@@ -131,7 +94,7 @@ def test_resize_through_the_page_changes_the_pool(service, browser, docker_clien
 
     # Refused first: far more than the host holds is a 409 shown with its reason, and nothing changes.
     set_input(browser, "two", "max_size", 100_000)
-    css(browser, '[data-tier="two"] button.resize')[0].click()
+    click(browser, '[data-tier="two"] button.resize')
     message = wait_for(lambda: "refused" in (m := text_of(browser, '[data-tier="two"] .message') or "") and m,
                        "the refusal shown")
     assert "409" in message and "memory" in message, message
@@ -140,7 +103,7 @@ def test_resize_through_the_page_changes_the_pool(service, browser, docker_clien
 
     set_input(browser, "two", "max_size", 4)
     set_input(browser, "two", "min_idle", 3)
-    css(browser, '[data-tier="two"] button.resize')[0].click()
+    click(browser, '[data-tier="two"] button.resize')
     wait_for(lambda: "resized: min_idle 3, max_size 4" in (text_of(browser, '[data-tier="two"] .message') or ""),
              "the resize acknowledged")
     assert (pools(service)["two"]["min_idle"], pools(service)["two"]["max_size"]) == (3, 4)
@@ -154,7 +117,7 @@ def test_drain_through_the_page_replaces_idle_containers(service, browser, docke
     wait_for(lambda: tier_field(browser, "two", "idle") == "2", "tier two shown")
     before = ids_of(docker_client, service, "two")
     assert len(before) == 2
-    css(browser, '[data-tier="two"] button.drain')[0].click()
+    click(browser, '[data-tier="two"] button.drain')
     wait_for(lambda: "drained: 2 idle replaced now" in (text_of(browser, '[data-tier="two"] .message') or ""),
              "the drain acknowledged")
     wait_for(lambda: len(after := ids_of(docker_client, service, "two")) == 2 and not after & before,

@@ -16,6 +16,7 @@ import docker
 import httpx
 import pytest
 
+from tests.browser import chart_points, click, keep_screenshot, open_with_key, set_input, start_chromium, text_of
 from tests.polling import wait_for
 from tests.swarm_engine import SwarmEngine, free_tcp_port
 
@@ -34,6 +35,7 @@ STACK_TIERS = {"tiers": [
 class Deployed:
     def __init__(self, engine: SwarmEngine, base_url: str, api_key: str, admin_key: str) -> None:
         self.engine = engine
+        self.admin_key = admin_key
         self.http = httpx.Client(base_url=base_url, timeout=60, headers={"authorization": f"Bearer {api_key}"})
         self.admin = {"authorization": f"Bearer {admin_key}"}
 
@@ -87,7 +89,7 @@ def stack(docker_client, tmp_path) -> Iterator[Deployed]:
         engine.stop()
 
 
-def test_stack_runs_tasks_resizes_and_drains(stack, docker_client):
+def test_stack_runs_tasks_resizes_and_drains(stack, docker_client, tmp_path):
     services = stack.engine.docker("service", "ls", "--format", "{{.Name}} {{.Mode}} {{.Replicas}}").split("\n")
     assert sorted(filter(None, services)) == ["wp_api replicated 1/1", "wp_redis replicated 1/1",
                                               "wp_worker global 1/1"], services
@@ -121,3 +123,23 @@ def test_stack_runs_tasks_resizes_and_drains(stack, docker_client):
              "three fresh `two` sandboxes after the drain", timeout_s=60)
     answer = stack.http.post("/v1/execute", json={"code": "print('after drain')", "resources": {"ram": "200MiB"}})
     assert answer.json()["stdout"] == "after drain\n", answer.text
+
+    # The dashboard of the deployed API shows the tier per worker, and a resize no worker can hold is
+    # refused with the worker and the dimension named.
+    view = stack.http.get("/v1/admin/pools", headers=stack.admin).json()
+    worker = next(t for t in view["tiers"] if t["name"] == "two")["workers"][0]["worker"]
+    browser = start_chromium(tmp_path / "chromium-profile")
+    try:
+        open_with_key(browser, stack.http.base_url, stack.admin_key)
+        row = f'[data-tier="two"] [data-worker="{worker}"]'
+        wait_for(lambda: text_of(browser, f'{row} [data-field="idle"]') == "3", "the worker's row with 3 idle")
+        set_input(browser, "two", "max_size", 100_000)
+        click(browser, '[data-tier="two"] button.resize')
+        message = wait_for(lambda: "refused" in (m := text_of(browser, '[data-tier="two"] .message') or "") and m,
+                           "the refusal shown")
+        assert "409" in message and worker in message and "memory" in message, message
+        idle_line = '[data-tier="two"] polyline[data-series="idle"]'
+        wait_for(lambda: len(chart_points(browser, idle_line)) >= 7, "a few samples in the chart")
+        keep_screenshot(browser, tmp_path, "dashboard-swarm.png", "WARMPOOL_DASHBOARD_SWARM_SCREENSHOT")
+    finally:
+        browser.quit()

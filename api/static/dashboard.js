@@ -307,7 +307,7 @@ function fillCard(card, tier) {
 function fillWorkers(card, workers) {
   if (!Array.isArray(workers) || workers.length === 0) { card.workers.replaceChildren(); return; }
   const columns = [["host", "host"], ["state", "state"], ["inflight", "running"], ["idle", "idle"], ["busy", "busy"], ["starting", "starting"], ["target_idle", "target"],
-                   ["min_idle", "min_idle"], ["max_size", "max_size"], ["lease_rate_per_s", "lease rate /s"],
+                   ["lease_rate_per_s", "lease rate /s"],
                    ["lease_wait_p95", "wait p95 ms"], ["replaced", "replaced"], ["sessions", "sessions"],
                    ["sizes_refused", "sizes refused"]];
   const present = columns.filter(([field]) => workers.some((w) => valueOf(w, field) !== undefined));
@@ -329,7 +329,7 @@ function valueOf(worker, field) {
 function drawChart(chart, points, maxSize) {
   // Drawn at the element's own pixel width, so text is never stretched; the time axis grows with the
   // samples kept, up to HISTORY_S.
-  const width = Math.max(200, Math.round(chart.clientWidth || 640)), height = 150;
+  const width = Math.max(200, Math.round(chart.getBoundingClientRect().width || 640)), height = 150;
   const left = 30, right = 8, top = 8, bottom = 20;
   chart.setAttribute("viewBox", `0 0 ${width} ${height}`);
   const now = Date.now() / 1000;
