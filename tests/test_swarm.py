@@ -132,7 +132,14 @@ def test_stack_runs_tasks_resizes_and_drains(stack, docker_client, tmp_path):
     try:
         open_with_key(browser, stack.http.base_url, stack.admin_key)
         row = f'[data-tier="two"] [data-worker="{worker}"]'
-        wait_for(lambda: text_of(browser, f'{row} [data-field="idle"]') == "3", "the worker's row with 3 idle")
+
+        def row_idle_from_api() -> str:
+            tiers = stack.http.get("/v1/admin/pools", headers=stack.admin).json()["tiers"]
+            rows = next(t for t in tiers if t["name"] == "two")["workers"]
+            return str(next(r for r in rows if r["worker"] == worker)["idle"])
+
+        wait_for(lambda: text_of(browser, f'{row} [data-field="idle"]') == row_idle_from_api(),
+                 "the worker's row shows its idle count")
         set_input(browser, "two", "max_size", 100_000)
         click(browser, '[data-tier="two"] button.resize')
         message = wait_for(lambda: "refused" in (m := text_of(browser, '[data-tier="two"] .message') or "") and m,
