@@ -306,7 +306,7 @@ function fillCard(card, tier) {
 // Scale-out mode: one row per worker serving the tier, when the admin API lists them.
 function fillWorkers(card, workers) {
   if (!Array.isArray(workers) || workers.length === 0) { card.workers.replaceChildren(); return; }
-  const columns = [["host", "host"], ["state", "state"], ["inflight", "running"], ["idle", "idle"], ["busy", "busy"], ["starting", "starting"], ["target_idle", "target"],
+  const columns = [["host", "host"], ["engine", "engine"], ["state", "state"], ["inflight", "running"], ["idle", "idle"], ["busy", "busy"], ["starting", "starting"], ["target_idle", "target"],
                    ["lease_rate_per_s", "lease rate /s"],
                    ["lease_wait_p95", "wait p95 ms"], ["replaced", "replaced"], ["sessions", "sessions"],
                    ["sizes_refused", "sizes refused"]];
