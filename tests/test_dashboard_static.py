@@ -16,11 +16,6 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 async def client():
     settings = from_env({"WARMPOOL_ADMIN_KEY": "k", "WARMPOOL_API_KEYS": "a"})
     # No lifespan: the dashboard's routes need no dispatcher, and one that touched it would fail here.
