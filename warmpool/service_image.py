@@ -163,16 +163,3 @@ def _run(command: list[str], what: str, cwd: Path | None = None) -> None:
     if proc.returncode != 0:
         raise ImageBuildError(f"{what} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr).strip()[-3000:]}")
 
-
-def main(tag: str, base_image: str) -> None:
-    try:
-        client = docker.from_env()
-        client.ping()
-    except docker.errors.DockerException as exc:
-        sys.exit(f"warmpool service-image: no Docker engine answers ({exc})")
-    try:
-        print(tag, build_service_image(client, tag, base_image), flush=True)
-    except ImageBuildError as exc:
-        sys.exit(f"warmpool service-image: {exc}")
-    finally:
-        client.close()
