@@ -16,6 +16,7 @@ here too when absent). To run it on other engines, `docker save` it and `docker 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -134,8 +135,16 @@ def fetch_debs(debs: Path) -> None:
     if shutil.which("apt-get") is None:
         raise ImageBuildError("apt-get is needed to fetch Redis's Debian packages")
     debs.mkdir(parents=True)
-    _run(["apt-get", "download", "-q", *REDIS_DEBS], "apt-get download (Redis); if it cannot find the "
-         "packages, run apt-get update first", cwd=debs)
+    download = ["apt-get", "download", "-q", *REDIS_DEBS]
+    try:
+        _run(download, "apt-get download (Redis)", cwd=debs)
+    except ImageBuildError:
+        if os.geteuid() != 0:
+            raise ImageBuildError("apt-get download could not fetch Redis's packages; run apt-get update "
+                                  "(as root) and retry") from None
+        # A machine whose package lists were never fetched (or are stale) knows no such package yet.
+        _run(["apt-get", "update", "-qq"], "apt-get update")
+        _run(download, "apt-get download (Redis)", cwd=debs)
 
 
 def _os_release() -> dict[str, str]:
