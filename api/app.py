@@ -13,10 +13,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.admin import router as admin_router
+from api.batch import router as batch_router
+from api.callback_relay import CallbackRelay
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit, limiter_from
 from api.metrics import install_metrics
-from api.routes import router
+from api.routes import router, task_body
 from pool.dispatch import create_dispatcher
 from pool.engine.embedded import EmbeddedDispatcher
 from pool.settings import Settings, from_env
@@ -33,8 +35,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dispatcher = create_dispatcher(settings)
         app.state.dispatcher = dispatcher
         app.state.pool = dispatcher.pool if isinstance(dispatcher, EmbeddedDispatcher) else None
+        relay = CallbackRelay(dispatcher, settings, task_body) if settings.callback_allow else None
         try:
             await dispatcher.start()
+            if relay is not None:
+                await relay.start()
             if not settings.api_keys:
                 log.warning("no WARMPOOL_API_KEYS set: every caller is anonymous, so `warmpool serve` listens on "
                             "loopback only; set WARMPOOL_API_KEYS to serve other hosts")
@@ -42,6 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 log.info("scale-out mode: tasks go to workers through Redis (prefix %r)", settings.redis_prefix)
             yield
         finally:
+            if relay is not None:
+                await relay.close()
             await dispatcher.close()
 
     app = FastAPI(title="warmpool", version="0.1.0", lifespan=lifespan,
@@ -51,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(batch_router)
     app.include_router(admin_router)
     install_metrics(app)
     return app

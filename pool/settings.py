@@ -8,6 +8,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from pool.model.callback_rules import CallbackPolicy
 from pool.model.errors import InvalidRequest
 from pool.model.resources import parse_bytes, parse_number
 from pool.model.tiers import Tier, default_tiers, load_tiers_file, sorted_tiers
@@ -63,6 +64,14 @@ class Settings:
     visibility_timeout_s: float = 10.0  # a dead worker's unfinished tasks are claimed after this long
     worker_tiers: tuple[str, ...] = ()  # the tiers a worker serves; empty: all of them
     mode: str = "warm"
+    max_batch: int = 100  # tasks in one POST /v1/tasks/batch
+    # Callbacks: hosts or CIDRs that callback_url may name; empty (the default) turns callbacks off, because
+    # a server that POSTs wherever a client says is a request-forgery hole into the operator's network.
+    callback_allow: tuple[str, ...] = ()
+    callback_secret: str = ""  # HMAC-SHA256 key of X-Warmpool-Signature; required when callback_allow is set
+    callback_retry_s: float = 60.0  # retries with backoff stop once the first attempt is this old
+    callback_attempt_timeout_s: float = 10.0  # one attempt, connection included
+    callback_concurrency: int = 16  # attempts in flight at once, per API process
 
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
@@ -120,6 +129,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     if admin_key is not None and admin_key in api_keys:
         raise InvalidRequest("WARMPOOL_ADMIN_KEY", "must differ from every key in WARMPOOL_API_KEYS")
     defaults = Settings()
+    callback_allow, callback_secret = _list(env, "CALLBACK_ALLOW"), _get(env, "CALLBACK_SECRET") or ""
+    if callback_allow and not callback_secret:
+        raise InvalidRequest("WARMPOOL_CALLBACK_SECRET", "is required when WARMPOOL_CALLBACK_ALLOW is set: "
+                             "receivers check each callback's signature with it")
+    CallbackPolicy.parse(callback_allow)  # refuse a garbled allowlist at start, not at the first callback
     return Settings(
         tiers=tiers,
         image=_get(env, "IMAGE") or defaults.image,
@@ -159,4 +173,10 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         visibility_timeout_s=_float(env, "VISIBILITY_TIMEOUT_S", defaults.visibility_timeout_s),
         worker_tiers=_list(env, "WORKER_TIERS"),
         mode=mode,
+        max_batch=_int(env, "MAX_BATCH", defaults.max_batch),
+        callback_allow=callback_allow,
+        callback_secret=callback_secret,
+        callback_retry_s=_float(env, "CALLBACK_RETRY_S", defaults.callback_retry_s),
+        callback_attempt_timeout_s=_float(env, "CALLBACK_ATTEMPT_TIMEOUT_S", defaults.callback_attempt_timeout_s),
+        callback_concurrency=_int(env, "CALLBACK_CONCURRENCY", defaults.callback_concurrency),
     )

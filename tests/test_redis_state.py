@@ -63,7 +63,7 @@ async def _state_machine(url: str) -> None:
         assert await scripts.mark_running(keys.task(a), "w2", 1.0) == "running", "never started twice"
 
         async def finalize(task_id: str, entry: str, outcome: str, reply_to: str = reply) -> str:
-            return await scripts.finalize(keys.task(task_id), stream, reply_to, entry, outcome, ttl_ms=60_000,
+            return await scripts.finalize(keys, keys.task(task_id), stream, reply_to, entry, outcome, ttl_ms=60_000,
                                           reply_ttl_ms=60_000, sync_ttl_ms=60_000)
 
         assert await finalize(a, entry_a, '{"first":1}') == "stored"

@@ -1,35 +1,16 @@
-"""Embedded mode: the API process owns the pool; async tasks are kept in memory for the result TTL."""
+"""Embedded mode: the API process owns the pool; async tasks live in memory (`pool/engine/async_tasks.py`)."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from pool.background import TaskOwner
+from pool.engine.async_tasks import AsyncTasks
 from pool.engine.manager import PoolManager
-from pool.model.errors import Overloaded, PoolError, SandboxError
 from pool.model.results import TaskSpec
-from pool.model.tasks import Execution, TaskState, TaskView
+from pool.model.tasks import DueCallback, Execution, Submission, TaskView
 from pool.settings import Settings
-
-log = logging.getLogger(__name__)
-
-SWEEP_EVERY_S = 1.0
-
-
-@dataclass
-class _Record:
-    owner: str
-    tier_name: str
-    submitted_at: float  # monotonic
-    state: TaskState = TaskState.QUEUED
-    execution: Execution | None = None
-    error: PoolError | None = None
-    total_ms: float = 0.0
-    expires_at: float = field(default=float("inf"))  # monotonic; set when done
 
 
 class EmbeddedDispatcher:
@@ -38,65 +19,34 @@ class EmbeddedDispatcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pool = PoolManager(settings)
-        self._records: dict[str, _Record] = {}
-        self._swept_at = 0.0
-        # Async tasks of a tier run at most max_size at a time; the rest wait here, in submission order,
-        # rather than failing their lease after lease_timeout_s.
-        self._slots = {tier.name: asyncio.Semaphore(tier.max_size) for tier in settings.tiers}
         self._background = TaskOwner("async tasks")
+        self.async_tasks = AsyncTasks(settings, self.pool, self._background)
 
     async def start(self) -> None:
         await self.pool.start()
 
     async def close(self) -> None:
+        self.async_tasks.stop_starting()
         await self._background.close()
         await self.pool.close()
 
     async def execute(self, tier_name: str, spec: TaskSpec, wait_s: float) -> Execution:
         return await self.pool.execute(tier_name, spec, wait_s)
 
-    async def submit(self, tier_name: str, spec: TaskSpec, owner: str) -> None:
-        self._sweep()
-        pending = sum(1 for r in self._records.values() if r.tier_name == tier_name and r.state != TaskState.DONE)
-        if pending >= self.settings.max_queued:
-            raise Overloaded(f"tier {tier_name!r} already has {pending} tasks waiting or running "
-                            f"(the bound is {self.settings.max_queued})")
-        record = _Record(owner=owner, tier_name=tier_name, submitted_at=time.monotonic())
-        self._records[spec.task_id] = record
-        self._background.spawn(self._run(record, tier_name, spec))
+    async def submit(self, tier_name: str, spec: TaskSpec, owner: str, callback_url: str = "") -> None:
+        self.async_tasks.submit_many([Submission(tier_name, spec, callback_url)], owner)
 
-    async def _run(self, record: _Record, tier_name: str, spec: TaskSpec) -> None:
-        async def started() -> bool:
-            record.state = TaskState.RUNNING
-            return True
+    async def submit_many(self, submissions: Sequence[Submission], owner: str) -> None:
+        self.async_tasks.submit_many(submissions, owner)
 
-        try:
-            async with self._slots[tier_name]:
-                record.execution = await self.pool.execute(tier_name, spec, start_gate=started)
-        except PoolError as exc:
-            record.error = exc
-        except Exception as exc:  # a bug, not the task's doing: answer it rather than leave it "running"
-            log.exception("async task %s failed inside the pool", spec.task_id)
-            record.error = SandboxError(f"internal error: {exc!r}")
-        record.state = TaskState.DONE
-        record.total_ms = (time.monotonic() - record.submitted_at) * 1000
-        record.expires_at = time.monotonic() + self.settings.result_ttl_s
+    async def task(self, task_id: str, owner: str, wait_s: float = 0.0) -> TaskView | None:
+        return await self.async_tasks.view(task_id, owner, wait_s)
 
-    async def task(self, task_id: str, owner: str) -> TaskView | None:
-        self._sweep()
-        record = self._records.get(task_id)
-        if record is None or record.owner != owner or record.expires_at <= time.monotonic():
-            return None
-        return TaskView(task_id=task_id, state=record.state, tier=self.pool.tiers[record.tier_name],
-                        execution=record.execution, error=record.error, total_ms=record.total_ms)
+    async def due_callbacks(self, limit: int, wait_s: float) -> list[DueCallback]:
+        return await self.async_tasks.due_callbacks(limit, wait_s)
 
-    def _sweep(self) -> None:
-        now = time.monotonic()
-        if now - self._swept_at < SWEEP_EVERY_S:
-            return
-        self._swept_at = now
-        for task_id in [i for i, r in self._records.items() if r.expires_at <= now]:
-            del self._records[task_id]
+    async def callback_finished(self, due: DueCallback, delivered: bool) -> None:
+        self.async_tasks.callback_finished(due, delivered)
 
     async def tiers(self) -> list[dict[str, Any]]:
         return [{**p.tier.describe(), "min_idle": p.min_idle, "max_size": p.max_size, "idle": len(p.idle),

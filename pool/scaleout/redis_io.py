@@ -12,6 +12,13 @@ Layout (every key starts with the configured prefix, `warmpool` by default):
                         so each is delivered once even across reconnects.
     {p}:worker:{id}     a worker's heartbeat (JSON, expires after three missed beats); {p}:workers is the
                         set of their ids.
+    {p}:backlog:{tier}:{owner}, {p}:turns:{tier}, {p}:backlog-len:{tier}, {p}:entry:{id}
+                        async tasks not yet on the stream, per owner, fed to it in turns
+                        (`pool/scaleout/backlog.py`).
+    {p}:done            a pub/sub channel: the id of each async task as it ends (long polls wait on it).
+    {p}:callbacks       sorted set: async tasks whose callback is due, scored by when (unix ms);
+                        {p}:callbacks-wake is a list pushed when one falls due, for a blocking pop
+                        (`pool/scaleout/callback_store.py`).
 
 State changes are Lua scripts, so that each is atomic and a retried call is harmless: a task goes from
 queued to running once (the worker that got the container), and to done once (the first outcome wins;
@@ -21,6 +28,7 @@ the entry is acknowledged and deleted in the same step).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +64,21 @@ class Keys:
     @property
     def workers(self) -> str:
         return f"{self.prefix}:workers"
+
+    def backlog_len(self, tier_name: str) -> str:
+        return f"{self.prefix}:backlog-len:{tier_name}"
+
+    @property
+    def done(self) -> str:
+        return f"{self.prefix}:done"
+
+    @property
+    def callbacks(self) -> str:
+        return f"{self.prefix}:callbacks"
+
+    @property
+    def callbacks_wake(self) -> str:
+        return f"{self.prefix}:callbacks-wake"
 
 
 def connect(url: str, *, blocking_s: float = 0.0) -> aioredis.Redis:
@@ -112,17 +135,26 @@ if state == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[1] then 
 return state
 """
 
-# KEYS: task, stream, reply list ('' for none). ARGV: group, entry id, outcome, ttl_ms (async),
-# reply_ttl_ms, sync_ttl_ms. Only async tasks keep their outcome in the hash: a synchronous one is read
-# from the reply list, and its hash only has to outlive a late claim.
+# KEYS: task, stream, reply list ('' for none), callbacks, callbacks-wake. ARGV: group, entry id, outcome,
+# ttl_ms (async), reply_ttl_ms, sync_ttl_ms, done channel, now_ms. Only async tasks keep their outcome in the
+# hash: a synchronous one is read from the reply list, and its hash only has to outlive a late claim. An
+# async task's end is published (long polls wait for it) and, with a callback URL, its callback falls due.
 _FINALIZE = """
 redis.pcall('XACK', KEYS[2], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[2], ARGV[2])
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'queued' and state ~= 'running' then return state or 'gone' end
 if redis.call('HGET', KEYS[1], 'kind') == 'async' then
-  redis.call('HSET', KEYS[1], 'state', 'done', 'outcome', ARGV[3])
+  redis.call('HSET', KEYS[1], 'state', 'done', 'outcome', ARGV[3], 'done_ms', ARGV[8])
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  local task_id = string.match(KEYS[1], '[^:]+$')
+  local url = redis.call('HGET', KEYS[1], 'callback_url')
+  if url and url ~= '' then
+    redis.call('ZADD', KEYS[4], ARGV[8], task_id)
+    redis.call('RPUSH', KEYS[5], '1')
+    redis.call('LTRIM', KEYS[5], -100, -1)
+  end
+  redis.call('PUBLISH', ARGV[7], task_id)
 else
   redis.call('HSET', KEYS[1], 'state', 'done')
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
@@ -174,11 +206,12 @@ class Scripts:
     async def mark_running(self, task: str, worker: str, started_unix: float) -> str:
         return str(await self.mark_running_script(keys=[task], args=[worker, repr(started_unix)]))
 
-    async def finalize(self, task: str, stream: str, reply_to: str, entry_id: str, outcome: str, *,
+    async def finalize(self, keys: Keys, task: str, stream: str, reply_to: str, entry_id: str, outcome: str, *,
                        ttl_ms: int, reply_ttl_ms: int, sync_ttl_ms: int) -> str:
         """Answer the task unless it was answered (or withdrawn) already; returns "stored" or the state."""
-        return str(await self.finalize_script(keys=[task, stream, reply_to],
-                                              args=[GROUP, entry_id, outcome, ttl_ms, reply_ttl_ms, sync_ttl_ms]))
+        return str(await self.finalize_script(
+            keys=[task, stream, reply_to, keys.callbacks, keys.callbacks_wake],
+            args=[GROUP, entry_id, outcome, ttl_ms, reply_ttl_ms, sync_ttl_ms, keys.done, int(time.time() * 1000)]))
 
     async def forget(self, task: str, stream: str, entry_id: str) -> None:
         await self.forget_script(keys=[task, stream], args=[GROUP, entry_id])

@@ -35,6 +35,7 @@ from pool.background import TaskOwner
 from pool.engine.container import RESULT_GRACE_S
 from pool.engine.manager import PoolManager
 from pool.model.errors import BackendUnavailable, InvalidRequest, PoolError
+from pool.scaleout.backlog import Backlog
 from pool.scaleout.membership import BEATS_TO_DEATH, beat_json
 from pool.scaleout.redis_io import GROUP, Keys, Scripts, connect, is_nogroup, redis_errors
 from pool.scaleout.worker_tasks import TaskHandler
@@ -65,6 +66,7 @@ class Worker:
         self.redis = connect(settings.redis_url)
         self.blocking = connect(settings.redis_url, blocking_s=READ_BLOCK_S)
         self.scripts = Scripts(self.redis)
+        self.backlog = Backlog(self.redis, self.keys)
         self.inflight: dict[str, dict[str, str]] = {name: {} for name in served}  # tier -> entry id -> task id
         self._freed = {name: asyncio.Event() for name in served}
         self._loops = TaskOwner("worker loops")  # readers, claimer, heartbeat: stopped first
@@ -141,6 +143,8 @@ class Worker:
                 continue
             try:
                 with redis_errors("read tasks"):
+                    # Async tasks wait in per-owner backlogs: bring our share of them to the stream first.
+                    await self.backlog.feed(tier_name, free)
                     try:
                         reply = await self.blocking.xreadgroup(GROUP, self.worker_id, {stream: ">"}, count=free,
                                                                block=int(READ_BLOCK_S * 1000))
