@@ -1,5 +1,8 @@
 """Embedded mode's async tasks: kept in memory for the result TTL, run fairly per key, waited on, called back.
 
+- Holding: within the bounds of pool/model/result_bounds.py (per key: 429; in total: the oldest
+  finished results go, and a GET of an evicted one says so).
+
 - Running: each tier runs at most its max_size async tasks at once; the rest wait in a `FairQueue`, so
   owners (API keys) take turns and one key's 100-task batch does not hold back another key's task.
 - Waiting: each task has an event set when it ends, so a long poll (`wait_s`) sleeps until then.
@@ -14,14 +17,16 @@ import heapq
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pool.background import TaskOwner
 from pool.engine.manager import PoolManager
 from pool.model.callback_rules import next_delay_s
-from pool.model.errors import Overloaded, PoolError, SandboxError
+from pool.model.errors import Overloaded, PoolError, ResultEvicted, SandboxError
 from pool.model.fair_queue import FairQueue
+from pool.model.result_bounds import ResultBook, pending_bytes, result_bytes
 from pool.model.results import TaskSpec
 from pool.model.tasks import DueCallback, Execution, Submission, TaskState, TaskView
 from pool.settings import Settings
@@ -64,6 +69,9 @@ class AsyncTasks:
         self.pool = pool
         self._background = background
         self._records: dict[str, _Record] = {}
+        self._book = ResultBook(settings.result_bounds())
+        # Evicted ids (and their owners), so that a GET says why the result is gone; as many as results.
+        self._evicted: OrderedDict[str, str] = OrderedDict()
         self._swept_at = 0.0
         self._waiting = {tier.name: FairQueue[tuple[_Record, TaskSpec]]() for tier in settings.tiers}
         self._running = dict.fromkeys(self._waiting, 0)
@@ -90,6 +98,8 @@ class AsyncTasks:
                 raise Overloaded(f"tier {tier_name!r} already has {pending} tasks waiting or running; {count} more "
                                  f"would pass the bound of {self.settings.max_queued}")
         now = time.monotonic()
+        self._evict(self._book.admit_many([(s.spec.task_id, pending_bytes(s.spec)) for s in submissions], owner,
+                                          now, pending_retry_s=self.settings.max_timeout_s))
         for submission in submissions:
             record = _Record(owner=owner, tier_name=submission.tier_name, submitted_at=now,
                              callback_url=submission.callback_url)
@@ -131,16 +141,30 @@ class AsyncTasks:
         now = time.monotonic()
         record.total_ms = (now - record.submitted_at) * 1000
         record.expires_at = now + self.settings.result_ttl_s
+        size = result_bytes(record.execution.result if record.execution else None)
+        self._evict(self._book.finish(task_id, size, record.expires_at))
         record.ended.set()
         if record.callback_url:
             view = self._view(task_id, record)
             self._schedule(_Due(now, next(self._seq), task_id, record.callback_url, view, 1, now))
+
+    def _evict(self, task_ids: list[str]) -> None:
+        for task_id in task_ids:
+            record = self._records.pop(task_id, None)
+            if record is not None:
+                self._evicted[task_id] = record.owner
+        while len(self._evicted) > self.settings.max_results:
+            self._evicted.popitem(last=False)
 
     # reading -------------------------------------------------------------------------------------
     async def view(self, task_id: str, owner: str, wait_s: float = 0.0) -> TaskView | None:
         """The task as its owner may see it; with `wait_s`, once it has ended or after that long."""
         self._sweep()
         record = self._records.get(task_id)
+        if record is None and self._evicted.get(task_id) == owner:
+            raise ResultEvicted(f"the result of task {task_id} was evicted before its time: the server keeps at "
+                                f"most {self.settings.max_results} results and {self.settings.max_result_bytes} "
+                                "bytes of them, oldest out first")
         if record is None or record.owner != owner or record.expires_at <= time.monotonic():
             return None
         if wait_s > 0 and record.state != TaskState.DONE:
@@ -159,8 +183,8 @@ class AsyncTasks:
         if now - self._swept_at < SWEEP_EVERY_S:
             return
         self._swept_at = now
-        for task_id in [i for i, r in self._records.items() if r.expires_at <= now]:
-            del self._records[task_id]
+        for task_id in self._book.expire(now):
+            self._records.pop(task_id, None)
 
     def pending(self, tier_name: str) -> int:
         """Tasks of the tier waiting for their turn (not yet running)."""

@@ -22,14 +22,15 @@ from typing import Any, cast
 
 from pool.background import TaskOwner
 from pool.engine.container import RESULT_GRACE_S
-from pool.model.errors import BackendUnavailable, NoCapacity, Overloaded
+from pool.model.errors import BackendUnavailable, NoCapacity, Overloaded, ResultEvicted
+from pool.model.result_bounds import refusal
 from pool.model.results import TaskSpec
 from pool.model.tasks import DueCallback, Execution, Submission, TaskState, TaskView
 from pool.scaleout.backlog import Backlog
 from pool.scaleout.callback_store import BLOCK_MAX_S, CallbackStore
 from pool.scaleout.done_events import READ_BLOCK_S, DoneEvents
 from pool.scaleout.membership import BEATS_TO_DEATH, ClusterView, parse_beat
-from pool.scaleout.redis_io import Keys, Scripts, connect, redis_errors
+from pool.scaleout.redis_io import Keys, Refusal, Scripts, connect, redis_errors
 from pool.scaleout.task_codec import MalformedEntry, Outcome, spec_fields
 from pool.settings import Settings
 
@@ -48,6 +49,12 @@ def pending_ttl_ms(settings: Settings) -> int:
     return int((3600 + settings.max_timeout_s + settings.result_ttl_s) * 1000)
 
 
+def _refused(refused: Refusal, settings: Settings) -> Overloaded:
+    """The results bound's refusal, as the same 429 embedded mode gives."""
+    retry_s = refused.retry_after_ms / 1000 if refused.retry_after_ms >= 0 else settings.max_timeout_s
+    return refusal(refused.scope, refused.tasks, refused.size_bytes, settings.result_bounds(), max(1.0, retry_s))
+
+
 class RedisDispatcher:
     """A `Dispatcher` that sends tasks to workers through Redis."""
 
@@ -61,7 +68,7 @@ class RedisDispatcher:
         self.reply_key = self.keys.reply(f"{settings.instance_id}-{secrets.token_hex(4)}")
         self.redis = connect(settings.redis_url)
         self.blocking = connect(settings.redis_url, blocking_s=REPLY_BLOCK_S)
-        self.scripts = Scripts(self.redis)
+        self.scripts = Scripts(self.redis, settings.redis_prefix)
         self.backlog = Backlog(self.redis, self.keys)
         self.subscriber = connect(settings.redis_url, blocking_s=READ_BLOCK_S)
         self.done_events = DoneEvents(self.subscriber, self.keys.done)
@@ -114,7 +121,7 @@ class RedisDispatcher:
         items = []
         for submission in submissions:
             entry, record = self._entry(submission.tier_name, submission.spec, kind="async", owner=owner,
-                                        reply_to="", lease_wait_s=self.settings.lease_timeout_s)
+                                        reply_to="", lease_wait_s=self.settings.lease_timeout_s, held=True)
             if submission.callback_url:
                 record["callback_url"] = submission.callback_url
             items.append((submission, entry, record))
@@ -122,23 +129,29 @@ class RedisDispatcher:
         targets = {name: sum(int(w.tiers[name].get("max_size", 0)) for w in self.cluster.serving(name))
                    for name in tier_names}
         with redis_errors("queue the tasks"):
-            await self.backlog.enqueue(items, owner, max_len=self.settings.max_queued,
-                                       ttl_ms=pending_ttl_ms(self.settings), feed_targets=targets)
+            refused = await self.backlog.enqueue(items, owner, max_len=self.settings.max_queued,
+                                                 ttl_ms=pending_ttl_ms(self.settings),
+                                                 bounds=self.settings.result_bounds(), feed_targets=targets)
+        if refused is not None:
+            raise _refused(refused, self.settings)
 
     def _entry(self, tier_name: str, spec: TaskSpec, *, kind: str, owner: str, reply_to: str,
-               lease_wait_s: float) -> tuple[dict[str, str], dict[str, str]]:
+               lease_wait_s: float, held: bool) -> tuple[dict[str, str], dict[str, str]]:
         """The stream entry a worker reads, and the task's hash."""
         now = repr(time.time())
-        # The API's result TTL and the request's container wait travel with the task: the worker applies them.
+        # The API's result TTL, results bound and the request's container wait travel with the task: the
+        # worker applies them.
         entry = {**spec_fields(spec), "reply_to": reply_to, "submitted_unix": now,
-                 "result_ttl_ms": str(int(self.settings.result_ttl_s * 1000)), "lease_wait_s": repr(lease_wait_s)}
+                 "result_ttl_ms": str(int(self.settings.result_ttl_s * 1000)), "lease_wait_s": repr(lease_wait_s),
+                 "max_result_bytes": str(self.settings.max_result_bytes if held else 0)}
         record = {"state": "queued", "kind": kind, "tier": tier_name, "owner": owner, "submitted_unix": now}
         return entry, record
 
     async def _submit(self, tier_name: str, spec: TaskSpec, *, kind: str, owner: str, reply_to: str,
                       lease_wait_s: float) -> None:
+        """A synchronous task, straight onto the stream (it is not held: its result goes to its waiter)."""
         entry, record = self._entry(tier_name, spec, kind=kind, owner=owner, reply_to=reply_to,
-                                    lease_wait_s=lease_wait_s)
+                                    lease_wait_s=lease_wait_s, held=False)
         with redis_errors("queue the task"):
             added = await self.scripts.submit(self.keys.stream(tier_name), self.keys.task(spec.task_id),
                                               max_len=self.settings.max_queued,
@@ -205,6 +218,10 @@ class RedisDispatcher:
             record = cast(dict[str, str], await self.redis.hgetall(self.keys.task(task_id)))
         if not record or record.get("kind") != "async" or (owner is not None and record.get("owner") != owner):
             return None
+        if record.get("state") == "evicted":
+            raise ResultEvicted(f"the result of task {task_id} was evicted before its time: the cluster keeps at "
+                                f"most {self.settings.max_results} results and {self.settings.max_result_bytes} "
+                                "bytes of them, oldest out first")
         tier = self.tiers_by_name.get(record.get("tier", ""))
         if tier is None:
             return None
