@@ -154,6 +154,7 @@ class RedisDispatcher:
                                     lease_wait_s=lease_wait_s, held=False)
         with redis_errors("queue the task"):
             added = await self.scripts.submit(self.keys.stream(tier_name), self.keys.task(spec.task_id),
+                                              self.keys.backlog_len(tier_name),
                                               max_len=self.settings.max_queued,
                                               pending_ttl_ms=pending_ttl_ms(self.settings),
                                               entry=entry, record=record)
