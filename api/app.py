@@ -18,6 +18,7 @@ from api.batch import router as batch_router
 from api.callback_relay import CallbackRelay
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit, limiter_from
+from api.mcp_http import install_mcp
 from api.metrics import install_metrics
 from api.routes import router, task_body
 from pool.dispatch import create_dispatcher
@@ -46,7 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             "loopback only; set WARMPOOL_API_KEYS to serve other hosts")
             if settings.redis_url:
                 log.info("scale-out mode: tasks go to workers through Redis (prefix %r)", settings.redis_prefix)
-            yield
+            async with app.state.mcp.session_manager.run():  # MCP sessions end before the dispatcher closes
+                yield
         finally:
             if relay is not None:
                 await relay.close()
@@ -62,5 +64,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(batch_router)
     app.include_router(admin_router)
+    app.state.mcp = install_mcp(app, settings)
     install_metrics(app)
     return app
