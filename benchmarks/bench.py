@@ -157,7 +157,7 @@ def replacement_rate(count: int) -> str:
 
 
 # Sections this script does not write: scaleout.py's, and the hand-measured cpu breakdown.
-KEPT_HEADINGS = ("## Where the time goes", "## Scale-out (Redis)")
+KEPT_HEADINGS = ("## Where the time goes", "## Scale-out (Redis)", "## Batches and the Python client")
 
 
 def kept_sections(path: Path) -> str:

@@ -78,6 +78,11 @@ async def runs_python_and_lists_tiers(client: Client) -> None:
 def test_stdio_mcp_runs_python_and_lists_tiers(serve):
     svc = serve()
     talk(over_stdio(svc.base_url), runs_python_and_lists_tiers)
+    # Without keys the API's own /mcp refuses a Host that is not loopback (DNS rebinding from a web page).
+    initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
+    rebound = httpx.post(f"{svc.base_url}/mcp", json=initialize,
+                         headers={"Host": "evil.example", "Accept": "application/json, text/event-stream"})
+    assert rebound.status_code == 421
 
 
 def test_http_mcp_on_the_api_with_the_same_keys(serve):
