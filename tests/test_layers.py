@@ -158,3 +158,12 @@ def test_the_checks_catch_what_they_look_for():
     assert layer_of("api.routes") == 5 and layer_of("pool.modelling") is None
     imports = imports_of(REPO / "pool" / "dispatch.py", set(sources()))
     assert "pool.settings" in imports and "pool.engine.embedded" in imports, "lazy imports inside functions count"
+
+
+def test_the_client_stands_alone():
+    """warmpool.client imports only itself (and httpx): a client needs nothing of the server."""
+    edges = graph()
+    strays = sorted(f"{module} imports {target}" for module, targets in edges.items()
+                    if module.startswith("warmpool.client") for target in targets
+                    if not target.startswith("warmpool.client"))
+    assert strays == []

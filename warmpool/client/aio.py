@@ -143,17 +143,10 @@ class AsyncClient:
             await asyncio.sleep(delay_s)
 
 
-class AsyncSession:
+class AsyncSession(p.SessionBase):
     """An open session, for asyncio code; see `Session`."""
 
-    def __init__(self, client: AsyncClient, info: SessionInfo) -> None:
-        self.client = client
-        self.info = info
-        self.closed = False
-
-    @property
-    def id(self) -> str:
-        return self.info.id
+    client: AsyncClient
 
     async def execute(self, code: str, **task: Any) -> ExecuteResult:
         result: ExecuteResult = await self.client._call(p.execute(p.task_body(code, **task), self._path("/execute")))
@@ -175,6 +168,3 @@ class AsyncSession:
             await self.client._call(p.close_session(self.id))
         except NotFound:
             pass
-
-    def _path(self, suffix: str) -> str:
-        return f"/v1/sessions/{self.id}{suffix}"

@@ -110,6 +110,22 @@ def close_session(session_id: str) -> Call:
     return Call("DELETE", f"/v1/sessions/{session_id}", lambda r: None)
 
 
+class SessionBase:
+    """What a session handle is, sync or async: its client, what the server said of it, and its routes."""
+
+    def __init__(self, client: Any, info: SessionInfo) -> None:
+        self.client = client
+        self.info = info
+        self.closed = False
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    def _path(self, suffix: str) -> str:
+        return f"/v1/sessions/{self.id}{suffix}"
+
+
 def check(response: httpx.Response) -> None:
     """Raise the WarmpoolError for a non-success answer (its body must have been read)."""
     if response.status_code < 400:

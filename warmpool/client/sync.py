@@ -151,17 +151,10 @@ class Client:
             time.sleep(delay_s)
 
 
-class Session:
+class Session(p.SessionBase):
     """An open session; `execute` and `stream` run code in its container, which keeps state between calls."""
 
-    def __init__(self, client: Client, info: SessionInfo) -> None:
-        self.client = client
-        self.info = info
-        self.closed = False
-
-    @property
-    def id(self) -> str:
-        return self.info.id
+    client: Client
 
     def execute(self, code: str, **task: Any) -> ExecuteResult:
         result: ExecuteResult = self.client._call(p.execute(p.task_body(code, **task), self._path("/execute")))
@@ -183,7 +176,4 @@ class Session:
             self.client._call(p.close_session(self.id))
         except NotFound:
             pass
-
-    def _path(self, suffix: str) -> str:
-        return f"/v1/sessions/{self.id}{suffix}"
 
