@@ -10,8 +10,9 @@ from fastapi.responses import JSONResponse
 
 from api.errors import invalid_body
 from api.limits import require_task_quota
-from api.routes import _dispatcher, _settings, accepted, callback_refusal, prepare
+from api.routes import accepted, callback_refusal, prepare
 from api.schemas import BatchAccepted, BatchRequest
+from api.state import dispatcher_of, settings_of
 from pool.dispatch import owner_of
 from pool.model.errors import InvalidRequest
 from pool.model.tasks import Submission
@@ -46,7 +47,7 @@ async def submit_batch(body: BatchRequest, request: Request, key: str = Depends(
     tasks waiting for a tier take turns by API key, so a large batch does not hold back other keys'
     tasks. Each item may carry its own `callback_url`. A batch counts as one submission against the
     key's rate limit."""
-    settings = _settings(request)
+    settings = settings_of(request)
     if len(body.tasks) > settings.max_batch:
         return invalid_body("tasks", f"at most {settings.max_batch} tasks in one batch, got {len(body.tasks)}")
     submissions: list[Submission] = []
@@ -63,5 +64,5 @@ async def submit_batch(body: BatchRequest, request: Request, key: str = Depends(
             return _located(invalid_body("callback_url", refusal), index)
         spec, tier = prepared
         submissions.append(Submission(tier.name, spec, item.callback_url or ""))
-    await _dispatcher(request).submit_many(submissions, owner_of(key))
+    await dispatcher_of(request).submit_many(submissions, owner_of(key))
     return JSONResponse(status_code=202, content={"tasks": [accepted(s.spec.task_id) for s in submissions]})

@@ -17,7 +17,8 @@ from api.errors import invalid_body
 from api.json_body import BodyRoute
 from api.limits import require_task_quota
 from api.schemas import ExecuteRequest, ExecuteResponse, TaskAccepted, TaskPending, TaskRequest, TierOut
-from pool.dispatch import Dispatcher, owner_of
+from api.state import dispatcher_of, settings_of
+from pool.dispatch import owner_of
 from pool.model.callback_rules import CallbackPolicy
 from pool.model.resources import ResourceRequest
 from pool.model.results import TaskResult, TaskSpec
@@ -27,15 +28,6 @@ from pool.settings import Settings
 
 router = APIRouter(route_class=BodyRoute)
 _TASK_ID = re.compile(r"[0-9a-f]{32}")
-
-
-def _dispatcher(request: Request) -> Dispatcher:
-    dispatcher: Dispatcher = request.app.state.dispatcher
-    return dispatcher
-
-
-def _settings(request: Request) -> Settings:
-    return request.app.state.settings
 
 
 def build_spec(body: ExecuteRequest, settings: Settings) -> TaskSpec | JSONResponse:
@@ -111,12 +103,12 @@ async def execute(body: ExecuteRequest, request: Request, _key: str = Depends(re
 
     The answer is 200 whenever the task ran, whatever it did: see `status`."""
     started = time.perf_counter()
-    settings = _settings(request)
+    settings = settings_of(request)
     prepared = prepare(body, settings)
     if isinstance(prepared, JSONResponse):
         return prepared
     spec, tier = prepared
-    execution = await _dispatcher(request).execute(tier.name, spec, lease_wait_s(body, settings))
+    execution = await dispatcher_of(request).execute(tier.name, spec, lease_wait_s(body, settings))
     return JSONResponse(execution_body(execution, spec.task_id, (time.perf_counter() - started) * 1000))
 
 
@@ -148,7 +140,7 @@ async def submit_task(body: TaskRequest, request: Request, key: str = Depends(re
     POSTed there when the task ends, signed (`X-Warmpool-Signature`). The result is kept for the server's
     result TTL after the task ends; only the same API key can read it. Tasks waiting for a tier take turns
     by API key, so one key's many tasks do not hold back another key's."""
-    settings = _settings(request)
+    settings = settings_of(request)
     prepared = prepare(body, settings)
     if isinstance(prepared, JSONResponse):
         return prepared
@@ -156,7 +148,7 @@ async def submit_task(body: TaskRequest, request: Request, key: str = Depends(re
     refusal = await callback_refusal(body.callback_url, settings)
     if refusal is not None:
         return invalid_body("callback_url", refusal)
-    await _dispatcher(request).submit(tier.name, spec, owner_of(key), body.callback_url or "")
+    await dispatcher_of(request).submit(tier.name, spec, owner_of(key), body.callback_url or "")
     content = accepted(spec.task_id)
     return JSONResponse(status_code=202, content=content, headers={"Location": content["link"]})
 
@@ -169,7 +161,7 @@ async def get_task(task_id: str, request: Request, key: str = Depends(require_ap
                                                      "many seconds with its pending state")) -> Any:
     """An async task: `queued` or `running` while pending, then the full result, as /v1/execute answers it."""
     known = _TASK_ID.fullmatch(task_id)
-    view = await _dispatcher(request).task(task_id, owner_of(key), wait_s) if known else None
+    view = await dispatcher_of(request).task(task_id, owner_of(key), wait_s) if known else None
     if view is None:
         return JSONResponse(status_code=404, content={"detail": f"no task {task_id!r} (unknown, or expired)"})
     return JSONResponse(task_body(view))
@@ -181,7 +173,7 @@ async def tiers(request: Request, _key: str = Depends(require_api_key)) -> list[
 
     In scale-out mode the counts are summed over the live workers serving each tier (`workers`), and
     `queued` counts the tier's tasks waiting or running."""
-    return await _dispatcher(request).tiers()
+    return [snapshot.as_dict() for snapshot in await dispatcher_of(request).tiers()]
 
 
 @router.get("/healthz")
@@ -195,7 +187,7 @@ async def readyz(request: Request) -> JSONResponse:
     """Docker reachable, runner image present, and every tier warmed to its min_idle.
 
     In scale-out mode: Redis answers and at least one worker is alive."""
-    checks = await _dispatcher(request).readiness()
+    checks = await dispatcher_of(request).readiness()
     ready = all(checks.values())
     return JSONResponse(status_code=200 if ready else 503, content={"ready": ready, "checks": checks},
                         headers=None if ready else {"Retry-After": "1"})

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from pool.background import TaskOwner
+from pool.engine.admin import PoolAdmin
 from pool.engine.async_tasks import AsyncTasks
+from pool.engine.backend import ContainerBackend
 from pool.engine.manager import PoolManager
 from pool.model.results import TaskSpec
+from pool.model.snapshots import AdminView, Drained, PoolsSnapshot, Resized, TierSnapshot
 from pool.model.tasks import DueCallback, Execution, Submission, TaskView
 from pool.settings import Settings
 
@@ -16,9 +18,10 @@ from pool.settings import Settings
 class EmbeddedDispatcher:
     """A `Dispatcher` over this process's own `PoolManager`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, backend: ContainerBackend) -> None:
         self.settings = settings
-        self.pool = PoolManager(settings)
+        self.pool = PoolManager(settings, backend)
+        self.admin = PoolAdmin(self.pool)
         self._background = TaskOwner("async tasks")
         self.async_tasks = AsyncTasks(settings, self.pool, self._background)
 
@@ -48,9 +51,20 @@ class EmbeddedDispatcher:
     async def callback_finished(self, due: DueCallback, delivered: bool) -> None:
         self.async_tasks.callback_finished(due, delivered)
 
-    async def tiers(self) -> list[dict[str, Any]]:
-        return [{**p.tier.describe(), "min_idle": p.min_idle, "max_size": p.max_size, "idle": len(p.idle),
-                 "busy": len(p.busy), "starting": p.starting} for p in self.pool.pools.values()]
+    async def tiers(self) -> tuple[TierSnapshot, ...]:
+        return self.pool.snapshot().tiers
 
     async def readiness(self) -> dict[str, bool]:
         return {"docker": self.pool.docker_ok, "image": self.pool.image_ok, "pools_warm": self.pool.warm}
+
+    async def figures(self) -> PoolsSnapshot:
+        return self.pool.snapshot()
+
+    async def pools(self) -> AdminView:
+        return self.admin.view()
+
+    async def resize(self, tier_name: str, min_idle: int | None, max_size: int | None) -> Resized:
+        return await self.admin.resize(tier_name, min_idle, max_size)
+
+    async def drain(self, tier_name: str) -> Drained:
+        return self.admin.drain(tier_name)
