@@ -52,7 +52,7 @@ class CallbackRelay:
 
     async def _loop(self) -> None:
         backoff_s = 0.1
-        while True:
+        while not self._owner.closing:  # also ends a loop whose cancellation redis-py swallowed
             free = self.concurrency - self._in_flight
             if free <= 0:
                 self._slot_freed.clear()

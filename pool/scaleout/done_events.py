@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -54,15 +54,17 @@ class DoneEvents:
             for event in waiters:
                 event.set()
 
-    async def run(self) -> None:
+    async def run(self, stopped: Callable[[], bool]) -> None:
+        """Subscribe and wake waiters until cancelled, or until `stopped()` (its owner's closing flag: redis-py
+        may swallow a cancellation, see TaskOwner.close)."""
         backoff_s = 0.1
-        while True:
+        while not stopped():
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
                 self._wake_all()  # ends published before (re)subscribing were not heard: look again
                 backoff_s = 0.1
-                while True:
+                while not stopped():
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=READ_BLOCK_S)
                     if message is not None and message.get("type") == "message":
                         self._wake(str(message["data"]))

@@ -87,7 +87,7 @@ class RedisDispatcher:
         await self._refresh_cluster()
         self._background.spawn(self._reply_loop())
         self._background.spawn(self._cluster_loop())
-        self._background.spawn(self.done_events.run())
+        self._background.spawn(self.done_events.run(lambda: self._background.closing))
 
     async def close(self) -> None:
         await self._background.close()
