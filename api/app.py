@@ -22,6 +22,8 @@ from api.limits import BodySizeLimit, limiter_from
 from api.mcp_http import install_mcp
 from api.metrics import install_metrics
 from api.routes import router, task_body
+from api.sessions import admin_router as session_admin_router
+from api.sessions import router as session_router
 from pool.dispatch import Dispatcher, create_dispatcher
 from pool.settings import Settings, from_env
 
@@ -64,7 +66,9 @@ def create_app(settings: Settings | None = None,
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(batch_router)
+    app.include_router(session_router)
     app.include_router(admin_router)
+    app.include_router(session_admin_router)
     app.state.mcp = install_mcp(app, settings)
     install_metrics(app)
     return app

@@ -87,6 +87,11 @@ class Settings:
     callback_retry_s: float = 60.0  # retries with backoff stop once the first attempt is this old
     callback_attempt_timeout_s: float = 10.0  # one attempt, connection included
     callback_concurrency: int = 16  # attempts in flight at once, per API process
+    # Sessions hold a container each: bounded per key, and closed after this long without a call (the
+    # request's idle_timeout_s when it names one, up to max_session_idle_s).
+    max_sessions_per_key: int = 4
+    session_idle_timeout_s: float = 300.0
+    max_session_idle_s: float = 3600.0
 
     def result_bounds(self) -> Bounds:
         """The async results bound (pool/model/result_bounds.py) these settings give."""
@@ -211,6 +216,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         callback_retry_s=_float(env, "CALLBACK_RETRY_S", defaults.callback_retry_s),
         callback_attempt_timeout_s=_float(env, "CALLBACK_ATTEMPT_TIMEOUT_S", defaults.callback_attempt_timeout_s),
         callback_concurrency=_int(env, "CALLBACK_CONCURRENCY", defaults.callback_concurrency),
+        max_sessions_per_key=int(_float0(env, "MAX_SESSIONS_PER_KEY", defaults.max_sessions_per_key)),
+        session_idle_timeout_s=_float(env, "SESSION_IDLE_TIMEOUT_S", defaults.session_idle_timeout_s),
+        max_session_idle_s=_float(env, "MAX_SESSION_IDLE_S", defaults.max_session_idle_s),
     )
     _check_result_bounds(settings)
     return settings

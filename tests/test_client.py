@@ -157,12 +157,8 @@ def test_the_readme_client_example_runs(serve):
 
 
 WAITS_FOR_FILES = pytest.mark.xfail(strict=True, reason="waits for issue 11: files/outputs and /v1/images on main")
-WAITS_FOR_STREAMING = pytest.mark.xfail(strict=True, reason="waits for issue 12: SSE on /v1/execute and "
-                                                            "/v1/tasks/{id}/events on main")
-WAITS_FOR_SESSIONS = pytest.mark.xfail(strict=True, reason="waits for issue 12: /v1/sessions on main")
 
 
-@WAITS_FOR_STREAMING
 def test_stream_and_events_arrive_chunk_by_chunk(serve):
     svc = serve()
     code = "import time\nprint('a', flush=True)\ntime.sleep(0.5)\nprint('b', flush=True)\n"
@@ -174,7 +170,6 @@ def test_stream_and_events_arrive_chunk_by_chunk(serve):
     assert later[-1].result is not None and later[-1].result.stdout == "a\nb\n"
 
 
-@WAITS_FOR_SESSIONS
 def test_sessions_keep_state_until_closed(serve):
     svc = serve()
     with Client(svc.base_url) as client:

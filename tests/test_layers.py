@@ -15,6 +15,7 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("pool.settings", 1),
     ("pool.sizes_file", 1),
     ("pool.background", 1),  # the owner of background tasks, shared by both back ends
+    ("pool.task_stream", 1),  # a streamed task's output for its followers, shared by both back ends
     ("warmpool.client", 1),  # the Python client: httpx only, nothing of the server (test_client checks it runs so)
     ("warmpool.mcp", 1),  # the MCP tools over the client, served by `warmpool mcp` and by the API's /mcp
     ("pool.engine", 2),  # Docker: backend, containers, channel, tier pools, the manager, the embedded dispatcher

@@ -23,7 +23,6 @@ pytestmark = pytest.mark.docker
 TOOLS = {"run_python", "open_session", "session_run", "close_session", "list_images", "list_tiers"}
 FAILING = "import sys; print('to stdout'); print('to stderr', file=sys.stderr); raise SystemExit(2)"
 WAITS_FOR_FILES = pytest.mark.xfail(strict=True, reason="waits for issue 11: files/outputs and /v1/images on main")
-WAITS_FOR_SESSIONS = pytest.mark.xfail(strict=True, reason="waits for issue 12: /v1/sessions on main")
 
 
 @asynccontextmanager
@@ -124,7 +123,6 @@ def test_mcp_files_outputs_images_and_figures(serve):
     talk(over_http(svc.base_url, "agent-key"), check)
 
 
-@WAITS_FOR_SESSIONS
 def test_mcp_sessions_keep_state_until_closed(serve):
     svc = serve()
 

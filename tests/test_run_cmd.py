@@ -15,7 +15,6 @@ from warmpool import run_cmd
 pytestmark = pytest.mark.docker
 
 WAITS_FOR_FILES = pytest.mark.xfail(strict=True, reason="waits for issue 11: files/outputs on main")
-WAITS_FOR_STREAMING = pytest.mark.xfail(strict=True, reason="waits for issue 12: SSE on /v1/execute on main")
 
 
 def run(service_url: str, *args: str, stdin: str | None = None, merged: bool = False, key: str | None = None,
@@ -77,7 +76,6 @@ def test_run_uploads_files_and_writes_returned_ones(serve, tmp_path):
     assert (tmp_path / "results" / "out" / "rows.txt").read_text() == "2"
 
 
-@WAITS_FOR_STREAMING
 def test_run_streams_output_in_the_order_it_was_written(serve):
     svc = serve()
     code = ("import sys, time\n"
@@ -89,11 +87,11 @@ def test_run_streams_output_in_the_order_it_was_written(serve):
 
     # The first line is on our side while the task is still running (it sleeps 5 s after it).
     env = {**os.environ, "WARMPOOL_URL": svc.base_url}
-    process = subprocess.Popen([sys.executable, "-m", "warmpool", "run"], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    assert process.stdin is not None and process.stdout is not None
-    process.stdin.write("import time\nprint('early', flush=True)\ntime.sleep(5)\nprint('late')\n")
-    process.stdin.close()
-    assert process.stdout.readline() == "early\n"
-    assert process.poll() is None, "the first line came only after the task ended"
-    assert process.stdout.read() == "late\n" and process.wait(60) == 0
+    with subprocess.Popen([sys.executable, "-m", "warmpool", "run"], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True, env=env, cwd=REPO) as process:
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write("import time\nprint('early', flush=True)\ntime.sleep(5)\nprint('late')\n")
+        process.stdin.close()
+        assert process.stdout.readline() == "early\n"
+        assert process.poll() is None, "the first line came only after the task ended"
+        assert process.stdout.read() == "late\n" and process.wait(60) == 0

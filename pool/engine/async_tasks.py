@@ -30,6 +30,7 @@ from pool.model.result_bounds import ResultBook, pending_bytes, result_bytes
 from pool.model.results import TaskSpec
 from pool.model.tasks import DueCallback, Execution, Submission, TaskState, TaskView
 from pool.settings import Settings
+from pool.task_stream import TaskStream
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class _Record:
     total_ms: float = 0.0
     expires_at: float = field(default=float("inf"))  # monotonic; set when done
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    stream: TaskStream | None = None  # its output for followers (GET /v1/tasks/{id}/events), until it is done
 
 
 @dataclass(order=True)
@@ -102,7 +104,7 @@ class AsyncTasks:
                                           now, pending_retry_s=self.settings.max_timeout_s))
         for submission in submissions:
             record = _Record(owner=owner, tier_name=submission.tier_name, submitted_at=now,
-                             callback_url=submission.callback_url)
+                             callback_url=submission.callback_url, stream=TaskStream(submission.spec.task_id))
             self._records[submission.spec.task_id] = record
             self._waiting[submission.tier_name].push(owner, (record, submission.spec))
         for tier_name in adding:
@@ -121,8 +123,10 @@ class AsyncTasks:
             record.state = TaskState.RUNNING
             return True
 
+        assert record.stream is not None
         try:
-            record.execution = await self.pool.execute(tier_name, spec, start_gate=started)
+            record.execution = await self.pool.execute(tier_name, spec, start_gate=started,
+                                                       on_output=record.stream.write)
         except PoolError as exc:
             record.error = exc
         except asyncio.CancelledError:
@@ -144,6 +148,9 @@ class AsyncTasks:
         size = result_bytes(record.execution.result if record.execution else None)
         self._evict(self._book.finish(task_id, size, record.expires_at))
         record.ended.set()
+        if record.stream is not None:  # done first, then the stream's end: its followers read the final body
+            record.stream.end(record.execution or record.error or SandboxError("no outcome"))
+            record.stream = None  # its followers hold it as long as they need it
         if record.callback_url:
             view = self._view(task_id, record)
             self._schedule(_Due(now, next(self._seq), task_id, record.callback_url, view, 1, now))
@@ -173,6 +180,13 @@ class AsyncTasks:
             except TimeoutError:
                 pass
         return self._view(task_id, record)
+
+    async def follow(self, task_id: str, owner: str) -> TaskStream | TaskView | None:
+        """A running task's output stream for its owner, or (once it ended) its view."""
+        record = self._records.get(task_id)
+        if record is not None and record.owner == owner and record.stream is not None:
+            return record.stream
+        return await self.view(task_id, owner)
 
     def _view(self, task_id: str, record: _Record) -> TaskView:
         return TaskView(task_id=task_id, state=record.state, tier=self.pool.tiers[record.tier_name],

@@ -1,7 +1,12 @@
-"""Embedded mode: the API process owns the pool; async tasks live in memory (`pool/engine/async_tasks.py`)."""
+"""Embedded mode: the API process owns the pool; async tasks live in memory (`pool/engine/async_tasks.py`).
+
+Streamed tasks, async tasks followed through their events, and sessions run here too (see
+`pool/task_stream.py` and `pool/engine/sessions.py`)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
 
 from pool.background import TaskOwner
@@ -9,10 +14,16 @@ from pool.engine.admin import PoolAdmin
 from pool.engine.async_tasks import AsyncTasks
 from pool.engine.backend import ContainerBackend
 from pool.engine.manager import PoolManager
+from pool.engine.sessions import SessionManager
+from pool.model.errors import PoolError, SandboxError
 from pool.model.results import TaskSpec
+from pool.model.sessions import SessionFigures, SessionInfo
 from pool.model.snapshots import AdminView, Drained, PoolsSnapshot, Resized, TierSnapshot
 from pool.model.tasks import DueCallback, Execution, Submission, TaskView
 from pool.settings import Settings
+from pool.task_stream import TaskStream
+
+log = logging.getLogger(__name__)
 
 
 class EmbeddedDispatcher:
@@ -24,13 +35,16 @@ class EmbeddedDispatcher:
         self.admin = PoolAdmin(self.pool)
         self._background = TaskOwner("async tasks")
         self.async_tasks = AsyncTasks(settings, self.pool, self._background)
+        self.sessions = SessionManager(self.pool, settings, worker=settings.instance_id)
 
     async def start(self) -> None:
         await self.pool.start()
+        await self.sessions.start()
 
     async def close(self) -> None:
         self.async_tasks.stop_starting()
         await self._background.close()
+        await self.sessions.close()
         await self.pool.close()
 
     async def execute(self, tier_name: str, spec: TaskSpec, wait_s: float) -> Execution:
@@ -68,3 +82,77 @@ class EmbeddedDispatcher:
 
     async def drain(self, tier_name: str) -> Drained:
         return self.admin.drain(tier_name)
+
+    # streaming -------------------------------------------------------------------------------------
+    async def execute_stream(self, tier_name: str, spec: TaskSpec, wait_s: float) -> TaskStream:
+        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        stream = TaskStream(spec.task_id)
+
+        async def gate() -> bool:
+            if started.done():  # the request stopped waiting (its client went away): withdraw the task
+                return False
+            started.set_result(None)
+            return True
+
+        async def run() -> None:
+            try:
+                stream.end(await self.pool.execute(tier_name, spec, wait_s, start_gate=gate, on_output=stream.write))
+            except Exception as exc:
+                error = exc if isinstance(exc, PoolError) else SandboxError(f"internal error: {exc!r}")
+                if not isinstance(exc, PoolError):
+                    log.exception("streamed task %s failed inside the pool", spec.task_id)
+                if not started.done():
+                    started.set_exception(error)
+                stream.end(error)
+
+        self._background.spawn(run())
+        try:
+            await asyncio.shield(started)
+        except asyncio.CancelledError:
+            started.cancel()
+            raise
+        return stream
+
+    async def task_events(self, task_id: str, owner: str) -> TaskStream | TaskView | None:
+        return await self.async_tasks.follow(task_id, owner)
+
+    # sessions --------------------------------------------------------------------------------------
+    async def open_session(self, tier_name: str, owner: str, image: str, idle_timeout_s: float,
+                           wait_s: float) -> SessionInfo:
+        return await self.sessions.open(tier_name, owner, image, idle_timeout_s, wait_s)
+
+    async def session(self, session_id: str, owner: str) -> SessionInfo:
+        return self.sessions.get(session_id, owner)
+
+    async def session_execute(self, session_id: str, owner: str, spec: TaskSpec) -> Execution:
+        return await self.sessions.execute(session_id, owner, spec)
+
+    async def session_stream(self, session_id: str, owner: str, spec: TaskSpec) -> TaskStream:
+        stream = TaskStream(spec.task_id)
+        call = self.sessions.start_call(session_id, owner, spec, on_output=stream.write)
+
+        def ended(task: asyncio.Task[Execution]) -> None:
+            if task.cancelled():
+                stream.end(SandboxError("the call was cancelled (the service is stopping)"))
+            elif isinstance(error := task.exception(), PoolError):
+                stream.end(error)
+            elif error is not None:
+                stream.end(SandboxError(f"internal error: {error!r}"))
+            else:
+                stream.end(task.result())
+
+        call.add_done_callback(ended)
+        return stream
+
+    async def delete_session(self, session_id: str, owner: str) -> None:
+        self.sessions.delete(session_id, owner)
+
+    async def all_sessions(self) -> tuple[SessionInfo, ...]:
+        return self.sessions.sessions()
+
+    async def session_figures(self) -> SessionFigures:
+        open_by_tier = {tier.name: 0 for tier in self.settings.tiers}
+        for info in self.sessions.sessions():
+            open_by_tier[info.tier.name] += 1
+        return SessionFigures(open_by_tier=tuple(open_by_tier.items()),
+                              ended_by_reason=tuple(sorted(self.sessions.ended_counts.items())))

@@ -19,6 +19,11 @@ Layout (every key starts with the configured prefix, `warmpool` by default):
     {p}:callbacks       sorted set: async tasks whose callback is due, scored by when (unix ms);
                         {p}:callbacks-wake is a list pushed when one falls due, for a blocking pop
                         (`pool/scaleout/callback_store.py`).
+    {p}:out:{id}        stream: a streamed task's output (pool/scaleout/output_relay.py); capped, expiring.
+    {p}:session:{id}    hash: a session's state (opening, open, ended), reason, owner, tier, worker, calls,
+                        busy, last_used_unix; {p}:sessions-of:{owner} the set of an owner's open ones;
+                        {p}:sessions-ended counts endings by reason.
+    {p}:calls:{worker}  list: session calls and closes for the worker holding the session (BLPOP).
 
 State changes are Lua scripts, so that each is atomic and a retried call is harmless: a task goes from
 queued to running once (the worker that got the container), and to done once (the first outcome wins;
@@ -80,6 +85,23 @@ class Keys:
     @property
     def callbacks_wake(self) -> str:
         return f"{self.prefix}:callbacks-wake"
+
+    # streamed output and sessions (pool/scaleout/output_relay.py, session_client.py, session_worker.py)
+    def output(self, task_id: str) -> str:
+        return f"{self.prefix}:out:{task_id}"
+
+    def session(self, session_id: str) -> str:
+        return f"{self.prefix}:session:{session_id}"
+
+    def owner_sessions(self, owner: str) -> str:
+        return f"{self.prefix}:sessions-of:{owner}"
+
+    def calls(self, worker_id: str) -> str:
+        return f"{self.prefix}:calls:{worker_id}"
+
+    @property
+    def sessions_ended(self) -> str:
+        return f"{self.prefix}:sessions-ended"
 
 
 def connect(url: str, *, blocking_s: float = 0.0) -> aioredis.Redis:
