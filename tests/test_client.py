@@ -125,7 +125,8 @@ def test_the_async_client_does_the_same(serve):
             assert [t["name"] for t in tiers] == ["one", "two"]
             with pytest.raises(InvalidRequest):
                 await client.execute("print(1)", cpu=-1)
-            events = [e async for e in client.stream("import sys; print('o'); print('e', file=sys.stderr)")]
+            code = "import sys; print('o', flush=True); print('e', file=sys.stderr, flush=True)"
+            events = [e async for e in client.stream(code)]
             assert [e.kind for e in events] == ["stdout", "stderr", "result"]
             assert events[0].text == "o\n" and events[-1].result is not None and events[-1].result.ok
     asyncio.run(main())
