@@ -26,7 +26,7 @@ from typing import Any, TypeVar, cast
 
 from pool.background import TaskOwner
 from pool.model.backoff import Backoff
-from pool.model.errors import BackendUnavailable, NoCapacity, NotSupported, Overloaded, ResultEvicted, SandboxError
+from pool.model.errors import BackendUnavailable, NoCapacity, Overloaded, ResultEvicted, SandboxError
 from pool.model.result_bounds import refusal
 from pool.model.results import TaskSpec
 from pool.model.sessions import SessionFigures, SessionInfo
@@ -34,6 +34,8 @@ from pool.model.snapshots import AdminView, Drained, Resized, TierSnapshot
 from pool.model.tasks import RESULT_GRACE_S, DueCallback, Execution, Submission, TaskState, TaskView
 from pool.scaleout.backlog import Backlog
 from pool.scaleout.callback_store import BLOCK_MAX_S, CallbackStore
+from pool.scaleout.cluster_admin import ClusterAdmin
+from pool.scaleout.cluster_config import ConfigStore
 from pool.scaleout.done_events import READ_BLOCK_S, DoneEvents
 from pool.scaleout.membership import BEATS_TO_DEATH, ClusterView, parse_beat
 from pool.scaleout.output_relay import FOLLOW_BLOCK_S, follow
@@ -53,7 +55,6 @@ ABANDONED_TTL_MS = 60_000
 MAX_BACKOFF_S = 2.0
 LONG_POLL_S = 30.0  # one wait for an async task's end (the route's cap on wait_s)
 T = TypeVar("T")
-ADMIN_NOT_SUPPORTED = "this process runs no pool of its own to see or size (scale-out mode: the pools are the workers')"
 
 
 def pending_ttl_ms(settings: Settings) -> int:
@@ -90,6 +91,8 @@ class RedisDispatcher:
                                        lease_s=2 * settings.callback_attempt_timeout_s + 5,
                                        retry_window_s=settings.callback_retry_s)
         self.cluster = ClusterView()
+        self.admin = ClusterAdmin(settings, ConfigStore(self.redis, settings.redis_prefix), self.cluster,
+                                  refresh=self._refresh_or_fail)
         self._waiters: dict[str, asyncio.Future[Outcome]] = {}
         # Replies that are not a task's outcome (session opens, calls, closes): the parsed JSON, by id.
         self.raw_waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -343,6 +346,12 @@ class RedisDispatcher:
             await asyncio.sleep(min(self.settings.heartbeat_s, 1.0))
             await self._refresh_cluster()
 
+    async def _refresh_or_fail(self) -> None:
+        """Re-read the heartbeats now (admin wants them fresh); BackendUnavailable when Redis is down."""
+        await self._refresh_cluster()
+        if not self.cluster.redis_ok:
+            raise BackendUnavailable("Redis does not answer; retry shortly")
+
     async def _refresh_cluster(self) -> None:
         try:
             with redis_errors("read worker heartbeats"):
@@ -388,15 +397,15 @@ class RedisDispatcher:
     async def figures(self) -> None:
         return None  # this process holds no pool; each worker's own figures are its own
 
-    # admin: the pools live on the workers; sizing them from here is the cluster admin's job (not built yet)
+    # admin: the pools live on the workers; pool/scaleout/cluster_admin.py sizes them through Redis
     async def pools(self) -> AdminView:
-        raise NotSupported(ADMIN_NOT_SUPPORTED)
+        return await self.admin.view()
 
     async def resize(self, tier_name: str, min_idle: int | None, max_size: int | None) -> Resized:
-        raise NotSupported(ADMIN_NOT_SUPPORTED)
+        return await self.admin.resize(tier_name, min_idle, max_size)
 
     async def drain(self, tier_name: str) -> Drained:
-        raise NotSupported(ADMIN_NOT_SUPPORTED)
+        return await self.admin.drain(tier_name)
 
     # streaming -------------------------------------------------------------------------------------
     async def execute_stream(self, tier_name: str, spec: TaskSpec, wait_s: float) -> TaskStream:
