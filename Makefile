@@ -12,7 +12,7 @@ REDIS_PORT ?= $(or $(WARMPOOL_TEST_REDIS_PORT),6399)
 PYTEST_ARGS ?=
 SERVICE_IMAGE ?= $(or $(WARMPOOL_SERVICE_IMAGE),warmpool-service:latest)
 
-.PHONY: venv docker image redis browser run test check lint bench bench-scaleout bench-stream service-image test-swarm
+.PHONY: venv docker image redis browser run test check lint bench bench-scaleout bench-stream bench-clients service-image test-swarm
 
 venv: $(STAMP)
 
@@ -103,3 +103,8 @@ bench-scaleout: venv docker image redis
 # plain one, embedded and scale-out; replaces its section "Streaming and sessions" of benchmarks/RESULTS.md.
 bench-stream: venv docker image redis
 	$(PY) benchmarks/stream_sessions.py --markdown benchmarks/RESULTS.md
+
+# Bounded (about 2 minutes): a 100-task batch's throughput and the Python client's overhead over raw HTTP;
+# writes its section "Batches and the Python client" of benchmarks/RESULTS.md.
+bench-clients: venv docker image
+	$(PY) benchmarks/clients.py
