@@ -15,9 +15,9 @@ from fastapi import FastAPI
 
 from api.admin import router as admin_router
 from api.auth import AuthBeforeBody
-from api.dashboard import router as dashboard_router
 from api.batch import router as batch_router
 from api.callback_relay import CallbackRelay
+from api.dashboard import router as dashboard_router
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit, limiter_from
 from api.mcp_http import install_mcp
