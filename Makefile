@@ -72,7 +72,7 @@ test: venv docker image redis browser service-image
 service-image: venv docker image
 	$(VENV)/bin/warmpool service-image --tag $(SERVICE_IMAGE)
 
-# 81 s here with the image build: deploy/swarm/stack.yml on a one-node swarm of a Docker engine
+# 81 to 108 s here with the image build: deploy/swarm/stack.yml on a one-node swarm of a Docker engine
 # started for the test (never the engine the other tests use); tasks, a resize and a drain through the
 # deployed API, and its dashboard.
 test-swarm: service-image browser

@@ -1,7 +1,7 @@
 """deploy/swarm/stack.yml deployed on a one-node swarm of a Docker engine of the test's own (tests/swarm_engine.py):
 the images reach it with docker save | load, the stack comes up (API, Redis with AOF, a worker per node),
 and tasks, a resize and a drain go through the deployed API, and its dashboard shows the worker. `make test`
-builds the service image first and runs it (alone: `make test-swarm`, 81 s with the image build).
+builds the service image first and runs it (alone: `make test-swarm`, 81 to 108 s with the image build).
 """
 
 from __future__ import annotations
