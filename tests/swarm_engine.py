@@ -25,10 +25,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import docker
+
+from tests.polling import wait_for
 
 STOP_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 60.0
@@ -81,13 +82,17 @@ class SwarmEngine:
              "--cgroup-parent", self.name, "--default-address-pool", "base=10.213.0.0/16,size=24"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self._answers():
-            if self.process.poll() is not None:
+        process = self.process
+
+        def answers() -> bool:
+            if process.poll() is not None:
                 raise RuntimeError(f"the second dockerd exited:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the second dockerd did not answer:\n{self.log_tail()}")
-            time.sleep(0.3)
+            return self._answers()
+
+        try:
+            wait_for(answers, "the second dockerd to answer", timeout_s=START_TIMEOUT_S, interval_s=0.3)
+        except AssertionError as exc:
+            raise RuntimeError(f"the second dockerd did not answer:\n{self.log_tail()}") from exc
         self.client = docker.DockerClient(base_url=self.host, timeout=120)
         # docker_gwbridge under a bridge name of our own, before the swarm would make one named after it.
         self.docker("network", "create", "--driver", "bridge",
