@@ -29,12 +29,14 @@ ADMIN_KEY = "fuzz-admin-key"
 TIER = "fuzz"
 FUZZ_TIERS = {"tiers": [{"name": TIER, "cpu": 0.5, "ram": "128MiB", "storage": "32MiB", "min_idle": 1,
                          "max_size": 2}]}
-# Operations that answer with success when the fuzz reaches their handler with what it generates (or with
-# a real id); the others' ids (sessions idle out within a second) may all be gone by then.
-MUST_SUCCEED = {"POST /v1/execute", "POST /v1/tasks", "GET /v1/tasks/{task_id}", "GET /v1/tasks/{task_id}/events",
-                "GET /v1/tiers", "GET /healthz", "GET /readyz", "POST /v1/sessions", "GET /v1/admin/pools",
-                "PATCH /v1/admin/pools/{tier}", "POST /v1/admin/pools/{tier}/drain", "GET /v1/admin/sessions",
-                "GET /metrics"}
+# What an operation answers once the fuzz reached its handler's work with what it generates (or with a real
+# id): at least one of these each. (A session's id is gone within its idle second: those get 404s only.)
+MUST_REACH = {"POST /v1/execute": {200}, "POST /v1/tasks": {202}, "POST /v1/tasks/batch": {202},
+              "GET /v1/tasks/{task_id}": {200}, "GET /v1/tasks/{task_id}/events": {200}, "GET /v1/tiers": {200},
+              "GET /healthz": {200}, "GET /readyz": {200}, "POST /v1/sessions": {201}, "GET /v1/admin/pools": {200},
+              # a resize of the real tier: applied, or refused by the host's ledger (four containers at most)
+              "PATCH /v1/admin/pools/{tier}": {200, 409}, "POST /v1/admin/pools/{tier}/drain": {200},
+              "GET /v1/admin/sessions": {200}, "GET /metrics": {200}}
 
 
 @dataclass
@@ -108,10 +110,10 @@ def test_fuzzing_the_openapi_schema_never_gives_a_500(serve):
                                                                                        record.calls)
 
     assert record.failures == [], "\n".join(record.failures[:20])
-    # Every operation got past its validator into its handler, and those that can succeed did.
+    # Every operation got past its validator into its handler, and into its work where a real id leads.
     statuses = {op.label: record.statuses(op.label) for op in operations}
     assert all(found - {422} for found in statuses.values()), statuses
-    assert [label for label in MUST_SUCCEED if not any(200 <= s < 300 for s in statuses[label])] == [], statuses
+    assert [label for label, wanted in MUST_REACH.items() if not wanted & statuses[label]] == [], statuses
     assert {422, 200} <= statuses["POST /v1/execute"], statuses
     # Put the tier back (the fuzz resized and drained it), then it still serves.
     assert svc.client.patch(f"/v1/admin/pools/{TIER}", json={"min_idle": 1, "max_size": 2},
