@@ -63,6 +63,11 @@ class Settings:
     visibility_timeout_s: float = 10.0  # a dead worker's unfinished tasks are claimed after this long
     worker_tiers: tuple[str, ...] = ()  # the tiers a worker serves; empty: all of them
     mode: str = "warm"
+    # Where a task writes (/tmp, and its work dir and HOME inside it): "disk", a filesystem image of the
+    # tier's storage per container, loop-mounted (root only; see pool/engine/scratch.py), or "memory", a
+    # tmpfs that counts against the tier's ram.
+    scratch: str = "disk"
+    scratch_dir: str = "/var/lib/warmpool/scratch"
 
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
@@ -115,6 +120,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     mode = _get(env, "MODE") or "warm"
     if mode not in ("warm", "cold"):
         raise InvalidRequest("WARMPOOL_MODE", f"must be 'warm' or 'cold', got {mode!r}")
+    scratch = _get(env, "SCRATCH") or "disk"
+    if scratch not in ("disk", "memory"):
+        raise InvalidRequest("WARMPOOL_SCRATCH", f"must be 'disk' or 'memory', got {scratch!r}")
     ram = _get(env, "HOST_RAM")
     api_keys, admin_key = _list(env, "API_KEYS"), _get(env, "ADMIN_KEY")
     if admin_key is not None and admin_key in api_keys:
@@ -159,4 +167,6 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         visibility_timeout_s=_float(env, "VISIBILITY_TIMEOUT_S", defaults.visibility_timeout_s),
         worker_tiers=_list(env, "WORKER_TIERS"),
         mode=mode,
+        scratch=scratch,
+        scratch_dir=_get(env, "SCRATCH_DIR") or defaults.scratch_dir,
     )

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import containers_of
+from tests.conftest import SCRATCH_ROOT, containers_of, scratch_left
 
 pytestmark = pytest.mark.docker
 
@@ -199,11 +199,13 @@ def test_shutdown_removes_every_container(serve, docker_client):
 
 def test_orphans_of_a_dead_pool_are_removed_at_start(serve, docker_client):
     svc = serve()
-    svc.process.kill()  # no shutdown: its containers stay behind as orphans
+    svc.process.kill()  # no shutdown: its containers and their scratch filesystems stay behind as orphans
     svc.process.wait()
     assert containers_of(docker_client, svc.instance_id)
+    assert len([path for path in scratch_left(svc.instance_id) if path.startswith(SCRATCH_ROOT)]) >= 3
     serve()
     assert containers_of(docker_client, svc.instance_id) == []
+    assert scratch_left(svc.instance_id) == []  # mounts, loop devices and the state dir, all gone
 
 
 def _wait_for(predicate, timeout_s: float = 30) -> None:

@@ -25,6 +25,7 @@ from pool.engine.container import (
 from pool.engine.docker_backend import INSTANCE_LABEL, DockerBackend
 from pool.engine.inventory import detect_gpu_ids, host_inventory, unfit_reason
 from pool.engine.sandbox_spec import owner_is_alive, owner_token
+from pool.engine.scratch import ScratchStore
 from pool.engine.tier_pool import TierPool
 from pool.model.capacity import CapacityLedger
 from pool.model.errors import (
@@ -62,8 +63,11 @@ class PoolManager:
         self.ledger: CapacityLedger | None = None
         self.docker_ok = False
         self.image_ok = False
+        owner = owner_token()
+        self.scratch = (ScratchStore(settings.scratch_dir, settings.instance_id, owner)
+                        if settings.scratch == "disk" else None)
         self._options = CreateOptions(image=settings.image, instance_id=settings.instance_id,
-                                      owner=owner_token(), nofile_limit=settings.nofile_limit)
+                                      owner=owner, nofile_limit=settings.nofile_limit, scratch=self.scratch)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
         self._start_slots = asyncio.Semaphore(settings.start_concurrency)
@@ -88,6 +92,9 @@ class PoolManager:
                 log.warning("%s: its requests will be refused", pool.unfit)
         self.docker_ok = True
         await self.remove_orphans()
+        if self.scratch is not None:
+            worst_case_bytes = sum(t.resources.storage_bytes * t.max_size for t in self.settings.tiers)
+            await anyio.to_thread.run_sync(self.scratch.open, worst_case_bytes)
         self._spawn(self._replenish_loop())
 
     def _check_runtimes(self, runtimes: tuple[str, ...]) -> None:
@@ -128,9 +135,13 @@ class PoolManager:
             except PoolError as exc:
                 log.warning("shutdown sweep failed: %s", exc)
             await anyio.to_thread.run_sync(self.backend.close)
+        if self.scratch is not None:
+            # Slots of containers whose removal was cut short go here too (lazily, if one still holds it).
+            await anyio.to_thread.run_sync(self.scratch.close)
 
     async def remove_orphans(self) -> int:
-        """Remove containers labelled by pools whose owning process is gone (never a live pool's)."""
+        """Remove containers labelled by pools whose owning process is gone (never a live pool's), then
+        those pools' scratch filesystems."""
         assert self.backend is not None
         backend = self.backend
         ours = await anyio.to_thread.run_sync(backend.list_ours)
@@ -138,6 +149,8 @@ class PoolManager:
         await asyncio.gather(*(anyio.to_thread.run_sync(backend.remove, c.container_id) for c in dead))
         if dead:
             log.info("removed %d orphaned container(s) of earlier runs", len(dead))
+        if self.scratch is not None:
+            await anyio.to_thread.run_sync(self.scratch.sweep_orphans)
         return len(dead)
 
     async def _sweep_strays(self) -> None:
@@ -286,6 +299,7 @@ class PoolManager:
         except PoolError as exc:
             log.warning("could not remove %s: %s", handle.name, exc)
         finally:
+            await handle.release_scratch()
             self.ledger.release(handle.tier.resources, handle.gpu_ids)
             self._wake.set()
 

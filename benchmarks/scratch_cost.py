@@ -1,0 +1,152 @@
+"""What disk scratch costs against a tmpfs: per task (the reset), per replacement (a new filesystem), and
+for the seed's 900 MiB write.
+
+Run: .venv/bin/python benchmarks/scratch_cost.py [--tasks N] [--replacements N] [--markdown FILE]
+Starts `warmpool serve` on loopback with WARMPOOL_SCRATCH=disk and then =memory, same tiers, one after the
+other, and times the scratch store's own make/release in this process. With --markdown, replaces (or
+appends) the section "## Disk scratch" of that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import server  # noqa: E402
+from latency import summary  # noqa: E402
+
+from pool.engine.sandbox_spec import owner_token  # noqa: E402
+from pool.engine.scratch import ScratchStore  # noqa: E402
+from pool.settings import Settings  # noqa: E402
+
+HEADING = "## Disk scratch"
+MIB = 1024 ** 2
+ONE = {"tiers": [{"name": "one", "cpu": 1, "ram": "512MiB", "storage": "1GiB", "min_idle": 1, "max_size": 1}]}
+FRESH = {"tiers": [{"name": "fresh", "cpu": 0.5, "ram": "128MiB", "storage": "128MiB", "min_idle": 4,
+                    "max_size": 8, "max_uses": 1}]}
+WRITE = "with open('f', 'wb') as f:\n    f.write(b'x' * ({mib} << 20))"
+
+
+def sequential_ms(client: httpx.Client, code: str, count: int) -> dict[str, float]:
+    """Back to back on the one container: each task also waits for the previous one's reset."""
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        body = client.post("/v1/execute", json={"code": code, "timeout_s": 60}).json()
+        samples.append((time.perf_counter() - started) * 1000)
+        if body.get("status") != "succeeded":
+            raise SystemExit(f"unexpected answer: {body}")
+    return summary(samples)
+
+
+def per_task(scratch: str, count: int) -> dict[str, dict[str, float]]:
+    with server({"WARMPOOL_SCRATCH": scratch}, ONE) as (url, _), httpx.Client(base_url=url, timeout=120) as client:
+        sequential_ms(client, "pass", 20)  # warm the connection and code paths
+        rows = {"print('hello')": sequential_ms(client, "print('hello')", count),
+                "write 16 MiB": sequential_ms(client, WRITE.format(mib=16), count // 4)}
+        if scratch == "disk":  # a tmpfs cannot hold it: 512 MiB of ram
+            rows["write 900 MiB"] = sequential_ms(client, WRITE.format(mib=900), 3)
+            rows["print('hello') after 900 MiB"] = after_big_write_ms(client, 3)
+        return rows
+
+
+def after_big_write_ms(client: httpx.Client, count: int) -> dict[str, float]:
+    """A hello task right after a 900 MiB one: it waits for the reset that deletes the file."""
+    samples = []
+    for _ in range(count):
+        sequential_ms(client, WRITE.format(mib=900), 1)
+        samples.append(sequential_ms(client, "print('hello')", 1)["p50"])
+    return summary(samples)
+
+
+def replacement_rate(scratch: str, count: int) -> float:
+    with server({"WARMPOOL_SCRATCH": scratch, "WARMPOOL_LEASE_TIMEOUT_S": "30"}, FRESH) as (url, _), \
+            httpx.Client(base_url=url, timeout=60) as client:
+        def one(_: int) -> str:
+            return str(client.post("/v1/execute", json={"code": "print(1)"}).json().get("status"))
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(one, range(count)))
+        elapsed_s = time.perf_counter() - started
+    if statuses.count("succeeded") != count:
+        raise SystemExit(f"replacement run: {statuses}")
+    return count / elapsed_s
+
+
+def store_ms(size_bytes: int, count: int) -> tuple[dict[str, float], dict[str, float]]:
+    """make (sparse file, mkfs, loop, mount) and release (unmount, unlink) of one slot, in this process."""
+    store = ScratchStore(Settings.scratch_dir, f"bench-store-{secrets.token_hex(3)}", owner_token())
+    store.open()
+    made, released = [], []
+    try:
+        for i in range(count):
+            started = time.perf_counter()
+            slot = store.make(f"s-{i}", size_bytes)
+            made.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            store.release(slot)
+            released.append((time.perf_counter() - started) * 1000)
+    finally:
+        store.close()
+    return summary(made), summary(released)
+
+
+def render(tasks: dict[str, dict[str, dict[str, float]]], rates: dict[str, float],
+           store: dict[int, tuple[dict[str, float], dict[str, float]]], args: argparse.Namespace) -> str:
+    lines = [HEADING, "",
+             f"Command: `python benchmarks/scratch_cost.py --tasks {args.tasks} --replacements {args.replacements}` "
+             f"on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cpus, load average "
+             f"{os.getloadavg()[0]:.1f} at the end (the machine is shared).", "",
+             "Per task, back to back on one container (1 cpu, 512 MiB ram, 1 GiB storage), so each task also "
+             "waits for the reset after the one before it:", "",
+             "| task | scratch | n | p50 ms | p95 ms |", "| --- | --- | --- | --- | --- |"]
+    for label in tasks["disk"]:
+        for scratch in ("disk", "memory"):
+            if label in tasks[scratch]:
+                row = tasks[scratch][label]
+                lines.append(f"| {label} | {scratch} | {row['n']} | {row['p50']:.1f} | {row['p95']:.1f} |")
+    lines += ["", f"Replacement ({args.replacements} tasks on a `max_uses: 1` tier, 128 MiB storage, 8 clients, "
+              f"4 warm, at most 8): **{rates['disk']:.1f} containers/s with disk scratch, {rates['memory']:.1f}/s "
+              "with a tmpfs**.", "",
+              "One scratch filesystem on its own (this process; sparse file, mkfs.ext4, loop device, mount; then "
+              "unmount and unlink):", "", "| size | n | make p50 ms | make p95 ms | release p50 ms |",
+              "| --- | --- | --- | --- | --- |"]
+    for size, (made, released) in store.items():
+        lines.append(f"| {size // MIB} MiB | {made['n']} | {made['p50']:.1f} | {made['p95']:.1f} | "
+                     f"{released['p50']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--replacements", type=int, default=60)
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args()
+    store = {size: store_ms(size, 20) for size in (128 * MIB, 1024 * MIB)}
+    tasks = {scratch: per_task(scratch, args.tasks) for scratch in ("disk", "memory")}
+    rates = {scratch: replacement_rate(scratch, args.replacements) for scratch in ("disk", "memory")}
+    text = render(tasks, rates, store, args)
+    print(text)
+    if args.markdown:
+        old = args.markdown.read_text() if args.markdown.exists() else ""
+        start = old.find(HEADING)
+        if start < 0:
+            new = old.rstrip() + "\n\n" + text
+        else:
+            end = old.find("\n## ", start + len(HEADING))
+            new = old[:start] + text + (old[end + 1:] if end >= 0 else "")
+        args.markdown.write_text(new)
+
+
+if __name__ == "__main__":
+    main()
