@@ -33,39 +33,38 @@ MIB = 1024 ** 2
 ONE = {"tiers": [{"name": "one", "cpu": 1, "ram": "512MiB", "storage": "1GiB", "min_idle": 1, "max_size": 1}]}
 FRESH = {"tiers": [{"name": "fresh", "cpu": 0.5, "ram": "128MiB", "storage": "128MiB", "min_idle": 4,
                     "max_size": 8, "max_uses": 1}]}
-WRITE = "with open('f', 'wb') as f:\n    f.write(b'x' * ({mib} << 20))"
+WRITE = "chunk = b'x' * (1 << 20)\nwith open('f', 'wb') as f:\n    for _ in range({mib}):\n        f.write(chunk)"
 
 
-def sequential_ms(client: httpx.Client, code: str, count: int) -> dict[str, float]:
-    """Back to back on the one container: each task also waits for the previous one's reset."""
-    samples = []
-    for _ in range(count):
-        started = time.perf_counter()
-        body = client.post("/v1/execute", json={"code": code, "timeout_s": 60}).json()
-        samples.append((time.perf_counter() - started) * 1000)
-        if body.get("status") != "succeeded":
-            raise SystemExit(f"unexpected answer: {body}")
-    return summary(samples)
+def one_task_ms(client: httpx.Client, code: str) -> float:
+    started = time.perf_counter()
+    body = client.post("/v1/execute", json={"code": code, "timeout_s": 60}).json()
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    if body.get("status") != "succeeded":
+        raise SystemExit(f"unexpected answer: {body}")
+    return elapsed_ms
 
 
-def per_task(scratch: str, count: int) -> dict[str, dict[str, float]]:
-    with server({"WARMPOOL_SCRATCH": scratch}, ONE) as (url, _), httpx.Client(base_url=url, timeout=120) as client:
-        sequential_ms(client, "pass", 20)  # warm the connection and code paths
-        rows = {"print('hello')": sequential_ms(client, "print('hello')", count),
-                "write 16 MiB": sequential_ms(client, WRITE.format(mib=16), count // 4)}
-        if scratch == "disk":  # a tmpfs cannot hold it: 512 MiB of ram
-            rows["write 900 MiB"] = sequential_ms(client, WRITE.format(mib=900), 3)
-            rows["print('hello') after 900 MiB"] = after_big_write_ms(client, 3)
-        return rows
-
-
-def after_big_write_ms(client: httpx.Client, count: int) -> dict[str, float]:
-    """A hello task right after a 900 MiB one: it waits for the reset that deletes the file."""
-    samples = []
-    for _ in range(count):
-        sequential_ms(client, WRITE.format(mib=900), 1)
-        samples.append(sequential_ms(client, "print('hello')", 1)["p50"])
-    return summary(samples)
+def per_task(count: int) -> dict[str, dict[str, dict[str, float]]]:
+    """Both servers at once, one task to each in turn (the machine is shared: both see the same load),
+    back to back on each one's single container, so each task also waits for the reset before it."""
+    with server({"WARMPOOL_SCRATCH": "disk"}, ONE) as (disk_url, _), \
+            server({"WARMPOOL_SCRATCH": "memory"}, ONE) as (memory_url, _), \
+            httpx.Client(base_url=disk_url, timeout=120) as disk, \
+            httpx.Client(base_url=memory_url, timeout=120) as memory:
+        clients = {"disk": disk, "memory": memory}
+        samples: dict[str, dict[str, list[float]]] = {"disk": {}, "memory": {}}
+        for label, code, n in (("warm-up", "pass", 20), ("print('hello')", "print('hello')", count),
+                               ("write 16 MiB", WRITE.format(mib=16), count // 4)):
+            for _ in range(n):
+                for scratch, client in clients.items():
+                    samples[scratch].setdefault(label, []).append(one_task_ms(client, code))
+        for _ in range(3):  # a tmpfs cannot hold it: 512 MiB of ram
+            samples["disk"].setdefault("write 900 MiB", []).append(one_task_ms(disk, WRITE.format(mib=900)))
+            # The task after a 900 MiB one waits for the reset that deletes it.
+            samples["disk"].setdefault("print('hello') after 900 MiB", []).append(one_task_ms(disk, "print('hello')"))
+    return {scratch: {label: summary(values) for label, values in rows.items() if label != "warm-up"}
+            for scratch, rows in samples.items()}
 
 
 def replacement_rate(scratch: str, count: int) -> float:
@@ -100,23 +99,27 @@ def store_ms(size_bytes: int, count: int) -> tuple[dict[str, float], dict[str, f
     return summary(made), summary(released)
 
 
-def render(tasks: dict[str, dict[str, dict[str, float]]], rates: dict[str, float],
+def render(tasks: dict[str, dict[str, dict[str, float]]], rates: dict[str, list[float]],
            store: dict[int, tuple[dict[str, float], dict[str, float]]], args: argparse.Namespace) -> str:
     lines = [HEADING, "",
              f"Command: `python benchmarks/scratch_cost.py --tasks {args.tasks} --replacements {args.replacements}` "
              f"on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cpus, load average "
              f"{os.getloadavg()[0]:.1f} at the end (the machine is shared).", "",
-             "Per task, back to back on one container (1 cpu, 512 MiB ram, 1 GiB storage), so each task also "
-             "waits for the reset after the one before it:", "",
+             "Per task: a server with disk scratch and one with a tmpfs, running at once, sent one task each in "
+             "turn; each has one container (1 cpu, 512 MiB ram, 1 GiB storage), so each task also waits for the "
+             "reset after the one before it:", "",
              "| task | scratch | n | p50 ms | p95 ms |", "| --- | --- | --- | --- | --- |"]
     for label in tasks["disk"]:
         for scratch in ("disk", "memory"):
             if label in tasks[scratch]:
                 row = tasks[scratch][label]
                 lines.append(f"| {label} | {scratch} | {row['n']} | {row['p50']:.1f} | {row['p95']:.1f} |")
+    def runs(scratch: str) -> str:
+        return " and ".join(f"{rate:.1f}" for rate in rates[scratch])
+
     lines += ["", f"Replacement ({args.replacements} tasks on a `max_uses: 1` tier, 128 MiB storage, 8 clients, "
-              f"4 warm, at most 8): **{rates['disk']:.1f} containers/s with disk scratch, {rates['memory']:.1f}/s "
-              "with a tmpfs**.", "",
+              f"4 warm, at most 8; two runs of each, alternated): **{runs('disk')} containers/s with disk "
+              f"scratch, {runs('memory')}/s with a tmpfs**.", "",
               "One scratch filesystem on its own (this process; sparse file, mkfs.ext4, loop device, mount; then "
               "unmount and unlink):", "", "| size | n | make p50 ms | make p95 ms | release p50 ms |",
               "| --- | --- | --- | --- | --- |"]
@@ -133,8 +136,11 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
     store = {size: store_ms(size, 20) for size in (128 * MIB, 1024 * MIB)}
-    tasks = {scratch: per_task(scratch, args.tasks) for scratch in ("disk", "memory")}
-    rates = {scratch: replacement_rate(scratch, args.replacements) for scratch in ("disk", "memory")}
+    tasks = per_task(args.tasks)
+    rates: dict[str, list[float]] = {"disk": [], "memory": []}
+    for _ in range(2):  # alternated, so that both see the shared machine's load alike
+        for scratch in ("disk", "memory"):
+            rates[scratch].append(replacement_rate(scratch, args.replacements))
     text = render(tasks, rates, store, args)
     print(text)
     if args.markdown:
