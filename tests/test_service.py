@@ -80,7 +80,8 @@ print(os.getuid())
     body = service.execute(code, resources={"ram": "200MiB"}).json()
     memory, memsw, pids, tmp_size, uid = body["stdout"].split()
     assert int(memory) == 256 * MIB and memsw in (str(256 * MIB), "?")
-    assert tmp_size == str(128 * MIB) and uid == "10001"
+    # /tmp is a filesystem of the tier's storage: its size less ext4's own metadata (test_scratch.py)
+    assert 0.9 * 128 * MIB < int(tmp_size) <= 128 * MIB and uid == "10001"
     container = containers_of(docker_client, service.instance_id)[0]
     host = docker_client.api.inspect_container(container.id)["HostConfig"]
     tier_ram = {"one": 96 * MIB, "two": 256 * MIB}
