@@ -10,7 +10,6 @@ appends) the section "## Disk scratch" of that file.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import os
 import secrets
 import sys
@@ -21,7 +20,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import server  # noqa: E402
+from bench import replacement_run, server  # noqa: E402
 from latency import summary  # noqa: E402
 
 from pool.engine.sandbox_spec import owner_token  # noqa: E402
@@ -31,8 +30,6 @@ from pool.settings import Settings  # noqa: E402
 HEADING = "## Disk scratch"
 MIB = 1024 ** 2
 ONE = {"tiers": [{"name": "one", "cpu": 1, "ram": "512MiB", "storage": "1GiB", "min_idle": 1, "max_size": 1}]}
-FRESH = {"tiers": [{"name": "fresh", "cpu": 0.5, "ram": "128MiB", "storage": "128MiB", "min_idle": 4,
-                    "max_size": 8, "max_uses": 1}]}
 WRITE = "chunk = b'x' * (1 << 20)\nwith open('f', 'wb') as f:\n    for _ in range({mib}):\n        f.write(chunk)"
 
 
@@ -68,14 +65,7 @@ def per_task(count: int) -> dict[str, dict[str, dict[str, float]]]:
 
 
 def replacement_rate(scratch: str, count: int) -> float:
-    with server({"WARMPOOL_SCRATCH": scratch, "WARMPOOL_LEASE_TIMEOUT_S": "30"}, FRESH) as (url, _), \
-            httpx.Client(base_url=url, timeout=60) as client:
-        def one(_: int) -> str:
-            return str(client.post("/v1/execute", json={"code": "print(1)"}).json().get("status"))
-        started = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            statuses = list(pool.map(one, range(count)))
-        elapsed_s = time.perf_counter() - started
+    statuses, elapsed_s, _ = replacement_run({"WARMPOOL_SCRATCH": scratch}, count)
     if statuses.count("succeeded") != count:
         raise SystemExit(f"replacement run: {statuses}")
     return count / elapsed_s
@@ -117,7 +107,7 @@ def render(tasks: dict[str, dict[str, dict[str, float]]], rates: dict[str, list[
     def runs(scratch: str) -> str:
         return " and ".join(f"{rate:.1f}" for rate in rates[scratch])
 
-    lines += ["", f"Replacement ({args.replacements} tasks on a `max_uses: 1` tier, 128 MiB storage, 8 clients, "
+    lines += ["", f"Replacement ({args.replacements} tasks on a `max_uses: 1` tier, 64 MiB storage, 8 clients, "
               f"4 warm, at most 8; two runs of each, alternated): **{runs('disk')} containers/s with disk "
               f"scratch, {runs('memory')}/s with a tmpfs**.", "",
               "One scratch filesystem on its own (this process; sparse file, mkfs.ext4, loop device, mount; then "
