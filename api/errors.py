@@ -1,4 +1,5 @@
-"""Pool errors to HTTP answers: 422 names the field, 429/503 carry Retry-After, nothing becomes a 500."""
+"""Pool errors to HTTP answers: 422 names the field, 404 an unknown tier, 409 what cannot be done, 429/503
+carry Retry-After, nothing becomes a 500."""
 
 from __future__ import annotations
 
@@ -11,14 +12,18 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from api.json_body import finite_for_json
 from pool.model.errors import (
     BackendUnavailable,
     CapacityError,
     InvalidRequest,
     NoCapacity,
+    NotSupported,
     Overloaded,
     PoolError,
+    ResultEvicted,
     SandboxError,
+    UnknownTier,
 )
 
 log = logging.getLogger(__name__)
@@ -38,7 +43,9 @@ def retry_after(status_code: int, message: str, retry_after_s: float) -> JSONRes
 async def _pool_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, InvalidRequest):
         return invalid_body(exc.field, exc.message)
-    if isinstance(exc, CapacityError):
+    if isinstance(exc, UnknownTier):
+        return JSONResponse(status_code=404, content={"detail": str(exc)})
+    if isinstance(exc, CapacityError | NotSupported):
         return JSONResponse(status_code=409, content={"detail": str(exc)})
     if isinstance(exc, Overloaded):
         return retry_after(429, str(exc), exc.retry_after_s)
@@ -46,6 +53,8 @@ async def _pool_error(request: Request, exc: Exception) -> JSONResponse:
         return retry_after(503, str(exc), exc.retry_after_s)
     if isinstance(exc, BackendUnavailable):
         return retry_after(503, str(exc), exc.retry_after_s)
+    if isinstance(exc, ResultEvicted):
+        return JSONResponse(status_code=404, content={"detail": str(exc)})
     if isinstance(exc, SandboxError):
         return retry_after(503, f"sandbox unavailable: {exc}", 1.0)
     log.exception("unexpected pool error", exc_info=exc)
@@ -54,9 +63,11 @@ async def _pool_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
     """FastAPI's 422, rendered with ASCII escapes: the errors echo the input, and an input holding a lone
-    surrogate (JSON allows "\\ud800") cannot be encoded as UTF-8, which made FastAPI's own handler a 500."""
+    surrogate (JSON allows "\\ud800") cannot be encoded as UTF-8, which made FastAPI's own handler a 500; and
+    an infinite input (`1e400`) is written as text, since `Infinity` is not JSON."""
     assert isinstance(exc, RequestValidationError)
-    body = json.dumps({"detail": jsonable_encoder(exc.errors())}, ensure_ascii=True)
+    body = json.dumps({"detail": finite_for_json(jsonable_encoder(exc.errors()))}, ensure_ascii=True,
+                      allow_nan=False)
     return Response(body, status_code=422, media_type="application/json")
 
 

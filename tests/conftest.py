@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -31,6 +32,23 @@ TEST_TIERS = {"tiers": [
     {"name": "one", "cpu": 0.5, "ram": "96MiB", "storage": "32MiB", "min_idle": 1, "max_size": 1},
     {"name": "two", "cpu": 1, "ram": "256MiB", "storage": "128MiB", "min_idle": 2, "max_size": 4},
 ]}
+
+
+# Fixtures that need a Docker engine or a Redis (directly or through the fixtures they use). A test that
+# uses one must carry the matching marker, so that `make check` (-m "not docker and not redis") never
+# needs either; pytest_collection_modifyitems refuses a test that forgot it.
+NEEDS = {"docker": ("docker_client", "runner_image", "datascience"), "redis": ("redis_url", "redis_server")}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = []
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        for marker, fixtures in NEEDS.items():
+            if used.intersection(fixtures) and item.get_closest_marker(marker) is None:
+                unmarked.append(f"{item.nodeid} uses {sorted(used.intersection(fixtures))} but is not marked {marker}")
+    if unmarked:
+        raise pytest.UsageError("tests that need an engine must say so:\n" + "\n".join(unmarked))
 
 
 @pytest.fixture(scope="session")
@@ -93,16 +111,23 @@ def tiers_file(tmp_path: Path) -> Callable[[dict], Path]:
 
 
 def start_service(log_dir: Path, tiers_path: Path, env: dict[str, str] | None = None,
-                  ready_timeout_s: float = 60) -> Service:
-    """A `warmpool serve` process on a free loopback port, ready (or the test fails with its log)."""
+                  ready_timeout_s: float = 60, nofile_limit: int | None = None) -> Service:
+    """A `warmpool serve` process on a free loopback port, ready (or the test fails with its log).
+
+    `nofile_limit` sets the process's open-file limit (soft and hard), to exhaust it with few connections."""
     port = _free_port()
     instance_id = f"test-{secrets.token_hex(4)}"
     full_env = {**os.environ, "WARMPOOL_TIERS_FILE": str(tiers_path), "WARMPOOL_INSTANCE_ID": instance_id,
                 **(env or {})}
     log_path = log_dir / f"serve-{port}.log"
     log = open(log_path, "w")  # noqa: SIM115 - closed with the process
+    def limit_files() -> None:
+        if nofile_limit is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile_limit, nofile_limit))
+
     process = subprocess.Popen([sys.executable, "-m", "warmpool", "serve", "--host", "127.0.0.1",
-                                "--port", str(port)], env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                                "--port", str(port)], env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                               preexec_fn=limit_files if nofile_limit is not None else None)
     service = Service(process, f"http://127.0.0.1:{port}", instance_id, log)
     service.log_path = log_path
     deadline = time.monotonic() + ready_timeout_s
@@ -151,8 +176,9 @@ def serve(docker_client, tiers_file, tmp_path) -> Iterator[Callable[..., Service
     """Start services (`serve(tiers=..., env={...})`); each is stopped and checked for leftovers."""
     started: list[Service] = []
 
-    def start(tiers: dict | None = None, env: dict[str, str] | None = None, ready_timeout_s: float = 60) -> Service:
-        service = start_service(tmp_path, tiers_file(tiers or TEST_TIERS), env, ready_timeout_s)
+    def start(tiers: dict | None = None, env: dict[str, str] | None = None, ready_timeout_s: float = 60,
+              nofile_limit: int | None = None) -> Service:
+        service = start_service(tmp_path, tiers_file(tiers or TEST_TIERS), env, ready_timeout_s, nofile_limit)
         started.append(service)
         return service
 

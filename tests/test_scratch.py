@@ -67,6 +67,7 @@ def test_scratch_mode_is_a_setting_checked_at_start():
 
 @pytest.fixture
 def store():
+    """A scratch store of its own (a test instance dir under the default root), closed and checked after."""
     made = ScratchStore(SCRATCH_ROOT, f"test-store-{secrets.token_hex(4)}", owner_token())
     made.open()
     yield made
@@ -74,6 +75,7 @@ def store():
     assert not os.path.exists(made.instance_dir)
 
 
+@pytest.mark.root
 def test_a_slot_is_a_fresh_filesystem_of_its_size_and_goes_without_a_trace(store):
     slot = store.make("s-1", 64 * MIB)
     (mount,) = [m for m in host_mounts() if m[1] == slot.mount_dir]
@@ -90,6 +92,7 @@ def test_a_slot_is_a_fresh_filesystem_of_its_size_and_goes_without_a_trace(store
     assert store.slots_out == 0
 
 
+@pytest.mark.root
 def test_closing_the_store_gives_back_every_slot(store):
     slots = [store.make(f"s-{i}", 16 * MIB) for i in range(3)]
     store.close()
@@ -98,6 +101,7 @@ def test_closing_the_store_gives_back_every_slot(store):
     assert not any(os.path.exists(slot.image_path) for slot in slots)
 
 
+@pytest.mark.root
 def test_a_dead_pools_slots_are_swept_and_a_live_ones_kept(store):
     dead = ScratchStore(SCRATCH_ROOT, f"test-dead-{secrets.token_hex(4)}", owner_token())
     dead.open()

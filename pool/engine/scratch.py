@@ -27,9 +27,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from pool.engine.sandbox_spec import owner_is_alive
+from pool.engine.sandbox_spec import owner_is_alive, owner_token
 from pool.model.errors import SandboxError
 from pool.model.resources import format_bytes
+from pool.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,13 @@ def loops_backed_under(sys_block: Path, directory: str) -> list[str]:
         if path.startswith(prefix):
             found.append(f"/dev/{backing.parent.parent.name}")
     return found
+
+
+def scratch_store(settings: Settings) -> ScratchStore | None:
+    """The disk scratch of a pool on the local Docker engine (WARMPOOL_SCRATCH=disk); None for a tmpfs."""
+    if settings.scratch != "disk":
+        return None
+    return ScratchStore(settings.scratch_dir, settings.instance_id, owner_token())
 
 
 class ScratchStore:

@@ -3,11 +3,14 @@
     PoolError
     ├── InvalidRequest          a request field is malformed (names the field)
     │   └── NoTierFits          no tier can ever cover the request (names the dimension)
+    ├── UnknownTier             no tier has that name (admin routes)
     ├── CapacityError           the host ledger cannot hold what was asked (admin sizing)
+    ├── NotSupported            this mode cannot do that (yet): admin of the pools in scale-out mode
     ├── NoCapacity              no container could be leased in time (retry later)
     │   └── Overloaded          too many tasks already wait for the tier (refused at once; HTTP 429)
     ├── BackendUnavailable      Docker (or Redis) does not answer (retry later)
     ├── SandboxError            a container or its runner broke; the container is replaced
+    ├── ResultEvicted           an async task's result was evicted to keep the results bound (HTTP 404)
     └── TaskWithdrawn           a leased task was withdrawn before its code was sent (nothing ran)
 
 A task's own timeout, OOM or crash is never one of these: it is data in `TaskResult`.
@@ -33,8 +36,16 @@ class NoTierFits(InvalidRequest):
     """No configured tier can ever cover the request in `field` (e.g. ``resources.gpu``)."""
 
 
+class UnknownTier(PoolError):
+    """No configured tier has the name asked for; the message lists the names."""
+
+
 class CapacityError(PoolError):
     """What was asked does not fit the host's capacity ledger; the message gives the reason."""
+
+
+class NotSupported(PoolError):
+    """What was asked is not available in this mode (e.g. sizing pools that live on remote workers)."""
 
 
 class NoCapacity(PoolError):
@@ -59,6 +70,10 @@ class BackendUnavailable(PoolError):
 
 class SandboxError(PoolError):
     """A container or its runner failed in a way that is not the task's own doing."""
+
+
+class ResultEvicted(PoolError):
+    """An async task's finished result was dropped before its TTL to keep the server's results bound."""
 
 
 class TaskWithdrawn(PoolError):

@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from pool.engine.manager import PoolManager
+from pool.model.snapshots import PoolsSnapshot, TierSnapshot
 from pool.model.tiers import Tier
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,10 @@ class WorkerBeat:
     tiers: dict[str, dict[str, Any]]  # tier name -> resources and counts
 
 
-def beat_json(worker_id: str, manager: PoolManager, inflight: dict[str, int]) -> str:
-    tiers = {name: {**p.tier.describe(), "min_idle": p.min_idle, "max_size": p.max_size, "idle": len(p.idle),
-                    "busy": len(p.busy), "starting": p.starting, "inflight": inflight.get(name, 0)}
-             for name, p in manager.pools.items()}
-    return json.dumps({"id": worker_id, "host": socket.gethostname(), "docker_ok": manager.docker_ok,
+def beat_json(worker_id: str, pools: PoolsSnapshot, inflight: dict[str, int]) -> str:
+    """A worker's heartbeat: each tier as every view shows it, plus the tasks it has in hand."""
+    tiers = {s.name: {**s.as_dict(), "inflight": inflight.get(s.name, 0)} for s in pools.tiers}
+    return json.dumps({"id": worker_id, "host": socket.gethostname(), "docker_ok": pools.docker_ok,
                        "tiers": tiers}, separators=(",", ":"))
 
 
@@ -73,12 +72,13 @@ class ClusterView:
                     log.warning("worker %s defines tier %r as %s, the API as %s: use one tiers file",
                                 worker.worker_id, tier.name, theirs, mine)
 
-    def tier_rows(self, tiers: tuple[Tier, ...]) -> list[dict[str, Any]]:
+    def tier_snapshots(self, tiers: tuple[Tier, ...]) -> tuple[TierSnapshot, ...]:
         """Each of our tiers with its counts summed over the live workers that serve it."""
         rows = []
         for tier in tiers:
             serving = self.serving(tier.name)
-            counts = {k: sum(int(w.tiers[tier.name].get(k, 0)) for w in serving) for k in _COUNTS}
-            rows.append({**tier.describe(), **counts, "workers": len(serving),
-                         "queued": self.queued.get(tier.name, 0)})
-        return rows
+            min_idle, max_size, idle, busy, starting = (
+                sum(int(w.tiers[tier.name].get(k, 0)) for w in serving) for k in _COUNTS)
+            rows.append(TierSnapshot(tier=tier, min_idle=min_idle, max_size=max_size, idle=idle, busy=busy,
+                                     starting=starting, workers=len(serving), queued=self.queued.get(tier.name, 0)))
+        return tuple(rows)

@@ -8,6 +8,8 @@ the task's hash (async tasks) and on the submitting API's reply list (synchronou
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,17 +29,60 @@ class MalformedEntry(ValueError):
     """A stream entry or outcome that is not one of ours (or from an incompatible version)."""
 
 
-def spec_fields(spec: TaskSpec) -> dict[str, str]:
-    return {"id": spec.task_id, "code": spec.code, "stdin": spec.stdin, "timeout_s": repr(spec.timeout_s),
-            "output_limit_bytes": str(spec.output_limit_bytes)}
+@dataclass(frozen=True)
+class StreamEntry:
+    """A task as it travels on its tier's stream: what a worker needs to run it and to answer it.
+
+    Written by the API (`to_fields`) and read by the worker (`from_fields`), here only; a field that is
+    missing or does not parse is a MalformedEntry naming it (the worker drops such an entry)."""
+
+    spec: TaskSpec
+    reply_to: str  # the submitting API's reply list; "" for an async task (its outcome stays in its hash)
+    submitted_unix: float  # the API's clock at submission
+    result_ttl_ms: int  # how long the outcome of an async task is kept (the API's setting)
+    lease_wait_s: float  # the request's wait for a container (its max_wait_ms, within the lease timeout)
+    max_result_bytes: int = 0  # an async task's bound on a stored result (the API's setting); 0: none
+
+    def to_fields(self) -> dict[str, str]:
+        spec = self.spec
+        return {"id": spec.task_id, "code": spec.code, "stdin": spec.stdin, "timeout_s": repr(spec.timeout_s),
+                "output_limit_bytes": str(spec.output_limit_bytes), "reply_to": self.reply_to,
+                "submitted_unix": repr(self.submitted_unix), "result_ttl_ms": str(self.result_ttl_ms),
+                "lease_wait_s": repr(self.lease_wait_s), "max_result_bytes": str(self.max_result_bytes)}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, str]) -> StreamEntry:
+        task_id = _text(fields, "id")
+        if not task_id:
+            raise MalformedEntry("bad task entry: 'id' is empty")
+        spec = TaskSpec(task_id=task_id, code=_text(fields, "code"), stdin=fields.get("stdin", ""),
+                        timeout_s=_number(fields, "timeout_s", positive=True),
+                        output_limit_bytes=int(_number(fields, "output_limit_bytes", positive=True, whole=True)))
+        return cls(spec=spec, reply_to=fields.get("reply_to", ""),
+                   submitted_unix=_number(fields, "submitted_unix"),
+                   result_ttl_ms=int(_number(fields, "result_ttl_ms", positive=True, whole=True)),
+                   lease_wait_s=_number(fields, "lease_wait_s"),
+                   max_result_bytes=int(_number(fields, "max_result_bytes", whole=True)))
 
 
-def spec_from_fields(fields: dict[str, str]) -> TaskSpec:
+def _text(fields: Mapping[str, str], name: str) -> str:
     try:
-        return TaskSpec(task_id=fields["id"], code=fields["code"], stdin=fields.get("stdin", ""),
-                        timeout_s=float(fields["timeout_s"]), output_limit_bytes=int(fields["output_limit_bytes"]))
-    except (KeyError, ValueError) as exc:
-        raise MalformedEntry(f"bad task entry: {exc!r}") from exc
+        return str(fields[name])
+    except KeyError:
+        raise MalformedEntry(f"bad task entry: no {name!r}") from None
+
+
+def _number(fields: Mapping[str, str], name: str, *, positive: bool = False, whole: bool = False) -> float:
+    """A finite number at least 0 (above 0 when `positive`; an integer when `whole`), or MalformedEntry."""
+    raw = _text(fields, name)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise MalformedEntry(f"bad task entry: {name}={raw!r} is not a number") from None
+    if not math.isfinite(value) or value < 0 or (positive and value == 0) or (whole and value != int(value)):
+        kind = "a whole number" if whole else "a finite number"
+        raise MalformedEntry(f"bad task entry: {name}={raw!r} is not {kind} {'above' if positive else 'at least'} 0")
+    return value
 
 
 @dataclass(frozen=True)
