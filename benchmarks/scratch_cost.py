@@ -10,8 +10,10 @@ appends) the section "## Disk scratch" of that file.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import secrets
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,8 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import replacement_run, server  # noqa: E402
 from latency import summary  # noqa: E402
 
+from pool.engine.container import CreateOptions, start_container  # noqa: E402
+from pool.engine.docker_backend import DockerBackend  # noqa: E402
 from pool.engine.sandbox_spec import owner_token  # noqa: E402
 from pool.engine.scratch import ScratchStore  # noqa: E402
+from pool.model.tiers import tier_from_dict  # noqa: E402
 from pool.settings import Settings  # noqa: E402
 
 HEADING = "## Disk scratch"
@@ -89,10 +94,44 @@ def store_ms(size_bytes: int, count: int) -> tuple[dict[str, float], dict[str, f
     return summary(made), summary(released)
 
 
+async def container_ms(rounds: int) -> dict[str, dict[str, float]]:
+    """One container started (create, attach, start, handshake) and removed at a time, with a disk scratch
+    and with a tmpfs in turn, in this process: p50 ms of each step."""
+    backend = DockerBackend()
+    tier = tier_from_dict({"name": "fresh", "cpu": 0.5, "ram": "128MiB", "storage": "64MiB"}, 0)
+    instance_id = f"bench-start-{secrets.token_hex(3)}"
+    store = ScratchStore(Settings.scratch_dir, instance_id, owner_token())
+    store.open()
+    steps: dict[str, dict[str, list[float]]] = {"disk": {}, "memory": {}}
+    try:
+        for _ in range(rounds):
+            for scratch, given in (("disk", store), ("memory", None)):
+                options = CreateOptions(image=os.environ.get("WARMPOOL_IMAGE", Settings.image),
+                                        instance_id=instance_id, owner=owner_token(),
+                                        nofile_limit=256, scratch=given)
+                started = time.perf_counter()
+                handle = await start_container(backend, tier, options)
+                steps[scratch].setdefault("start", []).append((time.perf_counter() - started) * 1000)
+                handle.close_channel()
+                started = time.perf_counter()
+                await asyncio.to_thread(backend.remove, handle.container_id)
+                steps[scratch].setdefault("docker rm", []).append((time.perf_counter() - started) * 1000)
+                started = time.perf_counter()
+                await handle.release_scratch()
+                steps[scratch].setdefault("release", []).append((time.perf_counter() - started) * 1000)
+    finally:
+        store.close()
+        backend.close()
+    return {scratch: {step: statistics.median(values) for step, values in rows.items()}
+            for scratch, rows in steps.items()}
+
+
 def render(tasks: dict[str, dict[str, dict[str, float]]], rates: dict[str, list[float]],
-           store: dict[int, tuple[dict[str, float], dict[str, float]]], args: argparse.Namespace) -> str:
+           store: dict[int, tuple[dict[str, float], dict[str, float]]], starts: dict[str, dict[str, float]],
+           args: argparse.Namespace) -> str:
     lines = [HEADING, "",
-             f"Command: `python benchmarks/scratch_cost.py --tasks {args.tasks} --replacements {args.replacements}` "
+             f"Command: `python benchmarks/scratch_cost.py --tasks {args.tasks} --replacements {args.replacements} "
+             f"--rounds {args.rounds}` "
              f"on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cpus, load average "
              f"{os.getloadavg()[0]:.1f} at the end (the machine is shared).", "",
              "Per task: a server with disk scratch and one with a tmpfs, running at once, sent one task each in "
@@ -116,6 +155,12 @@ def render(tasks: dict[str, dict[str, dict[str, float]]], rates: dict[str, list[
     for size, (made, released) in store.items():
         lines.append(f"| {size // MIB} MiB | {made['n']} | {made['p50']:.1f} | {made['p95']:.1f} | "
                      f"{released['p50']:.1f} |")
+    lines += ["", f"A container on its own, started (create, attach, start, handshake) then removed, one at a time, "
+              f"disk and tmpfs in turn, {args.rounds} of each (p50 ms; the start includes making the "
+              "filesystem, `release` is its unmount and unlink after `docker rm`):", "",
+              "| scratch | start | docker rm | release |", "| --- | --- | --- | --- |"]
+    for scratch, row in starts.items():
+        lines.append(f"| {scratch} | {row['start']:.0f} | {row['docker rm']:.0f} | {row['release']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -123,6 +168,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--replacements", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=20, help="containers started and removed, per scratch")
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
     store = {size: store_ms(size, 20) for size in (128 * MIB, 1024 * MIB)}
@@ -131,7 +177,8 @@ def main() -> None:
     for _ in range(2):  # alternated, so that both see the shared machine's load alike
         for scratch in ("disk", "memory"):
             rates[scratch].append(replacement_rate(scratch, args.replacements))
-    text = render(tasks, rates, store, args)
+    starts = asyncio.run(container_ms(args.rounds))
+    text = render(tasks, rates, store, starts, args)
     print(text)
     if args.markdown:
         old = args.markdown.read_text() if args.markdown.exists() else ""

@@ -261,9 +261,9 @@ class PoolManager:
         except PoolError as exc:
             log.warning("could not remove %s: %s", handle.name, exc)
         finally:
-            await handle.release_scratch()
             self.ledger.release(handle.tier.resources, handle.gpu_ids)
-            self._wake.set()
+            self._wake.set()  # the replacement may start while the old scratch is unmounted
+            await handle.release_scratch()
 
     def _on_lost(self, handle: ContainerHandle, reason: str) -> None:
         """An idle container died (killed from outside, engine gone): replace it."""
