@@ -83,6 +83,11 @@ class Settings:
     # tmpfs that counts against the tier's ram.
     scratch: str = "disk"
     scratch_dir: str = "/var/lib/warmpool/scratch"
+    # Sessions hold a container each: bounded per key, and closed after this long without a call (the
+    # request's idle_timeout_s when it names one, up to max_session_idle_s).
+    max_sessions_per_key: int = 4
+    session_idle_timeout_s: float = 300.0
+    max_session_idle_s: float = 3600.0
 
     def result_bounds(self) -> Bounds:
         """The async results bound (pool/model/result_bounds.py) these settings give."""
@@ -201,6 +206,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         mode=mode,
         scratch=scratch,
         scratch_dir=_get(env, "SCRATCH_DIR") or defaults.scratch_dir,
+        max_sessions_per_key=int(_float0(env, "MAX_SESSIONS_PER_KEY", defaults.max_sessions_per_key)),
+        session_idle_timeout_s=_float(env, "SESSION_IDLE_TIMEOUT_S", defaults.session_idle_timeout_s),
+        max_session_idle_s=_float(env, "MAX_SESSION_IDLE_S", defaults.max_session_idle_s),
     )
     _check_result_bounds(settings)
     return settings

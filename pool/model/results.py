@@ -55,6 +55,7 @@ class TaskResult:
     run_ms: float = 0.0
     usage: Usage = field(default_factory=Usage)
     message: str = ""
+    session_ended: str | None = None  # a session call only: why the call ended its session, else None
 
     @classmethod
     def from_frame(cls, frame: dict[str, Any]) -> TaskResult:
@@ -70,6 +71,7 @@ class TaskResult:
             stderr_truncated=bool(frame.get("stderr_truncated", False)),
             run_ms=float(frame.get("run_ms", 0.0)),
             usage=Usage(cpu_s=float(usage.get("cpu_s", 0.0)), max_rss_bytes=int(usage.get("max_rss_bytes", 0))),
+            session_ended=None if frame.get("session_ended") is None else str(frame["session_ended"]),
         )
 
     @classmethod
