@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from api.app import create_app
 from pool.model.errors import NotSupported, UnknownTier
@@ -232,16 +233,31 @@ async def test_admin_refusals_come_through_the_door(settings, refusal: Exception
 
 
 @pytest.mark.redis
-async def test_scale_out_admin_is_409_through_the_door_and_tiers_are_the_clusters(settings, redis_url: str):
-    """The real scale-out dispatcher over a real Redis, with no worker: no pool to size, nothing served."""
-    s = settings(WARMPOOL_REDIS_URL=redis_url, WARMPOOL_REDIS_PREFIX=f"door-{secrets.token_hex(4)}")
+async def test_scale_out_admin_goes_through_the_door_and_tiers_are_the_clusters(settings, redis_url: str):
+    """The real scale-out dispatcher over a real Redis, with no worker: the cluster's sizes are kept for
+    workers to come, nothing is served (tests/test_cluster.py has the workers)."""
+    prefix = f"door-{secrets.token_hex(4)}"
+    s = settings(WARMPOOL_REDIS_URL=redis_url, WARMPOOL_REDIS_PREFIX=prefix)
     async with serve_in_process(create_app(s)) as client:
-        response = await client.get("/v1/admin/pools", headers=ADMIN)
-        assert response.status_code == 409 and "scale-out" in response.json()["detail"]
-        assert (await client.post("/v1/admin/pools/one/drain", headers=ADMIN)).status_code == 409
+        pools = (await client.get("/v1/admin/pools", headers=ADMIN)).json()
+        assert [(t["name"], t["idle"], t["workers"]) for t in pools["tiers"]] == [("one", 0, []), ("two", 0, [])]
+        assert pools["persisted"] is True and f"{prefix}:sizes:" in pools["note"]
+        resized = (await client.patch("/v1/admin/pools/two", json={"min_idle": 1}, headers=ADMIN)).json()
+        assert resized["workers"] == [] and resized["persisted"] is True
+        refused = await client.patch("/v1/admin/pools/two", json={"min_idle": 9}, headers=ADMIN)
+        assert refused.status_code == 422 and "max_size" in refused.text, "checked against the stored sizes"
+        assert (await client.post("/v1/admin/pools/one/drain", headers=ADMIN)).json() == {
+            "tier": "one", "idle_replaced": 0, "busy_replaced_when_done": 0, "starting_replaced_when_ready": 0,
+            "workers": []}
+        assert (await client.patch("/v1/admin/pools/nine", json={"min_idle": 1}, headers=ADMIN)).status_code == 404
         tiers: list[dict[str, Any]] = (await client.get("/v1/tiers")).json()
         assert [(t["name"], t["workers"], t["queued"], t["idle"]) for t in tiers] == [("one", 0, 0, 0),
                                                                                        ("two", 0, 0, 0)]
         assert (await client.get("/readyz")).json() == {"ready": False, "checks": {"redis": True, "workers": False}}
         metrics = (await client.get("/metrics")).text
         assert "warmpool_request_duration_seconds" in metrics and "warmpool_containers" not in metrics
+    cleanup = redis.Redis.from_url(redis_url)
+    keys = list(cleanup.scan_iter(f"{prefix}:*"))
+    assert keys, "the sizes were kept in Redis"
+    cleanup.delete(*keys)
+    cleanup.close()

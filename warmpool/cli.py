@@ -21,7 +21,11 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
 
-    sub.add_parser("worker", help="run a worker that takes tasks from Redis (WARMPOOL_REDIS_URL)")
+    worker = sub.add_parser("worker", help="run a worker that takes tasks from Redis (WARMPOOL_REDIS_URL)")
+    worker.add_argument("--metrics-port", type=int, metavar="N",
+                        help="serve the worker's /metrics and /healthz on this port (default: none)")
+    worker.add_argument("--metrics-host", default="127.0.0.1",
+                        help="address for --metrics-port (default 127.0.0.1; 0.0.0.0 for a scraper elsewhere)")
 
     image = sub.add_parser("image", help="build the sandbox images that are missing or stale; print their ids")
     image.add_argument("--force", action="store_true", help="rebuild even if an image is up to date")
@@ -36,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         _serve(args.host, args.port)
     elif args.command == "worker":
-        _worker()
+        _worker(args.metrics_host, args.metrics_port)
     else:
         _image(args.only, args.image, args.base, args.force)
 
@@ -87,14 +91,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _worker() -> None:
-    try:
-        from pool.scaleout.worker import main as worker_main
-    except ModuleNotFoundError as exc:
-        if exc.name != "pool.scaleout.worker":
-            raise
-        sys.exit("warmpool worker: the Redis worker (pool.scaleout.worker) is not available in this version yet")
-    worker_main()
+def _worker(metrics_host: str, metrics_port: int | None) -> None:
+    from pool.scaleout.worker import main as worker_main
+
+    if metrics_port is None:
+        worker_main()
+        return
+    if not 0 < metrics_port < 65536:
+        sys.exit(f"warmpool worker: --metrics-port must be between 1 and 65535, got {metrics_port}")
+    from warmpool.worker_http import metrics_sidecar
+
+    worker_main(metrics_sidecar(metrics_host, metrics_port))
 
 
 def _image(only: list[str] | None, python_tag: str | None, base_image: str, force: bool) -> None:

@@ -22,12 +22,14 @@ from typing import Any, TypeVar, cast
 
 from pool.background import TaskOwner
 from pool.model.backoff import Backoff
-from pool.model.errors import BackendUnavailable, NoCapacity, NotSupported, Overloaded, ResultEvicted, SandboxError
+from pool.model.errors import BackendUnavailable, NoCapacity, Overloaded, ResultEvicted, SandboxError
 from pool.model.result_bounds import pending_bytes, refusal
 from pool.model.results import TaskSpec
 from pool.model.sessions import SessionFigures, SessionInfo
 from pool.model.snapshots import AdminView, Drained, Resized, TierSnapshot
 from pool.model.tasks import RESULT_GRACE_S, Execution, TaskState, TaskView
+from pool.scaleout.cluster_admin import ClusterAdmin
+from pool.scaleout.cluster_config import ConfigStore
 from pool.scaleout.membership import BEATS_TO_DEATH, ClusterView, parse_beat
 from pool.scaleout.output_relay import FOLLOW_BLOCK_S, follow
 from pool.scaleout.redis_io import Held, Keys, Refusal, Scripts, connect, redis_errors
@@ -45,7 +47,6 @@ REPLY_SLACK_S = 2.0  # beyond timeout + grace: the hops and the worker's own boo
 ABANDONED_TTL_MS = 60_000
 MAX_BACKOFF_S = 2.0
 T = TypeVar("T")
-ADMIN_NOT_SUPPORTED = "this process runs no pool of its own to see or size (scale-out mode: the pools are the workers')"
 
 
 def pending_ttl_ms(settings: Settings) -> int:
@@ -74,6 +75,8 @@ class RedisDispatcher:
         self.blocking = connect(settings.redis_url, blocking_s=REPLY_BLOCK_S)
         self.scripts = Scripts(self.redis, settings.redis_prefix)
         self.cluster = ClusterView()
+        self.admin = ClusterAdmin(settings, ConfigStore(self.redis, settings.redis_prefix), self.cluster,
+                                  refresh=self._refresh_or_fail)
         self._waiters: dict[str, asyncio.Future[Outcome]] = {}
         # Replies that are not a task's outcome (session opens, calls, closes): the parsed JSON, by id.
         self.raw_waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -268,6 +271,12 @@ class RedisDispatcher:
             await asyncio.sleep(min(self.settings.heartbeat_s, 1.0))
             await self._refresh_cluster()
 
+    async def _refresh_or_fail(self) -> None:
+        """Re-read the heartbeats now (admin wants them fresh); BackendUnavailable when Redis is down."""
+        await self._refresh_cluster()
+        if not self.cluster.redis_ok:
+            raise BackendUnavailable("Redis does not answer; retry shortly")
+
     async def _refresh_cluster(self) -> None:
         try:
             with redis_errors("read worker heartbeats"):
@@ -308,15 +317,15 @@ class RedisDispatcher:
     async def figures(self) -> None:
         return None  # this process holds no pool; each worker's own figures are its own
 
-    # admin: the pools live on the workers; sizing them from here is the cluster admin's job (not built yet)
+    # admin: the pools live on the workers; pool/scaleout/cluster_admin.py sizes them through Redis
     async def pools(self) -> AdminView:
-        raise NotSupported(ADMIN_NOT_SUPPORTED)
+        return await self.admin.view()
 
     async def resize(self, tier_name: str, min_idle: int | None, max_size: int | None) -> Resized:
-        raise NotSupported(ADMIN_NOT_SUPPORTED)
+        return await self.admin.resize(tier_name, min_idle, max_size)
 
     async def drain(self, tier_name: str) -> Drained:
-        raise NotSupported(ADMIN_NOT_SUPPORTED)
+        return await self.admin.drain(tier_name)
 
     # streaming -------------------------------------------------------------------------------------
     async def execute_stream(self, tier_name: str, spec: TaskSpec, wait_s: float) -> TaskStream:

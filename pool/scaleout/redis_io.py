@@ -18,6 +18,9 @@ Layout (every key starts with the configured prefix, `warmpool` by default):
                         {p}:sessions-ended counts endings by reason.
     {p}:calls:{worker}  list: session calls and closes for the worker holding the session (BLPOP).
 
+The cluster's pool sizes and drains (`{p}:sizes:{tier}`, `{p}:config-version`, `{p}:ack:{change}`) are
+described in pool/scaleout/cluster_config.py.
+
 State changes are Lua scripts, so that each is atomic and a retried call is harmless: a task goes from
 queued to running once (the worker that got the container), and to done once (the first outcome wins;
 the entry is acknowledged and deleted in the same step).
