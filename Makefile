@@ -11,7 +11,7 @@ API_PORT ?= 8000
 REDIS_PORT ?= $(or $(WARMPOOL_TEST_REDIS_PORT),6399)
 PYTEST_ARGS ?=
 
-.PHONY: venv docker image redis run test check lint bench bench-scaleout bench-stream
+.PHONY: venv docker image redis run test check lint bench bench-scaleout bench-stream bench-clients
 
 venv: $(STAMP)
 
@@ -86,3 +86,8 @@ bench-scaleout: venv docker image redis
 # plain one, embedded and scale-out; replaces its section "Streaming and sessions" of benchmarks/RESULTS.md.
 bench-stream: venv docker image redis
 	$(PY) benchmarks/stream_sessions.py --markdown benchmarks/RESULTS.md
+
+# Bounded (about 2 minutes): a 100-task batch's throughput and the Python client's overhead over raw HTTP;
+# writes its section "Batches and the Python client" of benchmarks/RESULTS.md.
+bench-clients: venv docker image
+	$(PY) benchmarks/clients.py

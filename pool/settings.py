@@ -8,6 +8,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from pool.model.callback_rules import CallbackPolicy
 from pool.model.errors import InvalidRequest
 from pool.model.resources import parse_bytes, parse_number
 from pool.model.result_bounds import Bounds, largest_task_bytes
@@ -86,6 +87,14 @@ class Settings:
     # tmpfs that counts against the tier's ram.
     scratch: str = "disk"
     scratch_dir: str = "/var/lib/warmpool/scratch"
+    max_batch: int = 100  # tasks in one POST /v1/tasks/batch
+    # Callbacks: hosts or CIDRs that callback_url may name; empty (the default) turns callbacks off, because
+    # a server that POSTs wherever a client says is a request-forgery hole into the operator's network.
+    callback_allow: tuple[str, ...] = ()
+    callback_secret: str = ""  # HMAC-SHA256 key of X-Warmpool-Signature; required when callback_allow is set
+    callback_retry_s: float = 60.0  # retries with backoff stop once the first attempt is this old
+    callback_attempt_timeout_s: float = 10.0  # one attempt, connection included
+    callback_concurrency: int = 16  # attempts in flight at once, per API process
     # Sessions hold a container each: bounded per key, and closed after this long without a call (the
     # request's idle_timeout_s when it names one, up to max_session_idle_s).
     max_sessions_per_key: int = 4
@@ -160,6 +169,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     if admin_key is not None and admin_key in api_keys:
         raise InvalidRequest("WARMPOOL_ADMIN_KEY", "must differ from every key in WARMPOOL_API_KEYS")
     defaults = Settings()
+    callback_allow, callback_secret = _list(env, "CALLBACK_ALLOW"), _get(env, "CALLBACK_SECRET") or ""
+    if callback_allow and not callback_secret:
+        raise InvalidRequest("WARMPOOL_CALLBACK_SECRET", "is required when WARMPOOL_CALLBACK_ALLOW is set: "
+                             "receivers check each callback's signature with it")
+    CallbackPolicy.parse(callback_allow)  # refuse a garbled allowlist at start, not at the first callback
     settings = Settings(
         tiers=tiers,
         image=_get(env, "IMAGE") or defaults.image,
@@ -210,6 +224,12 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         mode=mode,
         scratch=scratch,
         scratch_dir=_get(env, "SCRATCH_DIR") or defaults.scratch_dir,
+        max_batch=_int(env, "MAX_BATCH", defaults.max_batch),
+        callback_allow=callback_allow,
+        callback_secret=callback_secret,
+        callback_retry_s=_float(env, "CALLBACK_RETRY_S", defaults.callback_retry_s),
+        callback_attempt_timeout_s=_float(env, "CALLBACK_ATTEMPT_TIMEOUT_S", defaults.callback_attempt_timeout_s),
+        callback_concurrency=_int(env, "CALLBACK_CONCURRENCY", defaults.callback_concurrency),
         max_sessions_per_key=int(_float0(env, "MAX_SESSIONS_PER_KEY", defaults.max_sessions_per_key)),
         session_idle_timeout_s=_float(env, "SESSION_IDLE_TIMEOUT_S", defaults.session_idle_timeout_s),
         max_session_idle_s=_float(env, "MAX_SESSION_IDLE_S", defaults.max_session_idle_s),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from pool.model.snapshots import (
     TierCounters,
     TierSnapshot,
 )
-from pool.model.tasks import Execution, TaskState, TaskView
+from pool.model.tasks import DueCallback, Execution, Submission, TaskState, TaskView
 from pool.model.warming import WarmingPolicy
 from pool.settings import Settings, from_env
 from tests.conftest import TEST_TIERS
@@ -90,12 +90,22 @@ class RecordingDispatcher:
         result = TaskResult(task_id=spec.task_id, status=Status.SUCCEEDED, exit_code=0, stdout="recorded\n")
         return Execution(result=result, tier=tier, queue_ms=0.0, container_name="c", worker="w")
 
-    async def submit(self, tier_name: str, spec: TaskSpec, owner: str) -> None:
+    async def submit(self, tier_name: str, spec: TaskSpec, owner: str, callback_url: str = "") -> None:
         self.calls.append(f"submit {tier_name}")
 
-    async def task(self, task_id: str, owner: str) -> TaskView | None:
-        self.calls.append("task")
+    async def submit_many(self, submissions: Sequence[Submission], owner: str) -> None:
+        self.calls.append("submit_many " + ",".join(s.tier_name for s in submissions))
+
+    async def task(self, task_id: str, owner: str, wait_s: float = 0.0) -> TaskView | None:
+        self.calls.append(f"task {wait_s:g}")
         return TaskView(task_id=task_id, state=TaskState.RUNNING, tier=self.settings.tiers[0])
+
+    async def due_callbacks(self, limit: int, wait_s: float) -> list[DueCallback]:
+        self.calls.append("due_callbacks")
+        return []
+
+    async def callback_finished(self, due: DueCallback, delivered: bool) -> None:
+        self.calls.append("callback_finished")
 
     async def tiers(self) -> tuple[TierSnapshot, ...]:
         self.calls.append("tiers")
@@ -176,8 +186,13 @@ async def test_task_routes_go_through_the_dispatcher(recorded):
         "recorded\n"
     accepted = (await client.post("/v1/tasks", json={"code": "x"})).json()
     assert (await client.get(accepted["link"])).json() == {"id": accepted["id"], "status": "running"}
+    assert (await client.get(accepted["link"], params={"wait_s": 2})).json()["status"] == "running"
+    batch = await client.post("/v1/tasks/batch", json={"tasks": [{"code": "x"}, {"code": "y", "resources": {
+        "ram": "200MiB"}}]})
+    assert batch.status_code == 202 and len(batch.json()["tasks"]) == 2
     assert (await client.get("/readyz")).json() == {"ready": True, "checks": {"recorded": True}}
-    assert dispatcher.calls == ["start", "execute two", "submit one", "task", "readiness"]
+    assert dispatcher.calls == ["start", "execute two", "submit one", "task 0", "task 2", "submit_many one,two",
+                                "readiness"]
 
 
 async def test_tier_views_admin_and_metrics_are_rendered_from_the_dispatchers_snapshots(recorded):

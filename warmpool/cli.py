@@ -1,4 +1,5 @@
-"""The `warmpool` command: `serve` (the HTTP API), `worker` (a Redis worker), `image` (the runner image)."""
+"""The `warmpool` command: `serve` (the HTTP API), `worker` (a Redis worker), `image` (the runner image),
+`run` (run a file on a server) and `mcp` (an MCP server over stdio, for agents, talking to a server)."""
 
 from __future__ import annotations
 
@@ -35,9 +36,24 @@ def main(argv: list[str] | None = None) -> None:
                        f"{DEFAULT_IMAGE})")
     image.add_argument("--base", default=os.environ.get("WARMPOOL_BASE_IMAGE") or DEFAULT_BASE_IMAGE)
 
+    from warmpool import run_cmd
+
+    run_cmd.add_parser(sub)
+    sub.add_parser("mcp", help="serve warmpool's tools over MCP on stdio, against WARMPOOL_URL (WARMPOOL_API_KEY)")
+
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "serve":
+    # The client commands keep stderr for the task's own output and real trouble (and stdout, for mcp, for
+    # the protocol): no INFO lines there, e.g. httpx's line per request.
+    client_side = args.command in ("run", "mcp")
+    logging.basicConfig(level=logging.WARNING if client_side else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "run":
+        sys.exit(run_cmd.main(args))
+    elif args.command == "mcp":
+        from warmpool.mcp.stdio import main as mcp_main
+
+        mcp_main()
+    elif args.command == "serve":
         _serve(args.host, args.port)
     elif args.command == "worker":
         _worker(args.metrics_host, args.metrics_port)

@@ -47,6 +47,7 @@ from pool.engine.manager import PoolManager
 from pool.engine.scratch import ScratchStore, scratch_store
 from pool.model.backoff import Backoff
 from pool.model.errors import BackendUnavailable, InvalidRequest, PoolError
+from pool.scaleout.backlog import Backlog
 from pool.scaleout.cluster_config import ConfigStore
 from pool.scaleout.membership import BEATS_TO_DEATH, DRAINING, SERVING, beat_json
 from pool.scaleout.redis_io import GROUP, Keys, Scripts, connect, is_nogroup, redis_errors
@@ -86,6 +87,7 @@ class Worker:
         self.redis = connect(settings.redis_url)
         self.blocking = connect(settings.redis_url, blocking_s=READ_BLOCK_S)
         self.scripts = Scripts(self.redis, settings.redis_prefix)
+        self.backlog = Backlog(self.redis, self.keys)
         self.inflight: dict[str, dict[str, str]] = {name: {} for name in served}  # tier -> entry id -> task id
         self._entries: dict[str, tuple[str, dict[str, str]]] = {}  # entry id -> (tier, fields), while in hand
         self.state = "starting"
@@ -213,6 +215,8 @@ class Worker:
                 continue
             try:
                 with redis_errors("read tasks"):
+                    # Async tasks wait in per-owner backlogs: bring our share of them to the stream first.
+                    await self.backlog.feed(tier_name, free)
                     try:
                         reply = await self.blocking.xreadgroup(GROUP, self.worker_id, {stream: ">"}, count=free,
                                                                block=int(READ_BLOCK_S * 1000))
