@@ -53,6 +53,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """asyncio only: the service runs on uvicorn's asyncio loop. (anyio's plugin otherwise runs every async
+    test on each backend it finds installed, and selenium brings trio in.)"""
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
 def docker_client() -> Iterator[docker.DockerClient]:
     """The real engine; `make test` starts it and builds the image, so here its absence is a failure."""
     try:
