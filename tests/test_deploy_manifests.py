@@ -81,4 +81,7 @@ def test_the_manifests_keep_redis_durable_and_the_workers_on_every_node():
     assert socket_volume in worker["volumes"]
     stack = yaml.safe_load((DEPLOY / "swarm" / "stack.yml").read_text())
     assert stack["services"]["worker"]["deploy"]["mode"] == "global"
+    # A worker in a container cannot loop-mount disk scratch where its node's engine sees it.
+    assert {"name": "WARMPOOL_SCRATCH", "value": "memory"} in worker["containers"][0]["env"]
+    assert stack["services"]["worker"]["environment"]["WARMPOOL_SCRATCH"] == "memory"
     assert stack["services"]["redis"]["command"][:2] == ["--appendonly", "yes"]
