@@ -2,8 +2,9 @@
 
 The runner must never run on the host (its reset kills every process it can). Nothing here copies the
 pool's hardening: a `RunnerContainer` is created by the pool's own `DockerBackend.create`, with the host
-config `pool/engine/sandbox_spec.py` builds for a test tier and the pool's labels, then attached before it
-is started, as `pool/engine/container.start_container` does, from the image the service runs
+config `pool/engine/sandbox_spec.py` builds for a test tier, the pool's labels and a scratch filesystem of
+the pool's own `ScratchStore` (a tmpfs when WARMPOOL_SCRATCH=memory, as the service then gives), then
+attached before it is started, as `pool/engine/container.start_container` does, from the image the service runs
 (`WARMPOOL_IMAGE`), which must be built from this working tree's runner (else the tests fail: run
 `warmpool image`). Frames go over the attach socket; replies are read back with the pool's own
 `FrameDecoder` (Docker's multiplexed stream, then the runner's frames).
@@ -24,6 +25,7 @@ from typing import Any
 from pool.engine.backend import INSTANCE_LABEL
 from pool.engine.docker_backend import DockerBackend
 from pool.engine.sandbox_spec import host_config_kwargs, labels_for, owner_token, task_nproc_limit
+from pool.engine.scratch import ScratchSlot, ScratchStore, scratch_store
 from pool.model.protocol import FrameDecoder, encode_frame
 from pool.model.results import TaskSpec
 from pool.model.tiers import Tier, tier_from_dict
@@ -48,6 +50,17 @@ RUN_DEFAULTS: dict[str, Any] = {"stdin": "", "timeout_s": 10.0, "output_limit_by
                                 "nofile_limit": NOFILE_LIMIT}
 
 
+def runner_scratch() -> ScratchStore | None:
+    """The pool's disk scratch for this test process's containers (opened), as a service would make it; None
+    when WARMPOOL_SCRATCH=memory (a tmpfs, as the service then gives). The caller closes it."""
+    store = scratch_store(Settings(instance_id=f"{INSTANCE_ID}-{secrets.token_hex(2)}",  # one directory per store
+                                   scratch=os.environ.get("WARMPOOL_SCRATCH") or "disk",
+                                   scratch_dir=os.environ.get("WARMPOOL_SCRATCH_DIR") or Settings.scratch_dir))
+    if store is not None:
+        store.open()
+    return store
+
+
 def product_image(backend: DockerBackend) -> str:
     """The `python` image the service runs; AssertionError when it is missing or built from another runner."""
     env = {k: v for k, v in os.environ.items() if k != "WARMPOOL_TIERS_FILE"}
@@ -64,14 +77,25 @@ def product_image(backend: DockerBackend) -> str:
 class RunnerContainer:
     """One sandbox container, made as the pool makes them, whose attach socket carries the runner's frames."""
 
-    def __init__(self, image: str, backend: DockerBackend, *, runtime: str = "runc") -> None:
+    def __init__(self, image: str, backend: DockerBackend, scratch: ScratchStore | None, *,
+                 runtime: str = "runc") -> None:
         self.backend = backend
         self.tier = runner_tier(runtime)
         self.name = f"warmpool-runner-test-{secrets.token_hex(4)}"
-        self.container_id = backend.create(
-            image=image, name=self.name, labels=labels_for(self.tier, INSTANCE_ID, owner_token()),
-            host_options=host_config_kwargs(self.tier, nofile_limit=NOFILE_LIMIT))
+        self.scratch = scratch
+        self.slot: ScratchSlot | None = None
+        self.container_id: str | None = None
         self.sock: socket.socket | None = None
+        try:
+            if scratch is not None:
+                self.slot = scratch.make(self.name, self.tier.resources.storage_bytes)
+            self.container_id = backend.create(
+                image=image, name=self.name, labels=labels_for(self.tier, INSTANCE_ID, owner_token()),
+                host_options=host_config_kwargs(self.tier, nofile_limit=NOFILE_LIMIT,
+                                                scratch_dir=None if self.slot is None else self.slot.mount_dir))
+        except BaseException:
+            self.close()
+            raise
         try:
             self.sock = backend.attach(self.container_id)  # before start: nothing the runner says is lost
             backend.start(self.container_id)
@@ -134,10 +158,12 @@ class RunnerContainer:
 
     def wait(self, timeout_s: float) -> int:
         """The container's exit code, once it has exited (within `timeout_s`)."""
+        assert self.container_id is not None
         return int(self.backend.api.wait(self.container_id, timeout=timeout_s)["StatusCode"])
 
     def state(self) -> dict[str, Any]:
         """What the engine says of the container (the runner's stderr is not kept: logging is off)."""
+        assert self.container_id is not None
         try:
             state = self.backend.inspect(self.container_id).get("State") or {}
         except Exception as exc:  # noqa: BLE001 - only for a failure message
@@ -145,10 +171,16 @@ class RunnerContainer:
         return {k: state.get(k) for k in ("Status", "ExitCode", "OOMKilled", "Error")}
 
     def close(self) -> None:
-        """Remove the container whatever state it is in (the pool's own removal: forced)."""
+        """Remove the container whatever state it is in (the pool's own removal: forced), then its scratch."""
         if self.sock is not None:
             self.sock.close()
-        self.backend.remove(self.container_id)
+        try:
+            if self.container_id is not None:
+                self.backend.remove(self.container_id)
+        finally:
+            if self.slot is not None and self.scratch is not None:
+                self.scratch.release(self.slot)
+                self.slot = None
 
 
 def label_args() -> list[str]:
@@ -165,7 +197,8 @@ def containers_left(backend: DockerBackend) -> list[str]:
 def measure(runs: int = 200) -> None:
     """Print round-trip times of print('hello') through one container (send -> result, -> reset)."""
     backend = DockerBackend()
-    box = RunnerContainer(product_image(backend), backend)
+    scratch = runner_scratch()
+    box = RunnerContainer(product_image(backend), backend, scratch)
     try:
         box.ping()
         to_result, to_reset, run_ms = [], [], []
@@ -186,6 +219,8 @@ def measure(runs: int = 200) -> None:
                   f"p90 {values[int(len(values) * 0.9)]:6.2f} ms  (n={len(values)})")
     finally:
         box.close()
+        if scratch is not None:
+            scratch.close()
         backend.close()
 
 

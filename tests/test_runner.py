@@ -6,6 +6,7 @@ from the image the service runs. The `runner` fixture removes every container it
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import time
@@ -14,7 +15,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from pool.engine.docker_backend import DockerBackend
-from tests.runner_harness import RunnerContainer, containers_left, label_args, product_image
+from pool.engine.scratch import ScratchStore
+from tests.runner_harness import RunnerContainer, containers_left, label_args, product_image, runner_scratch
 
 pytestmark = pytest.mark.docker
 
@@ -46,13 +48,24 @@ def runner_image(engine: DockerBackend) -> str:
         pytest.fail(str(exc))
 
 
+@pytest.fixture(scope="session")
+def scratch() -> Iterator[ScratchStore | None]:
+    """The pool's disk scratch store for the runner tests' containers; closed (and checked gone) at the end."""
+    store = runner_scratch()
+    yield store
+    if store is not None:
+        store.close()
+        assert not os.path.exists(store.instance_dir), "the scratch store removed its directory"
+
+
 @pytest.fixture
-def runner(runner_image: str, engine: DockerBackend) -> Iterator[Callable[..., RunnerContainer]]:
+def runner(runner_image: str, engine: DockerBackend,
+           scratch: ScratchStore | None) -> Iterator[Callable[..., RunnerContainer]]:
     """Start runner containers (`runner(runtime=...)`); all are removed afterwards, and the engine must agree."""
     started: list[RunnerContainer] = []
 
     def start(runtime: str = "runc") -> RunnerContainer:
-        box = RunnerContainer(runner_image, engine, runtime=runtime)
+        box = RunnerContainer(runner_image, engine, scratch, runtime=runtime)
         started.append(box)
         return box
 
@@ -61,6 +74,7 @@ def runner(runner_image: str, engine: DockerBackend) -> Iterator[Callable[..., R
         box.close()
     left = set(containers_left(engine)) & {box.name for box in started}
     assert not left, f"containers left behind: {sorted(left)}"
+    assert scratch is None or scratch.slots_out == 0, "every container's scratch given back"
 
 
 @pytest.fixture
@@ -214,6 +228,20 @@ print(json.dumps({'ids': [os.getuid(), os.geteuid(), os.getgid(), os.getgroups()
     assert info["cwd"] == "/tmp/work" and info["sid"] is True and info["oom"] == "1000"
     assert info["env"] == {"HOME": "/tmp/home", "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
                            "TMPDIR": "/tmp", "USER": "sandbox"}
+
+
+def test_scratch_is_the_containers_own_filesystem_as_the_pool_makes_it(box, scratch):
+    """The harness's container is the pool's: /tmp is a filesystem of the tier's storage from the pool's
+    scratch store (a tmpfs of that size when WARMPOOL_SCRATCH=memory)."""
+    size = int(run_ok(box, "import os\nst = os.statvfs('/tmp')\nprint(st.f_blocks * st.f_frsize)")["stdout"])
+    storage_bytes = box.tier.resources.storage_bytes
+    inspect = box.backend.inspect(box.container_id)
+    if scratch is None:
+        assert size == storage_bytes and list(inspect["HostConfig"]["Tmpfs"]) == ["/tmp"]
+        return
+    assert 0.9 * storage_bytes < size <= storage_bytes  # less ext4's own metadata
+    (mount,) = inspect["Mounts"]
+    assert (mount["Destination"], mount["Source"]) == ("/tmp", os.path.join(scratch.instance_dir, box.name))
 
 
 def test_files_left_behind_are_gone_for_the_next_task(box):

@@ -15,7 +15,8 @@ from tests.test_runner import run_ok
 
 pytestmark = pytest.mark.docker
 # The same containers as tests/test_runner.py's (a fresh one per test, all removed afterwards).
-engine, runner_image, runner, box = test_runner.engine, test_runner.runner_image, test_runner.runner, test_runner.box
+engine, scratch, runner_image = test_runner.engine, test_runner.scratch, test_runner.runner_image
+runner, box = test_runner.runner, test_runner.box
 
 LIMITS = {"fsize_limit_bytes": RUN_DEFAULTS["fsize_limit_bytes"], "nofile_limit": RUN_DEFAULTS["nofile_limit"]}
 CALL_DEFAULTS = {"stdin": "", "timeout_s": 10.0, "output_limit_bytes": RUN_DEFAULTS["output_limit_bytes"]}
