@@ -13,9 +13,10 @@ from fastapi.responses import JSONResponse
 from api.auth import require_api_key
 from api.errors import invalid_body
 from api.limits import require_task_quota
-from api.schemas import ExecuteRequest, ExecuteResponse, TaskAccepted, TaskPending, TierOut
+from api.schemas import ExecuteRequest, ExecuteResponse, ImageOut, TaskAccepted, TaskPending, TierOut
 from pool.dispatch import Dispatcher, owner_of
-from pool.model.resources import ResourceRequest
+from pool.model.files import check_outputs, decode_files
+from pool.model.resources import ResourceRequest, format_bytes
 from pool.model.results import TaskResult, TaskSpec
 from pool.model.tasks import Execution, TaskState, TaskView
 from pool.model.tiers import Tier, fit_tier
@@ -35,7 +36,8 @@ def _settings(request: Request) -> Settings:
 
 
 def build_spec(body: ExecuteRequest, settings: Settings) -> TaskSpec | JSONResponse:
-    """Server-side checks the schema cannot know: the code size cap and the timeout cap."""
+    """Server-side checks the schema cannot know: the size caps (code, stdin, files), the timeout cap, and the
+    files' paths and encodings (InvalidRequest naming the entry, a 422)."""
     for field, text, limit in (("code", body.code, settings.max_code_bytes),
                                ("stdin", body.stdin, settings.max_stdin_bytes)):
         size = utf8_size(text)
@@ -45,8 +47,15 @@ def build_spec(body: ExecuteRequest, settings: Settings) -> TaskSpec | JSONRespo
     timeout_s = settings.default_timeout_s if body.timeout_s is None else body.timeout_s
     if timeout_s > settings.max_timeout_s:
         return invalid_body("timeout_s", f"must be at most {settings.max_timeout_s:g} seconds, got {timeout_s:g}")
+    files = decode_files(body.files)
+    files_bytes = sum(len(f.content) for f in files)
+    if files_bytes > settings.max_files_bytes:
+        return JSONResponse(status_code=413, content={
+            "detail": f"files: {files_bytes} bytes decoded exceeds the {settings.max_files_bytes} byte limit "
+                      f"({format_bytes(settings.max_files_bytes)})"})
     return TaskSpec(task_id=uuid.uuid4().hex, code=body.code, stdin=body.stdin, timeout_s=timeout_s,
-                    output_limit_bytes=settings.output_limit_bytes)
+                    output_limit_bytes=settings.output_limit_bytes, files=files, outputs=check_outputs(body.outputs),
+                    max_output_files_bytes=settings.max_output_files_bytes)
 
 
 def utf8_size(text: str) -> int:
@@ -69,11 +78,12 @@ def execution_body(execution: Execution, task_id: str, total_ms: float) -> dict[
         "id": task_id, "status": result.status.value, "exit_code": result.exit_code,
         "stdout": result.stdout, "stderr": result.stderr,
         "stdout_truncated": result.stdout_truncated, "stderr_truncated": result.stderr_truncated,
-        "tier": execution.tier.name, "resources": execution.tier.resources.as_dict(),
+        "tier": execution.tier.name, "image": execution.tier.image, "resources": execution.tier.resources.as_dict(),
         "timings": {"queue_ms": round(execution.queue_ms, 3), "run_ms": round(result.run_ms, 3),
                     "total_ms": round(total_ms, 3)},
         "usage": {"cpu_s": result.usage.cpu_s, "max_rss_bytes": result.usage.max_rss_bytes},
         "message": result.message, "worker": execution.worker,
+        "files": [f.as_dict() for f in result.files], "files_truncated": result.files_truncated,
     }
 
 
@@ -90,10 +100,14 @@ def task_body(view: TaskView) -> dict[str, Any]:
 
 
 def prepare(body: ExecuteRequest, settings: Settings) -> tuple[TaskSpec, Tier] | JSONResponse:
+    known = [spec.name for spec in settings.images]
+    if body.image not in known:
+        return invalid_body("image", f"unknown image {body.image!r}; known: {known} (see GET /v1/images)")
     spec = build_spec(body, settings)
     if isinstance(spec, JSONResponse):
         return spec
-    return spec, fit_tier(settings.tiers, body.resources.to_request() if body.resources else ResourceRequest())
+    return spec, fit_tier(settings.tiers, body.resources.to_request() if body.resources else ResourceRequest(),
+                          body.image)
 
 
 @router.post("/v1/execute", response_model=ExecuteResponse,
@@ -152,6 +166,15 @@ async def tiers(request: Request, _key: str = Depends(require_api_key)) -> list[
     In scale-out mode the counts are summed over the live workers serving each tier (`workers`), and
     `queued` counts the tier's tasks waiting or running."""
     return await _dispatcher(request).tiers()
+
+
+@router.get("/v1/images", response_model=list[ImageOut])
+async def images(request: Request, _key: str = Depends(require_api_key)) -> list[dict[str, Any]]:
+    """The sandbox images the tiers serve: Python version, every package with its version, and the modules
+    already imported in the warm interpreter (so that importing them in a task costs next to nothing).
+
+    Read from the images' labels, written when `warmpool image` built them."""
+    return await _dispatcher(request).images()
 
 
 @router.get("/healthz")

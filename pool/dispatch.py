@@ -40,6 +40,10 @@ class Dispatcher(Protocol):
         """Each tier with its live container counts (summed over the cluster in scale-out mode)."""
         ...
 
+    async def images(self) -> list[dict[str, Any]]:
+        """The images the tiers serve, as GET /v1/images lists them (from their labels)."""
+        ...
+
     async def readiness(self) -> dict[str, bool]:
         """Named checks; the service is ready when every one is True."""
         ...

@@ -19,6 +19,7 @@ Never run this on a host: the reset is kill(-1, SIGKILL), so it refuses to start
 """
 
 import atexit
+import binascii
 import builtins
 import collections
 import ctypes
@@ -40,12 +41,24 @@ import time
 import traceback
 import types
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # python3 -I leaves the script's dir out
+import taskfiles  # noqa: E402 - the task's files in and out (stdlib only, beside this file)
+
+del sys.path[0]
+
 SANDBOX_UID = SANDBOX_GID = 10001
 # POSIX message queues live in /dev/mqueue where the engine mounts it (runc does, gVisor does not).
 SCRATCH_DIRS = ("/tmp", "/dev/shm") + (("/dev/mqueue",) if os.path.isdir("/dev/mqueue") else ())
 WORK_DIR, HOME_DIR = "/tmp/work", "/tmp/home"
 TASK_ENV = {"HOME": HOME_DIR, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
             "TMPDIR": "/tmp", "USER": "sandbox"}
+# What the image's environment says to its libraries, kept for the tasks: matplotlib draws with Agg and
+# keeps its config and cache in MPLCONFIGDIR (on /tmp, since the root is read-only).
+IMAGE_ENV = ("MPLBACKEND", "MPLCONFIGDIR")
+# matplotlib's font list, made at build time (the scan takes ~150 ms): linked into each task's MPLCONFIGDIR.
+MPL_BUILT_CACHE = "/opt/warmpool/matplotlib"
+TASK_DIRS = [WORK_DIR, HOME_DIR]  # made by each task's child; main() adds MPLCONFIGDIR when the image sets it
+CACHE_LINKS: list = []  # (target, link): the built caches, linked into a task's MPLCONFIGDIR by its child
 MAX_FRAME_BYTES = 64 << 20
 KILL_WAIT_S = 3.0  # how long the reset keeps killing before it calls the container dirty (host waits 5 s)
 CLEANER_WAIT_S = 5.0  # how long the scratch cleaner may take
@@ -73,6 +86,10 @@ SYSV_IPC_COUNTS = (("shared memory segment(s)", lambda buf: LIBC.shmctl(0, 14, b
 # only READY as the first byte counts, and MEMORY_ERROR only with the exit status a MemoryError gives.
 STATUS_READY, STATUS_MEMORY_ERROR = b"R", b"M"
 STATUS_FD = 4  # in the task child
+# Output files and figures go to PID 1 as records (taskfiles.py) on a pipe of their own, made fresh per
+# task; PID 1 keeps at most taskfiles.records_bound(the byte budget) of it and reads past that to discard.
+FILES_FD = 5  # in the task child
+DEFAULT_OUTPUT_FILES_BYTES = 16 << 20
 FRAME_OUT = -1  # the frame channel's write end, set by main()
 # Network state the kernel keeps after every socket's process is gone (TIME_WAIT above all) would reach
 # the next task in this network namespace (a port still taken, old connections in /proc/net/tcp); a task
@@ -80,7 +97,8 @@ FRAME_OUT = -1  # the frame channel's write end, set by main()
 # such state is not clean, and is replaced. See network_leftovers().
 _KEEP: list = []  # in the task child: the runner's own std streams, kept alive
 
-Task = collections.namedtuple("Task", "id code stdin timeout_s output_limit fsize_limit nofile_limit nproc_limit")
+Task = collections.namedtuple("Task", "id code stdin timeout_s output_limit fsize_limit nofile_limit nproc_limit "
+                                       "files outputs files_limit")
 
 
 class ProtocolError(Exception):
@@ -126,8 +144,21 @@ def read_frame(reader):
 
 
 def send(frame):
-    data = json.dumps(frame).encode()  # ASCII-only, hence always valid UTF-8
-    write_all(FRAME_OUT, struct.pack(">I", len(data)) + data)
+    """Write one frame. A result's files (their content base64 bytes, up to the output files cap) are
+    spliced in piece by piece rather than copied into one string, so that PID 1, whose memory counts
+    against the container's, holds their encoded bytes once."""
+    files = frame.pop("files", None)
+    pieces = [json.dumps(frame).encode()]  # ASCII-only, hence always valid UTF-8
+    if files is not None:
+        pieces = [pieces[0][:-1], b', "files": [']
+        for index, entry in enumerate(files):
+            content = entry.pop("content")
+            pieces.append((b", " if index else b"") + json.dumps(entry).encode()[:-1] + b', "content": ')
+            pieces += [b'"', content, b'"}'] if content is not None else [b"null}"]  # base64 needs no escapes
+        pieces.append(b"]}")
+    write_all(FRAME_OUT, struct.pack(">I", sum(map(len, pieces))))
+    for piece in pieces:
+        write_all(FRAME_OUT, piece)
 
 
 def write_all(fd, data):
@@ -160,9 +191,30 @@ def parse_task(msg, msg_id):
     timeout_s = float(field("timeout_s", (int, float)))
     limits = [field(name, int) for name in ("output_limit_bytes", "fsize_limit_bytes", "nofile_limit")]
     limits.append(field("nproc_limit", int, 0))  # optional: 0 leaves RLIMIT_NPROC alone
-    if not 0 < timeout_s < math.inf or min(limits) < 0:
+    files_limit = field("max_output_files_bytes", int, DEFAULT_OUTPUT_FILES_BYTES)
+    if not 0 < timeout_s < math.inf or min(limits) < 0 or files_limit < 0:
         raise ProtocolError("run: timeout_s must be positive and finite, limits not negative")
-    return Task(msg_id, field("code", str), field("stdin", str, ""), timeout_s, *limits)
+    outputs = field("outputs", list, [])
+    if not all(isinstance(pattern, str) for pattern in outputs):
+        raise ProtocolError("run: outputs must be a list of strings")
+    return Task(msg_id, field("code", str), field("stdin", str, ""), timeout_s, *limits,
+                parse_files(field("files", list, [])), outputs, files_limit)
+
+
+def parse_files(entries):
+    """The request's files as [(path bytes, content bytes)]: each `content` (base64) is decoded and dropped
+    from the frame as it goes, so that PID 1 holds one copy of the files and the frame's text, not two."""
+    files = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) \
+                or not isinstance(entry.get("content"), str):
+            raise ProtocolError(f"run: files[{index}] must hold a string path and base64 content")
+        try:
+            path = taskfiles.checked_path(entry["path"])
+            files.append((path, binascii.a2b_base64(entry.pop("content"), strict_mode=True)))
+        except (ValueError, binascii.Error) as exc:
+            raise ProtocolError(f"run: files[{index}]: {exc}") from None
+    return files
 
 
 def handle_run(task):
@@ -197,24 +249,28 @@ def run_task(task):
     zygote = zygote or spawn_zygote()
     compiled = precompile(task.code)
     go = marshal.dumps((task.code, compiled, task.stdin.encode("utf-8", "replace"),  # "replace": lone surrogates
-                        task.timeout_s, task.fsize_limit, task.nofile_limit, task.nproc_limit))
+                        task.timeout_s, task.fsize_limit, task.nofile_limit, task.nproc_limit, task.outputs,
+                        task.files_limit, [(path, len(data)) for path, data in task.files]))
     del compiled
     oom_before = oom_kills()
     started = time.monotonic()
-    pid, out_r, err_r = zygote.pid, zygote.out_r, zygote.err_r
+    pid, out_r, err_r, files_r = zygote.pid, zygote.out_r, zygote.err_r, zygote.files_r
     try:
         write_all(zygote.go_w, struct.pack(">Q", len(go)) + go)  # the child reads while we write
+        for _, data in task.files:  # then each file's bytes, which the child writes out as they come
+            write_all(zygote.go_w, data)
     except OSError:
         pass  # the child is gone: supervise sees it exit, and its status pipe or exit status says why
     finally:
         os.close(zygote.go_w)
     try:
-        verdict, out, err = supervise(pid, out_r, err_r, started + task.timeout_s, task.output_limit)
+        verdict, out, err, records, overflowed = supervise(pid, (out_r, err_r, files_r), started + task.timeout_s,
+                                                           task.output_limit, taskfiles.records_bound(task.files_limit))
         _, status, usage = os.wait4(pid, 0)
         run_ms = (time.monotonic() - started) * 1000
         said = read_status(zygote.status_r)
     finally:
-        for fd in (out_r, err_r, zygote.status_r):
+        for fd in (out_r, err_r, files_r, zygote.status_r):
             os.close(fd)
     sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
@@ -232,10 +288,13 @@ def run_task(task):
         else:
             verdict = "succeeded" if exit_code == 0 else "failed"
     out, err = (bytes(buf[:task.output_limit]).decode("utf-8", "replace") for buf in (out, err))
+    files, files_truncated = taskfiles.parse_records(records, task.files_limit, overflowed)
+    del records
     return {"op": "result", "id": task.id, "status": verdict, "exit_code": exit_code, "signal": sig,
             "stdout": out, "stderr": err, "stdout_truncated": truncated[0], "stderr_truncated": truncated[1],
             "run_ms": round(run_ms, 3), "usage": {"cpu_s": round(usage.ru_utime + usage.ru_stime, 6),
-                                                  "max_rss_bytes": usage.ru_maxrss * 1024}}
+                                                  "max_rss_bytes": usage.ru_maxrss * 1024},
+            "files": files, "files_truncated": files_truncated}
 
 
 def read_status(fd):
@@ -259,17 +318,22 @@ def precompile(code):
         return None
 
 
-def supervise(pid, out_r, err_r, deadline, limit):
+def supervise(pid, fds, deadline, limit, files_bound):
     """Collect output until the child exits; kill it at the deadline or past the output cap.
 
-    Returns (verdict or None, stdout, stderr); a buffer longer than `limit` passed the cap. The
-    child's exit, not EOF on its pipes, ends the wait: a daemon it left may hold them open for ever.
+    `fds` are the stdout, stderr and files pipes. Returns (verdict or None, stdout, stderr, files
+    records, whether the records passed `files_bound`); an output buffer longer than `limit` passed the
+    cap. The files pipe is read to its end but kept only up to `files_bound` (the child sends no more
+    than that: more is the task's own writing, dropped). The child's exit, not EOF on its pipes, ends
+    the wait: a daemon it left may hold them open for ever.
     """
+    out_r, err_r, files_r = fds
     bufs = {out_r: bytearray(), err_r: bytearray()}
+    records = Bounded(files_bound)
     pidfd = open_pidfd(pid)
     tick_s = math.inf if pidfd is not None else NO_PIDFD_TICK_S
     poller = select.poll()
-    for fd in (out_r, err_r, pidfd):
+    for fd in (out_r, err_r, files_r, pidfd):
         if fd is not None:
             os.set_blocking(fd, False)
             poller.register(fd, select.POLLIN)
@@ -279,18 +343,21 @@ def supervise(pid, out_r, err_r, deadline, limit):
             for fd, _ in poller.poll(math.ceil(min(remaining, tick_s) * 1000)):
                 if fd in bufs and not pump(fd, bufs[fd], limit, drain=False):
                     poller.unregister(fd)
+                elif fd == files_r and not records.pump(fd, drain=False):
+                    poller.unregister(fd)
             if any(len(buf) > limit for buf in bufs.values()):
                 verdict = "output_limit_exceeded"
                 break
             if has_exited(pid):
                 for fd, buf in bufs.items():  # what it wrote just before it exited
                     pump(fd, buf, limit, drain=True)
-                return None, bufs[out_r], bufs[err_r]
+                records.pump(files_r, drain=True)
+                return None, bufs[out_r], bufs[err_r], records.data, records.overflowed
     finally:
         if pidfd is not None:
             os.close(pidfd)
     kill_task(pid)
-    return verdict, bufs[out_r], bufs[err_r]
+    return verdict, bufs[out_r], bufs[err_r], records.data, records.overflowed
 
 
 def pump(fd, buf, limit, drain):
@@ -306,6 +373,34 @@ def pump(fd, buf, limit, drain):
         if not drain:
             break
     return True
+
+
+class Bounded:
+    """A pipe's bytes up to a bound; what comes past it is read (so the writer never blocks) and dropped."""
+
+    def __init__(self, bound):
+        self.data = bytearray()
+        self.bound = bound
+        self.overflowed = False
+
+    def pump(self, fd, drain):
+        """Read one chunk (or, with `drain`, what is there, at most one bound's worth more). False at EOF."""
+        budget = self.bound + READ_CHUNK
+        while budget > 0:
+            try:
+                chunk = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                return True
+            if not chunk:
+                return False
+            budget -= len(chunk)
+            room = self.bound - len(self.data)
+            if len(chunk) > room:
+                self.overflowed = True
+            self.data += chunk[:max(room, 0)]
+            if not drain:
+                break
+        return True
 
 
 def open_pidfd(pid):
@@ -345,7 +440,7 @@ def oom_kills():
 
 # ---- running a task: the child ------------------------------------------------------------------
 
-Zygote = collections.namedtuple("Zygote", "pid go_w out_r err_r status_r")
+Zygote = collections.namedtuple("Zygote", "pid go_w out_r err_r status_r files_r")
 # The next task's child: asked of the template right after a clean reset, and collected (its pid is the
 # template's answer) when a task needs it, so that PID 1 reads the next frame while the template forks.
 _zygote = None  # a Zygote, or a Zygote whose pid is still None while the template's answer is pending
@@ -355,17 +450,18 @@ def request_zygote():
     """Ask the template to fork the next task's child ahead of time; it enters the sandbox and blocks
     reading its code. The pipes are made here and their child ends handed over: PID 1 talks to the
     child directly, the template never sees a byte of a task."""
-    (go_r, go_w), (out_r, out_w), (err_r, err_w), (status_r, status_w) = (os.pipe() for _ in range(4))
+    (go_r, go_w), (out_r, out_w), (err_r, err_w), (status_r, status_w), (files_r, files_w) = \
+        (os.pipe() for _ in range(5))
     try:
-        TEMPLATE.request(b"spawn", (go_r, out_w, err_w, status_w))
+        TEMPLATE.request(b"spawn", (go_r, out_w, err_w, status_w, files_w))
     except BaseException:
-        for fd in (go_w, out_r, err_r, status_r):
+        for fd in (go_w, out_r, err_r, status_r, files_r):
             os.close(fd)
         raise
     finally:
-        for fd in (go_r, out_w, err_w, status_w):
+        for fd in (go_r, out_w, err_w, status_w, files_w):
             os.close(fd)
-    return Zygote(None, go_w, out_r, err_r, status_r)
+    return Zygote(None, go_w, out_r, err_r, status_r, files_r)
 
 
 def ensure_zygote():
@@ -408,7 +504,7 @@ def discard_zygote():
 
 def close_zygote(zygote):
     kill_task(zygote.pid)
-    for fd in (zygote.go_w, zygote.out_r, zygote.err_r, zygote.status_r):
+    for fd in zygote[1:]:
         os.close(fd)
 
 
@@ -419,22 +515,24 @@ def zygote_pid():
     return _zygote.pid if _zygote is not None else None
 
 
-def task_child(go_r, out_w, err_w, status_w):
-    """Body of a task's child (forked by the template): enter the sandbox, wait for the code, run it,
-    _exit. Never returns."""
+def task_child(go_r, out_w, err_w, status_w, files_w):
+    """Body of a task's child (forked by the template): enter the sandbox, wait for the code, write the
+    request's files, run the code, send back the outputs and figures, _exit. Never returns."""
     status = 125
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         null = os.open(os.devnull, os.O_RDONLY)
         # Lift every source above the targets first: a source may sit on a target's number.
-        sources = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in (null, out_w, err_w, go_r, status_w)]
+        sources = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in (null, out_w, err_w, go_r, status_w, files_w)]
         for dst, src in enumerate(sources):
             os.dup2(src, dst)
-        os.set_inheritable(STATUS_FD, False)  # not into the task's own subprocesses
-        os.closerange(STATUS_FD + 1, os.sysconf("SC_OPEN_MAX"))  # the template's control socket above all
+        for fd in (STATUS_FD, FILES_FD):
+            os.set_inheritable(fd, False)  # not into the task's own subprocesses
+        os.closerange(FILES_FD + 1, os.sysconf("SC_OPEN_MAX"))  # the template's control socket above all
         enter_sandbox()
-        code, compiled, stdin, timeout_s, fsize_limit, nofile_limit, nproc_limit = receive_task(3)
-        os.close(3)
+        figures = fresh_interpreter_state()
+        (code, compiled, stdin, timeout_s, fsize_limit, nofile_limit, nproc_limit, outputs, files_limit,
+         files) = receive_task(3)
         stdin_fd = os.memfd_create("stdin")  # before the limits: stdin may be larger than RLIMIT_FSIZE
         write_all(stdin_fd, stdin)
         os.lseek(stdin_fd, 0, os.SEEK_SET)
@@ -442,33 +540,67 @@ def task_child(go_r, out_w, err_w, status_w):
         os.close(stdin_fd)
         del stdin
         apply_task_limits(timeout_s, fsize_limit, nofile_limit, nproc_limit)
-        os.write(STATUS_FD, STATUS_READY)  # from here on the task's code is in charge
+        os.write(STATUS_FD, STATUS_READY)  # from here on, what goes wrong is the task's (its files, its code)
     except BaseException as exc:  # never run the code half-sandboxed
         try:
             os.write(2, f"sandbox setup failed: {exc!r}".encode())
         finally:
             os._exit(status)
     try:
-        status = run_code(code, compiled)
+        taskfiles.write_files(WORK_DIR, files, lambda size: read_exactly(3, size))
+        os.close(3)
+        me = os.getpid()  # a fork the task made may return here too: only this process sends outputs
+        status = run_code(code, compiled, lambda: os.getpid() == me and figures.capture_open())
+        if os.getpid() == me:
+            send_outputs(outputs, files_limit, figures)
+    except taskfiles.FileError as exc:
+        os.write(2, str(exc).encode("utf-8", "backslashreplace"))
+        status = 1
     except BaseException:  # a runner bug, not the task's: say so where the host will look
         os.write(2, f"warmpool: runner error in the task child:\n{traceback.format_exc()}".encode())
     finally:
         os._exit(status)
 
 
+def fresh_interpreter_state():
+    """What a fresh interpreter would have that a fork of the template would not: its own random seeds
+    (`random` reseeds itself after a fork; numpy's global generator does not, and every task would draw
+    the same numbers). Also installs the figure capture (taskfiles.Figures), returned."""
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        numpy_random.seed()
+    figures = taskfiles.Figures()
+    figures.install()
+    return figures
+
+
+def send_outputs(outputs, files_limit, figures):
+    """After the code: the files `outputs` match, then the figures, as records on FILES_FD."""
+    sink = taskfiles.Sink(FILES_FD, files_limit)
+    try:
+        taskfiles.collect_outputs(WORK_DIR, outputs, sink)
+        figures.send(sink)
+    except OSError as exc:  # the task closed or filled the pipe: only its own result is short
+        taskfiles.note(f"outputs not sent: {exc.strerror or exc!r}")
+
+
+def read_exactly(fd, size):
+    """`size` bytes from the go pipe. EOF first means PID 1 gave up on us: leave quietly."""
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = os.read(fd, min(size - len(chunks), 1 << 20))
+        if not chunk:
+            os._exit(0)
+        chunks += chunk
+    return bytes(chunks)
+
+
 def receive_task(fd):
     """The go message from PID 1: a length, then marshal'd (code, code object or None, stdin bytes,
-    timeout_s, fsize_limit, nofile_limit, nproc_limit). EOF first means PID 1 gave up on us: leave quietly."""
-    def read_exactly(size):
-        chunks = bytearray()
-        while len(chunks) < size:
-            chunk = os.read(fd, size - len(chunks))
-            if not chunk:
-                os._exit(0)
-            chunks += chunk
-        return bytes(chunks)
-    (size,) = struct.unpack(">Q", read_exactly(8))
-    return marshal.loads(read_exactly(size))
+    timeout_s, fsize_limit, nofile_limit, nproc_limit, outputs, files_limit, [(file path, size)]); each
+    file's bytes follow it on the pipe, read by taskfiles.write_files."""
+    (size,) = struct.unpack(">Q", read_exactly(fd, 8))
+    return marshal.loads(read_exactly(fd, size))
 
 
 def enter_sandbox():
@@ -497,11 +629,7 @@ def apply_task_limits(timeout_s, fsize_limit, nofile_limit, nproc_limit):
         # Only where the host asks (gVisor): there the count is the sandbox's own, while on a shared
         # kernel RLIMIT_NPROC counts the sandbox uid's processes in every container on the host.
         set_limit(resource.RLIMIT_NPROC, nproc_limit)
-    for path in (WORK_DIR, HOME_DIR):
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
+    make_task_dirs()
     os.chdir(WORK_DIR)
 
 
@@ -510,8 +638,9 @@ def set_limit(res, value):
     resource.setrlimit(res, (value, value) if hard == resource.RLIM_INFINITY else (min(value, hard),) * 2)
 
 
-def run_code(code, compiled=None):
-    """Run the task as `python3 script.py` would, on the sandbox's fds 0-2; return the exit status."""
+def run_code(code, compiled=None, at_end=None):
+    """Run the task as `python3 script.py` would, on the sandbox's fds 0-2; return the exit status.
+    `at_end` runs when the code has ended, before the atexit handlers (matplotlib's closes every figure)."""
     _KEEP.append((sys.stdin, sys.stdout, sys.stderr))  # freed, the runner's streams would close fds 0-2
     for name, stream in (("stdin", open(0, encoding="utf-8", errors="surrogateescape")),
                          ("stdout", open(1, "w", encoding="utf-8", errors="surrogateescape")),
@@ -536,6 +665,8 @@ def run_code(code, compiled=None):
                 pass
         status = 1
         report(exc)
+    if at_end is not None:
+        at_end()
     return shut_down(status)
 
 
@@ -827,7 +958,7 @@ def template_main(sock):
         os._exit(1)
 
 
-def template_spawn(go_r, out_w, err_w, status_w):
+def template_spawn(go_r, out_w, err_w, status_w, files_w):
     """Fork a task's child through an intermediate that exits at once: the child is reparented to PID 1,
     so that PID 1 can wait for it (status, rusage) as for its own. Returns the child's pid."""
     pid_r, pid_w = os.pipe()
@@ -838,7 +969,7 @@ def template_spawn(go_r, out_w, err_w, status_w):
             child = os.fork()
             if child == 0:
                 os.close(pid_w)
-                task_child(go_r, out_w, err_w, status_w)  # never returns
+                task_child(go_r, out_w, err_w, status_w, files_w)  # never returns
             os.write(pid_w, struct.pack(">i", child))
         finally:
             os._exit(0)
@@ -896,12 +1027,53 @@ def run_as_sandbox(work, wait_s):
 
 def preload(modules):
     """Import the image's heavy modules once, before the template forks, so that a task's import of them
-    is a dictionary lookup. Every task still starts from this same state: each is a fresh fork."""
-    for name in filter(None, (part.strip() for part in modules.split(","))):
+    is a dictionary lookup. Every task still starts from this same state: each is a fresh fork.
+
+    The task dirs exist while they import (matplotlib makes and remembers its MPLCONFIGDIR, and reads the
+    built font list from there rather than scanning the fonts again); then whatever the imports left in
+    the scratch dirs goes, before the template forks and the first clean check. No task has run yet, so
+    nothing there is untrusted, and PID 1 removes it itself."""
+    make_task_dirs()
+    try:
+        for name in filter(None, (part.strip() for part in modules.split(","))):
+            try:
+                __import__(name)
+            except Exception as exc:  # a broken optional module must not take the container down
+                print(f"warmpool runner: could not preload {name}: {exc!r}", file=sys.stderr)
+    finally:
+        for top in SCRATCH_DIRS:
+            for entry in os.scandir(top):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+
+
+def make_task_dirs():
+    """The task's work and home dirs (and matplotlib's), with the image's built caches linked in."""
+    for path in TASK_DIRS:
         try:
-            __import__(name)
-        except Exception as exc:  # a broken optional module must not take the container down
-            print(f"warmpool runner: could not preload {name}: {exc!r}", file=sys.stderr)
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+    for target, link in CACHE_LINKS:
+        try:
+            os.symlink(target, link)
+        except OSError:
+            pass  # a cache missed costs time, not correctness
+
+
+def image_environment(env):
+    """The image's settings for its libraries that tasks keep (IMAGE_ENV); a matplotlib config dir on
+    /tmp is made for each task, with the font list built into the image linked into it."""
+    kept = {name: env[name] for name in IMAGE_ENV if env.get(name)}
+    config_dir = kept.get("MPLCONFIGDIR", "")
+    if os.path.dirname(config_dir) == "/tmp":  # one level below /tmp: the reset removes it with the rest
+        TASK_DIRS.append(config_dir)
+        if os.path.isdir(MPL_BUILT_CACHE):
+            CACHE_LINKS.extend((os.path.join(MPL_BUILT_CACHE, name), os.path.join(config_dir, name))
+                               for name in sorted(os.listdir(MPL_BUILT_CACHE)))
+    return kept
 
 
 def main():
@@ -916,8 +1088,9 @@ def main():
     os.close(null)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # PID 1 ignores SIGTERM unless it asks for it
     modules = os.environ.get("WARMPOOL_PRELOAD", "")  # set by the image, not by the host
+    kept = image_environment(os.environ)
     os.environ.clear()  # the tasks' environment, set once here so that forks inherit it for free
-    os.environ.update(TASK_ENV)
+    os.environ.update(TASK_ENV, **kept)
     preload(modules)
     gc.collect()
     gc.freeze()  # keep the collector off the pages shared with the children, so forks stay cheap

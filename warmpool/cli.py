@@ -87,8 +87,8 @@ def _image(only: list[str] | None, python_tag: str | None, base_image: str, forc
     import docker
     import docker.errors
 
+    from pool.model import images as catalogue
     from pool.model.errors import InvalidRequest
-    from runner_image import catalogue
     from runner_image.build import ImageBuildError, ensure_image
 
     try:

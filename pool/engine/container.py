@@ -35,7 +35,7 @@ _serial = itertools.count(1)
 class CreateOptions:
     """What every container of this pool instance is created with, besides its tier."""
 
-    image: str
+    docker_images: dict[str, str]  # image name -> docker tag: a tier's containers run its image's
     instance_id: str
     owner: str
     nofile_limit: int
@@ -135,7 +135,8 @@ async def start_container(backend: DockerBackend, tier: Tier, options: CreateOpt
                                                              gpu_ids=gpu_ids))
     labels = labels_for(tier, options.instance_id, options.owner)
     container_id = await anyio.to_thread.run_sync(
-        lambda: backend.create(image=options.image, name=name, labels=labels, host_config=host_config))
+        lambda: backend.create(image=options.docker_images[tier.image], name=name, labels=labels,
+                               host_config=host_config))
     handle = ContainerHandle(tier, container_id, name, gpu_ids)
     try:
         # Attach before start so nothing the runner says is lost; the channel lives as long as the container.

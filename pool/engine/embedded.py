@@ -11,6 +11,7 @@ from typing import Any
 from pool.background import TaskOwner
 from pool.engine.manager import PoolManager
 from pool.model.errors import Overloaded, PoolError, SandboxError
+from pool.model.images import describe
 from pool.model.results import TaskSpec
 from pool.model.tasks import Execution, TaskState, TaskView
 from pool.settings import Settings
@@ -101,6 +102,9 @@ class EmbeddedDispatcher:
     async def tiers(self) -> list[dict[str, Any]]:
         return [{**p.tier.describe(), "min_idle": p.min_idle, "max_size": p.max_size, "idle": len(p.idle),
                  "busy": len(p.busy), "starting": p.starting} for p in self.pool.pools.values()]
+
+    async def images(self) -> list[dict[str, Any]]:
+        return [describe(spec, self.pool.image_labels.get(spec.name)) for spec in self.settings.served_images()]
 
     async def readiness(self) -> dict[str, bool]:
         return {"docker": self.pool.docker_ok, "image": self.pool.image_ok, "pools_warm": self.pool.warm}

@@ -62,8 +62,10 @@ class PoolManager:
         self.ledger: CapacityLedger | None = None
         self.docker_ok = False
         self.image_ok = False
-        self._options = CreateOptions(image=settings.image, instance_id=settings.instance_id,
-                                      owner=owner_token(), nofile_limit=settings.nofile_limit)
+        self.image_labels: dict[str, dict[str, str]] = {}  # image name -> its docker labels, read at start
+        self._options = CreateOptions(docker_images={spec.name: spec.docker_image for spec in settings.images},
+                                      instance_id=settings.instance_id, owner=owner_token(),
+                                      nofile_limit=settings.nofile_limit)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
         self._start_slots = asyncio.Semaphore(settings.start_concurrency)
@@ -73,10 +75,7 @@ class PoolManager:
     async def start(self) -> None:
         """Connect, clear orphans of dead pools, check capacity, and begin warming in the background."""
         self.backend = await anyio.to_thread.run_sync(DockerBackend, self.settings.docker_host)
-        labels = await anyio.to_thread.run_sync(self.backend.image_labels, self.settings.image)
-        if labels is None:
-            raise SandboxError(f"runner image {self.settings.image!r} is missing: build it with `warmpool image`")
-        self.image_ok = True
+        await self._read_images()
         info = await anyio.to_thread.run_sync(self.backend.info)
         self._check_runtimes(info.runtimes)
         detected_gpu_ids = () if self.settings.gpu_ids else await anyio.to_thread.run_sync(detect_gpu_ids)
@@ -89,6 +88,21 @@ class PoolManager:
         self.docker_ok = True
         await self.remove_orphans()
         self._spawn(self._replenish_loop())
+
+    async def _read_images(self) -> None:
+        """Every image a tier serves must be present; their labels say what they hold (GET /v1/images)."""
+        assert self.backend is not None
+        backend = self.backend
+        missing = []
+        for spec in self.settings.served_images():
+            labels = await anyio.to_thread.run_sync(backend.image_labels, spec.docker_image)
+            if labels is None:
+                missing.append(f"{spec.name} ({spec.docker_image})")
+            else:
+                self.image_labels[spec.name] = labels
+        if missing:
+            raise SandboxError(f"sandbox image(s) missing: {', '.join(missing)}: build them with `warmpool image`")
+        self.image_ok = True
 
     def _check_runtimes(self, runtimes: tuple[str, ...]) -> None:
         for tier in self.settings.tiers:

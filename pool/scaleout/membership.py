@@ -30,21 +30,26 @@ class WorkerBeat:
     host: str
     docker_ok: bool
     tiers: dict[str, dict[str, Any]]  # tier name -> resources and counts
+    images: dict[str, dict[str, str]] = field(default_factory=dict)  # image name -> its warmpool.image.* labels
 
 
 def beat_json(worker_id: str, manager: PoolManager, inflight: dict[str, int]) -> str:
     tiers = {name: {**p.tier.describe(), "min_idle": p.min_idle, "max_size": p.max_size, "idle": len(p.idle),
                     "busy": len(p.busy), "starting": p.starting, "inflight": inflight.get(name, 0)}
              for name, p in manager.pools.items()}
+    images = {name: {k: v for k, v in labels.items() if k.startswith("warmpool.image.")}
+              for name, labels in manager.image_labels.items()}
     return json.dumps({"id": worker_id, "host": socket.gethostname(), "docker_ok": manager.docker_ok,
-                       "tiers": tiers}, separators=(",", ":"))
+                       "tiers": tiers, "images": images}, separators=(",", ":"))
 
 
 def parse_beat(raw: str) -> WorkerBeat | None:
     try:
         body = json.loads(raw)
         return WorkerBeat(worker_id=str(body["id"]), host=str(body["host"]), docker_ok=bool(body["docker_ok"]),
-                          tiers={str(k): dict(v) for k, v in body["tiers"].items()})
+                          tiers={str(k): dict(v) for k, v in body["tiers"].items()},
+                          images={str(k): {str(a): str(b) for a, b in v.items()}
+                                  for k, v in (body.get("images") or {}).items()})
     except (KeyError, TypeError, ValueError, AttributeError):
         log.warning("ignoring a malformed worker heartbeat: %.200s", raw)
         return None
@@ -65,13 +70,17 @@ class ClusterView:
     def check_tiers(self, tiers: tuple[Tier, ...]) -> None:
         """Warn once per worker and tier when a worker's tier differs from ours (different tiers files)."""
         for tier in tiers:
-            mine = {"name": tier.name, **tier.resources.as_dict(), "runtime": tier.runtime}
+            mine = {"name": tier.name, "image": tier.image, **tier.resources.as_dict(), "runtime": tier.runtime}
             for worker in self.serving(tier.name):
                 theirs = {k: worker.tiers[tier.name].get(k) for k in mine}
                 if theirs != mine and (worker.worker_id, tier.name) not in self._warned:
                     self._warned.add((worker.worker_id, tier.name))
                     log.warning("worker %s defines tier %r as %s, the API as %s: use one tiers file",
                                 worker.worker_id, tier.name, theirs, mine)
+
+    def image_labels(self, name: str) -> dict[str, str] | None:
+        """An image's labels as a live worker read them from its engine (None when no worker has it)."""
+        return next((w.images[name] for w in self.workers.values() if name in w.images), None)
 
     def tier_rows(self, tiers: tuple[Tier, ...]) -> list[dict[str, Any]]:
         """Each of our tiers with its counts summed over the live workers that serve it."""

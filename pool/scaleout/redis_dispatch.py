@@ -19,6 +19,7 @@ from typing import Any, cast
 from pool.background import TaskOwner
 from pool.engine.container import RESULT_GRACE_S
 from pool.model.errors import BackendUnavailable, NoCapacity, Overloaded
+from pool.model.images import describe
 from pool.model.results import TaskSpec
 from pool.model.tasks import Execution, TaskState, TaskView
 from pool.scaleout.membership import BEATS_TO_DEATH, ClusterView, parse_beat
@@ -251,6 +252,10 @@ class RedisDispatcher:
 
     async def tiers(self) -> list[dict[str, Any]]:
         return self.cluster.tier_rows(self.settings.tiers)
+
+    async def images(self) -> list[dict[str, Any]]:
+        # Workers report what their engines hold; before any has, the catalogue's own entry is the answer.
+        return [describe(spec, self.cluster.image_labels(spec.name)) for spec in self.settings.served_images()]
 
     async def readiness(self) -> dict[str, bool]:
         try:

@@ -7,13 +7,15 @@ the task's hash (async tasks) and on the submitting API's reply list (synchronou
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from pool.model.errors import BackendUnavailable, NoCapacity, Overloaded, PoolError, SandboxError
 from pool.model.resources import Resources
-from pool.model.results import Status, TaskResult, TaskSpec, Usage
+from pool.model.results import DEFAULT_OUTPUT_FILES_BYTES, InputFile, Status, TaskResult, TaskSpec, Usage, output_files
 from pool.model.tasks import Execution
 from pool.model.tiers import Tier
 
@@ -28,15 +30,26 @@ class MalformedEntry(ValueError):
 
 
 def spec_fields(spec: TaskSpec) -> dict[str, str]:
-    return {"id": spec.task_id, "code": spec.code, "stdin": spec.stdin, "timeout_s": repr(spec.timeout_s),
-            "output_limit_bytes": str(spec.output_limit_bytes)}
+    fields = {"id": spec.task_id, "code": spec.code, "stdin": spec.stdin, "timeout_s": repr(spec.timeout_s),
+              "output_limit_bytes": str(spec.output_limit_bytes),
+              "max_output_files_bytes": str(spec.max_output_files_bytes)}
+    if spec.files:
+        fields["files"] = json.dumps([{"path": f.path, "content": base64.b64encode(f.content).decode("ascii")}
+                                      for f in spec.files])
+    if spec.outputs:
+        fields["outputs"] = json.dumps(list(spec.outputs))
+    return fields
 
 
 def spec_from_fields(fields: dict[str, str]) -> TaskSpec:
     try:
+        files = tuple(InputFile(path=str(f["path"]), content=base64.b64decode(f["content"], validate=True))
+                      for f in json.loads(fields.get("files", "[]")))
         return TaskSpec(task_id=fields["id"], code=fields["code"], stdin=fields.get("stdin", ""),
-                        timeout_s=float(fields["timeout_s"]), output_limit_bytes=int(fields["output_limit_bytes"]))
-    except (KeyError, ValueError) as exc:
+                        timeout_s=float(fields["timeout_s"]), output_limit_bytes=int(fields["output_limit_bytes"]),
+                        files=files, outputs=tuple(str(p) for p in json.loads(fields.get("outputs", "[]"))),
+                        max_output_files_bytes=int(fields.get("max_output_files_bytes", DEFAULT_OUTPUT_FILES_BYTES)))
+    except (KeyError, ValueError, TypeError, binascii.Error) as exc:
         raise MalformedEntry(f"bad task entry: {exc!r}") from exc
 
 
@@ -78,6 +91,7 @@ class Outcome:
                 result = dict(body["result"])
                 result["status"] = Status(result["status"])
                 result["usage"] = Usage(**result.get("usage") or {})
+                result["files"] = output_files(result.get("files") or ())
                 execution = Execution(result=TaskResult(**result), tier=tier, queue_ms=float(body["queue_ms"]),
                                       container_name=str(body.get("container", "")),
                                       worker=str(body.get("ran_on", body["worker"])))
@@ -118,10 +132,10 @@ def _error_from(raw: dict[str, Any]) -> PoolError:
 
 
 def _tier_dict(tier: Tier) -> dict[str, Any]:
-    return {"name": tier.name, **tier.resources.as_dict(), "runtime": tier.runtime}
+    return {"name": tier.name, **tier.resources.as_dict(), "runtime": tier.runtime, "image": tier.image}
 
 
 def _tier_from(raw: dict[str, Any]) -> Tier:
-    return Tier(name=str(raw["name"]), runtime=str(raw.get("runtime", "runc")),
+    return Tier(name=str(raw["name"]), runtime=str(raw.get("runtime", "runc")), image=str(raw.get("image", "python")),
                 resources=Resources(cpu=float(raw["cpu"]), gpu=int(raw["gpu"]), ram_bytes=int(raw["ram_bytes"]),
                                     storage_bytes=int(raw["storage_bytes"])))
