@@ -1064,15 +1064,17 @@ def make_task_dirs():
 
 
 def image_environment(env):
-    """The image's settings for its libraries that tasks keep (IMAGE_ENV); a matplotlib config dir on
-    /tmp is made for each task, with the font list built into the image linked into it."""
+    """The image's settings for its libraries that tasks keep (IMAGE_ENV), where the image has matplotlib
+    (its font list was built): a matplotlib config dir on /tmp is then made for each task, with the font
+    list linked into it. An image without matplotlib keeps the minimal environment."""
+    built = sorted(os.listdir(MPL_BUILT_CACHE)) if os.path.isdir(MPL_BUILT_CACHE) else []
+    if not built:
+        return {}
     kept = {name: env[name] for name in IMAGE_ENV if env.get(name)}
     config_dir = kept.get("MPLCONFIGDIR", "")
     if os.path.dirname(config_dir) == "/tmp":  # one level below /tmp: the reset removes it with the rest
         TASK_DIRS.append(config_dir)
-        if os.path.isdir(MPL_BUILT_CACHE):
-            CACHE_LINKS.extend((os.path.join(MPL_BUILT_CACHE, name), os.path.join(config_dir, name))
-                               for name in sorted(os.listdir(MPL_BUILT_CACHE)))
+        CACHE_LINKS.extend((os.path.join(MPL_BUILT_CACHE, name), os.path.join(config_dir, name)) for name in built)
     return kept
 
 

@@ -8,8 +8,8 @@ the byte budget enforced on its side too, so a task that writes records of its o
 change its own result.
 
 The walk never follows a symlink (directories are opened with O_NOFOLLOW relative to their parent's fd,
-so a swap during the walk cannot redirect it) and never opens a FIFO or a device (files are opened with
-O_NONBLOCK and kept only when fstat says they are regular).
+so a swap during the walk cannot redirect it) and never reads a FIFO or a device (everything is opened with
+O_NONBLOCK and kept only when fstat says it is a directory or a regular file).
 """
 
 import base64
@@ -31,9 +31,10 @@ MAX_WALK_DEPTH = 64
 MAX_FIGURES = 32  # figures rendered per task; a flood of thousands is cut here, not rendered for minutes
 FIGURE_PATH = "figures/figure-{}.png"
 READ_CHUNK = 1 << 16
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK: opening a FIFO for reading must not wait for a writer (it is then refused by fstat).
-FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO for reading must not wait for a writer (it is then refused by fstat). No
+# O_DIRECTORY for directories: gVisor follows a final symlink when O_DIRECTORY and O_NOFOLLOW come together
+# (Linux refuses), so directories are opened like files and told apart by fstat.
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
 class FileError(Exception):
@@ -185,7 +186,7 @@ def collect_outputs(work_dir, patterns, sink):
     if not compiled:
         return
     try:
-        root = os.open(work_dir, DIR_FLAGS)
+        root = open_dir(work_dir)
     except OSError as exc:
         note(f"outputs not collected: cannot open the working directory: {exc.strerror}")
         return
@@ -217,7 +218,7 @@ def _walk(dir_fd, parts, patterns, sink, seen):
         if is_dir:
             if len(path) < MAX_WALK_DEPTH and any(matches(p, path, prefix_only=True) for p in patterns):
                 try:
-                    sub = os.open(entry.name, DIR_FLAGS, dir_fd=dir_fd)  # a symlink swapped in: ELOOP
+                    sub = open_dir(entry.name, dir_fd)  # a symlink swapped in: ELOOP
                 except OSError:
                     continue
                 try:
@@ -228,9 +229,18 @@ def _walk(dir_fd, parts, patterns, sink, seen):
             _send_file(dir_fd, entry.name, "/".join(path), sink)
 
 
+def open_dir(path, dir_fd=None):
+    """A directory's fd, never through a symlink (ELOOP) and never anything but a directory (ENOTDIR)."""
+    fd = os.open(path, OPEN_FLAGS, dir_fd=dir_fd)
+    if not stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotADirectoryError(20, "Not a directory", path)
+    return fd
+
+
 def _send_file(dir_fd, name, path, sink):
     try:
-        fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
+        fd = os.open(name, OPEN_FLAGS, dir_fd=dir_fd)
     except OSError:
         return  # a symlink (ELOOP), gone, or unreadable: not an output
     try:
