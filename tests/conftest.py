@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO
 
 import docker
+import docker.errors
 import httpx
 import pytest
 
@@ -42,7 +43,10 @@ def docker_client() -> Iterator[docker.DockerClient]:
         pytest.fail(f"Docker engine with image {IMAGE} is required (run `make test`): {exc}")
     # A stale image would test an older runner than the working tree's: `make test` rebuilds them first.
     for spec in catalogue.with_env_tags(catalogue.BUILTIN, os.environ):
-        labels = client.images.get(spec.docker_image).labels or {}
+        try:
+            labels = client.images.get(spec.docker_image).labels or {}
+        except docker.errors.ImageNotFound:
+            labels = {}
         if labels.get(HASH_LABEL) != build_hash(spec):
             pytest.fail(f"image {spec.docker_image} ({spec.name}) is missing or stale: run `make image` "
                         "(with the same WARMPOOL_IMAGE* variables as the tests)")
