@@ -34,6 +34,9 @@ DEADLINE_GRACE_S = 5.0
 RAM_BY_RUNTIME = {"runc": "128MiB", "runsc": "1GiB"}
 MAX_WAITING = 8
 HOSTNAME = "import socket; print(socket.gethostname())"
+# What every sandbox image's environment holds (runner_image/Dockerfile): settings for the runner and for
+# matplotlib, never a secret, never anything of the server's.
+IMAGE_ENV = {"LANG", "PATH", "MPLBACKEND", "MPLCONFIGDIR", "WARMPOOL_PRELOAD"}
 
 
 # The datascience interpreter holds ~80 MiB before any task, and a figure flood needs room of its own.

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.hostile.conftest import MIB, PIDS_LIMIT, STORAGE_BYTES, box_container, execute
+from tests.hostile.conftest import IMAGE_ENV, MIB, PIDS_LIMIT, STORAGE_BYTES, box_container, execute
 
 pytestmark = pytest.mark.docker
 
@@ -55,8 +55,8 @@ def test_engine_applies_every_default(box, docker_client):
     # No host path, volume or socket: nothing mounted but what the engine itself provides.
     assert inspect["Mounts"] == [] and not host["Binds"] and not host.get("Mounts") and not host["VolumesFrom"]
     assert not host["Devices"] and not host.get("DeviceRequests")
-    # The container's environment is the image's own (LANG, PATH): nothing of the server's is passed on.
-    assert {e.split("=", 1)[0] for e in inspect["Config"]["Env"] or []} <= {"LANG", "PATH"}
+    # The container's environment is the image's own (IMAGE_ENV): nothing of the server's is passed on.
+    assert {e.split("=", 1)[0] for e in inspect["Config"]["Env"] or []} <= IMAGE_ENV
     assert inspect["Config"]["Labels"]["warmpool.pool"] == box.instance_id
 
 
