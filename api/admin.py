@@ -12,10 +12,13 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import require_admin_key
+from api.json_body import BodyRoute
 from pool.engine.admin import PoolAdmin
 from pool.model.errors import InvalidRequest
+from pool.model.resources import MAX_COUNT
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin_key)],
+router = APIRouter(prefix="/v1/admin", tags=["admin"], route_class=BodyRoute,
+                   dependencies=[Depends(require_admin_key)],
                    responses={401: {"description": "Missing bearer token"},
                               403: {"description": "Wrong admin key, or no WARMPOOL_ADMIN_KEY set"}})
 
@@ -25,8 +28,8 @@ class PoolSizesPatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min_idle: int | None = Field(default=None, ge=0, description="Idle containers kept warm at least")
-    max_size: int | None = Field(default=None, ge=1, description="Containers the tier may hold at most")
+    min_idle: int | None = Field(default=None, ge=0, le=MAX_COUNT, description="Idle containers kept warm at least")
+    max_size: int | None = Field(default=None, ge=1, le=MAX_COUNT, description="Containers the tier may hold at most")
 
 
 def _admin(request: Request, tier: str | None = None) -> PoolAdmin:

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.admin import router as admin_router
+from api.auth import AuthBeforeBody
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit, limiter_from
 from api.metrics import install_metrics
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.rate_limiter = limiter_from(settings)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(AuthBeforeBody)  # added last, so it runs first: no body is read for a wrong key
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(admin_router)

@@ -1,11 +1,21 @@
-"""Bearer-token checks: API keys for task routes, a separate admin key for /v1/admin/*."""
+"""Bearer-token checks: API keys for task routes, a separate admin key for /v1/admin/*.
+
+The checks run twice over: as route dependencies (the authority, shown in the OpenAPI document), and
+first in `AuthBeforeBody`, which answers a request with a missing or wrong key before its body is read,
+because FastAPI reads and parses the whole body before it runs any dependency.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 
 from fastapi import HTTPException, Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+# Where AuthBeforeBody leaves the key it checked, so that the route's dependency does not hash it again.
+_CHECKED_KEY = "warmpool.api_key"
 
 
 def _bearer(request: Request) -> str | None:
@@ -34,6 +44,9 @@ async def require_api_key(request: Request) -> str:
     keys: tuple[str, ...] = request.app.state.settings.api_keys
     if not keys:
         return "anonymous"
+    checked: str | None = request.scope.get(_CHECKED_KEY)
+    if checked is not None:
+        return checked
     token = _bearer(request)
     if token is None:
         raise HTTPException(status_code=401, detail="missing bearer token",
@@ -53,3 +66,41 @@ async def require_admin_key(request: Request) -> None:
                             headers={"WWW-Authenticate": "Bearer"})
     if not _matches(token, (admin_key,)):
         raise HTTPException(status_code=403, detail="invalid admin key")
+
+
+class AuthBeforeBody:
+    """Pure ASGI: a request under /v1/ whose key is missing or wrong is answered 401/403 before any of its
+    body is read, and, when it announced a body, with `connection: close`, so the rest is never read.
+
+    Without it a flood of unauthenticated uploads costs the body cap's worth of memory and reading each
+    (BodySizeLimit buffers before the app runs). A passing request goes on untouched."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        try:
+            if path.startswith("/v1/admin/") or path == "/v1/admin":
+                await require_admin_key(request)
+            else:
+                scope[_CHECKED_KEY] = await require_api_key(request)
+        except HTTPException as exc:
+            await _refuse(scope, send, exc)
+            return
+        await self.app(scope, receive, send)
+
+
+async def _refuse(scope: Scope, send: Send, exc: HTTPException) -> None:
+    body = json.dumps({"detail": exc.detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (exc.headers or {}).items()]
+    if any(name in (b"content-length", b"transfer-encoding") and value not in (b"0", b"")
+           for name, value in scope["headers"]):
+        headers.append((b"connection", b"close"))  # a body follows that we will not read
+    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

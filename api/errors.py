@@ -11,6 +11,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from api.json_body import finite_for_json
 from pool.model.errors import (
     BackendUnavailable,
     CapacityError,
@@ -18,6 +19,7 @@ from pool.model.errors import (
     NoCapacity,
     Overloaded,
     PoolError,
+    ResultEvicted,
     SandboxError,
 )
 
@@ -46,6 +48,8 @@ async def _pool_error(request: Request, exc: Exception) -> JSONResponse:
         return retry_after(503, str(exc), exc.retry_after_s)
     if isinstance(exc, BackendUnavailable):
         return retry_after(503, str(exc), exc.retry_after_s)
+    if isinstance(exc, ResultEvicted):
+        return JSONResponse(status_code=404, content={"detail": str(exc)})
     if isinstance(exc, SandboxError):
         return retry_after(503, f"sandbox unavailable: {exc}", 1.0)
     log.exception("unexpected pool error", exc_info=exc)
@@ -54,9 +58,11 @@ async def _pool_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
     """FastAPI's 422, rendered with ASCII escapes: the errors echo the input, and an input holding a lone
-    surrogate (JSON allows "\\ud800") cannot be encoded as UTF-8, which made FastAPI's own handler a 500."""
+    surrogate (JSON allows "\\ud800") cannot be encoded as UTF-8, which made FastAPI's own handler a 500; and
+    an infinite input (`1e400`) is written as text, since `Infinity` is not JSON."""
     assert isinstance(exc, RequestValidationError)
-    body = json.dumps({"detail": jsonable_encoder(exc.errors())}, ensure_ascii=True)
+    body = json.dumps({"detail": finite_for_json(jsonable_encoder(exc.errors()))}, ensure_ascii=True,
+                      allow_nan=False)
     return Response(body, status_code=422, media_type="application/json")
 
 

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from api.auth import require_api_key
 from api.errors import invalid_body
+from api.json_body import BodyRoute
 from api.limits import require_task_quota
 from api.schemas import ExecuteRequest, ExecuteResponse, ImageOut, TaskAccepted, TaskPending, TierOut
 from pool.dispatch import Dispatcher, owner_of
@@ -22,7 +23,7 @@ from pool.model.tasks import Execution, TaskState, TaskView
 from pool.model.tiers import Tier, fit_tier
 from pool.settings import Settings
 
-router = APIRouter()
+router = APIRouter(route_class=BodyRoute)
 _TASK_ID = re.compile(r"[0-9a-f]{32}")
 
 

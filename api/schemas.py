@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pool.model.errors import InvalidRequest
-from pool.model.resources import ResourceRequest, parse_bytes, parse_number
+from pool.model.resources import ResourceRequest, parse_bytes, parse_count, parse_number
 
 SUPPORTED_TASK_TYPES = ("execute_code",)
 
@@ -33,12 +33,7 @@ class ResourcesIn(BaseModel):
     @field_validator("gpu")
     @classmethod
     def _gpu(cls, value: Any) -> int:
-        if value is None:
-            return 0
-        number = _as_value_error(lambda: parse_number("gpu", value, allow_zero=True))
-        if number != int(number):
-            raise ValueError(f"must be a whole number of GPUs, got {value!r}")
-        return int(number)
+        return 0 if value is None else _as_value_error(lambda: parse_count("gpu", value))
 
     @field_validator("ram", "storage")
     @classmethod
@@ -75,8 +70,8 @@ class ExecuteRequest(BaseModel):
     task_type: Literal["execute_code"] = Field(default="execute_code", description="Only 'execute_code' for now")
     code: str = Field(min_length=1, description="Python source, run as __main__")
     resources: ResourcesIn | None = None
-    timeout_s: float | None = Field(default=None, gt=0, description="Wall-clock limit; the server sets the default"
-                                    " and the cap")
+    timeout_s: float | None = Field(default=None, gt=0, allow_inf_nan=False,
+                                    description="Wall-clock limit; the server sets the default and the cap")
     stdin: str = Field(default="", description="Text given to the task on standard input")
     image: str = Field(default="python", description="The sandbox image (GET /v1/images): \"python\" (the "
                        "standard library) or \"datascience\" (numpy, pandas, scipy, matplotlib, pillow)")

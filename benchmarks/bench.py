@@ -157,19 +157,22 @@ def replacement_rate(count: int) -> str:
 
 
 # Sections this script does not write: scaleout.py's, and the hand-measured cpu breakdown.
-KEPT_HEADINGS = ("## Where the time goes", "## Scale-out (Redis)")
+# The sections this script writes; every other section of RESULTS.md belongs to another benchmark script
+# (scaleout.py, compare_images.py, ...) or was written by hand, and is kept as it is.
+OWN_HEADINGS = ("## Load (locust", "## Tier isolation", "## Replacement rate", "## Cold mode", "## Latency of print")
 
 
 def kept_sections(path: Path) -> str:
-    """The sections of RESULTS.md that other benchmark scripts own, kept as they are."""
+    """The sections of RESULTS.md that this script does not write, kept as they are, in their order."""
     if not path.exists():
         return ""
-    text, kept = path.read_text(), []
-    for heading in KEPT_HEADINGS:
-        start = text.find(heading)
-        if start >= 0:
-            end = text.find("\n## ", start + len(heading))
-            kept.append(text[start:end if end >= 0 else len(text)].rstrip() + "\n")
+    text = path.read_text()
+    starts = [i for i in range(len(text)) if text.startswith("## ", i) and (i == 0 or text[i - 1] == "\n")]
+    kept = []
+    for start, end in zip(starts, starts[1:] + [len(text)], strict=True):
+        section = text[start:end]
+        if not section.startswith(OWN_HEADINGS):
+            kept.append(section.rstrip() + "\n")
     return "\n".join(kept)
 
 

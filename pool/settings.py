@@ -12,6 +12,7 @@ from pool.model import images as catalogue
 from pool.model.errors import InvalidRequest
 from pool.model.images import ImageSpec
 from pool.model.resources import parse_bytes, parse_number
+from pool.model.result_bounds import Bounds, largest_task_bytes
 from pool.model.tiers import Tier, default_tiers, sorted_tiers, tiers_from_config
 from pool.model.warming import WarmingPolicy
 from pool.sizes_file import apply_sizes, load_sizes
@@ -70,6 +71,20 @@ class Settings:
     # Leases that may wait for a busy tier at once; past it, requests are refused with 429 at once rather
     # than queued for a container they would not get in time.
     max_waiting: int = 256
+    # The HTTP edge (api/edge.py): the request line plus headers, the time a whole request may take to
+    # arrive, how long an idle keep-alive connection is kept, and open connections at once (kept below the
+    # process's open-file limit, see api.edge.effective_max_connections).
+    max_header_bytes: int = 16 * 1024
+    request_read_timeout_s: float = 30.0
+    keep_alive_timeout_s: float = 5.0
+    max_connections: int = 1024
+    # Async tasks (submitted, running, or finished and kept for result_ttl_s): per API key, a count and
+    # bytes past which a submission is 429; across all keys, bytes and a count past which the oldest
+    # finished results are evicted. See pool/result_bounds.py for what counts.
+    max_tasks_per_key: int = 1000
+    max_result_bytes_per_key: int = 256 * MIB
+    max_results: int = 10_000
+    max_result_bytes: int = GIB
     redis_url: str | None = None
     redis_prefix: str = "warmpool"  # every Redis key starts with it: several clusters can share one Redis
     result_ttl_s: float = 600.0
@@ -91,6 +106,11 @@ class Settings:
         names = {tier.image for tier in self.tiers}
         return tuple(spec for spec in self.images if spec.name in names)
 
+    def result_bounds(self) -> Bounds:
+        """The async results bound (pool/model/result_bounds.py) these settings give."""
+        return Bounds(max_tasks_per_key=self.max_tasks_per_key, max_result_bytes_per_key=self.max_result_bytes_per_key,
+                      max_results=self.max_results, max_result_bytes=self.max_result_bytes)
+
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
     value = env.get(f"WARMPOOL_{name}")
@@ -104,6 +124,10 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(_float(env, name, default))
+
+
+def _bytes(env: Mapping[str, str], name: str, default: int) -> int:
+    return parse_bytes(f"WARMPOOL_{name}", _get(env, name) or default)
 
 
 def _float0(env: Mapping[str, str], name: str, default: float) -> float:
@@ -160,7 +184,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         raise InvalidRequest("WARMPOOL_ADMIN_KEY", "must differ from every key in WARMPOOL_API_KEYS")
     defaults = Settings()
     max_files_bytes = parse_bytes("WARMPOOL_MAX_FILES_BYTES", _get(env, "MAX_FILES_BYTES") or defaults.max_files_bytes)
-    return Settings(
+    settings = Settings(
         tiers=tiers,
         images=images,
         base_image=_get(env, "BASE_IMAGE") or defaults.base_image,
@@ -195,6 +219,14 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         rate_limit_per_s=_float0(env, "RATE_LIMIT_PER_S", defaults.rate_limit_per_s),
         rate_limit_burst=int(_float0(env, "RATE_LIMIT_BURST", defaults.rate_limit_burst)),
         max_waiting=int(_float0(env, "MAX_WAITING", defaults.max_waiting)),
+        max_header_bytes=_bytes(env, "MAX_HEADER_BYTES", defaults.max_header_bytes),
+        request_read_timeout_s=_float(env, "REQUEST_READ_TIMEOUT_S", defaults.request_read_timeout_s),
+        keep_alive_timeout_s=_float(env, "KEEP_ALIVE_TIMEOUT_S", defaults.keep_alive_timeout_s),
+        max_connections=_int(env, "MAX_CONNECTIONS", defaults.max_connections),
+        max_tasks_per_key=_int(env, "MAX_TASKS_PER_KEY", defaults.max_tasks_per_key),
+        max_result_bytes_per_key=_bytes(env, "MAX_RESULT_BYTES_PER_KEY", defaults.max_result_bytes_per_key),
+        max_results=_int(env, "MAX_RESULTS", defaults.max_results),
+        max_result_bytes=_bytes(env, "MAX_RESULT_BYTES", defaults.max_result_bytes),
         redis_url=_get(env, "REDIS_URL"),
         redis_prefix=_get(env, "REDIS_PREFIX") or defaults.redis_prefix,
         result_ttl_s=_float(env, "RESULT_TTL_S", defaults.result_ttl_s),
@@ -204,3 +236,17 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         worker_tiers=_list(env, "WORKER_TIERS"),
         mode=mode,
     )
+    _check_result_bounds(settings)
+    return settings
+
+
+def _check_result_bounds(settings: Settings) -> None:
+    """Each bound must hold at least one task of the largest allowed size, else every submission is 429."""
+    largest = largest_task_bytes(settings.max_code_bytes, settings.max_stdin_bytes, settings.output_limit_bytes,
+                                 settings.max_files_bytes, settings.max_output_files_bytes)
+    for name, value in (("MAX_RESULT_BYTES_PER_KEY", settings.max_result_bytes_per_key),
+                        ("MAX_RESULT_BYTES", settings.max_result_bytes)):
+        if value < largest:
+            raise InvalidRequest(f"WARMPOOL_{name}", f"must be at least {largest} bytes (code, stdin and files "
+                                                     f"caps, twice the output limit and the output files cap as "
+                                                     f"base64), got {value}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -102,16 +103,23 @@ def tiers_file(tmp_path: Path) -> Callable[[dict], Path]:
 
 
 def start_service(log_dir: Path, tiers_path: Path, env: dict[str, str] | None = None,
-                  ready_timeout_s: float = 60) -> Service:
-    """A `warmpool serve` process on a free loopback port, ready (or the test fails with its log)."""
+                  ready_timeout_s: float = 60, nofile_limit: int | None = None) -> Service:
+    """A `warmpool serve` process on a free loopback port, ready (or the test fails with its log).
+
+    `nofile_limit` sets the process's open-file limit (soft and hard), to exhaust it with few connections."""
     port = _free_port()
     instance_id = f"test-{secrets.token_hex(4)}"
     full_env = {**os.environ, "WARMPOOL_TIERS_FILE": str(tiers_path), "WARMPOOL_INSTANCE_ID": instance_id,
                 **(env or {})}
     log_path = log_dir / f"serve-{port}.log"
     log = open(log_path, "w")  # noqa: SIM115 - closed with the process
+    def limit_files() -> None:
+        if nofile_limit is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile_limit, nofile_limit))
+
     process = subprocess.Popen([sys.executable, "-m", "warmpool", "serve", "--host", "127.0.0.1",
-                                "--port", str(port)], env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                                "--port", str(port)], env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                               preexec_fn=limit_files if nofile_limit is not None else None)
     service = Service(process, f"http://127.0.0.1:{port}", instance_id, log)
     service.log_path = log_path
     deadline = time.monotonic() + ready_timeout_s
@@ -143,8 +151,9 @@ def serve(docker_client, tiers_file, tmp_path) -> Iterator[Callable[..., Service
     """Start services (`serve(tiers=..., env={...})`); each is stopped and checked for leftovers."""
     started: list[Service] = []
 
-    def start(tiers: dict | None = None, env: dict[str, str] | None = None, ready_timeout_s: float = 60) -> Service:
-        service = start_service(tmp_path, tiers_file(tiers or TEST_TIERS), env, ready_timeout_s)
+    def start(tiers: dict | None = None, env: dict[str, str] | None = None, ready_timeout_s: float = 60,
+              nofile_limit: int | None = None) -> Service:
+        service = start_service(tmp_path, tiers_file(tiers or TEST_TIERS), env, ready_timeout_s, nofile_limit)
         started.append(service)
         return service
 

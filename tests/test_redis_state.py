@@ -42,12 +42,12 @@ def test_task_state_machine(redis_url):
 async def _state_machine(url: str) -> None:
     client = connect(url)
     keys = Keys(f"wptest-{secrets.token_hex(4)}")
-    scripts = Scripts(client)
+    scripts = Scripts(client, keys.prefix)
     stream, reply = keys.stream("one"), keys.reply("api")
     try:
         await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
 
-        async def submit(task_id: str, kind: str = "sync") -> str | None:
+        async def submit(task_id: str, kind: str = "sync") -> object:
             return await scripts.submit(stream, keys.task(task_id), max_len=2, pending_ttl_ms=60_000,
                                         entry={"id": task_id}, record={"state": "queued", "kind": kind})
 

@@ -45,6 +45,7 @@ def _serve(host: str, port: int) -> None:
     import uvicorn
 
     from api.app import create_app
+    from api.edge import EdgeLimits, effective_max_connections, protocol_class, raise_nofile_limit
     from pool.model.errors import InvalidRequest
     from pool.settings import from_env
 
@@ -59,8 +60,21 @@ def _serve(host: str, port: int) -> None:
     if not settings.api_keys:
         logging.getLogger("warmpool").warning("no WARMPOOL_API_KEYS: serving on loopback only (%s:%d), "
                                               "without authentication", host, port)
+    # The HTTP edge (api/edge.py): uvicorn's own keep-alive timeout, plus the header cap, read timeout
+    # and connection cap it lacks, on its httptools protocol. The cap stays below the open-file limit,
+    # raised to its hard value first, with room for every container's attached socket.
+    nofile = raise_nofile_limit()
+    max_connections = effective_max_connections(settings.max_connections, nofile,
+                                                 container_sockets=sum(t.max_size for t in settings.tiers))
+    if max_connections < settings.max_connections:
+        logging.getLogger("warmpool").warning(
+            "WARMPOOL_MAX_CONNECTIONS=%d does not fit the open-file limit (%d): using %d",
+            settings.max_connections, nofile, max_connections)
+    limits = EdgeLimits(max_header_bytes=settings.max_header_bytes,
+                        request_read_timeout_s=settings.request_read_timeout_s, max_connections=max_connections)
     # No access log: a log line per task costs more than the rest of the request path on a busy server.
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False,
+                http=protocol_class(limits), timeout_keep_alive=settings.keep_alive_timeout_s)  # type: ignore[arg-type]
 
 
 def is_loopback(host: str) -> bool:

@@ -1,17 +1,20 @@
-"""Embedded mode: the API process owns the pool; async tasks are kept in memory for the result TTL."""
+"""Embedded mode: the API process owns the pool; async tasks are kept in memory for the result TTL,
+within the bounds of pool/result_bounds.py (per key: 429; in total: the oldest finished results go)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 from pool.background import TaskOwner
 from pool.engine.manager import PoolManager
-from pool.model.errors import Overloaded, PoolError, SandboxError
+from pool.model.errors import Overloaded, PoolError, ResultEvicted, SandboxError
 from pool.model.images import describe
+from pool.model.result_bounds import ResultBook, pending_bytes, result_bytes
 from pool.model.results import TaskSpec
 from pool.model.tasks import Execution, TaskState, TaskView
 from pool.settings import Settings
@@ -40,6 +43,9 @@ class EmbeddedDispatcher:
         self.settings = settings
         self.pool = PoolManager(settings)
         self._records: dict[str, _Record] = {}
+        self._book = ResultBook(settings.result_bounds())
+        # Evicted ids (and their owners), so that a GET says why the result is gone; as many as results.
+        self._evicted: OrderedDict[str, str] = OrderedDict()
         self._swept_at = 0.0
         # Async tasks of a tier run at most max_size at a time; the rest wait here, in submission order,
         # rather than failing their lease after lease_timeout_s.
@@ -62,7 +68,10 @@ class EmbeddedDispatcher:
         if pending >= self.settings.max_queued:
             raise Overloaded(f"tier {tier_name!r} already has {pending} tasks waiting or running "
                             f"(the bound is {self.settings.max_queued})")
-        record = _Record(owner=owner, tier_name=tier_name, submitted_at=time.monotonic())
+        now = time.monotonic()
+        self._evict(self._book.admit(spec.task_id, owner, pending_bytes(spec), now,
+                                     pending_retry_s=self.settings.max_timeout_s))
+        record = _Record(owner=owner, tier_name=tier_name, submitted_at=now)
         self._records[spec.task_id] = record
         self._background.spawn(self._run(record, tier_name, spec))
 
@@ -82,10 +91,24 @@ class EmbeddedDispatcher:
         record.state = TaskState.DONE
         record.total_ms = (time.monotonic() - record.submitted_at) * 1000
         record.expires_at = time.monotonic() + self.settings.result_ttl_s
+        size = result_bytes(record.execution.result if record.execution else None)
+        self._evict(self._book.finish(spec.task_id, size, record.expires_at))
+
+    def _evict(self, task_ids: list[str]) -> None:
+        for task_id in task_ids:
+            record = self._records.pop(task_id, None)
+            if record is not None:
+                self._evicted[task_id] = record.owner
+        while len(self._evicted) > self.settings.max_results:
+            self._evicted.popitem(last=False)
 
     async def task(self, task_id: str, owner: str) -> TaskView | None:
         self._sweep()
         record = self._records.get(task_id)
+        if record is None and self._evicted.get(task_id) == owner:
+            raise ResultEvicted(f"the result of task {task_id} was evicted before its time: the server keeps at "
+                                f"most {self.settings.max_results} results and {self.settings.max_result_bytes} "
+                                "bytes of them, oldest out first")
         if record is None or record.owner != owner or record.expires_at <= time.monotonic():
             return None
         return TaskView(task_id=task_id, state=record.state, tier=self.pool.tiers[record.tier_name],
@@ -96,8 +119,8 @@ class EmbeddedDispatcher:
         if now - self._swept_at < SWEEP_EVERY_S:
             return
         self._swept_at = now
-        for task_id in [i for i, r in self._records.items() if r.expires_at <= now]:
-            del self._records[task_id]
+        for task_id in self._book.expire(now):
+            self._records.pop(task_id, None)
 
     async def tiers(self) -> list[dict[str, Any]]:
         return [{**p.tier.describe(), "min_idle": p.min_idle, "max_size": p.max_size, "idle": len(p.idle),

@@ -8,6 +8,7 @@
     │   └── Overloaded          too many tasks already wait for the tier (refused at once; HTTP 429)
     ├── BackendUnavailable      Docker (or Redis) does not answer (retry later)
     ├── SandboxError            a container or its runner broke; the container is replaced
+    ├── ResultEvicted           an async task's result was evicted to keep the results bound (HTTP 404)
     └── TaskWithdrawn           a leased task was withdrawn before its code was sent (nothing ran)
 
 A task's own timeout, OOM or crash is never one of these: it is data in `TaskResult`.
@@ -59,6 +60,10 @@ class BackendUnavailable(PoolError):
 
 class SandboxError(PoolError):
     """A container or its runner failed in a way that is not the task's own doing."""
+
+
+class ResultEvicted(PoolError):
+    """An async task's finished result was dropped before its TTL to keep the server's results bound."""
 
 
 class TaskWithdrawn(PoolError):

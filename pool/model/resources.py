@@ -14,6 +14,14 @@ from typing import Any
 from pool.model.errors import InvalidRequest
 
 _UNIT_POWERS = {"": 0, "b": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+# Docker (and the kernel) take sizes as int64; anything larger is no size a host has, and refusing it here
+# keeps float('inf') and 400-digit integers out of everything downstream.
+MAX_SIZE_BYTES = 2 ** 63 - 1
+# GPUs, containers, processes, uses: no count we take is near this, and it keeps messages short.
+MAX_COUNT = 2 ** 31 - 1
+# A number written with more characters than this is refused before it is converted: float() is linear,
+# but there is no reason to convert a megabyte of digits.
+MAX_NUMBER_CHARS = 64
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
 
@@ -55,23 +63,49 @@ class ResourceRequest:
 
 
 def parse_number(field: str, value: Any, *, allow_zero: bool) -> float:
-    """A positive finite number from a number or a numeric string."""
+    """A positive finite number from a number or a numeric string.
+
+    Total: whatever JSON or the environment can hold (a 400-digit integer, ``1e400``, a million digits in
+    a string) ends in InvalidRequest naming the field, never OverflowError or ValueError."""
     if isinstance(value, bool):
         raise InvalidRequest(field, f"expected a number, got {value!r}")
     if isinstance(value, str):
+        text = value.strip()
+        if len(text) > MAX_NUMBER_CHARS:
+            raise InvalidRequest(field, f"expected a number, got a string of {len(value)} characters")
         try:
-            number = float(value.strip())
+            number = float(text)
         except ValueError:
             raise InvalidRequest(field, f"expected a number, got {value!r}") from None
     elif isinstance(value, int | float):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int past float's range: finite in Python, but no quantity we can hold
+            raise InvalidRequest(field, f"is too large, got {_short(value)}") from None
     else:
         raise InvalidRequest(field, f"expected a number, got {type(value).__name__}")
     if not math.isfinite(number):
-        raise InvalidRequest(field, f"must be a finite number, got {value!r}")
+        raise InvalidRequest(field, f"must be a finite number, got {_short(value)}")
     if number < 0 or (number == 0 and not allow_zero):
-        raise InvalidRequest(field, f"must be {'at least 0' if allow_zero else 'greater than 0'}, got {value!r}")
+        raise InvalidRequest(field, f"must be {'at least 0' if allow_zero else 'greater than 0'}, "
+                                    f"got {_short(value)}")
     return number
+
+
+def parse_count(field: str, value: Any, *, minimum: int = 0) -> int:
+    """A whole number (an int, an integral float or a numeric string) from `minimum` to MAX_COUNT."""
+    number = parse_number(field, value, allow_zero=True)
+    if number != int(number):
+        raise InvalidRequest(field, f"must be a whole number, got {_short(value)}")
+    if not minimum <= number <= MAX_COUNT:
+        raise InvalidRequest(field, f"must be from {minimum} to {MAX_COUNT}, got {_short(value)}")
+    return int(number)
+
+
+def _short(value: Any) -> str:
+    """The value for a message, cut short: a 400-digit number is shown by its length."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def parse_bytes(field: str, value: Any) -> int:
@@ -81,18 +115,22 @@ def parse_bytes(field: str, value: Any) -> int:
     if isinstance(value, int | float):
         size = parse_number(field, value, allow_zero=False)
         if size != int(size):
-            raise InvalidRequest(field, f"a byte count must be whole, got {value!r}")
+            raise InvalidRequest(field, f"a byte count must be whole, got {_short(value)}")
+        if size > MAX_SIZE_BYTES:
+            raise InvalidRequest(field, f"is too large (at most {MAX_SIZE_BYTES} bytes), got {_short(value)}")
         return int(size)
     if not isinstance(value, str):
         raise InvalidRequest(field, f"expected a size such as '512MB', got {type(value).__name__}")
-    match = _SIZE_RE.match(value)
+    match = _SIZE_RE.match(value) if len(value) <= MAX_NUMBER_CHARS else None
     if match is None:
         raise InvalidRequest(
-            field, f"cannot read {value!r} as a size; use a byte count or K/M/G/T, KB/MB/GB/TB, KiB/MiB/GiB/TiB")
+            field, f"cannot read {_short(value)} as a size; use a byte count or K/M/G/T, KB/MB/GB/TB, KiB/MiB/GiB/TiB")
     number_text, prefix, suffix = match.groups()
     if suffix and suffix.lower() == "ib" and not prefix:
-        raise InvalidRequest(field, f"cannot read {value!r} as a size ('iB' needs K, M, G or T before it)")
+        raise InvalidRequest(field, f"cannot read {_short(value)} as a size ('iB' needs K, M, G or T before it)")
     size = float(number_text) * 1024 ** _UNIT_POWERS[prefix.lower()]
+    if not math.isfinite(size) or size > MAX_SIZE_BYTES:
+        raise InvalidRequest(field, f"is too large (at most {MAX_SIZE_BYTES} bytes), got {_short(value)}")
     if size < 1:
         raise InvalidRequest(field, f"must be greater than 0, got {value!r}")
     return int(size)
@@ -106,12 +144,7 @@ def parse_request(raw: dict[str, Any] | None, prefix: str = "resources") -> Reso
     gpu = raw.get("gpu")
     ram = raw.get("ram")
     storage = raw.get("storage")
-    gpu_count = 0
-    if gpu is not None:
-        gpu_number = parse_number(f"{prefix}.gpu", gpu, allow_zero=True)
-        if gpu_number != int(gpu_number):
-            raise InvalidRequest(f"{prefix}.gpu", f"must be a whole number of GPUs, got {gpu!r}")
-        gpu_count = int(gpu_number)
+    gpu_count = 0 if gpu is None else parse_count(f"{prefix}.gpu", gpu)
     return ResourceRequest(
         cpu=None if cpu is None else parse_number(f"{prefix}.cpu", cpu, allow_zero=False),
         gpu=gpu_count,

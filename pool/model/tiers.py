@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pool.model.errors import InvalidRequest, NoTierFits
-from pool.model.resources import ResourceRequest, Resources, format_bytes, parse_bytes, parse_number
+from pool.model.resources import ResourceRequest, Resources, format_bytes, parse_bytes, parse_count, parse_number
 
 MIB = 1024 ** 2
 GIB = 1024 ** 3
@@ -73,27 +73,30 @@ def tier_from_dict(raw: dict[str, Any], index: int) -> Tier:
         raise InvalidRequest(f"{where}.name", "a non-empty string is required")
     if not isinstance(raw.get("image", DEFAULT_IMAGE), str):
         raise InvalidRequest(f"{where}.image", "the name of an image (see GET /v1/images), e.g. 'datascience'")
-    gpu = parse_number(f"{where}.gpu", raw.get("gpu", 0), allow_zero=True)
-    if gpu != int(gpu):
-        raise InvalidRequest(f"{where}.gpu", f"a tier holds whole GPUs, got {raw.get('gpu')!r}")
     tier = Tier(
         name=raw["name"],
         resources=Resources(
             cpu=parse_number(f"{where}.cpu", raw.get("cpu", 1), allow_zero=False),
-            gpu=int(gpu),
+            gpu=_whole_gpus(f"{where}.gpu", raw.get("gpu", 0)),
             ram_bytes=parse_bytes(f"{where}.ram", raw.get("ram", "256MiB")),
             storage_bytes=parse_bytes(f"{where}.storage", raw.get("storage", "256MiB")),
         ),
-        min_idle=int(raw.get("min_idle", 1)),
-        max_size=int(raw.get("max_size", 8)),
+        min_idle=parse_count(f"{where}.min_idle", raw.get("min_idle", 1)),
+        max_size=parse_count(f"{where}.max_size", raw.get("max_size", 8)),
         runtime=str(raw.get("runtime", "runc")),
-        pids_limit=int(raw.get("pids_limit", 128)),
-        max_uses=int(raw.get("max_uses", 1000)),
-        max_age_s=float(raw.get("max_age_s", 3600.0)),
+        pids_limit=parse_count(f"{where}.pids_limit", raw.get("pids_limit", 128)),
+        max_uses=parse_count(f"{where}.max_uses", raw.get("max_uses", 1000)),
+        max_age_s=parse_number(f"{where}.max_age_s", raw.get("max_age_s", 3600.0), allow_zero=False),
         image=raw.get("image", DEFAULT_IMAGE),
     )
     validate_tier(tier, where)
     return tier
+
+
+def _whole_gpus(field: str, value: Any) -> int:
+    if parse_number(field, value, allow_zero=True) % 1:
+        raise InvalidRequest(field, f"a tier holds whole GPUs, got {value!r}")
+    return parse_count(field, value)
 
 
 def validate_tier(tier: Tier, where: str) -> None:

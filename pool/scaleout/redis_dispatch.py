@@ -18,12 +18,13 @@ from typing import Any, cast
 
 from pool.background import TaskOwner
 from pool.engine.container import RESULT_GRACE_S
-from pool.model.errors import BackendUnavailable, NoCapacity, Overloaded
+from pool.model.errors import BackendUnavailable, NoCapacity, Overloaded, ResultEvicted
 from pool.model.images import describe
+from pool.model.result_bounds import pending_bytes, refusal
 from pool.model.results import TaskSpec
 from pool.model.tasks import Execution, TaskState, TaskView
 from pool.scaleout.membership import BEATS_TO_DEATH, ClusterView, parse_beat
-from pool.scaleout.redis_io import Keys, Scripts, connect, redis_errors
+from pool.scaleout.redis_io import Held, Keys, Refusal, Scripts, connect, redis_errors
 from pool.scaleout.task_codec import MalformedEntry, Outcome, spec_fields
 from pool.settings import Settings
 
@@ -42,6 +43,12 @@ def pending_ttl_ms(settings: Settings) -> int:
     return int((3600 + settings.max_timeout_s + settings.result_ttl_s) * 1000)
 
 
+def _refused(refused: Refusal, settings: Settings) -> Overloaded:
+    """The results bound's refusal, as the same 429 embedded mode gives."""
+    retry_s = refused.retry_after_ms / 1000 if refused.retry_after_ms >= 0 else settings.max_timeout_s
+    return refusal(refused.scope, refused.tasks, refused.size_bytes, settings.result_bounds(), max(1.0, retry_s))
+
+
 class RedisDispatcher:
     """A `Dispatcher` that sends tasks to workers through Redis."""
 
@@ -55,7 +62,7 @@ class RedisDispatcher:
         self.reply_key = self.keys.reply(f"{settings.instance_id}-{secrets.token_hex(4)}")
         self.redis = connect(settings.redis_url)
         self.blocking = connect(settings.redis_url, blocking_s=REPLY_BLOCK_S)
-        self.scripts = Scripts(self.redis)
+        self.scripts = Scripts(self.redis, settings.redis_prefix)
         self.cluster = ClusterView()
         self._waiters: dict[str, asyncio.Future[Outcome]] = {}
         self._background = TaskOwner("redis dispatcher")
@@ -92,20 +99,25 @@ class RedisDispatcher:
     async def submit(self, tier_name: str, spec: TaskSpec, owner: str) -> None:
         self._require_worker(tier_name)
         await self._submit(tier_name, spec, kind="async", owner=owner, reply_to="",
-                           lease_wait_s=self.settings.lease_timeout_s)
+                           lease_wait_s=self.settings.lease_timeout_s,
+                           held=Held(owner=owner, size_bytes=pending_bytes(spec), bounds=self.settings.result_bounds()))
 
     async def _submit(self, tier_name: str, spec: TaskSpec, *, kind: str, owner: str, reply_to: str,
-                      lease_wait_s: float) -> None:
+                      lease_wait_s: float, held: Held | None = None) -> None:
         now = repr(time.time())
-        # The API's result TTL and the request's container wait travel with the task: the worker applies them.
+        # The API's result TTL, results bound and the request's container wait travel with the task: the
+        # worker applies them.
         entry = {**spec_fields(spec), "reply_to": reply_to, "submitted_unix": now,
-                 "result_ttl_ms": str(int(self.settings.result_ttl_s * 1000)), "lease_wait_s": repr(lease_wait_s)}
+                 "result_ttl_ms": str(int(self.settings.result_ttl_s * 1000)), "lease_wait_s": repr(lease_wait_s),
+                 "max_result_bytes": str(self.settings.max_result_bytes if held else 0)}
         record = {"state": "queued", "kind": kind, "tier": tier_name, "owner": owner, "submitted_unix": now}
         with redis_errors("queue the task"):
             added = await self.scripts.submit(self.keys.stream(tier_name), self.keys.task(spec.task_id),
                                               max_len=self.settings.max_queued,
                                               pending_ttl_ms=pending_ttl_ms(self.settings),
-                                              entry=entry, record=record)
+                                              entry=entry, record=record, held=held)
+        if isinstance(added, Refusal):
+            raise _refused(added, self.settings)
         if added is None:
             raise Overloaded(f"tier {tier_name!r} already has {self.settings.max_queued} tasks waiting or "
                             "running; retry later", retry_after_s=max(1.0, spec.timeout_s / 2))
@@ -148,6 +160,10 @@ class RedisDispatcher:
             record = cast(dict[str, str], await self.redis.hgetall(self.keys.task(task_id)))
         if not record or record.get("kind") != "async" or record.get("owner") != owner:
             return None
+        if record.get("state") == "evicted":
+            raise ResultEvicted(f"the result of task {task_id} was evicted before its time: the cluster keeps at "
+                                f"most {self.settings.max_results} results and {self.settings.max_result_bytes} "
+                                "bytes of them, oldest out first")
         tier = self.tiers_by_name.get(record.get("tier", ""))
         if tier is None:
             return None

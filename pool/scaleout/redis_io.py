@@ -21,6 +21,7 @@ the entry is acknowledged and deleted in the same step).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from pool.model.errors import BackendUnavailable
+from pool.model.result_bounds import Bounds
+from pool.scaleout.redis_held import OVERHEAD_BYTES, PRELUDE
 
 GROUP = "workers"
 CONNECT_TIMEOUT_S = 2.0
@@ -84,19 +87,30 @@ def redis_errors(doing: str) -> Iterator[None]:
         raise BackendUnavailable(f"Redis unavailable while trying to {doing}: {exc}") from exc
 
 
-# KEYS: stream, task. ARGV: max_len, pending_ttl_ms, n (entry field/value count), entry..., hash...
+# KEYS: stream, task. ARGV: prefix, now_ms, max_len, pending_ttl_ms, owner, task id, reserve (bytes an async
+# task holds; -1 for a synchronous one, which holds nothing), per-key tasks, per-key bytes, total tasks, total
+# bytes, n (entry field/value count), entry..., hash... Returns the entry id, false (the stream is full), or a
+# refusal {'key'|'total', retry_ms, tasks, bytes} from the results bound.
 _SUBMIT = """
+local P = ARGV[1]
+local NOW = tonumber(ARGV[2])
+""" + PRELUDE + """
 local existing = redis.call('HGET', KEYS[2], 'entry')
 if existing then return existing end
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
-local n = tonumber(ARGV[3])
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[3]) then return false end
+if tonumber(ARGV[7]) >= 0 then
+  local refused = admit(ARGV[5], ARGV[6], tonumber(ARGV[7]), NOW + tonumber(ARGV[4]), tonumber(ARGV[8]),
+                        tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]))
+  if refused then return refused end
+end
+local n = tonumber(ARGV[12])
 local entry_args = {}
-for i = 4, 3 + n do entry_args[#entry_args + 1] = ARGV[i] end
+for i = 13, 12 + n do entry_args[#entry_args + 1] = ARGV[i] end
 local entry = redis.call('XADD', KEYS[1], '*', unpack(entry_args))
 local hash_args = {'entry', entry}
-for i = 4 + n, #ARGV do hash_args[#hash_args + 1] = ARGV[i] end
+for i = 13 + n, #ARGV do hash_args[#hash_args + 1] = ARGV[i] end
 redis.call('HSET', KEYS[2], unpack(hash_args))
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return entry
 """
 
@@ -112,10 +126,14 @@ if state == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[1] then 
 return state
 """
 
-# KEYS: task, stream, reply list ('' for none). ARGV: group, entry id, outcome, ttl_ms (async),
-# reply_ttl_ms, sync_ttl_ms. Only async tasks keep their outcome in the hash: a synchronous one is read
-# from the reply list, and its hash only has to outlive a late claim.
+# KEYS: task, stream, reply list ('' for none). ARGV: group, entry id, outcome, ttl_ms (async), reply_ttl_ms,
+# sync_ttl_ms, prefix, now_ms, task id, max held bytes (the API's bound, carried by the entry; 0: none).
+# Only async tasks keep their outcome in the hash (and count it against the results bound): a synchronous
+# one is read from the reply list, and its hash only has to outlive a late claim.
 _FINALIZE = """
+local P = ARGV[7]
+local NOW = tonumber(ARGV[8])
+""" + PRELUDE + """
 redis.pcall('XACK', KEYS[2], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[2], ARGV[2])
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -123,6 +141,11 @@ if state ~= 'queued' and state ~= 'running' then return state or 'gone' end
 if redis.call('HGET', KEYS[1], 'kind') == 'async' then
   redis.call('HSET', KEYS[1], 'state', 'done', 'outcome', ARGV[3])
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  local owner = redis.call('HGET', KEYS[1], 'owner')
+  if owner and tonumber(ARGV[10]) > 0 then
+    finish_held(owner, ARGV[9], string.len(ARGV[3]) + """ + str(OVERHEAD_BYTES) + """, NOW + tonumber(ARGV[4]),
+                tonumber(ARGV[10]))
+  end
 else
   redis.call('HSET', KEYS[1], 'state', 'done')
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
@@ -152,10 +175,34 @@ return 'abandoned'
 """
 
 
+@dataclass(frozen=True)
+class Held:
+    """An async task's claim on the results bound: who holds it, what it reserves, and the API's bounds."""
+
+    owner: str
+    size_bytes: int
+    bounds: Bounds
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The results bound refused a submission: `scope` is "key" or "total"; retry_after_ms is -1 if unknown."""
+
+    scope: str
+    retry_after_ms: int
+    tasks: int
+    size_bytes: int
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 class Scripts:
     """The state-changing scripts, registered on one client (re-sent by redis-py after a Redis restart)."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+        self.prefix = prefix
         self.submit_script = client.register_script(_SUBMIT)
         self.mark_running_script = client.register_script(_MARK_RUNNING)
         self.finalize_script = client.register_script(_FINALIZE)
@@ -163,22 +210,34 @@ class Scripts:
         self.abandon_script = client.register_script(_ABANDON)
 
     async def submit(self, stream: str, task: str, *, max_len: int, pending_ttl_ms: int,
-                     entry: dict[str, str], record: dict[str, str]) -> str | None:
-        """Add the task unless the stream is full (None); the entry id, also on a retried call."""
+                     entry: dict[str, str], record: dict[str, str], held: Held | None = None) -> str | Refusal | None:
+        """Add the task unless the stream is full (None) or the results bound refuses it (a Refusal); the
+        entry id, also on a retried call. `held`: an async task's owner and reservation, else None."""
         flat_entry = [x for pair in entry.items() for x in pair]
         flat_record = [x for pair in record.items() for x in pair]
-        args: list[Any] = [max_len, pending_ttl_ms, len(flat_entry), *flat_entry, *flat_record]
-        entry_id = await self.submit_script(keys=[stream, task], args=args)
-        return None if entry_id is None else str(entry_id)
+        bounds = held.bounds if held else Bounds(0, 0, 0, 0)
+        args: list[Any] = [self.prefix, now_ms(), max_len, pending_ttl_ms, held.owner if held else "",
+                           entry.get("id", ""), held.size_bytes if held else -1, bounds.max_tasks_per_key,
+                           bounds.max_result_bytes_per_key, bounds.max_results, bounds.max_result_bytes,
+                           len(flat_entry), *flat_entry, *flat_record]
+        reply = await self.submit_script(keys=[stream, task], args=args)
+        if isinstance(reply, list):
+            return Refusal(scope=str(reply[0]), retry_after_ms=int(reply[1]), tasks=int(reply[2]),
+                           size_bytes=int(reply[3]))
+        return None if reply is None else str(reply)
 
     async def mark_running(self, task: str, worker: str, started_unix: float) -> str:
         return str(await self.mark_running_script(keys=[task], args=[worker, repr(started_unix)]))
 
     async def finalize(self, task: str, stream: str, reply_to: str, entry_id: str, outcome: str, *,
-                       ttl_ms: int, reply_ttl_ms: int, sync_ttl_ms: int) -> str:
-        """Answer the task unless it was answered (or withdrawn) already; returns "stored" or the state."""
-        return str(await self.finalize_script(keys=[task, stream, reply_to],
-                                              args=[GROUP, entry_id, outcome, ttl_ms, reply_ttl_ms, sync_ttl_ms]))
+                       ttl_ms: int, reply_ttl_ms: int, sync_ttl_ms: int, task_id: str = "",
+                       max_held_bytes: int = 0) -> str:
+        """Answer the task unless it was answered (or withdrawn) already; returns "stored" or the state.
+        `max_held_bytes`: the submitting API's total results bound (0: the task is not counted)."""
+        return str(await self.finalize_script(
+            keys=[task, stream, reply_to],
+            args=[GROUP, entry_id, outcome, ttl_ms, reply_ttl_ms, sync_ttl_ms, self.prefix, now_ms(), task_id,
+                  max_held_bytes]))
 
     async def forget(self, task: str, stream: str, entry_id: str) -> None:
         await self.forget_script(keys=[task, stream], args=[GROUP, entry_id])

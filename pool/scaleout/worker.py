@@ -64,7 +64,7 @@ class Worker:
         self.keys = Keys(settings.redis_prefix)
         self.redis = connect(settings.redis_url)
         self.blocking = connect(settings.redis_url, blocking_s=READ_BLOCK_S)
-        self.scripts = Scripts(self.redis)
+        self.scripts = Scripts(self.redis, settings.redis_prefix)
         self.inflight: dict[str, dict[str, str]] = {name: {} for name in served}  # tier -> entry id -> task id
         self._freed = {name: asyncio.Event() for name in served}
         self._loops = TaskOwner("worker loops")  # readers, claimer, heartbeat: stopped first

@@ -130,7 +130,8 @@ class TaskHandler:
                     stored = await self.scripts.finalize(
                         self.keys.task(outcome.task_id), self.keys.stream(tier_name), fields.get("reply_to", ""),
                         entry_id, payload, ttl_ms=ttl_ms,
-                        reply_ttl_ms=REPLY_TTL_MS, sync_ttl_ms=SYNC_DONE_TTL_MS)
+                        reply_ttl_ms=REPLY_TTL_MS, sync_ttl_ms=SYNC_DONE_TTL_MS, task_id=outcome.task_id,
+                        max_held_bytes=int(_float(fields.get("max_result_bytes"))))
                 if stored != "stored":
                     log.info("task %s was already %s: its outcome from %s is dropped", outcome.task_id, stored,
                              self.worker_id)

@@ -34,9 +34,10 @@ DEADLINE_GRACE_S = 5.0
 RAM_BY_RUNTIME = {"runc": "128MiB", "runsc": "1GiB"}
 MAX_WAITING = 8
 HOSTNAME = "import socket; print(socket.gethostname())"
-# What every sandbox image's environment holds (runner_image/Dockerfile): settings for the runner and for
-# matplotlib, never a secret, never anything of the server's.
+# What runner_image/Dockerfile sets: the locale, the path, matplotlib's backend and config dir, and the
+# modules the runner preloads. The runner replaces all of it for the task (test_hardening checks the task's).
 IMAGE_ENV = {"LANG", "PATH", "MPLBACKEND", "MPLCONFIGDIR", "WARMPOOL_PRELOAD"}
+
 
 
 # The datascience interpreter holds ~80 MiB before any task, and a figure flood needs room of its own.

@@ -55,7 +55,7 @@ def test_engine_applies_every_default(box, docker_client):
     # No host path, volume or socket: nothing mounted but what the engine itself provides.
     assert inspect["Mounts"] == [] and not host["Binds"] and not host.get("Mounts") and not host["VolumesFrom"]
     assert not host["Devices"] and not host.get("DeviceRequests")
-    # The container's environment is the image's own (IMAGE_ENV): nothing of the server's is passed on.
+    # The container's environment is the image's own (see IMAGE_ENV): nothing of the server's is passed on.
     assert {e.split("=", 1)[0] for e in inspect["Config"]["Env"] or []} <= IMAGE_ENV
     assert inspect["Config"]["Labels"]["warmpool.pool"] == box.instance_id
 

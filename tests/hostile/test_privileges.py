@@ -7,7 +7,8 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.hostile.conftest import IMAGE_ENV, execute, redis_port, run_case
+from tests.hostile.conftest import execute, redis_port, run_case
+from tests.hostile.test_hardening import IMAGE_ENV
 
 pytestmark = pytest.mark.docker
 
@@ -71,7 +72,7 @@ def test_kernel_and_pid1_interfaces_are_denied(box):
             assert cgroup_tries > 0 and environ.startswith("denied"), (cgroup_tries, environ)
         else:
             # gVisor (20221219) lets any uid read /proc/1/environ. It holds only what the engine gave the
-            # runner at exec (the image's own, HOSTNAME, HOME): the server's settings never go there.
+            # runner at exec (the image's own variables, HOSTNAME, HOME): the server's settings never go there.
             assert isinstance(environ, str) or set(environ) <= IMAGE_ENV | {"HOSTNAME", "HOME"}, environ
 
     run_case(box, KERNEL, check)

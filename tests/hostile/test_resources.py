@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -152,3 +154,16 @@ def test_invalid_utf8_on_both_streams_gives_valid_json(box):
         assert body["stderr"].startswith("\x00\x1b[2J\ufffd\ufffd")
 
     run_case(box, code, check)
+
+
+def test_a_sandbox_killed_through_the_engine_is_a_sandbox_error_not_memory(box, docker_client):
+    """Under gVisor the engine may lose the OOM record, so a SIGKILLed sandbox with no `kill` asked of the
+    engine counts as memory_exceeded; one that `docker kill` ended must still say sandbox_error."""
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        pending = executor.submit(execute, box, "import time; time.sleep(30)", timeout_s=40)
+        time.sleep(2)
+        box_container(box, docker_client).kill()
+        body = pending.result(timeout=60)
+    assert body["status"] == "sandbox_error", body
+    after = execute(box, "print('still serving')")
+    assert (after["status"], after["stdout"]) == ("succeeded", "still serving\n"), after
