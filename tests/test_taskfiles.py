@@ -133,3 +133,19 @@ def test_files_are_decoded_and_their_paths_normalized():
     with pytest.raises(InvalidRequest) as caught:
         check_outputs(["ok", "/abs/*"])
     assert caught.value.field == "outputs.1"
+
+
+def test_held_async_tasks_count_their_files():
+    """The async results bound counts input files while pending, the output files cap only when the task
+    asks for outputs, and the files a finished task returned."""
+    from pool.model.result_bounds import pending_bytes, result_bytes
+    from pool.model.results import InputFile, OutputFile, Status, TaskResult, TaskSpec
+
+    plain = TaskSpec(task_id="t", code="print(1)")
+    with_files = TaskSpec(task_id="t", code="print(1)", files=(InputFile("in.bin", b"x" * 3000),))
+    with_outputs = TaskSpec(task_id="t", code="print(1)", outputs=("*.png",), max_output_files_bytes=3 * 1000)
+    assert pending_bytes(with_files) - pending_bytes(plain) == 3000 + len("in.bin")
+    assert pending_bytes(with_outputs) - pending_bytes(plain) == 4000  # the cap, as base64
+    done = TaskResult(task_id="t", status=Status.SUCCEEDED)
+    returned = TaskResult(task_id="t", status=Status.SUCCEEDED, files=(OutputFile("a.png", 3, "x" * 4000),))
+    assert result_bytes(returned) - result_bytes(done) > 4000
