@@ -84,8 +84,15 @@ SYSV_IPC_COUNTS = (("shared memory segment(s)", lambda buf: LIBC.shmctl(0, 14, b
 # READY once it is sandboxed and limited, just before the task's code runs (so the task cannot unwrite
 # it), and MEMORY_ERROR if the code dies of an uncaught MemoryError. The task can write to the pipe too:
 # only READY as the first byte counts, and MEMORY_ERROR only with the exit status a MemoryError gives.
-STATUS_READY, STATUS_MEMORY_ERROR = b"R", b"M"
+STATUS_READY, STATUS_MEMORY_ERROR, STATUS_DONE = b"R", b"M", b"D"
 STATUS_FD = 4  # in the task child
+# When the code has ended and its outputs are sent, the child writes a DONE record (its exit status and its
+# usage) just before it exits. PID 1 answers on it rather than on the child's exit, which for a datascience
+# interpreter comes 3 to 8 ms later (the kernel tearing down ~100 MB of address space); the child is killed
+# and reaped after the answer has gone out. A task can write a DONE record too: then its answer comes early,
+# with what it wrote, and its process is killed: it changes nothing but its own result.
+DONE = struct.Struct(">ciqq")  # b"D", exit status, cpu microseconds (its own and its waited children's), max rss KiB
+STATUS_BOUND = 4096  # what PID 1 keeps of a status pipe
 # Output files and figures go to PID 1 as records (taskfiles.py) on a pipe of their own, made fresh per
 # task; PID 1 keeps at most taskfiles.records_bound(the byte budget) of it and reads past that to discard.
 FILES_FD = 5  # in the task child
@@ -240,6 +247,7 @@ def handle_run(task):
 # ---- running a task: the parent -----------------------------------------------------------------
 
 def run_task(task):
+    global _exiting
     reap_zombies()
     zygote = take_zygote()
     if zygote is not None and has_exited(zygote.pid):  # died while waiting (say, memory pressure)
@@ -264,16 +272,23 @@ def run_task(task):
     finally:
         os.close(zygote.go_w)
     try:
-        verdict, out, err, records, overflowed = supervise(pid, (out_r, err_r, files_r), started + task.timeout_s,
-                                                           task.output_limit, taskfiles.records_bound(task.files_limit))
-        _, status, usage = os.wait4(pid, 0)
+        seen = supervise(pid, (out_r, err_r, files_r, zygote.status_r), started + task.timeout_s, task.output_limit,
+                         taskfiles.records_bound(task.files_limit))
         run_ms = (time.monotonic() - started) * 1000
-        said = read_status(zygote.status_r)
+        if seen.done is None:
+            _, status, usage = os.wait4(pid, 0)
+            sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+            exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+            cpu_s, max_rss_kib = usage.ru_utime + usage.ru_stime, usage.ru_maxrss
+        else:
+            _exiting = pid  # killed and reaped by the reset, after the answer
+            _, exit_code, cpu_us, max_rss_kib = seen.done
+            sig, cpu_s = None, cpu_us / 1e6
     finally:
         for fd in (out_r, err_r, files_r, zygote.status_r):
             os.close(fd)
-    sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-    exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    verdict, out, err = seen.verdict, seen.out, seen.err
+    said = seen.said[:-DONE.size] if seen.done else seen.said  # the record's bytes are numbers, not words
     oom_killed = sig == signal.SIGKILL and oom_kills() > oom_before  # our SIGKILLs have a verdict already
     if not said.startswith(STATUS_READY) and verdict is None and not oom_killed:
         raise RuntimeError(f"sandbox setup failed: {bytes(err[-500:]).decode('utf-8', 'replace')}")
@@ -288,23 +303,35 @@ def run_task(task):
         else:
             verdict = "succeeded" if exit_code == 0 else "failed"
     out, err = (bytes(buf[:task.output_limit]).decode("utf-8", "replace") for buf in (out, err))
-    files, files_truncated = taskfiles.parse_records(records, task.files_limit, overflowed)
-    del records
+    files, files_truncated = taskfiles.parse_records(seen.records, task.files_limit, seen.overflowed)
+    del seen
     return {"op": "result", "id": task.id, "status": verdict, "exit_code": exit_code, "signal": sig,
             "stdout": out, "stderr": err, "stdout_truncated": truncated[0], "stderr_truncated": truncated[1],
-            "run_ms": round(run_ms, 3), "usage": {"cpu_s": round(usage.ru_utime + usage.ru_stime, 6),
-                                                  "max_rss_bytes": usage.ru_maxrss * 1024},
+            "run_ms": round(run_ms, 3), "usage": {"cpu_s": round(cpu_s, 6), "max_rss_bytes": max_rss_kib * 1024},
             "files": files, "files_truncated": files_truncated}
 
 
-def read_status(fd):
-    """What the child wrote on its status pipe (a few bytes; a daemon of the task may still hold the
-    write end, so never wait for EOF)."""
-    os.set_blocking(fd, False)
-    try:
-        return os.read(fd, 64)
-    except BlockingIOError:
-        return b""
+def parse_done(said):
+    """The DONE record ending what the child wrote on its status pipe, as (b"D", exit status, cpu µs,
+    max rss KiB), or None. Only after READY: a record is never the first thing a child says."""
+    if len(said) <= DONE.size or said[-DONE.size] != STATUS_DONE[0]:
+        return None
+    done = DONE.unpack_from(said, len(said) - DONE.size)
+    return done if 0 <= done[1] <= 255 else None
+
+
+def finish_exiting_child():
+    """After the answer: kill the child that said it was done (it is exiting, or it forged the record)
+    and wait, briefly, for it to go; the reset reaps it, and kills whatever else is left."""
+    global _exiting
+    pid, _exiting = _exiting, None
+    if pid is None:
+        return
+    kill_task(pid)
+    deadline, pause = time.monotonic() + KILL_WAIT_S, 0.0002
+    while not has_exited(pid) and time.monotonic() < deadline:
+        time.sleep(pause)
+        pause = min(pause * 2, 0.005)
 
 
 def precompile(code):
@@ -318,46 +345,63 @@ def precompile(code):
         return None
 
 
-def supervise(pid, fds, deadline, limit, files_bound):
-    """Collect output until the child exits; kill it at the deadline or past the output cap.
+Seen = collections.namedtuple("Seen", "verdict out err records overflowed said done")
 
-    `fds` are the stdout, stderr and files pipes. Returns (verdict or None, stdout, stderr, files
-    records, whether the records passed `files_bound`); an output buffer longer than `limit` passed the
-    cap. The files pipe is read to its end but kept only up to `files_bound` (the child sends no more
-    than that: more is the task's own writing, dropped). The child's exit, not EOF on its pipes, ends
-    the wait: a daemon it left may hold them open for ever.
+
+def supervise(pid, fds, deadline, limit, files_bound):
+    """Collect output until the child exits or says it is done; kill it at the deadline or past the
+    output cap.
+
+    `fds` are the stdout, stderr, files and status pipes. Returns a Seen: the verdict (None when the
+    child ended by itself), stdout and stderr (a buffer longer than `limit` passed the cap), the files
+    records and whether they passed `files_bound` (the child sends no more than that: more is the task's
+    own writing, read and dropped), what the child said on its status pipe, and its DONE record (None
+    when it exited first: then its exit status counts). The child's exit or its DONE, not EOF on its
+    pipes, ends the wait: a daemon it left may hold them open for ever.
     """
-    out_r, err_r, files_r = fds
+    out_r, err_r, files_r, status_r = fds
     bufs = {out_r: bytearray(), err_r: bytearray()}
-    records = Bounded(files_bound)
+    bounded = {files_r: Bounded(files_bound), status_r: Bounded(STATUS_BOUND)}
     pidfd = open_pidfd(pid)
     tick_s = math.inf if pidfd is not None else NO_PIDFD_TICK_S
     poller = select.poll()
-    for fd in (out_r, err_r, files_r, pidfd):
+    for fd in (*fds, pidfd):
         if fd is not None:
             os.set_blocking(fd, False)
             poller.register(fd, select.POLLIN)
+
+    def seen(verdict, done=None):
+        records, said = bounded[files_r], bytes(bounded[status_r].data)
+        return Seen(verdict, bufs[out_r], bufs[err_r], records.data, records.overflowed, said, done)
+
+    def drain():  # what it wrote just before it ended
+        for fd, buf in bufs.items():
+            pump(fd, buf, limit, drain=True)
+        for fd, kept in bounded.items():
+            kept.pump(fd, drain=True)
+
     verdict = "timed_out"
     try:
         while (remaining := deadline - time.monotonic()) > 0:
             for fd, _ in poller.poll(math.ceil(min(remaining, tick_s) * 1000)):
                 if fd in bufs and not pump(fd, bufs[fd], limit, drain=False):
                     poller.unregister(fd)
-                elif fd == files_r and not records.pump(fd, drain=False):
+                elif fd in bounded and not bounded[fd].pump(fd, drain=False):
                     poller.unregister(fd)
             if any(len(buf) > limit for buf in bufs.values()):
                 verdict = "output_limit_exceeded"
                 break
             if has_exited(pid):
-                for fd, buf in bufs.items():  # what it wrote just before it exited
-                    pump(fd, buf, limit, drain=True)
-                records.pump(files_r, drain=True)
-                return None, bufs[out_r], bufs[err_r], records.data, records.overflowed
+                drain()
+                return seen(None)
+            if (done := parse_done(bounded[status_r].data)) is not None:
+                drain()
+                return seen(None, done)
     finally:
         if pidfd is not None:
             os.close(pidfd)
     kill_task(pid)
-    return verdict, bufs[out_r], bufs[err_r], records.data, records.overflowed
+    return seen(verdict)
 
 
 def pump(fd, buf, limit, drain):
@@ -444,6 +488,7 @@ Zygote = collections.namedtuple("Zygote", "pid go_w out_r err_r status_r files_r
 # The next task's child: asked of the template right after a clean reset, and collected (its pid is the
 # template's answer) when a task needs it, so that PID 1 reads the next frame while the template forks.
 _zygote = None  # a Zygote, or a Zygote whose pid is still None while the template's answer is pending
+_exiting = None  # the pid of the last task's child when it said DONE before it exited (finish_exiting_child)
 
 
 def request_zygote():
@@ -553,6 +598,7 @@ def task_child(go_r, out_w, err_w, status_w, files_w):
         status = run_code(code, compiled, lambda: os.getpid() == me and figures.capture_open())
         if os.getpid() == me:
             send_outputs(outputs, files_limit, figures)
+            say_done(status)
     except taskfiles.FileError as exc:
         os.write(2, str(exc).encode("utf-8", "backslashreplace"))
         status = 1
@@ -582,6 +628,16 @@ def send_outputs(outputs, files_limit, figures):
         figures.send(sink)
     except OSError as exc:  # the task closed or filled the pipe: only its own result is short
         taskfiles.note(f"outputs not sent: {exc.strerror or exc!r}")
+
+
+def say_done(status):
+    """The DONE record: the code has ended and everything it gives back has been written."""
+    own, waited = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_us = round((own.ru_utime + own.ru_stime + waited.ru_utime + waited.ru_stime) * 1e6)
+    try:
+        os.write(STATUS_FD, DONE.pack(STATUS_DONE, status, cpu_us, max(own.ru_maxrss, waited.ru_maxrss)))
+    except OSError:
+        pass  # the task closed it: PID 1 waits for the exit instead
 
 
 def read_exactly(fd, size):
@@ -714,6 +770,7 @@ def shut_down(status):
 
 def reset():
     """Kill every sandbox process, empty the scratch dirs, then say whether that verifiably worked."""
+    finish_exiting_child()
     discard_zygote()
     kill_sandbox()
     empty_scratch()
