@@ -288,7 +288,8 @@ def run_task(task):
         for fd in (out_r, err_r, files_r, zygote.status_r):
             os.close(fd)
     verdict, out, err = seen.verdict, seen.out, seen.err
-    said = seen.said[:-DONE.size] if seen.done else seen.said  # the record's bytes are numbers, not words
+    # The DONE record's bytes are numbers, not words (one may be "M"), whether or not it ended the wait.
+    said = seen.said[:-DONE.size] if parse_done(seen.said) else seen.said
     oom_killed = sig == signal.SIGKILL and oom_kills() > oom_before  # our SIGKILLs have a verdict already
     if not said.startswith(STATUS_READY) and verdict is None and not oom_killed:
         raise RuntimeError(f"sandbox setup failed: {bytes(err[-500:]).decode('utf-8', 'replace')}")
