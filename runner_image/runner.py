@@ -407,17 +407,23 @@ def supervise(pid, fds, deadline, limit, files_bound):
 
 def pump(fd, buf, limit, drain):
     """Read one chunk (or, with `drain`, all there is) but stop once past `limit`. False at EOF."""
-    while len(buf) <= limit:
+    def take(chunk):
+        buf.extend(chunk)
+        return len(buf) <= limit
+    return len(buf) > limit or read_pipe(fd, take, drain)
+
+
+def read_pipe(fd, take, drain):
+    """Read a chunk, or with `drain` chunks until the pipe is empty or `take(chunk)` says False. False at EOF."""
+    while True:
         try:
             chunk = os.read(fd, READ_CHUNK)
         except BlockingIOError:
             return True
         if not chunk:
             return False
-        buf += chunk
-        if not drain:
-            break
-    return True
+        if not take(chunk) or not drain:
+            return True
 
 
 class Bounded:
@@ -430,22 +436,15 @@ class Bounded:
 
     def pump(self, fd, drain):
         """Read one chunk (or, with `drain`, what is there, at most one bound's worth more). False at EOF."""
-        budget = self.bound + READ_CHUNK
-        while budget > 0:
-            try:
-                chunk = os.read(fd, READ_CHUNK)
-            except BlockingIOError:
-                return True
-            if not chunk:
-                return False
-            budget -= len(chunk)
+        budget = [self.bound + READ_CHUNK]
+
+        def take(chunk):
             room = self.bound - len(self.data)
-            if len(chunk) > room:
-                self.overflowed = True
+            self.overflowed = self.overflowed or len(chunk) > room
             self.data += chunk[:max(room, 0)]
-            if not drain:
-                break
-        return True
+            budget[0] -= len(chunk)
+            return budget[0] > 0
+        return read_pipe(fd, take, drain)
 
 
 def open_pidfd(pid):
