@@ -51,14 +51,15 @@ print((time.perf_counter() - started) * 1000, done.returncode)
 
 
 def run_series(client: httpx.Client, image: str, code: str, count: int) -> dict[str, list[float]]:
-    totals, runs = [], []
+    totals, runs, queues = [], [], []
     for _ in range(count):
         started = time.perf_counter()
         body = client.post("/v1/execute", json={"code": code, "image": image}).json()
         totals.append((time.perf_counter() - started) * 1000)
         assert body["status"] == "succeeded", body
         runs.append(body["timings"]["run_ms"])
-    return {"total": totals, "run": runs}
+        queues.append(body["timings"]["queue_ms"])
+    return {"total": totals, "run": runs, "queue": queues}
 
 
 def stdout_of(client: httpx.Client, image: str, code: str) -> str:
@@ -144,10 +145,12 @@ def render(results: dict[str, Any], command: str) -> str:
              "| task | n | p50 ms | p95 ms | p99 ms |", "| --- | --- | --- | --- | --- |"]
     for image in ("python", "datascience"):
         lines.append(row(f"`print('hello')` on `{image}`, HTTP round trip", results["hello"][image]["total"]))
-        lines.append(row(f"`print('hello')` on `{image}`, run_ms", results["hello"][image]["run"]))
+        lines.append(row("... of which run_ms", results["hello"][image]["run"]))
+        lines.append(row("... of which queue_ms (waiting for a container's reset)", results["hello"][image]["queue"]))
     lines.append(row("`import numpy, pandas` + print versions on `datascience`, HTTP round trip",
                      results["import"]["total"]))
-    lines.append(row("the same, run_ms", results["import"]["run"]))
+    lines.append(row("... of which run_ms", results["import"]["run"]))
+    lines.append(row("... of which queue_ms", results["import"]["queue"]))
     lines.append(row("the same in a fresh `python3 -c` (timed inside a datascience task)", results["fresh"]))
     lines += ["", "| | python | datascience |", "| --- | --- | --- |"]
     idle = results["idle"]
@@ -162,8 +165,10 @@ def render(results: dict[str, Any], command: str) -> str:
                  f"{faults['python'][2] / 1024:.1f} | {faults['datascience'][2] / 1024:.1f} |")
     replaced = results["replaced"]
     lines.append(f"| containers replaced during the run | {replaced.get('py', 0):.0f} | {replaced.get('ds', 0):.0f} |")
-    lines += ["", f"Tasks run: {results['tasks']} in all. run_ms is the runner's own measure (code sent to the "
-                  "task's child until it exited); the round trip adds HTTP, the lease and the frames."]
+    lines += ["", f"Tasks run: {results['tasks']} in all. run_ms is the runner's own measure (from the code sent "
+                  "to the task's child until the child said it was done, or exited); queue_ms is the wait for a "
+                  "container of the tier (both were busy with a task or its reset); the rest of the round trip "
+                  "is HTTP, the frames and the server."]
     return "\n".join(lines) + "\n"
 
 
