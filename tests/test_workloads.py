@@ -7,13 +7,15 @@ import base64
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from pool.model import images as catalogue
-from tests.conftest import Service, start_service, stop_service
+from tests.conftest import REPO, Service, start_service, stop_service
 
 pytestmark = pytest.mark.docker
 
@@ -256,3 +258,16 @@ def test_an_unknown_image_is_refused_with_the_known_names(service):
     assert "768" in ram["msg"]  # the largest tier of that image, not of the service
     path = service.client.post("/v1/execute", json={"code": "1", "files": [{"path": "/x"}]}).json()["detail"][0]
     assert path["msg"].startswith("files[0].path: an absolute path")
+
+
+def test_a_missing_image_keeps_the_service_from_starting(tmp_path):
+    """Every image a tier serves must be present: the service says which is missing and does not start."""
+    tiers_path = tmp_path / "tiers.json"
+    tiers_path.write_text(json.dumps(TIERS))
+    env = {**os.environ, "WARMPOOL_TIERS_FILE": str(tiers_path), "WARMPOOL_INSTANCE_ID": "test-missing-image",
+           "WARMPOOL_IMAGE_DATASCIENCE": "warmpool-datascience:not-built-anywhere"}
+    done = subprocess.run([sys.executable, "-m", "warmpool", "serve", "--host", "127.0.0.1", "--port", "1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "sandbox image(s) missing: datascience (warmpool-datascience:not-built-anywhere)" in done.stderr, \
+        done.stderr[-2000:]
