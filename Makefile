@@ -11,7 +11,7 @@ API_PORT ?= 8000
 REDIS_PORT ?= $(or $(WARMPOOL_TEST_REDIS_PORT),6399)
 PYTEST_ARGS ?=
 
-.PHONY: venv docker image redis run test lint bench bench-scaleout
+.PHONY: venv docker image redis run test check lint bench bench-scaleout
 
 venv: $(STAMP)
 
@@ -56,6 +56,13 @@ test: venv docker image redis
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy pool api warmpool runner_image
+
+# Under a minute, with no Docker engine and no Redis: lint, then every test marked neither `docker` nor
+# `redis` (the pool logic over a fake backend, the API in process, the pure model). DOCKER_HOST points
+# nowhere and WARMPOOL_TEST_REDIS_URL is empty, so a test that reached for either would fail here.
+check: lint
+	DOCKER_HOST=unix:///nonexistent/docker.sock WARMPOOL_TEST_REDIS_URL= \
+	  $(VENV)/bin/pytest -q -m "not docker and not redis" $(PYTEST_ARGS)
 
 # Bounded (about 5 minutes): locust sessions and latency.py against servers it starts on loopback;
 # rewrites benchmarks/RESULTS.md.

@@ -1,26 +1,28 @@
-"""Admin routes under /v1/admin/ (admin key required): see and size the live pools.
+"""Admin routes under /v1/admin/ (admin key required): see and size the live pools, through the dispatcher.
 
 Sizes changed here last until the service stops unless WARMPOOL_POOL_SIZES_FILE is set; every answer
-says which (`persisted` and `note`).
+says which (`persisted` and `note`). In scale-out mode the dispatcher answers NotSupported (409).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import require_admin_key
 from api.json_body import BodyRoute
-from pool.engine.admin import PoolAdmin
+from api.state import dispatcher_of
 from pool.model.errors import InvalidRequest
 from pool.model.resources import MAX_COUNT
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], route_class=BodyRoute,
                    dependencies=[Depends(require_admin_key)],
                    responses={401: {"description": "Missing bearer token"},
-                              403: {"description": "Wrong admin key, or no WARMPOOL_ADMIN_KEY set"}})
+                              403: {"description": "Wrong admin key, or no WARMPOOL_ADMIN_KEY set"},
+                              409: {"description": "This process holds no pool to see or size (scale-out mode)"}})
 
 
 class PoolSizesPatch(BaseModel):
@@ -32,25 +34,15 @@ class PoolSizesPatch(BaseModel):
     max_size: int | None = Field(default=None, ge=1, le=MAX_COUNT, description="Containers the tier may hold at most")
 
 
-def _admin(request: Request, tier: str | None = None) -> PoolAdmin:
-    """The app's PoolAdmin (one per pool manager); 404 when `tier` is not one of its tiers."""
-    manager = getattr(request.app.state, "pool", None)
-    if manager is None:  # e.g. an API process that only dispatches to remote workers
-        raise HTTPException(status_code=409, detail="this process runs no pool of its own to see or size")
-    admin: PoolAdmin | None = getattr(request.app.state, "pool_admin", None)
-    if admin is None or admin.manager is not manager:
-        admin = request.app.state.pool_admin = PoolAdmin(manager)
-    if tier is not None and tier not in manager.pools:
-        raise HTTPException(status_code=404, detail=f"no tier {tier!r}; tiers: {sorted(manager.pools)}")
-    return admin
-
-
 @router.get("/pools")
 async def get_pools(request: Request) -> dict[str, Any]:
     """Every tier's sizes (min_idle, max_size, the demand-driven target_idle), live counts (idle, busy,
     starting, waiting), counters since start (created, replaced by reason, leases, lease timeouts, start
     failures), lease-wait p50/p95, and the host capacity ledger."""
-    return _admin(request).view()
+    view = await dispatcher_of(request).pools()
+    pools = view.pools
+    return {"tiers": [t.as_dict() for t in pools.tiers], "capacity": pools.capacity.as_dict(),
+            "warming": dataclasses.asdict(pools.warming), **view.persistence.as_dict()}
 
 
 @router.patch("/pools/{tier}", responses={404: {"description": "No such tier"},
@@ -63,11 +55,15 @@ async def patch_pool(tier: str, body: PoolSizesPatch, request: Request) -> dict[
     background. The answer is the tier's new state, and whether the change outlives a restart."""
     if body.min_idle is None and body.max_size is None:
         raise InvalidRequest("min_idle", "give min_idle, max_size or both")
-    return await _admin(request, tier).resize(tier, body.min_idle, body.max_size)
+    resized = await dispatcher_of(request).resize(tier, body.min_idle, body.max_size)
+    return {**resized.tier.as_dict(), **resized.persistence.as_dict()}
 
 
 @router.post("/pools/{tier}/drain", responses={404: {"description": "No such tier"}})
 async def drain_pool(tier: str, request: Request) -> dict[str, Any]:
     """Replace every idle container of the tier now (e.g. after a new runner image), and every busy one
     when its task ends; fresh containers start in the background."""
-    return _admin(request, tier).drain(tier)
+    drained = await dispatcher_of(request).drain(tier)
+    return {"tier": drained.tier_name, "idle_replaced": drained.idle_replaced,
+            "busy_replaced_when_done": drained.busy_replaced_when_done,
+            "starting_replaced_when_ready": drained.starting_replaced_when_ready}

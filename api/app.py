@@ -1,13 +1,14 @@
 """The app factory; its lifespan owns the dispatcher (started before serving, closed at shutdown).
 
-Embedded mode (the default): the dispatcher owns this process's pool, also kept as `app.state.pool`.
-Scale-out mode (WARMPOOL_REDIS_URL set): the dispatcher talks to workers through Redis; no pool here.
+Every route reaches the pools through that one `Dispatcher` (`app.state.dispatcher`), whichever kind
+it is: embedded mode (the default) runs this process's own pool; scale-out mode (WARMPOOL_REDIS_URL set)
+talks to workers through Redis.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -18,22 +19,22 @@ from api.errors import install_error_handlers
 from api.limits import BodySizeLimit, limiter_from
 from api.metrics import install_metrics
 from api.routes import router
-from pool.dispatch import create_dispatcher
-from pool.engine.embedded import EmbeddedDispatcher
+from pool.dispatch import Dispatcher, create_dispatcher
 from pool.settings import Settings, from_env
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the service; settings come from the environment unless given."""
+def create_app(settings: Settings | None = None,
+               dispatcher_factory: Callable[[Settings], Dispatcher] = create_dispatcher) -> FastAPI:
+    """Build the service; settings come from the environment unless given. Tests pass their own
+    `dispatcher_factory` (an embedded dispatcher over a fake container backend, say)."""
     settings = settings or from_env()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        dispatcher = create_dispatcher(settings)
+        dispatcher = dispatcher_factory(settings)
         app.state.dispatcher = dispatcher
-        app.state.pool = dispatcher.pool if isinstance(dispatcher, EmbeddedDispatcher) else None
         try:
             await dispatcher.start()
             if not settings.api_keys:

@@ -1,4 +1,5 @@
-"""Pool errors to HTTP answers: 422 names the field, 429/503 carry Retry-After, nothing becomes a 500."""
+"""Pool errors to HTTP answers: 422 names the field, 404 an unknown tier, 409 what cannot be done, 429/503
+carry Retry-After, nothing becomes a 500."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from pool.model.errors import (
     CapacityError,
     InvalidRequest,
     NoCapacity,
+    NotSupported,
     Overloaded,
     PoolError,
     ResultEvicted,
     SandboxError,
+    UnknownTier,
 )
 
 log = logging.getLogger(__name__)
@@ -40,7 +43,9 @@ def retry_after(status_code: int, message: str, retry_after_s: float) -> JSONRes
 async def _pool_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, InvalidRequest):
         return invalid_body(exc.field, exc.message)
-    if isinstance(exc, CapacityError):
+    if isinstance(exc, UnknownTier):
+        return JSONResponse(status_code=404, content={"detail": str(exc)})
+    if isinstance(exc, CapacityError | NotSupported):
         return JSONResponse(status_code=409, content={"detail": str(exc)})
     if isinstance(exc, Overloaded):
         return retry_after(429, str(exc), exc.retry_after_s)

@@ -15,7 +15,8 @@ from api.errors import invalid_body
 from api.json_body import BodyRoute
 from api.limits import require_task_quota
 from api.schemas import ExecuteRequest, ExecuteResponse, ImageOut, TaskAccepted, TaskPending, TierOut
-from pool.dispatch import Dispatcher, owner_of
+from api.state import dispatcher_of, settings_of
+from pool.dispatch import owner_of
 from pool.model.files import check_outputs, decode_files
 from pool.model.resources import ResourceRequest, format_bytes
 from pool.model.results import TaskResult, TaskSpec
@@ -25,15 +26,6 @@ from pool.settings import Settings
 
 router = APIRouter(route_class=BodyRoute)
 _TASK_ID = re.compile(r"[0-9a-f]{32}")
-
-
-def _dispatcher(request: Request) -> Dispatcher:
-    dispatcher: Dispatcher = request.app.state.dispatcher
-    return dispatcher
-
-
-def _settings(request: Request) -> Settings:
-    return request.app.state.settings
 
 
 def build_spec(body: ExecuteRequest, settings: Settings) -> TaskSpec | JSONResponse:
@@ -122,12 +114,12 @@ async def execute(body: ExecuteRequest, request: Request, _key: str = Depends(re
 
     The answer is 200 whenever the task ran, whatever it did: see `status`."""
     started = time.perf_counter()
-    settings = _settings(request)
+    settings = settings_of(request)
     prepared = prepare(body, settings)
     if isinstance(prepared, JSONResponse):
         return prepared
     spec, tier = prepared
-    execution = await _dispatcher(request).execute(tier.name, spec, lease_wait_s(body, settings))
+    execution = await dispatcher_of(request).execute(tier.name, spec, lease_wait_s(body, settings))
     return JSONResponse(execution_body(execution, spec.task_id, (time.perf_counter() - started) * 1000))
 
 
@@ -140,11 +132,11 @@ async def submit_task(body: ExecuteRequest, request: Request, key: str = Depends
     """Queue a snippet to run in the background; poll `link` for its state and then its result.
 
     The result is kept for the server's result TTL after the task ends; only the same API key can read it."""
-    prepared = prepare(body, _settings(request))
+    prepared = prepare(body, settings_of(request))
     if isinstance(prepared, JSONResponse):
         return prepared
     spec, tier = prepared
-    await _dispatcher(request).submit(tier.name, spec, owner_of(key))
+    await dispatcher_of(request).submit(tier.name, spec, owner_of(key))
     link = f"/v1/tasks/{spec.task_id}"
     return JSONResponse(status_code=202, content={"id": spec.task_id, "status": "queued", "link": link},
                         headers={"Location": link})
@@ -154,7 +146,7 @@ async def submit_task(body: ExecuteRequest, request: Request, key: str = Depends
             responses={404: {"description": "Unknown task, or its result expired"}})
 async def get_task(task_id: str, request: Request, key: str = Depends(require_api_key)) -> Any:
     """An async task: `queued` or `running` while pending, then the full result, as /v1/execute answers it."""
-    view = await _dispatcher(request).task(task_id, owner_of(key)) if _TASK_ID.fullmatch(task_id) else None
+    view = await dispatcher_of(request).task(task_id, owner_of(key)) if _TASK_ID.fullmatch(task_id) else None
     if view is None:
         return JSONResponse(status_code=404, content={"detail": f"no task {task_id!r} (unknown, or expired)"})
     return JSONResponse(task_body(view))
@@ -166,7 +158,7 @@ async def tiers(request: Request, _key: str = Depends(require_api_key)) -> list[
 
     In scale-out mode the counts are summed over the live workers serving each tier (`workers`), and
     `queued` counts the tier's tasks waiting or running."""
-    return await _dispatcher(request).tiers()
+    return [snapshot.as_dict() for snapshot in await dispatcher_of(request).tiers()]
 
 
 @router.get("/v1/images", response_model=list[ImageOut])
@@ -175,7 +167,7 @@ async def images(request: Request, _key: str = Depends(require_api_key)) -> list
     already imported in the warm interpreter (so that importing them in a task costs next to nothing).
 
     Read from the images' labels, written when `warmpool image` built them."""
-    return await _dispatcher(request).images()
+    return await dispatcher_of(request).images()
 
 
 @router.get("/healthz")
@@ -189,7 +181,7 @@ async def readyz(request: Request) -> JSONResponse:
     """Docker reachable, runner image present, and every tier warmed to its min_idle.
 
     In scale-out mode: Redis answers and at least one worker is alive."""
-    checks = await _dispatcher(request).readiness()
+    checks = await dispatcher_of(request).readiness()
     ready = all(checks.values())
     return JSONResponse(status_code=200 if ready else 503, content={"ready": ready, "checks": checks},
                         headers=None if ready else {"Retry-After": "1"})

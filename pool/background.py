@@ -15,6 +15,7 @@ class TaskOwner:
 
     def __init__(self, what: str) -> None:
         self.what = what
+        self.closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -33,7 +34,12 @@ class TaskOwner:
         return not self._tasks
 
     async def close(self) -> None:
-        """Cancel every task still running and wait until each has ended."""
+        """Cancel every task still running and wait until each has ended (shielded clean-ups included).
+
+        `closing` turns True first: a loop that checks it ends at its next turn even when a library swallowed
+        its cancellation (redis-py does when the cancel lands while a blocking command's connection is being
+        made; see redis/redis-py#2028), which would otherwise leave this waiting forever."""
+        self.closing = True
         while self._tasks:  # a cancelled task may spawn another on its way out
             tasks = list(self._tasks)
             for task in tasks:

@@ -12,12 +12,15 @@ import hashlib
 from typing import Any, Protocol
 
 from pool.model.results import TaskSpec
+from pool.model.snapshots import AdminView, Drained, PoolsSnapshot, Resized, TierSnapshot
 from pool.model.tasks import Execution, TaskView
 from pool.settings import Settings
 
 
 class Dispatcher(Protocol):
-    """Runs tasks somewhere and keeps async ones; the API's only way to the pools."""
+    """Runs tasks somewhere and keeps async ones; the API's only way to the pools.
+
+    Everything it returns is a value (frozen dataclasses), never a live pool object."""
 
     async def start(self) -> None: ...
 
@@ -36,7 +39,7 @@ class Dispatcher(Protocol):
         """The task if `owner` submitted it and its result has not expired, else None."""
         ...
 
-    async def tiers(self) -> list[dict[str, Any]]:
+    async def tiers(self) -> tuple[TierSnapshot, ...]:
         """Each tier with its live container counts (summed over the cluster in scale-out mode)."""
         ...
 
@@ -46,6 +49,23 @@ class Dispatcher(Protocol):
 
     async def readiness(self) -> dict[str, bool]:
         """Named checks; the service is ready when every one is True."""
+        ...
+
+    async def figures(self) -> PoolsSnapshot | None:
+        """What /metrics exports about the pools; None when this process holds none."""
+        ...
+
+    # admin: NotSupported where the pools cannot be reached; UnknownTier for a name no tier has
+    async def pools(self) -> AdminView:
+        """Every tier's sizes, counts and counters, the ledger, the warming policy, and persistence."""
+        ...
+
+    async def resize(self, tier_name: str, min_idle: int | None, max_size: int | None) -> Resized:
+        """Change a tier's sizes live (InvalidRequest, CapacityError when they do not fit)."""
+        ...
+
+    async def drain(self, tier_name: str) -> Drained:
+        """Replace the tier's idle containers now and its busy ones when their task ends."""
         ...
 
 
@@ -60,6 +80,7 @@ def create_dispatcher(settings: Settings) -> Dispatcher:
         from pool.scaleout.redis_dispatch import RedisDispatcher
 
         return RedisDispatcher(settings)
+    from pool.engine.docker_backend import DockerBackend
     from pool.engine.embedded import EmbeddedDispatcher
 
-    return EmbeddedDispatcher(settings)
+    return EmbeddedDispatcher(settings, DockerBackend(settings.docker_host))

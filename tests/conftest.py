@@ -33,6 +33,23 @@ TEST_TIERS = {"tiers": [
 ]}
 
 
+# Fixtures that need a Docker engine or a Redis (directly or through the fixtures they use). A test that
+# uses one must carry the matching marker, so that `make check` (-m "not docker and not redis") never
+# needs either; pytest_collection_modifyitems refuses a test that forgot it.
+NEEDS = {"docker": ("docker_client", "runner_image", "datascience"), "redis": ("redis_url", "redis_server")}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = []
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        for marker, fixtures in NEEDS.items():
+            if used.intersection(fixtures) and item.get_closest_marker(marker) is None:
+                unmarked.append(f"{item.nodeid} uses {sorted(used.intersection(fixtures))} but is not marked {marker}")
+    if unmarked:
+        raise pytest.UsageError("tests that need an engine must say so:\n" + "\n".join(unmarked))
+
+
 @pytest.fixture(scope="session")
 def docker_client() -> Iterator[docker.DockerClient]:
     """The real engine; `make test` starts it and builds the image, so here its absence is a failure."""

@@ -19,3 +19,17 @@ def wait_for(probe: Callable[[], T], what: str, timeout_s: float = 30, interval_
         time.sleep(interval_s)
         last = probe()
     return last
+
+
+async def until(probe: Callable[[], T], what: str, timeout_s: float = 10, interval_s: float = 0.01) -> T:
+    """`wait_for` for tests running on an event loop: the pool under test keeps running while this waits."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout_s
+    last: T = probe()
+    while not last:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not met within {timeout_s:g} s: {what} (last probe: {last!r})")
+        await asyncio.sleep(interval_s)
+        last = probe()
+    return last

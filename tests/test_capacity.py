@@ -7,7 +7,7 @@ import stat
 import docker
 import pytest
 
-from pool.engine.docker_backend import EngineInfo
+from pool.engine.backend import EngineInfo
 from pool.engine.inventory import detect_gpu_ids, host_inventory, parse_gpu_list, unfit_reason
 from pool.engine.sandbox_spec import host_config_kwargs
 from pool.model.capacity import CapacityLedger, HostInventory

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from pool.engine.docker_backend import DockerBackend
 from pool.engine.manager import PoolManager
 from pool.model.errors import CapacityError, NoCapacity
 from pool.model.results import TaskSpec
@@ -34,12 +35,11 @@ def test_a_gpu_container_is_created_with_its_gpu_ids_and_the_engine_refusal_is_c
     created: list[dict[str, Any]] = []
 
     async def scenario() -> None:
-        manager = PoolManager(settings)
+        backend = DockerBackend(settings.docker_host)
+        manager = PoolManager(settings, backend)
         await manager.start()
         try:
             assert await manager.wait_warm(60)
-            backend = manager.backend
-            assert backend is not None
             real_start = backend.start
 
             def start_after_inspecting(container_id: str) -> None:
@@ -50,7 +50,6 @@ def test_a_gpu_container_is_created_with_its_gpu_ids_and_the_engine_refusal_is_c
             spec = TaskSpec(task_id="t1", code="print(1)")
             with pytest.raises(NoCapacity, match='could not select device driver "nvidia"'):
                 await manager.execute("gpu1", spec, wait_s=30)
-            assert manager.ledger is not None
             assert sorted(manager.ledger.gpus_free) == ["GPU-fake-0", "GPU-fake-1"], "the GPU came back"
             pool = manager.pools["gpu1"]
             assert pool.total == 0 and pool.start_failures == 1
@@ -114,7 +113,7 @@ def test_a_gpu_tier_whose_min_idle_the_host_cannot_hold_stops_the_start(tiers_fi
                          "WARMPOOL_INSTANCE_ID": f"test-gpu-{secrets.token_hex(4)}"})
 
     async def start() -> None:
-        manager = PoolManager(settings)
+        manager = PoolManager(settings, DockerBackend(settings.docker_host))
         try:
             await manager.start()
         finally:

@@ -148,6 +148,31 @@ def test_the_model_imports_no_io():
     assert offenders == []
 
 
+def test_the_api_reaches_the_pools_only_through_the_dispatcher():
+    """api/ may use the door (pool.dispatch), the model's values and the settings: no engine, no Redis."""
+    allowed = ("pool.dispatch", "pool.model", "pool.settings")
+    files = sources()
+    around = sorted(f"{module} imports {target}" for module, targets in graph().items() if module.startswith("api.")
+                    for target in targets if target.startswith("pool.")
+                    and not any(target == a or target.startswith(a + ".") for a in allowed))
+    assert around == []
+    reaching = sorted(str(path.relative_to(REPO)) for module, path in files.items()
+                      if module.startswith("api.") and "state.pool" in path.read_text())
+    assert reaching == [], "app.state.pool is gone: ask the dispatcher"
+
+
+def test_the_scale_out_api_holds_no_engine():
+    """In scale-out mode the API process runs no containers: its dispatcher reaches no pool.engine module."""
+    edges = graph()
+    seen, todo = set(), ["pool.scaleout.redis_dispatch"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(edges.get(module, ()))
+    assert sorted(m for m in seen if m.startswith("pool.engine")) == []
+
+
 def test_the_checks_catch_what_they_look_for():
     """The checks themselves: a circle is found, and an upward or I/O import would be named."""
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

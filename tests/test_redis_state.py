@@ -10,11 +10,11 @@ import pytest
 
 from pool.model.errors import NoCapacity
 from pool.model.resources import Resources
-from pool.model.results import Status, TaskResult, Usage
+from pool.model.results import Status, TaskResult, TaskSpec, Usage
 from pool.model.tasks import Execution
 from pool.model.tiers import Tier
 from pool.scaleout.redis_io import GROUP, Keys, Scripts, connect
-from pool.scaleout.task_codec import Outcome, worker_lost
+from pool.scaleout.task_codec import MalformedEntry, Outcome, StreamEntry, worker_lost
 
 TIER = Tier("one", Resources(cpu=0.5, gpu=0, ram_bytes=96 << 20, storage_bytes=32 << 20))
 
@@ -32,6 +32,36 @@ def test_outcomes_round_trip_through_json():
         not_run.raise_or_execution()
     lost = worker_lost("t", "w2", TIER, "w1", 0.0, 5.0)
     assert lost.execution is not None and lost.execution.result.status == Status.SANDBOX_ERROR
+
+
+ENTRY = StreamEntry(spec=TaskSpec(task_id="t1", code="print(1)", stdin="in", timeout_s=2.5, output_limit_bytes=1024),
+                    reply_to="warmpool:reply:api", submitted_unix=1700000000.25, result_ttl_ms=600_000,
+                    lease_wait_s=0.0, max_result_bytes=4096)
+
+
+def test_stream_entries_round_trip_through_their_fields():
+    fields = ENTRY.to_fields()
+    assert all(isinstance(v, str) for v in fields.values())
+    assert StreamEntry.from_fields(fields) == ENTRY
+
+
+@pytest.mark.parametrize(("field", "raw", "words"), [
+    ("id", None, "no 'id'"), ("id", "", "'id' is empty"), ("code", None, "no 'code'"),
+    ("timeout_s", "soon", "timeout_s='soon' is not a number"), ("timeout_s", "0", "above 0"),
+    ("timeout_s", "nan", "finite"), ("timeout_s", "-1", "above 0"),
+    ("output_limit_bytes", "1.5", "whole"), ("submitted_unix", "inf", "finite"),
+    ("submitted_unix", None, "no 'submitted_unix'"), ("result_ttl_ms", "", "not a number"),
+    ("lease_wait_s", "-0.5", "at least 0"), ("lease_wait_s", None, "no 'lease_wait_s'"),
+    ("max_result_bytes", "lots", "not a number"), ("max_result_bytes", None, "no 'max_result_bytes'"),
+])
+def test_a_bad_stream_entry_is_malformed_naming_the_field(field, raw, words):
+    fields = ENTRY.to_fields()
+    if raw is None:
+        del fields[field]
+    else:
+        fields[field] = raw
+    with pytest.raises(MalformedEntry, match=words):
+        StreamEntry.from_fields(fields)
 
 
 @pytest.mark.redis

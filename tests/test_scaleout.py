@@ -11,7 +11,7 @@ import pytest
 
 from pool.dispatch import owner_of
 from pool.model.results import TaskSpec
-from pool.scaleout.task_codec import spec_fields
+from pool.scaleout.task_codec import StreamEntry
 from tests.scaleout_support import container_ids, wait_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.docker]
@@ -168,8 +168,8 @@ def test_claimed_tasks_run_only_if_they_never_started(cluster):
 
     def inject(code: str, **record: str) -> str:
         task_id = uuid.uuid4().hex
-        fields = {**spec_fields(TaskSpec(task_id=task_id, code=code, timeout_s=5)), "reply_to": "",
-                  "submitted_unix": repr(time.time())}
+        fields = StreamEntry(spec=TaskSpec(task_id=task_id, code=code, timeout_s=5), reply_to="",
+                             submitted_unix=time.time(), result_ttl_ms=60_000, lease_wait_s=5.0).to_fields()
         entry = c.redis.xadd(stream, fields)
         c.redis.hset(f"{c.prefix}:task:{task_id}", mapping={
             "kind": "async", "tier": "one", "owner": owner_of("anonymous"), "entry": entry, **record})

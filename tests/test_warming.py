@@ -174,7 +174,7 @@ def test_a_drained_tier_replaces_returning_and_late_containers():
     pool = TierPool(TIER, clock)
     old, new = handle(1, created_at=1.0), handle(2, created_at=3.0)
     pool.drained_at_s = 2.0
-    assert pool.stale(old) == "drained" and pool.stale(new) is None
+    assert pool.state_of(old).drained and not pool.state_of(new).drained
     pool.offer(old)  # a container that was starting during the drain
     pool.offer(new)
     assert pool.retune(WarmingPolicy(), ledger_room=5) == [(old, "drained")]

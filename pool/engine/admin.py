@@ -9,51 +9,22 @@ stops, unless `WARMPOOL_POOL_SIZES_FILE` names a file to keep them in (see pool/
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
-from typing import Any
 
 import anyio
 
 from pool.engine.manager import PoolManager
 from pool.engine.tier_pool import TierPool
-from pool.model.capacity import CapacityLedger
-from pool.model.errors import CapacityError, InvalidRequest
+from pool.model.errors import CapacityError, InvalidRequest, UnknownTier
+from pool.model.lifecycle import RetireReason
+from pool.model.snapshots import AdminView, Drained, Persistence, Resized
 from pool.sizes_file import load_sizes, save_sizes
 
 log = logging.getLogger(__name__)
 
 NOT_PERSISTED = ("not persisted: pool sizes changed here last until the service stops; set "
                  "WARMPOOL_POOL_SIZES_FILE to keep them across restarts")
-
-
-def tier_view(pool: TierPool, window_s: float) -> dict[str, Any]:
-    """One tier's sizes, live counts and counters since start."""
-    stats = pool.stats
-    return {
-        **pool.tier.describe(),
-        "min_idle": pool.min_idle, "max_size": pool.max_size, "target_idle": pool.target_idle,
-        "idle": len(pool.idle), "busy": len(pool.busy), "starting": pool.starting,
-        "waiting": pool.pending_waiters(),
-        "created": stats.created, "replaced": dict(sorted(stats.replaced.items())),
-        "leases": stats.leases, "lease_timeouts": stats.lease_timeouts,
-        "lease_wait_ms": {"p50": round(stats.wait_percentile_ms(0.50), 3),
-                          "p95": round(stats.wait_percentile_ms(0.95), 3)},
-        "lease_rate_per_s": round(pool.demand.rate_per_s(time.monotonic(), window_s), 3),
-        "typical_hold_ms": round(pool.demand.typical_hold_s() * 1000, 3),
-        "start_failures": stats.start_failures, "last_start_error": pool.last_start_error,
-        "unfit": None if pool.unfit is None else pool.unfit.message,
-        "gpus_in_use": sorted(g for h in (*pool.idle, *pool.busy) for g in h.gpu_ids),
-    }
-
-
-def capacity_view(ledger: CapacityLedger) -> dict[str, Any]:
-    inventory = ledger.inventory
-    return {"cpus": inventory.cpus, "cpu_overcommit": inventory.cpu_overcommit, "cpu_budget": inventory.cpu_budget,
-            "cpu_held": round(ledger.cpu_held, 6), "ram_bytes": inventory.ram_bytes,
-            "ram_held_bytes": ledger.ram_held_bytes, "gpu_ids": list(inventory.gpu_ids),
-            "gpus_free": sorted(ledger.gpus_free)}
 
 
 def check_resize(manager: PoolManager, pool: TierPool, min_idle: int | None, max_size: int | None) -> None:
@@ -68,7 +39,6 @@ def check_resize(manager: PoolManager, pool: TierPool, min_idle: int | None, max
         raise InvalidRequest("max_size", f"must be at least 1, got {new_max}")
     if not 0 <= new_min <= new_max:
         raise InvalidRequest("min_idle", f"must be between 0 and max_size ({new_max}), got {new_min}")
-    assert manager.ledger is not None
     others = [(p.tier.resources, p.min_idle) for p in manager.pools.values() if p is not pool]
     for name, count in (("min_idle", min_idle), ("max_size", max_size)):
         if count is None:
@@ -88,23 +58,25 @@ class PoolAdmin:
         self.sizes_file = manager.settings.pool_sizes_file
         self._file_lock = asyncio.Lock()
 
-    def persistence(self) -> dict[str, Any]:
+    def persistence(self) -> Persistence:
         if self.sizes_file is None:
-            return {"persisted": False, "note": NOT_PERSISTED}
-        return {"persisted": True, "sizes_file": self.sizes_file,
-                "note": f"pool sizes changed here are kept in {self.sizes_file} and applied at the next start"}
+            return Persistence(persisted=False, note=NOT_PERSISTED)
+        return Persistence(persisted=True, sizes_file=self.sizes_file,
+                           note=f"pool sizes changed here are kept in {self.sizes_file} and applied at the next start")
 
-    def view(self) -> dict[str, Any]:
-        manager = self.manager
-        assert manager.ledger is not None
-        window_s = manager.settings.warming.window_s
-        return {"tiers": [tier_view(p, window_s) for p in manager.pools.values()],
-                "capacity": capacity_view(manager.ledger),
-                "warming": dataclasses.asdict(manager.settings.warming), **self.persistence()}
+    def pool(self, tier_name: str) -> TierPool:
+        """The tier's pool, or UnknownTier naming the tiers there are."""
+        pool = self.manager.pools.get(tier_name)
+        if pool is None:
+            raise UnknownTier(f"no tier {tier_name!r}; tiers: {sorted(self.manager.pools)}")
+        return pool
 
-    async def resize(self, tier_name: str, min_idle: int | None, max_size: int | None) -> dict[str, Any]:
+    def view(self) -> AdminView:
+        return AdminView(pools=self.manager.snapshot(), persistence=self.persistence())
+
+    async def resize(self, tier_name: str, min_idle: int | None, max_size: int | None) -> Resized:
         """Set the tier's sizes (checked against the ledger), apply them now, and keep them if configured."""
-        pool = self.manager.pools[tier_name]
+        pool = self.pool(tier_name)
         check_resize(self.manager, pool, min_idle, max_size)
         if min_idle is not None:
             pool.min_idle = min_idle
@@ -119,20 +91,20 @@ class PoolAdmin:
                 await self._save(tier_name, pool.min_idle, pool.max_size)
             except (OSError, InvalidRequest) as exc:
                 log.error("could not keep the sizes of tier %s: %s", tier_name, exc)
-                persistence = {"persisted": False, "note": f"applied, but not kept: {exc}"}
-        return {**tier_view(pool, self.manager.settings.warming.window_s), **persistence}
+                persistence = Persistence(persisted=False, note=f"applied, but not kept: {exc}")
+        return Resized(tier=pool.snapshot(self.manager.settings.warming.window_s), persistence=persistence)
 
-    def drain(self, tier_name: str) -> dict[str, Any]:
+    def drain(self, tier_name: str) -> Drained:
         """Replace every idle container of the tier now, and every busy one when its task ends."""
-        pool = self.manager.pools[tier_name]
+        pool = self.pool(tier_name)
         pool.drained_at_s = time.monotonic()
         pool.reset_backoff()
         idle = pool.take_all_idle()
         for handle in idle:
-            self.manager.retire(handle, "drained")
+            self.manager.retire(handle, RetireReason.DRAINED)
         self.manager.wake()
-        return {"tier": tier_name, "idle_replaced": len(idle), "busy_replaced_when_done": len(pool.busy),
-                "starting_replaced_when_ready": pool.starting}
+        return Drained(tier_name=tier_name, idle_replaced=len(idle), busy_replaced_when_done=len(pool.busy),
+                       starting_replaced_when_ready=pool.starting)
 
     async def _save(self, tier_name: str, min_idle: int, max_size: int) -> None:
         path = self.sizes_file

@@ -11,21 +11,19 @@ from dataclasses import dataclass
 
 import anyio
 
+from pool.engine.backend import ContainerBackend
 from pool.engine.channel import ChannelClosed, RunnerChannel
-from pool.engine.docker_backend import DockerBackend
 from pool.engine.sandbox_spec import host_config_kwargs, labels_for, task_nproc_limit
 from pool.model.errors import PoolError, SandboxError
 from pool.model.resources import format_bytes
 from pool.model.results import Status, TaskResult, TaskSpec
+from pool.model.tasks import RESULT_GRACE_S
 from pool.model.tiers import Tier
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 10.0
 RESET_TIMEOUT_S = 5.0
-# The runner enforces the task's deadline itself; the host waits this much longer before it calls the
-# container broken (a runner that cannot answer in time is replaced, and the task is a sandbox_error).
-RESULT_GRACE_S = 5.0
 # How long to wait for the engine to record the exit of a container that died under a task.
 DEATH_RECORD_WAIT_S = 3.0
 _serial = itertools.count(1)
@@ -61,14 +59,6 @@ class ContainerHandle:
     @property
     def age_s(self) -> float:
         return time.monotonic() - self.created_at
-
-    def worn_out(self) -> str | None:
-        """Why this container must not be reused, or None."""
-        if self.uses >= self.tier.max_uses:
-            return "use_limit"
-        if self.age_s >= self.tier.max_age_s:
-            return "age_limit"
-        return None
 
     def _lost(self, reason: str) -> None:
         if self.on_lost is not None:  # None once we closed it ourselves: not a loss
@@ -112,7 +102,7 @@ class ContainerHandle:
             self.channel.close()
 
 
-async def explain_loss(backend: DockerBackend, handle: ContainerHandle, result: TaskResult) -> TaskResult:
+async def explain_loss(backend: ContainerBackend, handle: ContainerHandle, result: TaskResult) -> TaskResult:
     """The result of a task whose container died under it: the task's `memory_exceeded` when the kernel's
     OOM killer did it (under gVisor the whole sandbox is what the memory cgroup kills), else unchanged."""
     try:
@@ -127,16 +117,15 @@ async def explain_loss(backend: DockerBackend, handle: ContainerHandle, result: 
                               f"{format_bytes(handle.tier.resources.ram_bytes)} memory limit")
 
 
-async def start_container(backend: DockerBackend, tier: Tier, options: CreateOptions,
+async def start_container(backend: ContainerBackend, tier: Tier, options: CreateOptions,
                           gpu_ids: tuple[str, ...] = ()) -> ContainerHandle:
     """Create, attach, start and handshake one container; on any failure nothing is left behind."""
     name = f"warmpool-{tier.name}-{options.instance_id}-{next(_serial)}"
-    host_config = backend.host_config(**host_config_kwargs(tier, nofile_limit=options.nofile_limit,
-                                                             gpu_ids=gpu_ids))
+    host_options = host_config_kwargs(tier, nofile_limit=options.nofile_limit, gpu_ids=gpu_ids)
     labels = labels_for(tier, options.instance_id, options.owner)
     container_id = await anyio.to_thread.run_sync(
         lambda: backend.create(image=options.docker_images[tier.image], name=name, labels=labels,
-                               host_config=host_config))
+                               host_options=host_options))
     handle = ContainerHandle(tier, container_id, name, gpu_ids)
     try:
         # Attach before start so nothing the runner says is lost; the channel lives as long as the container.
@@ -160,19 +149,11 @@ async def start_container(backend: DockerBackend, tier: Tier, options: CreateOpt
     return handle
 
 
-async def remove_container(backend: DockerBackend, handle: ContainerHandle) -> None:
+async def remove_container(backend: ContainerBackend, handle: ContainerHandle) -> None:
     handle.close_channel()
     try:
         await anyio.to_thread.run_sync(backend.remove, handle.container_id)
     except PoolError as exc:
         log.warning("could not remove %s: %s", handle.name, exc)
 
-
-def status_needs_replacement(status: Status) -> str | None:
-    """Outcomes that can leave damage the reset cannot vouch for."""
-    if status == Status.MEMORY_EXCEEDED:
-        return "memory_exceeded"
-    if status == Status.SANDBOX_ERROR:
-        return "sandbox_error"
-    return None
 

@@ -10,7 +10,6 @@ import collections
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,32 +18,16 @@ import docker.errors
 import requests.exceptions
 from docker.types import DeviceRequest, LogConfig, Ulimit
 
-from pool.model.errors import BackendUnavailable, SandboxError
-
-POOL_LABEL = "warmpool.pool"
-TIER_LABEL = "warmpool.tier"
-INSTANCE_LABEL = "warmpool.instance"
-OWNER_LABEL = "warmpool.owner"
+from pool.engine.backend import POOL_LABEL, EngineInfo, OurContainer
+from pool.model.errors import BackendUnavailable, PoolError, SandboxError
 
 _UNREACHABLE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
                 FileNotFoundError, docker.errors.DockerException)
 
 
-@dataclass(frozen=True)
-class EngineInfo:
-    cpus: int
-    ram_bytes: int
-    runtimes: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class OurContainer:
-    container_id: str
-    name: str
-    labels: dict[str, str]
-
-
 def _wrap(exc: Exception, doing: str) -> Exception:
+    if isinstance(exc, PoolError):
+        return exc
     if isinstance(exc, docker.errors.APIError):
         return SandboxError(f"docker refused to {doing}: {exc.explanation or exc}")
     if isinstance(exc, _UNREACHABLE):
@@ -53,21 +36,36 @@ def _wrap(exc: Exception, doing: str) -> Exception:
 
 
 class DockerBackend:
-    """A docker-py API client with our error types; every method blocks."""
+    """A docker-py API client with our error types (a `ContainerBackend`); every method blocks.
+
+    Built without I/O: it connects on first use (in a thread, like every call), so an engine that is down
+    at start is a BackendUnavailable from that first call."""
 
     def __init__(self, base_url: str | None = None, timeout_s: float = 30.0) -> None:
         self.api_errors: collections.Counter[str] = collections.Counter()  # failed calls by operation
         self._errors_lock = threading.Lock()  # methods run in worker threads
-        try:
-            if base_url:
-                self.api = docker.APIClient(base_url=base_url, timeout=int(timeout_s), version="auto")
-            else:
-                self.api = docker.from_env(timeout=int(timeout_s)).api
-        except Exception as exc:  # docker.from_env pings the engine to negotiate the API version
-            raise self._failed("connect", exc, "connect") from exc
+        self._base_url = base_url
+        self._timeout_s = timeout_s
+        self._api: docker.APIClient | None = None
+        self._connect_lock = threading.Lock()
+
+    @property
+    def api(self) -> docker.APIClient:
+        with self._connect_lock:
+            if self._api is None:
+                try:
+                    if self._base_url:
+                        self._api = docker.APIClient(base_url=self._base_url, timeout=int(self._timeout_s),
+                                                     version="auto")
+                    else:
+                        self._api = docker.from_env(timeout=int(self._timeout_s)).api
+                except Exception as exc:  # docker.from_env pings the engine to negotiate the API version
+                    raise self._failed("connect", exc, "connect") from exc
+            return self._api
 
     def close(self) -> None:
-        self.api.close()
+        if self._api is not None:
+            self._api.close()
 
     def error_counts(self) -> dict[str, int]:
         """Failed engine calls since start, by operation (a copy: worker threads keep counting)."""
@@ -76,6 +74,8 @@ class DockerBackend:
 
     def _failed(self, operation: str, exc: Exception, doing: str) -> Exception:
         """Count a failed engine call (for metrics) and wrap its exception into our error tree."""
+        if isinstance(exc, PoolError):  # already ours: the connection failed (and was counted) first
+            return exc
         with self._errors_lock:
             self.api_errors[operation] += 1
         return _wrap(exc, doing)
@@ -104,10 +104,10 @@ class DockerBackend:
             raise self._failed("inspect_image", exc, f"inspect image {image}") from exc
         return dict((raw.get("Config") or {}).get("Labels") or {})
 
-    def create(self, *, image: str, name: str, labels: dict[str, str], host_config: dict[str, Any]) -> str:
+    def create(self, *, image: str, name: str, labels: dict[str, str], host_options: dict[str, Any]) -> str:
         try:
             created = self.api.create_container(
-                image=image, name=name, labels=labels, host_config=host_config,
+                image=image, name=name, labels=labels, host_config=self.api.create_host_config(**host_options),
                 stdin_open=True, tty=False, network_disabled=True, environment={},
             )
         except Exception as exc:
@@ -204,9 +204,6 @@ class DockerBackend:
             return any(True for _ in events)
         except Exception as exc:
             raise _wrap(exc, "read engine events") from exc
-
-    def host_config(self, **kwargs: Any) -> dict[str, Any]:
-        return dict(self.api.create_host_config(**kwargs))
 
 
 def ulimits(nofile: int, fsize_bytes: int) -> list[Ulimit]:

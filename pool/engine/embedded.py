@@ -11,11 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pool.background import TaskOwner
+from pool.engine.admin import PoolAdmin
+from pool.engine.backend import ContainerBackend
 from pool.engine.manager import PoolManager
 from pool.model.errors import Overloaded, PoolError, ResultEvicted, SandboxError
 from pool.model.images import describe
 from pool.model.result_bounds import ResultBook, pending_bytes, result_bytes
 from pool.model.results import TaskSpec
+from pool.model.snapshots import AdminView, Drained, PoolsSnapshot, Resized, TierSnapshot
 from pool.model.tasks import Execution, TaskState, TaskView
 from pool.settings import Settings
 
@@ -39,9 +42,10 @@ class _Record:
 class EmbeddedDispatcher:
     """A `Dispatcher` over this process's own `PoolManager`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, backend: ContainerBackend) -> None:
         self.settings = settings
-        self.pool = PoolManager(settings)
+        self.pool = PoolManager(settings, backend)
+        self.admin = PoolAdmin(self.pool)
         self._records: dict[str, _Record] = {}
         self._book = ResultBook(settings.result_bounds())
         # Evicted ids (and their owners), so that a GET says why the result is gone; as many as results.
@@ -122,12 +126,23 @@ class EmbeddedDispatcher:
         for task_id in self._book.expire(now):
             self._records.pop(task_id, None)
 
-    async def tiers(self) -> list[dict[str, Any]]:
-        return [{**p.tier.describe(), "min_idle": p.min_idle, "max_size": p.max_size, "idle": len(p.idle),
-                 "busy": len(p.busy), "starting": p.starting} for p in self.pool.pools.values()]
+    async def tiers(self) -> tuple[TierSnapshot, ...]:
+        return self.pool.snapshot().tiers
 
     async def images(self) -> list[dict[str, Any]]:
         return [describe(spec, self.pool.image_labels.get(spec.name)) for spec in self.settings.served_images()]
 
     async def readiness(self) -> dict[str, bool]:
         return {"docker": self.pool.docker_ok, "image": self.pool.image_ok, "pools_warm": self.pool.warm}
+
+    async def figures(self) -> PoolsSnapshot:
+        return self.pool.snapshot()
+
+    async def pools(self) -> AdminView:
+        return self.admin.view()
+
+    async def resize(self, tier_name: str, min_idle: int | None, max_size: int | None) -> Resized:
+        return await self.admin.resize(tier_name, min_idle, max_size)
+
+    async def drain(self, tier_name: str) -> Drained:
+        return self.admin.drain(tier_name)

@@ -13,7 +13,7 @@ import re
 import shutil
 import subprocess
 
-from pool.engine.docker_backend import EngineInfo
+from pool.engine.backend import EngineInfo
 from pool.model.capacity import HostInventory
 from pool.model.errors import NoTierFits
 from pool.model.resources import format_bytes

@@ -1,7 +1,9 @@
 """The pool manager: warm containers per tier, leased one task at a time, reset or replaced after.
 
 It owns every background task it starts (replenisher, container starts and removals) and cancels and
-awaits them in `close()`. Docker is touched only for lifecycle, in threads; the task path is the channel.
+awaits them in `close()`. The backend (Docker, or a test's fake) is touched only for lifecycle, in
+threads; the task path is the channel. What becomes of a container after a task is decided in
+pool/model/lifecycle.py; how a lease is served (warm or cold) by the mode in pool/engine/modes.py.
 """
 
 from __future__ import annotations
@@ -9,34 +11,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import anyio
 
-from pool.engine.container import (
-    ContainerHandle,
-    CreateOptions,
-    explain_loss,
-    remove_container,
-    start_container,
-    status_needs_replacement,
-)
-from pool.engine.docker_backend import INSTANCE_LABEL, DockerBackend
+from pool.background import TaskOwner
+from pool.engine.backend import INSTANCE_LABEL, ContainerBackend
+from pool.engine.container import ContainerHandle, CreateOptions, explain_loss, remove_container, start_container
 from pool.engine.inventory import detect_gpu_ids, host_inventory, unfit_reason
+from pool.engine.modes import ColdMode, Mode, WarmMode
 from pool.engine.sandbox_spec import owner_is_alive, owner_token
 from pool.engine.tier_pool import TierPool
-from pool.model.capacity import CapacityLedger
+from pool.model.capacity import CapacityLedger, HostInventory
 from pool.model.errors import (
     BackendUnavailable,
     CapacityError,
     NoCapacity,
-    Overloaded,
     PoolError,
     SandboxError,
     TaskWithdrawn,
 )
+from pool.model.lifecycle import Fate, RetireReason
 from pool.model.results import Status, TaskResult, TaskSpec
+from pool.model.snapshots import PoolsSnapshot
 from pool.model.tasks import Execution
 from pool.settings import Settings
 
@@ -54,19 +51,23 @@ StartGate = Callable[[], Awaitable[bool]]
 class PoolManager:
     """Keeps each tier's warm containers and leases them to tasks."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, backend: ContainerBackend) -> None:
         self.settings = settings
+        self.backend = backend
         self.tiers = {tier.name: tier for tier in settings.tiers}
-        self.pools = {tier.name: TierPool(tier) for tier in settings.tiers}
-        self.backend: DockerBackend | None = None
-        self.ledger: CapacityLedger | None = None
+        # The one place the mode is looked at: from here on the mode object decides (pool/engine/modes.py).
+        self.mode: Mode = (ColdMode(self._start_for_lease) if settings.mode == "cold"
+                           else WarmMode(settings.max_waiting, engine_up=lambda: self.docker_ok, wake=self.wake))
+        self.pools = {tier.name: TierPool(tier, single_use=self.mode.single_use) for tier in settings.tiers}
+        # Nothing is held before `start` reads the host's inventory: until then no container fits.
+        self.ledger = CapacityLedger(HostInventory(cpus=0.0, ram_bytes=0))
         self.docker_ok = False
         self.image_ok = False
         self.image_labels: dict[str, dict[str, str]] = {}  # image name -> its docker labels, read at start
         self._options = CreateOptions(docker_images={spec.name: spec.docker_image for spec in settings.images},
                                       instance_id=settings.instance_id, owner=owner_token(),
                                       nofile_limit=settings.nofile_limit)
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._background = TaskOwner("pool")  # replenisher, container starts and removals
         self._wake = asyncio.Event()
         self._start_slots = asyncio.Semaphore(settings.start_concurrency)
         self._closing = False
@@ -74,7 +75,6 @@ class PoolManager:
     # lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Connect, clear orphans of dead pools, check capacity, and begin warming in the background."""
-        self.backend = await anyio.to_thread.run_sync(DockerBackend, self.settings.docker_host)
         await self._read_images()
         info = await anyio.to_thread.run_sync(self.backend.info)
         self._check_runtimes(info.runtimes)
@@ -87,7 +87,8 @@ class PoolManager:
                 log.warning("%s: its requests will be refused", pool.unfit)
         self.docker_ok = True
         await self.remove_orphans()
-        self._spawn(self._replenish_loop())
+        self._wake.set()  # warm at once rather than after the first tick
+        self._background.spawn(self._replenish_loop())
 
     async def _read_images(self) -> None:
         """Every image a tier serves must be present; their labels say what they hold (GET /v1/images)."""
@@ -117,35 +118,38 @@ class PoolManager:
                 await asyncio.sleep(0.05)
         return self.warm
 
+    def snapshot(self) -> PoolsSnapshot:
+        """Every tier, the ledger and the engine's state, frozen now."""
+        window_s = self.settings.warming.window_s
+        errors = self.backend.error_counts()
+        return PoolsSnapshot(tiers=tuple(p.snapshot(window_s) for p in self.pools.values()),
+                             capacity=self.ledger.snapshot(), warming=self.settings.warming,
+                             docker_ok=self.docker_ok, docker_api_errors=tuple(sorted(errors.items())))
+
     @property
     def warm(self) -> bool:
-        # Cold mode keeps no warm containers: there is nothing to wait for, so it is ready with Docker.
-        return self.docker_ok and (self.settings.mode == "cold" or all(p.ever_warm for p in self.pools.values()))
+        return self.docker_ok and self.mode.ready(self.pools.values())
 
     async def close(self) -> None:
         """Stop warming, then remove every container this instance started."""
         self._closing = True
         for pool in self.pools.values():
             pool.fail_waiters(BackendUnavailable("the pool is shutting down"))
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._background.close()
         handles = [h for p in self.pools.values() for h in (*p.idle, *p.busy)]
         for pool in self.pools.values():
             pool.idle.clear()
             pool.busy.clear()
-        if self.backend is not None:
-            await asyncio.gather(*(remove_container(self.backend, h) for h in handles))
+        await asyncio.gather(*(remove_container(self.backend, h) for h in handles))
+        if self.image_ok:  # the engine answered once: sweep what a failed removal may have left
             try:
                 await self._sweep_strays()
             except PoolError as exc:
                 log.warning("shutdown sweep failed: %s", exc)
-            await anyio.to_thread.run_sync(self.backend.close)
+        await anyio.to_thread.run_sync(self.backend.close)
 
     async def remove_orphans(self) -> int:
         """Remove containers labelled by pools whose owning process is gone (never a live pool's)."""
-        assert self.backend is not None
         backend = self.backend
         ours = await anyio.to_thread.run_sync(backend.list_ours)
         dead = [c for c in ours if owner_is_alive(c.labels.get("warmpool.owner", "")) is False]
@@ -156,7 +160,6 @@ class PoolManager:
 
     async def _sweep_strays(self) -> None:
         """Remove containers of this instance that no handle knows (left by a failed removal)."""
-        assert self.backend is not None
         backend = self.backend
         known = {h.container_id for p in self.pools.values() for h in (*p.idle, *p.busy)}
         ours = await anyio.to_thread.run_sync(
@@ -185,72 +188,46 @@ class PoolManager:
                                       nofile_limit=self.settings.nofile_limit)
         except BaseException:
             # Cancelled mid-task: the container's state is unknown, so it is not reused.
-            self._spawn(self._retire(handle, "cancelled"))
+            self.retire(handle, RetireReason.CANCELLED)
             raise
-        if result.status == Status.SANDBOX_ERROR and not handle.alive and self.backend is not None:
+        if result.status == Status.SANDBOX_ERROR and not handle.alive:
             result = await explain_loss(self.backend, handle, result)
-        self._spawn(self._finish(handle, spec.task_id, result))
+        self._background.spawn(self._finish(handle, spec.task_id, result))
         return Execution(result=result, tier=handle.tier, queue_ms=queue_ms, container_name=handle.name,
                          worker=self.settings.instance_id)
 
-    def _give_back(self, handle: ContainerHandle) -> None:
-        """A leased container that never received code is still clean: straight back to the pool."""
-        pool = self.pools[handle.tier.name]
-        pool.busy.discard(handle)
-        reason = "shutdown" if self._closing else "runner_lost" if not handle.alive else None
-        if reason is None and self.settings.mode == "cold":
-            reason = "cold_mode"
-        if reason is not None:
-            self._spawn(self._retire(handle, reason))
-        else:
-            pool.offer(handle)
-
     async def lease(self, tier_name: str, wait_s: float) -> ContainerHandle:
-        """An idle, verified-clean container of the tier, waiting at most `wait_s` for one."""
+        """A verified-clean container of the tier, waiting at most `wait_s` for one."""
         pool = self.pools[tier_name]
         pool.note_lease()
-        started = time.perf_counter()
-        if self.settings.mode == "cold":
-            return await self._cold_lease(pool, wait_s)
-        handle = pool.take_idle()
-        if handle is not None:
-            pool.stats.lease_wait_ms.append((time.perf_counter() - started) * 1000)
-            return handle
-        if not self.docker_ok:
-            raise BackendUnavailable("the Docker engine is not answering; retry shortly")
-        if (refusal := pool.refusal()) is not None:
-            raise refusal
-        if pool.pending_waiters() >= self.settings.max_waiting:
-            raise Overloaded(f"{self.settings.max_waiting} requests already wait for a {tier_name!r} container",
-                             retry_after_s=max(1.0, pool.stats.wait_percentile_ms(0.5) / 1000))
-        waiter: asyncio.Future[ContainerHandle] = asyncio.get_running_loop().create_future()
-        pool.waiters.append(waiter)
-        self._wake.set()
-        try:
-            async with asyncio.timeout(wait_s):
-                handle = await waiter
-        except TimeoutError:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                handle = waiter.result()
-            else:
-                waiter.cancel()
-                pool.stats.lease_timeouts += 1
-                raise NoCapacity(f"no {tier_name!r} container became free within {wait_s:g} s",
-                                 retry_after_s=pool.retry_after_s()) from None
-        finally:
-            if not waiter.done():
-                waiter.cancel()
-        pool.stats.lease_wait_ms.append((time.perf_counter() - started) * 1000)
-        return handle
+        return await self.mode.lease(pool, wait_s)
 
-    async def _cold_lease(self, pool: TierPool, wait_s: float) -> ContainerHandle:
-        """Cold mode: a fresh container per task, started on the request path (for comparison)."""
-        assert self.backend is not None and self.ledger is not None
-        deadline = time.monotonic() + wait_s
-        while pool.total >= pool.max_size:
-            if time.monotonic() > deadline:
-                raise NoCapacity(f"tier {pool.tier.name!r} is at max_size", retry_after_s=1.0)
-            await asyncio.sleep(0.01)
+    def _give_back(self, handle: ContainerHandle) -> None:
+        """A leased container that never received code needs no reset: back to the pool, unless it must go."""
+        pool = self.pools[handle.tier.name]
+        verdict = pool.after_task(handle, status=None, closing=self._closing)
+        if verdict.reason is not None:
+            self.retire(handle, verdict.reason)
+            return
+        pool.offer(handle)
+
+    async def _finish(self, handle: ContainerHandle, task_id: str, result: TaskResult) -> None:
+        """Await the runner's verified reset when the outcome allows one; return the container, or replace it."""
+        pool = self.pools[handle.tier.name]
+        pool.stats.run_times.observe(result.status.value, result.run_ms / 1000)
+        verdict = pool.after_task(handle, status=result.status, closing=self._closing)
+        if verdict.fate == Fate.RESET:
+            clean, detail = await handle.await_reset(task_id)
+            if not clean:
+                log.warning("container %s not clean after a task: %s", handle.name, detail)
+            verdict = pool.after_task(handle, status=result.status, reset_clean=clean, closing=self._closing)
+        if verdict.reason is not None:
+            await self._retire(handle, verdict.reason)
+            return
+        pool.offer(handle)
+
+    async def _start_for_lease(self, pool: TierPool) -> ContainerHandle:
+        """A container started for one lease (cold mode), on the request path."""
         try:
             gpu_ids = self.ledger.reserve(pool.tier.resources)
         except CapacityError as exc:
@@ -267,30 +244,15 @@ class PoolManager:
         pool.busy.add(handle)
         return handle
 
-    async def _finish(self, handle: ContainerHandle, task_id: str, result: TaskResult) -> None:
-        """Await the runner's verified reset; return the container, or replace it."""
-        pool = self.pools[handle.tier.name]
-        pool.stats.run_times.observe(result.status.value, result.run_ms / 1000)
-        reason = status_needs_replacement(result.status)
-        if reason is None:
-            clean, detail = await handle.await_reset(task_id)
-            if not clean:
-                log.warning("container %s not clean after a task: %s", handle.name, detail)
-                reason = "unclean_reset"
-        if reason is None and self.settings.mode == "cold":
-            reason = "cold_mode"
-        reason = reason or handle.worn_out() or pool.stale(handle) or (None if handle.alive else "runner_lost")
-        if reason is not None or self._closing:
-            await self._retire(handle, reason or "shutdown")
-            return
-        pool.busy.discard(handle)
-        pool.offer(handle)
+    # retiring --------------------------------------------------------------------------------------
+    def retire(self, handle: ContainerHandle, reason: RetireReason) -> None:
+        """Remove a container the tier no longer holds, in the background."""
+        self._background.spawn(self._retire(handle, reason))
 
-    async def _retire(self, handle: ContainerHandle, reason: str) -> None:
+    async def _retire(self, handle: ContainerHandle, reason: RetireReason) -> None:
         pool = self.pools[handle.tier.name]
         pool.forget(handle)
         pool.stats.replaced[reason] += 1
-        assert self.backend is not None and self.ledger is not None
         handle.close_channel()
         self._wake.set()
         try:
@@ -307,7 +269,7 @@ class PoolManager:
         """An idle container died (killed from outside, engine gone): replace it."""
         pool = self.pools[handle.tier.name]
         if handle in pool.idle:
-            self._spawn(self._retire(handle, "runner_lost"))
+            self.retire(handle, RetireReason.RUNNER_LOST)
 
     # warming ---------------------------------------------------------------------------------------
     async def _replenish_loop(self) -> None:
@@ -318,41 +280,35 @@ class PoolManager:
             if not self.docker_ok:
                 await self._probe_docker()
                 continue
-            self._retire_worn_idle()
             for pool in self.pools.values():
+                for handle, reason in pool.take_worn_idle():
+                    self.retire(handle, reason)
                 self.retune(pool)
                 self._start_wanted(pool)
 
     def retune(self, pool: TierPool, *, now: bool = False) -> None:
         """Set the tier's warm target from demand (pool/model/warming.py); remove the idle containers beyond it."""
-        assert self.ledger is not None
         for handle, reason in pool.retune(self.settings.warming, self.ledger.room_for(pool.tier.resources),
                                           now=now):
             self.retire(handle, reason)
-
-    def retire(self, handle: ContainerHandle, reason: str) -> None:
-        """Remove a container the tier no longer holds, in the background."""
-        self._spawn(self._retire(handle, reason))
 
     def wake(self) -> None:
         """Have the replenisher look at every tier now rather than at its next tick."""
         self._wake.set()
 
     def _start_wanted(self, pool: TierPool) -> None:
-        assert self.ledger is not None
-        if self.settings.mode == "cold" or time.monotonic() < pool.retry_at_s:
+        if time.monotonic() < pool.retry_at_s:
             return
-        for _ in range(pool.starts_wanted()):
+        for _ in range(self.mode.starts_wanted(pool)):
             try:
                 gpu_ids = self.ledger.reserve(pool.tier.resources)
             except CapacityError as exc:
                 log.debug("tier %s cannot grow: %s", pool.tier.name, exc)
                 return
             pool.starting += 1
-            self._spawn(self._start_one(pool, gpu_ids))
+            self._background.spawn(self._start_one(pool, gpu_ids))
 
     async def _start_one(self, pool: TierPool, gpu_ids: tuple[str, ...]) -> None:
-        assert self.backend is not None and self.ledger is not None
         try:
             async with self._start_slots:
                 handle = await start_container(self.backend, pool.tier, self._options, gpu_ids)
@@ -388,7 +344,6 @@ class PoolManager:
             pool.fail_waiters(BackendUnavailable("the Docker engine is not answering; retry shortly"))
 
     async def _probe_docker(self) -> None:
-        assert self.backend is not None
         try:
             await anyio.to_thread.run_sync(self.backend.ping)
             await self._sweep_strays()
@@ -397,21 +352,3 @@ class PoolManager:
         log.info("Docker engine is back; warming again")
         self.docker_ok = True
         self._wake.set()
-
-    def _retire_worn_idle(self) -> None:
-        for pool in self.pools.values():
-            for handle in list(pool.idle):
-                reason = handle.worn_out() or (None if handle.alive else "runner_lost")
-                if reason is not None:
-                    pool.forget(handle)
-                    self._spawn(self._retire(handle, reason))
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("pool background task failed", exc_info=task.exception())

@@ -12,15 +12,8 @@ import os
 import socket
 from typing import Any
 
-from pool.engine.docker_backend import (
-    INSTANCE_LABEL,
-    OWNER_LABEL,
-    POOL_LABEL,
-    TIER_LABEL,
-    gpu_device_requests,
-    no_logging,
-    ulimits,
-)
+from pool.engine.backend import INSTANCE_LABEL, OWNER_LABEL, POOL_LABEL, TIER_LABEL
+from pool.engine.docker_backend import gpu_device_requests, no_logging, ulimits
 from pool.model.tiers import Tier
 
 RUNNER_CAPABILITIES = ("SETUID", "SETGID", "KILL")

@@ -9,7 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pool.engine.container import ContainerHandle
+from pool.model.backoff import Backoff
 from pool.model.errors import NoCapacity, NoTierFits, PoolError
+from pool.model.lifecycle import ContainerState, RetireReason, ReusePolicy, Verdict, after_task, while_idle
+from pool.model.results import Status
+from pool.model.snapshots import TierCounters, TierSnapshot
 from pool.model.stats import RunTimes, WaitSamples
 from pool.model.tiers import Tier
 from pool.model.warming import Demand, WarmingPolicy, idle_to_remove, warm_target
@@ -36,8 +40,9 @@ class TierStats:
 class TierPool:
     """One tier's containers. Only the manager changes it, always on the event loop."""
 
-    def __init__(self, tier: Tier, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, tier: Tier, clock: Callable[[], float] = time.monotonic, *, single_use: bool = False) -> None:
         self.tier = tier
+        self.reuse = ReusePolicy(max_uses=tier.max_uses, max_age_s=tier.max_age_s, single_use=single_use)
         self._clock = clock  # monotonic seconds; tests pass their own
         self.min_idle = tier.min_idle
         self.max_size = tier.max_size
@@ -50,7 +55,7 @@ class TierPool:
         self.ever_warm = tier.min_idle == 0
         self.demand = Demand()
         self.drained_at_s = 0.0  # containers created before this (monotonic) are replaced when they return
-        self.start_failures = 0  # consecutive; reset by a successful start
+        self.start_backoff = Backoff(first_s=0.5, max_s=START_BACKOFF_MAX_S)  # consecutive start failures
         self.retry_at_s = 0.0  # no start before this (monotonic) after failures
         self.last_start_error: str | None = None
         self.unfit: NoTierFits | None = None  # set when the host can never hold one of its containers
@@ -60,6 +65,23 @@ class TierPool:
     @property
     def total(self) -> int:
         return len(self.idle) + len(self.busy) + self.starting
+
+    def snapshot(self, window_s: float) -> TierSnapshot:
+        """The tier now: sizes, live counts, counters since start (the one builder of a tier's view)."""
+        stats = self.stats
+        counters = TierCounters(
+            created=stats.created, replaced=tuple(sorted(stats.replaced.items())),
+            leases=stats.leases, lease_timeouts=stats.lease_timeouts,
+            lease_wait_p50_ms=stats.wait_percentile_ms(0.50), lease_wait_p95_ms=stats.wait_percentile_ms(0.95),
+            lease_rate_per_s=self.demand.rate_per_s(self._clock(), window_s),
+            typical_hold_ms=self.demand.typical_hold_s() * 1000,
+            start_failures=stats.start_failures, last_start_error=self.last_start_error,
+            unfit=None if self.unfit is None else self.unfit.message,
+            gpus_in_use=tuple(sorted(g for h in (*self.idle, *self.busy) for g in h.gpu_ids)),
+            lease_wait=stats.lease_wait_ms.histogram.snapshot(), run_times=stats.run_times.snapshot())
+        return TierSnapshot(tier=self.tier, min_idle=self.min_idle, max_size=self.max_size,
+                            target_idle=self.target_idle, idle=len(self.idle), busy=len(self.busy),
+                            starting=self.starting, waiting=self.pending_waiters(), counters=counters)
 
     def pending_waiters(self) -> int:
         return sum(1 for w in self.waiters if not w.done())
@@ -122,17 +144,28 @@ class TierPool:
             if not waiter.done():
                 waiter.set_exception(exc)
 
+    # lifecycle (pool/model/lifecycle.py decides) ---------------------------------------------------
+    def state_of(self, handle: ContainerHandle, *, closing: bool = False) -> ContainerState:
+        return ContainerState(alive=handle.alive, uses=handle.uses, age_s=handle.age_s,
+                              drained=handle.created_at < self.drained_at_s, over_max_size=self.total > self.max_size,
+                              closing=closing)
+
+    def after_task(self, handle: ContainerHandle, *, status: Status | None, reset_clean: bool | None = None,
+                   closing: bool = False) -> Verdict:
+        """The fate of a leased container coming back (see `lifecycle.after_task`)."""
+        return after_task(self.reuse, self.state_of(handle, closing=closing), status=status, reset_clean=reset_clean)
+
+    def take_worn_idle(self) -> list[tuple[ContainerHandle, RetireReason]]:
+        """Take out (and return, with why) the idle containers that wore out or died."""
+        worn = [(h, reason) for h in self.idle if (reason := while_idle(self.reuse, self.state_of(h))) is not None]
+        for handle, _ in worn:
+            self.forget(handle)
+        return worn
+
     # sizing ----------------------------------------------------------------------------------------
-    def stale(self, handle: ContainerHandle) -> str | None:
-        """Why a returning container must go although it is clean: a drain, or a max_size lowered."""
-        if handle.created_at < self.drained_at_s:
-            return "drained"
-        if self.total > self.max_size:
-            return "scaled_down"
-        return None
 
     def retune(self, policy: WarmingPolicy, ledger_room: int, *,
-               now: bool = False) -> list[tuple[ContainerHandle, str]]:
+               now: bool = False) -> list[tuple[ContainerHandle, RetireReason]]:
         """Set target_idle from demand; take out (and return, with why) the idle containers to remove.
 
         `ledger_room` is how many more containers of this tier the host ledger could hold now.
@@ -152,7 +185,7 @@ class TierPool:
         doomed = least_recent_first[:count]
         for handle in doomed:
             self.forget(handle)
-        return [(h, "drained") for h in drained] + [(h, "scaled_down") for h in doomed]
+        return [(h, RetireReason.DRAINED) for h in drained] + [(h, RetireReason.SCALED_DOWN) for h in doomed]
 
     def take_all_idle(self) -> list[ContainerHandle]:
         handles = list(self.idle)
@@ -161,11 +194,15 @@ class TierPool:
         return handles
 
     # start failures --------------------------------------------------------------------------------
+    @property
+    def start_failures(self) -> int:
+        """Consecutive failed starts; a successful start resets them."""
+        return self.start_backoff.failures
+
     def start_failed(self, message: str) -> float:
         """Back off this tier's starts (exponentially); fail its waiters if nothing else can serve them."""
         self.stats.start_failures += 1
-        self.start_failures += 1
-        backoff_s = min(START_BACKOFF_MAX_S, 0.25 * 2 ** self.start_failures)
+        backoff_s = self.start_backoff.next_s()
         self.retry_at_s = self._clock() + backoff_s
         self.last_start_error = message
         if self.total == 0:
@@ -173,7 +210,7 @@ class TierPool:
         return backoff_s
 
     def start_succeeded(self) -> None:
-        self.start_failures = 0
+        self.start_backoff.reset()
         self.retry_at_s = 0.0
         self.last_start_error = None
 

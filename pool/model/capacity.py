@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from pool.model.errors import CapacityError
 from pool.model.resources import Resources, format_bytes
+from pool.model.snapshots import CapacitySnapshot
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,13 @@ class CapacityLedger:
         self.cpu_held = 0.0
         self.ram_held_bytes = 0
         self.gpus_free: list[str] = list(inventory.gpu_ids)
+
+    def snapshot(self) -> CapacitySnapshot:
+        inventory = self.inventory
+        return CapacitySnapshot(cpus=inventory.cpus, cpu_overcommit=inventory.cpu_overcommit,
+                                cpu_budget=inventory.cpu_budget, cpu_held=self.cpu_held,
+                                ram_bytes=inventory.ram_bytes, ram_held_bytes=self.ram_held_bytes,
+                                gpu_ids=inventory.gpu_ids, gpus_free=tuple(sorted(self.gpus_free)))
 
     def check_fits(self, resources: Resources, count: int = 1) -> None:
         """Raise CapacityError naming the dimension when `count` more containers would not fit."""

@@ -3,7 +3,9 @@
     PoolError
     ├── InvalidRequest          a request field is malformed (names the field)
     │   └── NoTierFits          no tier can ever cover the request (names the dimension)
+    ├── UnknownTier             no tier has that name (admin routes)
     ├── CapacityError           the host ledger cannot hold what was asked (admin sizing)
+    ├── NotSupported            this mode cannot do that (yet): admin of the pools in scale-out mode
     ├── NoCapacity              no container could be leased in time (retry later)
     │   └── Overloaded          too many tasks already wait for the tier (refused at once; HTTP 429)
     ├── BackendUnavailable      Docker (or Redis) does not answer (retry later)
@@ -34,8 +36,16 @@ class NoTierFits(InvalidRequest):
     """No configured tier can ever cover the request in `field` (e.g. ``resources.gpu``)."""
 
 
+class UnknownTier(PoolError):
+    """No configured tier has the name asked for; the message lists the names."""
+
+
 class CapacityError(PoolError):
     """What was asked does not fit the host's capacity ledger; the message gives the reason."""
+
+
+class NotSupported(PoolError):
+    """What was asked is not available in this mode (e.g. sizing pools that live on remote workers)."""
 
 
 class NoCapacity(PoolError):

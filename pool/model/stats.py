@@ -10,6 +10,8 @@ import bisect
 import collections
 from dataclasses import dataclass, field
 
+from pool.model.snapshots import HistogramSnapshot
+
 # Upper bounds in seconds, Prometheus-style (an implicit +Inf bucket follows the last one).
 LEASE_WAIT_BOUNDS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 RUN_TIME_BOUNDS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -42,6 +44,9 @@ class Histogram:
             running += n
             out.append((bound, running))
         return out
+
+    def snapshot(self) -> HistogramSnapshot:
+        return HistogramSnapshot(buckets=tuple(self.cumulative()), sum_s=self.sum_s)
 
 
 class WaitSamples:
@@ -77,3 +82,6 @@ class RunTimes:
         if histogram is None:
             histogram = self.by_status[status] = Histogram(RUN_TIME_BOUNDS_S)
         histogram.observe(run_s)
+
+    def snapshot(self) -> tuple[tuple[str, HistogramSnapshot], ...]:
+        return tuple((status, h.snapshot()) for status, h in sorted(self.by_status.items()))

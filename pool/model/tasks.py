@@ -9,6 +9,11 @@ from pool.model.errors import PoolError
 from pool.model.results import TaskResult
 from pool.model.tiers import Tier
 
+# The runner enforces the task's deadline itself; the host waits this much longer before it calls the
+# container broken (a runner that cannot answer in time is replaced, and the task is a sandbox_error).
+# Scale-out waiters and a stopping worker allow for it too.
+RESULT_GRACE_S = 5.0
+
 
 @dataclass(frozen=True)
 class Execution:

@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from pool.engine.manager import PoolManager
+from pool.model.snapshots import PoolsSnapshot, TierSnapshot
 from pool.model.tiers import Tier
 
 log = logging.getLogger(__name__)
@@ -33,13 +33,14 @@ class WorkerBeat:
     images: dict[str, dict[str, str]] = field(default_factory=dict)  # image name -> its warmpool.image.* labels
 
 
-def beat_json(worker_id: str, manager: PoolManager, inflight: dict[str, int]) -> str:
-    tiers = {name: {**p.tier.describe(), "min_idle": p.min_idle, "max_size": p.max_size, "idle": len(p.idle),
-                    "busy": len(p.busy), "starting": p.starting, "inflight": inflight.get(name, 0)}
-             for name, p in manager.pools.items()}
+def beat_json(worker_id: str, pools: PoolsSnapshot, inflight: dict[str, int],
+              image_labels: dict[str, dict[str, str]] | None = None) -> str:
+    """A worker's heartbeat: each tier as every view shows it, plus the tasks it has in hand, and what its
+    engine's images hold (their warmpool.image.* labels, for GET /v1/images)."""
+    tiers = {s.name: {**s.as_dict(), "inflight": inflight.get(s.name, 0)} for s in pools.tiers}
     images = {name: {k: v for k, v in labels.items() if k.startswith("warmpool.image.")}
-              for name, labels in manager.image_labels.items()}
-    return json.dumps({"id": worker_id, "host": socket.gethostname(), "docker_ok": manager.docker_ok,
+              for name, labels in (image_labels or {}).items()}
+    return json.dumps({"id": worker_id, "host": socket.gethostname(), "docker_ok": pools.docker_ok,
                        "tiers": tiers, "images": images}, separators=(",", ":"))
 
 
@@ -82,12 +83,13 @@ class ClusterView:
         """An image's labels as a live worker read them from its engine (None when no worker has it)."""
         return next((w.images[name] for w in self.workers.values() if name in w.images), None)
 
-    def tier_rows(self, tiers: tuple[Tier, ...]) -> list[dict[str, Any]]:
+    def tier_snapshots(self, tiers: tuple[Tier, ...]) -> tuple[TierSnapshot, ...]:
         """Each of our tiers with its counts summed over the live workers that serve it."""
         rows = []
         for tier in tiers:
             serving = self.serving(tier.name)
-            counts = {k: sum(int(w.tiers[tier.name].get(k, 0)) for w in serving) for k in _COUNTS}
-            rows.append({**tier.describe(), **counts, "workers": len(serving),
-                         "queued": self.queued.get(tier.name, 0)})
-        return rows
+            min_idle, max_size, idle, busy, starting = (
+                sum(int(w.tiers[tier.name].get(k, 0)) for w in serving) for k in _COUNTS)
+            rows.append(TierSnapshot(tier=tier, min_idle=min_idle, max_size=max_size, idle=idle, busy=busy,
+                                     starting=starting, workers=len(serving), queued=self.queued.get(tier.name, 0)))
+        return tuple(rows)

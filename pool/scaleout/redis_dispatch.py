@@ -17,15 +17,16 @@ import time
 from typing import Any, cast
 
 from pool.background import TaskOwner
-from pool.engine.container import RESULT_GRACE_S
-from pool.model.errors import BackendUnavailable, NoCapacity, Overloaded, ResultEvicted
+from pool.model.backoff import Backoff
+from pool.model.errors import BackendUnavailable, NoCapacity, NotSupported, Overloaded, ResultEvicted
 from pool.model.images import describe
 from pool.model.result_bounds import pending_bytes, refusal
 from pool.model.results import TaskSpec
-from pool.model.tasks import Execution, TaskState, TaskView
+from pool.model.snapshots import AdminView, Drained, Resized, TierSnapshot
+from pool.model.tasks import RESULT_GRACE_S, Execution, TaskState, TaskView
 from pool.scaleout.membership import BEATS_TO_DEATH, ClusterView, parse_beat
 from pool.scaleout.redis_io import Held, Keys, Refusal, Scripts, connect, redis_errors
-from pool.scaleout.task_codec import MalformedEntry, Outcome, spec_fields
+from pool.scaleout.task_codec import MalformedEntry, Outcome, StreamEntry
 from pool.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ START_SLACK_S = 1.0  # beyond the lease wait, for a worker to read the task and 
 REPLY_SLACK_S = 2.0  # beyond timeout + grace: the hops and the worker's own bookkeeping
 ABANDONED_TTL_MS = 60_000
 MAX_BACKOFF_S = 2.0
+ADMIN_NOT_SUPPORTED = "this process runs no pool of its own to see or size (scale-out mode: the pools are the workers')"
 
 
 def pending_ttl_ms(settings: Settings) -> int:
@@ -104,18 +106,18 @@ class RedisDispatcher:
 
     async def _submit(self, tier_name: str, spec: TaskSpec, *, kind: str, owner: str, reply_to: str,
                       lease_wait_s: float, held: Held | None = None) -> None:
-        now = repr(time.time())
+        now = time.time()
         # The API's result TTL, results bound and the request's container wait travel with the task: the
         # worker applies them.
-        entry = {**spec_fields(spec), "reply_to": reply_to, "submitted_unix": now,
-                 "result_ttl_ms": str(int(self.settings.result_ttl_s * 1000)), "lease_wait_s": repr(lease_wait_s),
-                 "max_result_bytes": str(self.settings.max_result_bytes if held else 0)}
-        record = {"state": "queued", "kind": kind, "tier": tier_name, "owner": owner, "submitted_unix": now}
+        entry = StreamEntry(spec=spec, reply_to=reply_to, submitted_unix=now,
+                            result_ttl_ms=int(self.settings.result_ttl_s * 1000), lease_wait_s=lease_wait_s,
+                            max_result_bytes=self.settings.max_result_bytes if held else 0)
+        record = {"state": "queued", "kind": kind, "tier": tier_name, "owner": owner, "submitted_unix": repr(now)}
         with redis_errors("queue the task"):
             added = await self.scripts.submit(self.keys.stream(tier_name), self.keys.task(spec.task_id),
                                               max_len=self.settings.max_queued,
                                               pending_ttl_ms=pending_ttl_ms(self.settings),
-                                              entry=entry, record=record, held=held)
+                                              entry=entry.to_fields(), record=record, held=held)
         if isinstance(added, Refusal):
             raise _refused(added, self.settings)
         if added is None:
@@ -181,9 +183,9 @@ class RedisDispatcher:
 
     # replies ---------------------------------------------------------------------------------------
     async def _reply_loop(self) -> None:
-        backoff_s = 0.1
+        backoff = Backoff(max_s=MAX_BACKOFF_S)
         lost_contact = False
-        while True:
+        while not self._background.closing:  # also ends a loop whose cancellation redis-py swallowed
             try:
                 with redis_errors("read replies"):
                     popped = cast(list[str] | None, await self.blocking.blpop([self.reply_key], timeout=REPLY_BLOCK_S))
@@ -199,10 +201,9 @@ class RedisDispatcher:
                 if not lost_contact:
                     log.warning("%s", exc)
                 lost_contact = True
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)
+                await asyncio.sleep(backoff.next_s())
                 continue
-            backoff_s = 0.1
+            backoff.reset()
 
     def _deliver(self, raw: str) -> None:
         try:
@@ -236,7 +237,7 @@ class RedisDispatcher:
                              retry_after_s=self.settings.heartbeat_s * BEATS_TO_DEATH)
 
     async def _cluster_loop(self) -> None:
-        while True:
+        while not self._background.closing:  # also ends a loop whose cancellation redis-py swallowed
             await asyncio.sleep(min(self.settings.heartbeat_s, 1.0))
             await self._refresh_cluster()
 
@@ -266,8 +267,8 @@ class RedisDispatcher:
         self.cluster.redis_ok = True
         self.cluster.check_tiers(self.settings.tiers)
 
-    async def tiers(self) -> list[dict[str, Any]]:
-        return self.cluster.tier_rows(self.settings.tiers)
+    async def tiers(self) -> tuple[TierSnapshot, ...]:
+        return self.cluster.tier_snapshots(self.settings.tiers)
 
     async def images(self) -> list[dict[str, Any]]:
         # Workers report what their engines hold; before any has, the catalogue's own entry is the answer.
@@ -281,3 +282,15 @@ class RedisDispatcher:
             self.cluster.redis_ok = False
         return {"redis": self.cluster.redis_ok, "workers": bool(self.cluster.workers)}
 
+    async def figures(self) -> None:
+        return None  # this process holds no pool; each worker's own figures are its own
+
+    # admin: the pools live on the workers; sizing them from here is the cluster admin's job (not built yet)
+    async def pools(self) -> AdminView:
+        raise NotSupported(ADMIN_NOT_SUPPORTED)
+
+    async def resize(self, tier_name: str, min_idle: int | None, max_size: int | None) -> Resized:
+        raise NotSupported(ADMIN_NOT_SUPPORTED)
+
+    async def drain(self, tier_name: str) -> Drained:
+        raise NotSupported(ADMIN_NOT_SUPPORTED)

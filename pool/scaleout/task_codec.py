@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,28 +31,88 @@ class MalformedEntry(ValueError):
     """A stream entry or outcome that is not one of ours (or from an incompatible version)."""
 
 
-def spec_fields(spec: TaskSpec) -> dict[str, str]:
-    fields = {"id": spec.task_id, "code": spec.code, "stdin": spec.stdin, "timeout_s": repr(spec.timeout_s),
-              "output_limit_bytes": str(spec.output_limit_bytes),
-              "max_output_files_bytes": str(spec.max_output_files_bytes)}
-    if spec.files:
-        fields["files"] = json.dumps([{"path": f.path, "content": base64.b64encode(f.content).decode("ascii")}
-                                      for f in spec.files])
-    if spec.outputs:
-        fields["outputs"] = json.dumps(list(spec.outputs))
-    return fields
+@dataclass(frozen=True)
+class StreamEntry:
+    """A task as it travels on its tier's stream: what a worker needs to run it and to answer it.
+
+    Written by the API (`to_fields`) and read by the worker (`from_fields`), here only; a field that is
+    missing or does not parse is a MalformedEntry naming it (the worker drops such an entry)."""
+
+    spec: TaskSpec
+    reply_to: str  # the submitting API's reply list; "" for an async task (its outcome stays in its hash)
+    submitted_unix: float  # the API's clock at submission
+    result_ttl_ms: int  # how long the outcome of an async task is kept (the API's setting)
+    lease_wait_s: float  # the request's wait for a container (its max_wait_ms, within the lease timeout)
+    max_result_bytes: int = 0  # an async task's bound on a stored result (the API's setting); 0: none
+
+    def to_fields(self) -> dict[str, str]:
+        spec = self.spec
+        fields = {"id": spec.task_id, "code": spec.code, "stdin": spec.stdin, "timeout_s": repr(spec.timeout_s),
+                  "output_limit_bytes": str(spec.output_limit_bytes), "reply_to": self.reply_to,
+                  "submitted_unix": repr(self.submitted_unix), "result_ttl_ms": str(self.result_ttl_ms),
+                  "lease_wait_s": repr(self.lease_wait_s), "max_result_bytes": str(self.max_result_bytes),
+                  "max_output_files_bytes": str(spec.max_output_files_bytes)}
+        if spec.files:  # JSON, content as base64: stream fields are text
+            fields["files"] = json.dumps([{"path": f.path, "content": base64.b64encode(f.content).decode("ascii")}
+                                          for f in spec.files])
+        if spec.outputs:
+            fields["outputs"] = json.dumps(list(spec.outputs))
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, str]) -> StreamEntry:
+        task_id = _text(fields, "id")
+        if not task_id:
+            raise MalformedEntry("bad task entry: 'id' is empty")
+        spec = TaskSpec(task_id=task_id, code=_text(fields, "code"), stdin=fields.get("stdin", ""),
+                        timeout_s=_number(fields, "timeout_s", positive=True),
+                        output_limit_bytes=int(_number(fields, "output_limit_bytes", positive=True, whole=True)),
+                        files=_files(fields), outputs=_outputs(fields),
+                        max_output_files_bytes=int(_number(fields, "max_output_files_bytes", whole=True))
+                        if "max_output_files_bytes" in fields else DEFAULT_OUTPUT_FILES_BYTES)
+        return cls(spec=spec, reply_to=fields.get("reply_to", ""),
+                   submitted_unix=_number(fields, "submitted_unix"),
+                   result_ttl_ms=int(_number(fields, "result_ttl_ms", positive=True, whole=True)),
+                   lease_wait_s=_number(fields, "lease_wait_s"),
+                   max_result_bytes=int(_number(fields, "max_result_bytes", whole=True)))
 
 
-def spec_from_fields(fields: dict[str, str]) -> TaskSpec:
+def _files(fields: Mapping[str, str]) -> tuple[InputFile, ...]:
     try:
-        files = tuple(InputFile(path=str(f["path"]), content=base64.b64decode(f["content"], validate=True))
-                      for f in json.loads(fields.get("files", "[]")))
-        return TaskSpec(task_id=fields["id"], code=fields["code"], stdin=fields.get("stdin", ""),
-                        timeout_s=float(fields["timeout_s"]), output_limit_bytes=int(fields["output_limit_bytes"]),
-                        files=files, outputs=tuple(str(p) for p in json.loads(fields.get("outputs", "[]"))),
-                        max_output_files_bytes=int(fields.get("max_output_files_bytes", DEFAULT_OUTPUT_FILES_BYTES)))
-    except (KeyError, ValueError, TypeError, binascii.Error) as exc:
-        raise MalformedEntry(f"bad task entry: {exc!r}") from exc
+        return tuple(InputFile(path=str(f["path"]), content=base64.b64decode(f["content"], validate=True))
+                     for f in json.loads(fields.get("files", "[]")))
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise MalformedEntry(f"bad task entry: files: {exc!r}") from None
+
+
+def _outputs(fields: Mapping[str, str]) -> tuple[str, ...]:
+    try:
+        patterns = json.loads(fields.get("outputs", "[]"))
+    except ValueError as exc:
+        raise MalformedEntry(f"bad task entry: outputs: {exc!r}") from None
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise MalformedEntry("bad task entry: outputs must be a list of strings")
+    return tuple(patterns)
+
+
+def _text(fields: Mapping[str, str], name: str) -> str:
+    try:
+        return str(fields[name])
+    except KeyError:
+        raise MalformedEntry(f"bad task entry: no {name!r}") from None
+
+
+def _number(fields: Mapping[str, str], name: str, *, positive: bool = False, whole: bool = False) -> float:
+    """A finite number at least 0 (above 0 when `positive`; an integer when `whole`), or MalformedEntry."""
+    raw = _text(fields, name)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise MalformedEntry(f"bad task entry: {name}={raw!r} is not a number") from None
+    if not math.isfinite(value) or value < 0 or (positive and value == 0) or (whole and value != int(value)):
+        kind = "a whole number" if whole else "a finite number"
+        raise MalformedEntry(f"bad task entry: {name}={raw!r} is not {kind} {'above' if positive else 'at least'} 0")
+    return value
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,12 @@ from typing import cast
 import redis.exceptions
 
 from pool.background import TaskOwner
-from pool.engine.container import RESULT_GRACE_S
+from pool.engine.backend import ContainerBackend
+from pool.engine.docker_backend import DockerBackend
 from pool.engine.manager import PoolManager
+from pool.model.backoff import Backoff
 from pool.model.errors import BackendUnavailable, InvalidRequest, PoolError
+from pool.model.tasks import RESULT_GRACE_S
 from pool.scaleout.membership import BEATS_TO_DEATH, beat_json
 from pool.scaleout.redis_io import GROUP, Keys, Scripts, connect, is_nogroup, redis_errors
 from pool.scaleout.worker_tasks import TaskHandler
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 
 READ_BLOCK_S = 2.0
 READ_BACKOFF_S = 0.1
+MAX_READ_BACKOFF_S = 2.0
 PRUNE_EVERY_ROUNDS = 20
 WARM_WAIT_S = 120.0
 
@@ -51,7 +55,7 @@ WARM_WAIT_S = 120.0
 class Worker:
     """Reads the tiers it serves, runs each task on its own `PoolManager`, and reports the outcome."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, backend: ContainerBackend) -> None:
         assert settings.redis_url
         known = [t.name for t in settings.tiers]
         served = settings.worker_tiers or tuple(known)
@@ -60,7 +64,7 @@ class Worker:
             raise InvalidRequest("WARMPOOL_WORKER_TIERS", f"unknown tiers {unknown}; the tiers are {known}")
         self.settings = dataclasses.replace(settings, tiers=tuple(t for t in settings.tiers if t.name in served))
         self.worker_id = settings.instance_id
-        self.pool = PoolManager(self.settings)
+        self.pool = PoolManager(self.settings, backend)
         self.keys = Keys(settings.redis_prefix)
         self.redis = connect(settings.redis_url)
         self.blocking = connect(settings.redis_url, blocking_s=READ_BLOCK_S)
@@ -129,8 +133,8 @@ class Worker:
     # loops -----------------------------------------------------------------------------------------
     async def _read_loop(self, tier_name: str) -> None:
         stream = self.keys.stream(tier_name)
-        backoff_s = READ_BACKOFF_S
-        while True:
+        backoff = Backoff(first_s=READ_BACKOFF_S, max_s=MAX_READ_BACKOFF_S)
+        while not self._loops.closing:  # see TaskOwner.close
             if not self.pool.docker_ok:  # our engine is down: leave the tasks to workers that can run them
                 await asyncio.sleep(0.5)
                 continue
@@ -150,13 +154,12 @@ class Worker:
                         await self._ensure_group(tier_name)
                         continue
             except BackendUnavailable as exc:
-                (log.warning if backoff_s == READ_BACKOFF_S else log.debug)("%s; retrying", exc)
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(2.0, backoff_s * 2)
+                (log.debug if backoff.failing else log.warning)("%s; retrying", exc)
+                await asyncio.sleep(backoff.next_s())
                 continue
-            if backoff_s != READ_BACKOFF_S:
+            if backoff.failing:
                 log.info("reading tier %s from Redis again", tier_name)
-            backoff_s = READ_BACKOFF_S
+            backoff.reset()
             for _stream, entries in cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply or []):
                 for entry_id, fields in entries:
                     self._take(tier_name, entry_id, fields, claimed=False)
@@ -165,7 +168,7 @@ class Worker:
         """Take over entries that stayed idle past the visibility timeout: their worker is gone."""
         min_idle_ms = int(self.settings.visibility_timeout_s * 1000)
         rounds = 0
-        while True:
+        while not self._loops.closing:  # see TaskOwner.close
             await asyncio.sleep(self.settings.visibility_timeout_s / 2)
             rounds += 1
             if not self.pool.docker_ok:
@@ -198,7 +201,7 @@ class Worker:
     async def _keep_claimed_loop(self) -> None:
         """Re-claim our in-hand entries to ourselves (resets their idle time) so no one takes them over."""
         interval_s = max(0.1, min(1.0, self.settings.visibility_timeout_s / 4))
-        while True:
+        while not self._keeper.closing:  # see TaskOwner.close
             await asyncio.sleep(interval_s)
             for tier_name, entries in self.inflight.items():
                 if not entries:
@@ -211,7 +214,7 @@ class Worker:
                     log.debug("%s", exc)
 
     async def _heartbeat_loop(self) -> None:
-        while True:
+        while not self._loops.closing:  # see TaskOwner.close
             await asyncio.sleep(self.settings.heartbeat_s)
             try:
                 await self._beat()
@@ -221,9 +224,10 @@ class Worker:
     async def _beat(self) -> None:
         inflight = {name: len(entries) for name, entries in self.inflight.items()}
         ttl_ms = int(self.settings.heartbeat_s * BEATS_TO_DEATH * 1000)
+        beat = beat_json(self.worker_id, self.pool.snapshot(), inflight, self.pool.image_labels)
         with redis_errors("send a heartbeat"):
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.set(self.keys.worker(self.worker_id), beat_json(self.worker_id, self.pool, inflight), px=ttl_ms)
+                pipe.set(self.keys.worker(self.worker_id), beat, px=ttl_ms)
                 pipe.sadd(self.keys.workers, self.worker_id)
                 await pipe.execute()
 
@@ -258,7 +262,7 @@ class Worker:
 
 async def run(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT, then shut down cleanly."""
-    worker = Worker(settings)
+    worker = Worker(settings, DockerBackend(settings.docker_host))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -15,10 +15,11 @@ from typing import cast
 import redis.asyncio as aioredis
 
 from pool.engine.manager import PoolManager
+from pool.model.backoff import Backoff
 from pool.model.errors import BackendUnavailable, PoolError, TaskWithdrawn
 from pool.model.tasks import Execution
 from pool.scaleout.redis_io import GROUP, Keys, Scripts, redis_errors
-from pool.scaleout.task_codec import MalformedEntry, Outcome, spec_from_fields, worker_lost
+from pool.scaleout.task_codec import MalformedEntry, Outcome, StreamEntry, worker_lost
 from pool.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,21 +43,25 @@ class TaskHandler:
 
     async def handle(self, tier_name: str, entry_id: str, fields: dict[str, str], *, claimed: bool) -> None:
         """Run the entry's task (or answer it, for a claimed one that had started) and store the outcome."""
-        stream, task_key = self.keys.stream(tier_name), self.keys.task(fields.get("id", ""))
+        stream = self.keys.stream(tier_name)
         try:
-            if claimed and not await self._claimed_needs_run(tier_name, entry_id, fields):
+            try:
+                entry = StreamEntry.from_fields(fields)
+            except MalformedEntry as exc:
+                log.error("dropping entry %s of %s: %s", entry_id, stream, exc)
+                with redis_errors("drop a malformed entry"):
+                    await self.scripts.forget(self.keys.task(fields.get("id", "")), stream, entry_id)
                 return
-            await self._run(tier_name, entry_id, fields)
-        except MalformedEntry as exc:
-            log.error("dropping entry %s of %s: %s", entry_id, stream, exc)
-            with redis_errors("drop a malformed entry"):
-                await self.scripts.forget(task_key, stream, entry_id)
+            if claimed and not await self._claimed_needs_run(tier_name, entry_id, entry):
+                return
+            await self._run(tier_name, entry_id, entry)
         except BackendUnavailable as exc:
             # Redis failed us, not Docker: the entry stays pending and is claimed again once Redis is back.
             log.warning("task entry %s left pending: %s", entry_id, exc)
 
-    async def _claimed_needs_run(self, tier_name: str, entry_id: str, fields: dict[str, str]) -> bool:
-        stream, task_key = self.keys.stream(tier_name), self.keys.task(fields.get("id", ""))
+    async def _claimed_needs_run(self, tier_name: str, entry_id: str, entry: StreamEntry) -> bool:
+        task_id = entry.spec.task_id
+        stream, task_key = self.keys.stream(tier_name), self.keys.task(task_id)
         with redis_errors("inspect a claimed task"):
             state, owner = cast(list[str | None], await self.redis.hmget(task_key, ["state", "worker"]))
             if state == "queued":
@@ -68,16 +73,15 @@ class TaskHandler:
                 # Its worker still beats (it was only slow to re-claim): hand the entry back.
                 await self.redis.xclaim(stream, GROUP, owner, 0, [entry_id], justid=True)
                 return False
-        submitted = _float(fields.get("submitted_unix"))
-        total_ms = max(0.0, time.time() - submitted) * 1000
-        log.warning("task %s was running on lost worker %s: answering sandbox_error", fields.get("id"), owner)
-        await self._finalize(tier_name, entry_id, fields, worker_lost(
-            fields.get("id", ""), self.worker_id, self.pool.tiers[tier_name], owner or "?", 0.0, total_ms))
+        total_ms = max(0.0, time.time() - entry.submitted_unix) * 1000
+        log.warning("task %s was running on lost worker %s: answering sandbox_error", task_id, owner)
+        await self._finalize(tier_name, entry_id, entry, worker_lost(
+            task_id, self.worker_id, self.pool.tiers[tier_name], owner or "?", 0.0, total_ms))
         self.on_peer_lost()
         return False
 
-    async def _run(self, tier_name: str, entry_id: str, fields: dict[str, str]) -> None:
-        spec = spec_from_fields(fields)
+    async def _run(self, tier_name: str, entry_id: str, entry: StreamEntry) -> None:
+        spec = entry.spec
         stream, task_key = self.keys.stream(tier_name), self.keys.task(spec.task_id)
         verdict = ""
         started_unix = 0.0
@@ -96,8 +100,7 @@ class TaskHandler:
         execution: Execution | None = None
         error: PoolError | None = None
         try:
-            asked = fields.get("lease_wait_s")  # the request's max_wait_ms, 0 included
-            wait_s = min(self.settings.lease_timeout_s, _float(asked) if asked else self.settings.lease_timeout_s)
+            wait_s = min(self.settings.lease_timeout_s, entry.lease_wait_s)  # the request's max_wait_ms, 0 included
             execution = await self.pool.execute(tier_name, spec, wait_s=wait_s, start_gate=mark_running)
         except TaskWithdrawn:
             if verdict != "running":  # "running": another worker holds it now; not ours to acknowledge
@@ -108,30 +111,28 @@ class TaskHandler:
             if verdict == "redis_down":
                 raise
             error = exc  # no container in time, or our engine is down: the task did not run
-        submitted = _float(fields.get("submitted_unix"))
         now = time.time()
-        queue_ms = max(0.0, (started_unix or now) - submitted) * 1000 if submitted else 0.0
+        queue_ms = max(0.0, (started_unix or now) - entry.submitted_unix) * 1000
         if execution is not None:
             execution = dataclasses.replace(execution, queue_ms=queue_ms)
         outcome = Outcome(task_id=spec.task_id, worker=self.worker_id, tier=self.pool.tiers[tier_name],
                           execution=execution, error=error, queue_ms=queue_ms,
-                          total_ms=max(0.0, now - submitted) * 1000 if submitted else 0.0)
-        await self._finalize(tier_name, entry_id, fields, outcome)
+                          total_ms=max(0.0, now - entry.submitted_unix) * 1000)
+        await self._finalize(tier_name, entry_id, entry, outcome)
 
-    async def _finalize(self, tier_name: str, entry_id: str, fields: dict[str, str], outcome: Outcome) -> None:
+    async def _finalize(self, tier_name: str, entry_id: str, entry: StreamEntry, outcome: Outcome) -> None:
         """Store the outcome and wake the waiter; retried while Redis is away (the entry stays ours)."""
         deadline = time.monotonic() + FINALIZE_RETRY_S
-        backoff_s = 0.1
+        backoff = Backoff()
         payload = outcome.to_json()
-        ttl_ms = int(_float(fields.get("result_ttl_ms")) or self.settings.result_ttl_s * 1000)
         while True:
             try:
                 with redis_errors("store the result"):
                     stored = await self.scripts.finalize(
-                        self.keys.task(outcome.task_id), self.keys.stream(tier_name), fields.get("reply_to", ""),
-                        entry_id, payload, ttl_ms=ttl_ms,
+                        self.keys.task(outcome.task_id), self.keys.stream(tier_name), entry.reply_to,
+                        entry_id, payload, ttl_ms=entry.result_ttl_ms,
                         reply_ttl_ms=REPLY_TTL_MS, sync_ttl_ms=SYNC_DONE_TTL_MS, task_id=outcome.task_id,
-                        max_held_bytes=int(_float(fields.get("max_result_bytes"))))
+                        max_held_bytes=entry.max_result_bytes)
                 if stored != "stored":
                     log.info("task %s was already %s: its outcome from %s is dropped", outcome.task_id, stored,
                              self.worker_id)
@@ -140,12 +141,4 @@ class TaskHandler:
                 if time.monotonic() > deadline:
                     log.error("the outcome of task %s is lost: %s", outcome.task_id, exc)
                     raise
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(2.0, backoff_s * 2)
-
-
-def _float(raw: str | None) -> float:
-    try:
-        return float(raw or 0.0)
-    except ValueError:
-        return 0.0
+                await asyncio.sleep(backoff.next_s())
