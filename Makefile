@@ -11,7 +11,7 @@ API_PORT ?= 8000
 REDIS_PORT ?= $(or $(WARMPOOL_TEST_REDIS_PORT),6399)
 PYTEST_ARGS ?=
 
-.PHONY: venv docker image redis run test check lint bench bench-scaleout
+.PHONY: venv docker image redis run test check lint bench bench-scaleout bench-stream
 
 venv: $(STAMP)
 
@@ -73,3 +73,8 @@ bench: venv docker image
 # starts its own redis-server; appends its section "Scale-out (Redis)" to benchmarks/RESULTS.md.
 bench-scaleout: venv docker image redis
 	$(PY) benchmarks/scaleout.py --markdown benchmarks/RESULTS.md
+
+# Bounded (about 2 minutes): first streamed chunk latency (flush to client) and a session call against a
+# plain one, embedded and scale-out; replaces its section "Streaming and sessions" of benchmarks/RESULTS.md.
+bench-stream: venv docker image redis
+	$(PY) benchmarks/stream_sessions.py --markdown benchmarks/RESULTS.md

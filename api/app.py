@@ -19,6 +19,8 @@ from api.errors import install_error_handlers
 from api.limits import BodySizeLimit, limiter_from
 from api.metrics import install_metrics
 from api.routes import router
+from api.sessions import admin_router as session_admin_router
+from api.sessions import router as session_router
 from pool.dispatch import Dispatcher, create_dispatcher
 from pool.settings import Settings, from_env
 
@@ -54,6 +56,8 @@ def create_app(settings: Settings | None = None,
     app.add_middleware(AuthBeforeBody)  # added last, so it runs first: no body is read for a wrong key
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(session_router)
     app.include_router(admin_router)
+    app.include_router(session_admin_router)
     install_metrics(app)
     return app

@@ -23,6 +23,8 @@ from pool.model.errors import (
     PoolError,
     ResultEvicted,
     SandboxError,
+    SessionBusy,
+    SessionGone,
     UnknownTier,
 )
 
@@ -45,8 +47,10 @@ async def _pool_error(request: Request, exc: Exception) -> JSONResponse:
         return invalid_body(exc.field, exc.message)
     if isinstance(exc, UnknownTier):
         return JSONResponse(status_code=404, content={"detail": str(exc)})
-    if isinstance(exc, CapacityError | NotSupported):
+    if isinstance(exc, CapacityError | NotSupported | SessionBusy):
         return JSONResponse(status_code=409, content={"detail": str(exc)})
+    if isinstance(exc, SessionGone):
+        return JSONResponse(status_code=404, content={"detail": str(exc)})
     if isinstance(exc, Overloaded):
         return retry_after(429, str(exc), exc.retry_after_s)
     if isinstance(exc, NoCapacity):

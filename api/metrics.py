@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.session_metrics import render_session_metrics
 from pool.model.snapshots import HistogramSnapshot, PoolsSnapshot, TierCounters
 
 REQUEST_BOUNDS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -140,7 +141,8 @@ def install_metrics(app: FastAPI) -> CollectorRegistry:
         """Prometheus metrics of this service."""
         dispatcher = getattr(request.app.state, "dispatcher", None)  # absent before the lifespan started
         pools = await dispatcher.figures() if dispatcher is not None else None
-        body = generate_latest(registry)
+        sessions = render_session_metrics(await dispatcher.session_figures()) if dispatcher is not None else b""
+        body = generate_latest(registry) + sessions
         if pools is not None:
             scrape = CollectorRegistry(auto_describe=False)
             scrape.register(_Families(pool_families(pools)))

@@ -14,9 +14,11 @@ from api.auth import require_api_key
 from api.errors import invalid_body
 from api.json_body import BodyRoute
 from api.limits import require_task_quota
-from api.schemas import ExecuteRequest, ExecuteResponse, ImageOut, TaskAccepted, TaskPending, TierOut
+from api.schemas import ExecuteRequest, ExecuteResponse, ImageOut, ResourcesIn, TaskAccepted, TaskPending, TierOut
 from api.state import dispatcher_of, settings_of
+from api.streaming import result_response, stream_response, wants_stream
 from pool.dispatch import owner_of
+from pool.model.errors import InvalidRequest, PoolError
 from pool.model.files import check_outputs, decode_files
 from pool.model.resources import ResourceRequest, format_bytes
 from pool.model.results import TaskResult, TaskSpec
@@ -87,20 +89,38 @@ def task_body(view: TaskView) -> dict[str, Any]:
     if view.execution is not None:
         return execution_body(view.execution, view.task_id, view.total_ms)
     # It never ran (no capacity in time, a backend down): for an async task that is data, not an HTTP error.
-    result = TaskResult.sandbox_error(view.task_id, f"the task could not run: {view.error}")
-    not_run = Execution(result=result, tier=view.tier, queue_ms=view.total_ms, container_name="")
-    return execution_body(not_run, view.task_id, view.total_ms)
+    return not_run_body(view.task_id, view.tier, f"the task could not run: {view.error}", view.total_ms)
+
+
+def not_run_body(task_id: str, tier: Tier, message: str, total_ms: float) -> dict[str, Any]:
+    """The body of a task that a pool error kept from running or finishing: a sandbox_error result."""
+    result = TaskResult.sandbox_error(task_id, message)
+    not_run = Execution(result=result, tier=tier, queue_ms=total_ms, container_name="")
+    return execution_body(not_run, task_id, total_ms)
+
+
+def outcome_body(outcome: Execution | PoolError, task_id: str, tier: Tier, started: float) -> dict[str, Any]:
+    """A streamed task's `result` event: the plain call's body (a sandbox_error when it could not finish)."""
+    total_ms = (time.perf_counter() - started) * 1000
+    if isinstance(outcome, Execution):
+        return execution_body(outcome, task_id, total_ms)
+    return not_run_body(task_id, tier, f"the task could not finish: {outcome}", total_ms)
+
+
+def image_tier(settings: Settings, resources: ResourcesIn | None, image: str) -> Tier:
+    """The smallest tier of `image` that covers `resources`; InvalidRequest (a 422) naming `image` when no
+    such image is configured, or the dimension no tier of it reaches."""
+    known = [spec.name for spec in settings.images]
+    if image not in known:
+        raise InvalidRequest("image", f"unknown image {image!r}; known: {known} (see GET /v1/images)")
+    return fit_tier(settings.tiers, resources.to_request() if resources else ResourceRequest(), image)
 
 
 def prepare(body: ExecuteRequest, settings: Settings) -> tuple[TaskSpec, Tier] | JSONResponse:
-    known = [spec.name for spec in settings.images]
-    if body.image not in known:
-        return invalid_body("image", f"unknown image {body.image!r}; known: {known} (see GET /v1/images)")
     spec = build_spec(body, settings)
     if isinstance(spec, JSONResponse):
         return spec
-    return spec, fit_tier(settings.tiers, body.resources.to_request() if body.resources else ResourceRequest(),
-                          body.image)
+    return spec, image_tier(settings, body.resources, body.image)
 
 
 @router.post("/v1/execute", response_model=ExecuteResponse,
@@ -112,13 +132,21 @@ def prepare(body: ExecuteRequest, settings: Settings) -> tuple[TaskSpec, Tier] |
 async def execute(body: ExecuteRequest, request: Request, _key: str = Depends(require_task_quota)) -> Any:
     """Run a Python snippet on a warm container of the smallest tier that covers its resources.
 
-    The answer is 200 whenever the task ran, whatever it did: see `status`."""
+    The answer is 200 whenever the task ran, whatever it did: see `status`. With `Accept: text/event-stream`
+    it is a stream of `stdout` and `stderr` events (`{"text": ...}`) as the task writes, then one `result`
+    event holding this same body; errors found before the task starts stay plain HTTP errors."""
     started = time.perf_counter()
     settings = settings_of(request)
     prepared = prepare(body, settings)
     if isinstance(prepared, JSONResponse):
         return prepared
     spec, tier = prepared
+    if wants_stream(request):
+        stream = await dispatcher_of(request).execute_stream(tier.name, spec, lease_wait_s(body, settings))
+
+        async def result_body(outcome: Execution | PoolError) -> dict[str, Any]:
+            return outcome_body(outcome, spec.task_id, tier, started)
+        return stream_response(stream, result_body)
     execution = await dispatcher_of(request).execute(tier.name, spec, lease_wait_s(body, settings))
     return JSONResponse(execution_body(execution, spec.task_id, (time.perf_counter() - started) * 1000))
 
@@ -150,6 +178,32 @@ async def get_task(task_id: str, request: Request, key: str = Depends(require_ap
     if view is None:
         return JSONResponse(status_code=404, content={"detail": f"no task {task_id!r} (unknown, or expired)"})
     return JSONResponse(task_body(view))
+
+
+@router.get("/v1/tasks/{task_id}/events",
+            responses={200: {"content": {"text/event-stream": {}}, "description": "The task's events"},
+                       404: {"description": "Unknown task, or its result expired"}})
+async def task_events(task_id: str, request: Request, key: str = Depends(require_api_key)) -> Any:
+    """An async task's output as server-sent events: `stdout` and `stderr` as it writes (from its start, also
+    when followed late), then one `result` event with the body `GET /v1/tasks/{id}` gives. A task that has
+    ended answers its `result` at once."""
+    started = time.perf_counter()
+    dispatcher, owner = dispatcher_of(request), owner_of(key)
+    view = await dispatcher.task(task_id, owner) if _TASK_ID.fullmatch(task_id) else None
+    found = await dispatcher.task_events(task_id, owner) if view is not None and view.state != TaskState.DONE \
+        else view
+    if found is None or view is None:
+        return JSONResponse(status_code=404, content={"detail": f"no task {task_id!r} (unknown, or expired)"})
+    if isinstance(found, TaskView):
+        return result_response(task_body(found))
+    tier = view.tier
+
+    async def result_body(outcome: Execution | PoolError) -> dict[str, Any]:
+        latest = await dispatcher.task(task_id, owner)
+        if latest is not None and latest.state == TaskState.DONE:
+            return task_body(latest)
+        return outcome_body(outcome, task_id, tier, started)
+    return stream_response(found, result_body)
 
 
 @router.get("/v1/tiers", response_model=list[TierOut], response_model_exclude_none=True)

@@ -12,9 +12,13 @@ import hashlib
 from typing import Any, Protocol
 
 from pool.model.results import TaskSpec
+from pool.model.sessions import SessionFigures, SessionInfo
 from pool.model.snapshots import AdminView, Drained, PoolsSnapshot, Resized, TierSnapshot
 from pool.model.tasks import Execution, TaskView
 from pool.settings import Settings
+from pool.task_stream import Chunk, TaskStream
+
+__all__ = ["Chunk", "Dispatcher", "TaskStream", "create_dispatcher", "owner_of"]
 
 
 class Dispatcher(Protocol):
@@ -67,6 +71,38 @@ class Dispatcher(Protocol):
     async def drain(self, tier_name: str) -> Drained:
         """Replace the tier's idle containers now and its busy ones when their task ends."""
         ...
+
+
+    # streaming: a TaskStream is handed back once the task has started (errors before that are raised)
+    async def execute_stream(self, tier_name: str, spec: TaskSpec, wait_s: float) -> TaskStream:
+        """Start the task as `execute` would, and return its output as it comes, then its end."""
+        ...
+
+    async def task_events(self, task_id: str, owner: str) -> TaskStream | TaskView | None:
+        """An async task of `owner`'s: its stream while it may still write, else its view (None: unknown)."""
+        ...
+
+    # sessions: SessionGone for an unknown, ended or another key's session; SessionBusy during a call
+    async def open_session(self, tier_name: str, owner: str, image: str, idle_timeout_s: float,
+                           wait_s: float) -> SessionInfo:
+        """Lease a container of the tier for a session of `owner`'s (TooManySessions past the key's bound)."""
+        ...
+
+    async def session(self, session_id: str, owner: str) -> SessionInfo: ...
+
+    async def session_execute(self, session_id: str, owner: str, spec: TaskSpec) -> Execution:
+        """Run a call in the session; it runs to its end even if the caller goes away."""
+        ...
+
+    async def session_stream(self, session_id: str, owner: str, spec: TaskSpec) -> TaskStream: ...
+
+    async def delete_session(self, session_id: str, owner: str) -> None: ...
+
+    async def all_sessions(self) -> tuple[SessionInfo, ...]:
+        """Every live session (the admin view)."""
+        ...
+
+    async def session_figures(self) -> SessionFigures: ...
 
 
 def owner_of(api_key: str) -> str:

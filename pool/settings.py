@@ -93,6 +93,11 @@ class Settings:
     visibility_timeout_s: float = 10.0  # a dead worker's unfinished tasks are claimed after this long
     worker_tiers: tuple[str, ...] = ()  # the tiers a worker serves; empty: all of them
     mode: str = "warm"
+    # Sessions hold a container each: bounded per key, and closed after this long without a call (the
+    # request's idle_timeout_s when it names one, up to max_session_idle_s).
+    max_sessions_per_key: int = 4
+    session_idle_timeout_s: float = 300.0
+    max_session_idle_s: float = 3600.0
 
     def image(self, name: str) -> ImageSpec:
         """The configured image of that name; KeyError if there is none."""
@@ -235,6 +240,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         visibility_timeout_s=_float(env, "VISIBILITY_TIMEOUT_S", defaults.visibility_timeout_s),
         worker_tiers=_list(env, "WORKER_TIERS"),
         mode=mode,
+        max_sessions_per_key=int(_float0(env, "MAX_SESSIONS_PER_KEY", defaults.max_sessions_per_key)),
+        session_idle_timeout_s=_float(env, "SESSION_IDLE_TIMEOUT_S", defaults.session_idle_timeout_s),
+        max_session_idle_s=_float(env, "MAX_SESSION_IDLE_S", defaults.max_session_idle_s),
     )
     _check_result_bounds(settings)
     return settings

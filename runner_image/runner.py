@@ -21,6 +21,7 @@ Never run this on a host: the reset is kill(-1, SIGKILL), so it refuses to start
 import atexit
 import binascii
 import builtins
+import codecs
 import collections
 import ctypes
 import fcntl
@@ -65,6 +66,11 @@ CLEANER_WAIT_S = 5.0  # how long the scratch cleaner may take
 TEMPLATE_WAIT_S = 10.0  # how long PID 1 waits for the template's answer before it calls the container dirty
 NO_PIDFD_TICK_S = 0.002  # how often to look for the child's exit where there is no pidfd (gVisor)
 READ_CHUNK = 1 << 16
+# Streaming (`"stream": true`): a chunk of output goes out as an `output` frame at once, unless that stream
+# sent one less than STREAM_INTERVAL_S ago; then it waits, and what arrives meanwhile joins it (coalesced),
+# so a task that prints in a tight loop costs at most ~100 frames a second per stream, not one per write.
+STREAM_INTERVAL_S = 0.01
+STREAM_FRAME_BYTES = 1 << 15  # ... or sooner, once this much is waiting
 # Compiling in the forked child costs ~2 ms of page faults (the compiler writes all over pages shared
 # with PID 1), several times the rest of a small task; so PID 1 compiles code up to this size itself.
 # Compiling runs nothing; larger code still compiles in the child, under the task's deadline and limits.
@@ -90,7 +96,8 @@ STATUS_FD = 4  # in the task child
 # usage) just before it exits. PID 1 answers on it rather than on the child's exit, which for a datascience
 # interpreter comes 3 to 8 ms later (the kernel tearing down ~100 MB of address space); the child is killed
 # and reaped after the answer has gone out. A task can write a DONE record too: then its answer comes early,
-# with what it wrote, and its process is killed: it changes nothing but its own result.
+# with what it wrote, and its process is killed: it changes nothing but its own result. (A session's calls
+# say CALL_DONE, with a nonce: see sessions below.)
 DONE = struct.Struct(">ciqq")  # b"D", exit status, cpu microseconds (its own and its waited children's), max rss KiB
 STATUS_BOUND = 4096  # what PID 1 keeps of a status pipe
 # Output files and figures go to PID 1 as records (taskfiles.py) on a pipe of their own, made fresh per
@@ -104,8 +111,9 @@ FRAME_OUT = -1  # the frame channel's write end, set by main()
 # such state is not clean, and is replaced. See network_leftovers().
 _KEEP: list = []  # in the task child: the runner's own std streams, kept alive
 
-Task = collections.namedtuple("Task", "id code stdin timeout_s output_limit fsize_limit nofile_limit nproc_limit "
-                                       "files outputs files_limit")
+Task = collections.namedtuple(
+    "Task", "id code stdin timeout_s output_limit fsize_limit nofile_limit nproc_limit stream files outputs "
+            "files_limit", defaults=(False, (), (), DEFAULT_OUTPUT_FILES_BYTES))
 
 
 class ProtocolError(Exception):
@@ -184,28 +192,53 @@ def dispatch(msg, msg_id):
         if clean:
             ensure_zygote()
     elif op == "run":
+        if SESSION is not None:
+            raise ProtocolError("run: a session is open in this container; close it first")
         handle_run(parse_task(msg, msg_id))
+    elif op in SESSION_OPS:
+        SESSION_OPS[op](msg, msg_id)
     else:
         raise ProtocolError(f"unknown op {ascii(op)[:100]}")
 
 
+def field(msg, name, kind, default=None):
+    """A request field of the given type (never a bool where a number is wanted), else ProtocolError."""
+    value = msg.get(name, default)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ProtocolError(f"{msg.get('op')}: {name} is not a boolean")
+    elif not isinstance(value, kind) or isinstance(value, bool):
+        raise ProtocolError(f"{msg.get('op')}: {name} is missing or not a {getattr(kind, '__name__', 'number')}")
+    return value
+
+
+def parse_timeout(msg):
+    timeout_s = float(field(msg, "timeout_s", (int, float)))
+    if not 0 < timeout_s < math.inf:
+        raise ProtocolError(f"{msg.get('op')}: timeout_s must be positive and finite")
+    return timeout_s
+
+
+def parse_limits(msg, names):
+    limits = [field(msg, name, int) for name in names]
+    limits.append(field(msg, "nproc_limit", int, 0))  # optional: 0 leaves RLIMIT_NPROC alone
+    if min(limits) < 0:
+        raise ProtocolError(f"{msg.get('op')}: limits must not be negative")
+    return limits
+
+
 def parse_task(msg, msg_id):
-    def field(name, kind, default=None):
-        value = msg.get(name, default)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise ProtocolError(f"run: {name} is missing or not a {getattr(kind, '__name__', 'number')}")
-        return value
-    timeout_s = float(field("timeout_s", (int, float)))
-    limits = [field(name, int) for name in ("output_limit_bytes", "fsize_limit_bytes", "nofile_limit")]
-    limits.append(field("nproc_limit", int, 0))  # optional: 0 leaves RLIMIT_NPROC alone
-    files_limit = field("max_output_files_bytes", int, DEFAULT_OUTPUT_FILES_BYTES)
-    if not 0 < timeout_s < math.inf or min(limits) < 0 or files_limit < 0:
-        raise ProtocolError("run: timeout_s must be positive and finite, limits not negative")
-    outputs = field("outputs", list, [])
+    timeout_s = parse_timeout(msg)
+    limits = parse_limits(msg, ("output_limit_bytes", "fsize_limit_bytes", "nofile_limit"))
+    files_limit = field(msg, "max_output_files_bytes", int, DEFAULT_OUTPUT_FILES_BYTES)
+    if files_limit < 0:
+        raise ProtocolError("run: max_output_files_bytes must not be negative")
+    outputs = field(msg, "outputs", list, [])
     if not all(isinstance(pattern, str) for pattern in outputs):
         raise ProtocolError("run: outputs must be a list of strings")
-    return Task(msg_id, field("code", str), field("stdin", str, ""), timeout_s, *limits,
-                parse_files(field("files", list, [])), outputs, files_limit)
+    return Task(msg_id, field(msg, "code", str), field(msg, "stdin", str, ""), timeout_s, *limits,
+                stream=field(msg, "stream", bool, False), files=parse_files(field(msg, "files", list, [])),
+                outputs=outputs, files_limit=files_limit)
 
 
 def parse_files(entries):
@@ -233,13 +266,18 @@ def handle_run(task):
     except Exception as exc:
         failure = f"runner failed to run the task: {exc!r}"
         send({"op": "error", "id": task.id, "detail": failure})
+    reset_and_report(task.id, failure)
+
+
+def reset_and_report(msg_id, failure=""):
+    """Reset the container and send `reset`; a runner failure before it makes it dirty whatever it found."""
     try:
         clean, detail = reset()
     except Exception as exc:
         clean, detail = False, f"reset failed: {exc!r}"
     if failure:
         clean, detail = False, "; ".join(filter(None, [failure, detail]))
-    send({"op": "reset", "id": task.id, "clean": clean, "detail": detail})
+    send({"op": "reset", "id": msg_id, "clean": clean, "detail": detail})
     if clean:
         ensure_zygote()  # after the reply: the host may lease the container while the child sets up
 
@@ -248,13 +286,7 @@ def handle_run(task):
 
 def run_task(task):
     global _exiting
-    reap_zombies()
-    zygote = take_zygote()
-    if zygote is not None and has_exited(zygote.pid):  # died while waiting (say, memory pressure)
-        close_zygote(zygote)
-        reap_zombies()
-        zygote = None
-    zygote = zygote or spawn_zygote()
+    zygote = ready_zygote()
     compiled = precompile(task.code)
     go = marshal.dumps((task.code, compiled, task.stdin.encode("utf-8", "replace"),  # "replace": lone surrogates
                         task.timeout_s, task.fsize_limit, task.nofile_limit, task.nproc_limit, task.outputs,
@@ -273,7 +305,7 @@ def run_task(task):
         os.close(zygote.go_w)
     try:
         seen = supervise(pid, (out_r, err_r, files_r, zygote.status_r), started + task.timeout_s, task.output_limit,
-                         taskfiles.records_bound(task.files_limit))
+                         taskfiles.records_bound(task.files_limit), task.id if task.stream else None)
         run_ms = (time.monotonic() - started) * 1000
         if seen.done is None:
             _, status, usage = os.wait4(pid, 0)
@@ -335,13 +367,23 @@ def finish_exiting_child():
         pause = min(pause * 2, 0.005)
 
 
-def precompile(code):
+def read_status(fd):
+    """What the child wrote on its status pipe (a few bytes; a daemon of the task may still hold the
+    write end, so never wait for EOF)."""
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 64)
+    except BlockingIOError:
+        return b""
+
+
+def precompile(code, filename="<task>"):
     """The task's code object, or None to let the child compile it (large code, or code that does not
     compile: the child then raises the error and reports it exactly as the interpreter would)."""
     if len(code) > PARENT_COMPILE_MAX_CHARS:
         return None
     try:
-        return compile(code, "<task>", "exec")
+        return compile(code, filename, "exec")
     except BaseException:
         return None
 
@@ -349,7 +391,7 @@ def precompile(code):
 Seen = collections.namedtuple("Seen", "verdict out err records overflowed said done")
 
 
-def supervise(pid, fds, deadline, limit, files_bound):
+def supervise(pid, fds, deadline, limit, files_bound, stream_id=None):
     """Collect output until the child exits or says it is done; kill it at the deadline or past the
     output cap.
 
@@ -358,10 +400,11 @@ def supervise(pid, fds, deadline, limit, files_bound):
     records and whether they passed `files_bound` (the child sends no more than that: more is the task's
     own writing, read and dropped), what the child said on its status pipe, and its DONE record (None
     when it exited first: then its exit status counts). The child's exit or its DONE, not EOF on its
-    pipes, ends the wait: a daemon it left may hold them open for ever.
+    pipes, ends the wait: a daemon it left may hold them open for ever. With `stream_id`, output also
+    goes to the host as it comes (see Outputs).
     """
     out_r, err_r, files_r, status_r = fds
-    bufs = {out_r: bytearray(), err_r: bytearray()}
+    outputs = Outputs(out_r, err_r, limit, stream_id)
     bounded = {files_r: Bounded(files_bound), status_r: Bounded(STATUS_BOUND)}
     pidfd = open_pidfd(pid)
     tick_s = math.inf if pidfd is not None else NO_PIDFD_TICK_S
@@ -373,23 +416,24 @@ def supervise(pid, fds, deadline, limit, files_bound):
 
     def seen(verdict, done=None):
         records, said = bounded[files_r], bytes(bounded[status_r].data)
-        return Seen(verdict, bufs[out_r], bufs[err_r], records.data, records.overflowed, said, done)
+        return Seen(verdict, outputs.bufs[out_r], outputs.bufs[err_r], records.data, records.overflowed, said, done)
 
     def drain():  # what it wrote just before it ended
-        for fd, buf in bufs.items():
-            pump(fd, buf, limit, drain=True)
+        outputs.drain()
+        outputs.flush(final=True)
         for fd, kept in bounded.items():
             kept.pump(fd, drain=True)
 
     verdict = "timed_out"
     try:
         while (remaining := deadline - time.monotonic()) > 0:
-            for fd, _ in poller.poll(math.ceil(min(remaining, tick_s) * 1000)):
-                if fd in bufs and not pump(fd, bufs[fd], limit, drain=False):
+            for fd, _ in poller.poll(math.ceil(min(remaining, tick_s, outputs.flush_in()) * 1000)):
+                if fd in outputs.bufs and not outputs.read(fd):
                     poller.unregister(fd)
                 elif fd in bounded and not bounded[fd].pump(fd, drain=False):
                     poller.unregister(fd)
-            if any(len(buf) > limit for buf in bufs.values()):
+            outputs.flush()
+            if outputs.over_limit():
                 verdict = "output_limit_exceeded"
                 break
             if has_exited(pid):
@@ -402,28 +446,8 @@ def supervise(pid, fds, deadline, limit, files_bound):
         if pidfd is not None:
             os.close(pidfd)
     kill_task(pid)
+    outputs.flush(final=True)
     return seen(verdict)
-
-
-def pump(fd, buf, limit, drain):
-    """Read one chunk (or, with `drain`, all there is) but stop once past `limit`. False at EOF."""
-    def take(chunk):
-        buf.extend(chunk)
-        return len(buf) <= limit
-    return len(buf) > limit or read_pipe(fd, take, drain)
-
-
-def read_pipe(fd, take, drain):
-    """Read a chunk, or with `drain` chunks until the pipe is empty or `take(chunk)` says False. False at EOF."""
-    while True:
-        try:
-            chunk = os.read(fd, READ_CHUNK)
-        except BlockingIOError:
-            return True
-        if not chunk:
-            return False
-        if not take(chunk) or not drain:
-            return True
 
 
 class Bounded:
@@ -436,15 +460,91 @@ class Bounded:
 
     def pump(self, fd, drain):
         """Read one chunk (or, with `drain`, what is there, at most one bound's worth more). False at EOF."""
-        budget = [self.bound + READ_CHUNK]
-
-        def take(chunk):
+        budget = self.bound + READ_CHUNK
+        while budget > 0:
+            try:
+                chunk = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                return True
+            if not chunk:
+                return False
+            budget -= len(chunk)
             room = self.bound - len(self.data)
             self.overflowed = self.overflowed or len(chunk) > room
             self.data += chunk[:max(room, 0)]
-            budget[0] -= len(chunk)
-            return budget[0] > 0
-        return read_pipe(fd, take, drain)
+            if not drain:
+                break
+        return True
+
+
+class Outputs:
+    """A task's stdout and stderr as they arrive: kept up to the cap (a buffer longer than `limit` passed
+    it), and with `stream_id` also sent to the host as `output` frames (only bytes within the cap, decoded
+    incrementally so that no frame splits a UTF-8 character), coalesced per STREAM_INTERVAL_S.
+
+    PID 1 never blocks on the host for this: the frames go out on the same channel as every reply, and the
+    host reads that channel whatever its clients do."""
+
+    def __init__(self, out_r, err_r, limit, stream_id=None, keep_reading=False):
+        self.bufs = {out_r: bytearray(), err_r: bytearray()}
+        self.limit = limit
+        # Plain tasks stop reading a stream past the cap (the task is killed at once). A session call keeps
+        # reading and drops the excess, so that its interpreter never blocks on a full pipe while it is
+        # being interrupted, and nothing of this call is left in the pipe for the next one.
+        self.keep_reading = keep_reading
+        self.stream_id = stream_id
+        self.forward = {fd: Forward(name) for fd, name in ((out_r, "stdout"), (err_r, "stderr"))} if stream_id else {}
+
+    def read(self, fd, drain=False):
+        """Read one chunk (or, with `drain`, all there is). False at EOF."""
+        buf = self.bufs[fd]
+        while self.keep_reading or len(buf) <= self.limit:
+            try:
+                chunk = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                return True
+            if not chunk:
+                return False
+            if self.forward and len(buf) < self.limit:
+                self.forward[fd].pending += chunk[:self.limit - len(buf)]
+            buf += chunk[:self.limit + 1 - len(buf)] if self.keep_reading else chunk
+            if not drain:
+                break
+        return True
+
+    def drain(self):
+        for fd in self.bufs:
+            self.read(fd, drain=True)
+
+    def over_limit(self):
+        return any(len(buf) > self.limit for buf in self.bufs.values())
+
+    def flush_in(self):
+        """Seconds until a waiting chunk is due to go out (inf when none waits)."""
+        now = time.monotonic()
+        return min((max(0.0, f.sent_at + STREAM_INTERVAL_S - now) for f in self.forward.values() if f.pending),
+                   default=math.inf)
+
+    def flush(self, final=False):
+        now = time.monotonic()
+        for forward in self.forward.values():
+            due = final or len(forward.pending) >= STREAM_FRAME_BYTES or now >= forward.sent_at + STREAM_INTERVAL_S
+            if forward.pending and due:
+                text = forward.decoder.decode(bytes(forward.pending), final)
+                forward.pending.clear()
+                forward.sent_at = now
+                if text:
+                    send({"op": "output", "id": self.stream_id, "stream": forward.name, "text": text})
+
+
+class Forward:
+    """One stream's bytes read but not yet sent, and its UTF-8 decoder (which holds a split character)."""
+
+    def __init__(self, name):
+        self.name = name
+        self.pending = bytearray()
+        self.sent_at = 0.0
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
 
 def open_pidfd(pid):
@@ -540,6 +640,17 @@ def spawn_zygote():
     return take_zygote()
 
 
+def ready_zygote():
+    """The waiting child, alive, for the next task or session (forked now if there is none)."""
+    reap_zombies()
+    zygote = take_zygote()
+    if zygote is not None and has_exited(zygote.pid):  # died while waiting (say, memory pressure)
+        close_zygote(zygote)
+        reap_zombies()
+        zygote = None
+    return zygote or spawn_zygote()
+
+
 def discard_zygote():
     """Before a reset: kill the waiting child (it ran nothing) and close our ends of its pipes."""
     zygote = take_zygote()
@@ -562,7 +673,7 @@ def zygote_pid():
 
 def task_child(go_r, out_w, err_w, status_w, files_w):
     """Body of a task's child (forked by the template): enter the sandbox, wait for the code, write the
-    request's files, run the code, send back the outputs and figures, _exit. Never returns."""
+    request's files, run the code, send back the outputs and figures, say DONE, _exit. Never returns."""
     status = 125
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -575,9 +686,15 @@ def task_child(go_r, out_w, err_w, status_w, files_w):
             os.set_inheritable(fd, False)  # not into the task's own subprocesses
         os.closerange(FILES_FD + 1, os.sysconf("SC_OPEN_MAX"))  # the template's control socket above all
         enter_sandbox()
-        figures = fresh_interpreter_state()
+        reseed()
+        message = receive_task(3)
+        if message[0] is None:  # not a task: a session's interpreter, which serves calls until PID 1 ends it
+            os.close(FILES_FD)
+            session_child(*message[1:])  # never returns
         (code, compiled, stdin, timeout_s, fsize_limit, nofile_limit, nproc_limit, outputs, files_limit,
-         files) = receive_task(3)
+         files) = message
+        figures = taskfiles.Figures()
+        figures.install()
         stdin_fd = os.memfd_create("stdin")  # before the limits: stdin may be larger than RLIMIT_FSIZE
         write_all(stdin_fd, stdin)
         os.lseek(stdin_fd, 0, os.SEEK_SET)
@@ -608,16 +725,13 @@ def task_child(go_r, out_w, err_w, status_w, files_w):
         os._exit(status)
 
 
-def fresh_interpreter_state():
-    """What a fresh interpreter would have that a fork of the template would not: its own random seeds
-    (`random` reseeds itself after a fork; numpy's global generator does not, and every task would draw
-    the same numbers). Also installs the figure capture (taskfiles.Figures), returned."""
+def reseed():
+    """What a fresh interpreter has that a fork of the template would not: its own random seeds. `random`
+    reseeds itself after a fork; numpy's global generator does not, and every task would draw the same
+    numbers."""
     numpy_random = sys.modules.get("numpy.random")
     if numpy_random is not None:
         numpy_random.seed()
-    figures = taskfiles.Figures()
-    figures.install()
-    return figures
 
 
 def send_outputs(outputs, files_limit, figures):
@@ -654,7 +768,8 @@ def read_exactly(fd, size):
 def receive_task(fd):
     """The go message from PID 1: a length, then marshal'd (code, code object or None, stdin bytes,
     timeout_s, fsize_limit, nofile_limit, nproc_limit, outputs, files_limit, [(file path, size)]); each
-    file's bytes follow it on the pipe, read by taskfiles.write_files."""
+    file's bytes follow it on the pipe, read by taskfiles.write_files. A session's messages differ (see
+    sessions below)."""
     (size,) = struct.unpack(">Q", read_exactly(fd, 8))
     return marshal.loads(read_exactly(fd, size))
 
@@ -675,11 +790,14 @@ def enter_sandbox():
 
 
 def apply_task_limits(timeout_s, fsize_limit, nofile_limit, nproc_limit):
-    """The task's own limits, and its work and home dirs (made now: a waiting child leaves /tmp empty)."""
+    """The task's own limits, and its work and home dirs (made now: a waiting child leaves /tmp empty).
+    A session passes no timeout_s: its interpreter outlives many calls, so no CPU budget fits it (PID 1's
+    deadline and SIGKILL are what bound each call)."""
     # RLIMIT_CPU is only a backstop for the wall clock: allow every usable core busy until the deadline.
-    cpu_s = math.ceil(timeout_s * CPUS) + 1
-    for res, value in ((resource.RLIMIT_FSIZE, fsize_limit), (resource.RLIMIT_NOFILE, nofile_limit),
-                       (resource.RLIMIT_CPU, cpu_s)):
+    limits = [(resource.RLIMIT_FSIZE, fsize_limit), (resource.RLIMIT_NOFILE, nofile_limit)]
+    if timeout_s is not None:
+        limits.append((resource.RLIMIT_CPU, math.ceil(timeout_s * CPUS) + 1))
+    for res, value in limits:
         set_limit(res, value)
     if nproc_limit:
         # Only where the host asks (gVisor): there the count is the sandbox's own, while on a shared
@@ -697,16 +815,7 @@ def set_limit(res, value):
 def run_code(code, compiled=None, at_end=None):
     """Run the task as `python3 script.py` would, on the sandbox's fds 0-2; return the exit status.
     `at_end` runs when the code has ended, before the atexit handlers (matplotlib's closes every figure)."""
-    _KEEP.append((sys.stdin, sys.stdout, sys.stderr))  # freed, the runner's streams would close fds 0-2
-    for name, stream in (("stdin", open(0, encoding="utf-8", errors="surrogateescape")),
-                         ("stdout", open(1, "w", encoding="utf-8", errors="surrogateescape")),
-                         ("stderr", open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace"))):
-        setattr(sys, name, stream)  # stderr line-buffered, as in python3
-        setattr(sys, f"__{name}__", stream)
-    sys.argv = ["<task>"]
-    main = types.ModuleType("__main__")  # so that `import __main__` and pickle see the task, not us
-    main.__builtins__ = builtins
-    sys.modules["__main__"] = main
+    main = task_main()
     linecache.cache["<task>"] = (len(code), None, code.splitlines(True), "<task>")  # source in tracebacks
     try:
         exec(compiled if compiled is not None else compile(code, "<task>", "exec"), main.__dict__)
@@ -724,6 +833,21 @@ def run_code(code, compiled=None, at_end=None):
     if at_end is not None:
         at_end()
     return shut_down(status)
+
+
+def task_main():
+    """Point the std streams at the sandbox's fds 0-2 and give the code a fresh `__main__` module."""
+    _KEEP.append((sys.stdin, sys.stdout, sys.stderr))  # freed, the runner's streams would close fds 0-2
+    for name, stream in (("stdin", open(0, encoding="utf-8", errors="surrogateescape")),
+                         ("stdout", open(1, "w", encoding="utf-8", errors="surrogateescape")),
+                         ("stderr", open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace"))):
+        setattr(sys, name, stream)  # stderr line-buffered, as in python3
+        setattr(sys, f"__{name}__", stream)
+    sys.argv = ["<task>"]
+    main = types.ModuleType("__main__")  # so that `import __main__` and pickle see the task, not us
+    main.__builtins__ = builtins
+    sys.modules["__main__"] = main
+    return main
 
 
 def exit_status(code):
@@ -757,6 +881,10 @@ def shut_down(status):
         atexit._run_exitfuncs()
     except BaseException:
         pass
+    return flush_streams(status)
+
+
+def flush_streams(status):
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):  # the task may have swapped them
         try:
             if stream is not None and not stream.closed:
@@ -764,6 +892,338 @@ def shut_down(status):
         except BaseException:
             status = status or 120  # as the interpreter does when it cannot flush stdout
     return status
+
+
+# ---- sessions: one interpreter serving the calls of one session ---------------------------------
+#
+# A session's interpreter is a task child like any other (forked by the template, sandboxed, reading its
+# go pipe), told by its go message to serve calls instead of running one task. It runs every call of its
+# session in one `__main__`, so globals, imports and files persist; it never serves anyone else. When the
+# session ends (`session_close`, or a call that ends it), PID 1 kills it and resets the container exactly
+# as after a task, and the host reuses the container only if that reset verifies clean.
+
+Session = collections.namedtuple("Session", "pid go_w out_r err_r status_r")
+SESSION = None  # in PID 1: the open session's interpreter, or None
+_session_calls = [0]
+SESSION_READY_WAIT_S = 10.0  # for a session's interpreter to say it is sandboxed and ready
+# After SIGINT at a call's deadline (or past its output cap): how long the call may take to stop. Code
+# that swallows the KeyboardInterrupt, or is stuck where signals do not reach, ends the session instead.
+SESSION_INTERRUPT_GRACE_S = 1.0
+CALL_DONE = b"D"  # on the status pipe: D, the call's nonce (8 bytes), its exit status, its flags
+CALL_MEMORY_ERROR = 1  # flag: the call died of an uncaught MemoryError
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SESSION_ENDINGS = {"timed_out": "timed out", "output_limit_exceeded": "output limit exceeded"}
+
+
+def handle_session_open(msg, msg_id):
+    """Fork the session's interpreter from the template (the waiting child) and wait until it is ready:
+    `session_opened` ok; or, when it could not start, `session_opened` not ok and a `reset`."""
+    global SESSION
+    if SESSION is not None:
+        raise ProtocolError("session_open: a session is already open in this container")
+    fsize_limit, nofile_limit, nproc_limit = parse_limits(msg, ("fsize_limit_bytes", "nofile_limit"))
+    zygote, said, failure = None, b"", ""
+    try:
+        zygote = ready_zygote()
+        go = marshal.dumps((None, fsize_limit, nofile_limit, nproc_limit))
+        write_all(zygote.go_w, struct.pack(">Q", len(go)) + go)
+        said = wait_readable(zygote.status_r, SESSION_READY_WAIT_S)
+        if not said.startswith(STATUS_READY):
+            failure = f"the session's interpreter did not start: {read_status(zygote.err_r).decode(errors='replace')}"
+    except Exception as exc:
+        failure = f"runner failed to open the session: {exc!r}"
+    if not failure:
+        os.set_blocking(zygote.go_w, False)  # its code may stop reading: PID 1 must never block on it
+        os.close(zygote.files_r)  # a session's calls give no files back (yet): only tasks use that pipe
+        SESSION = Session(zygote.pid, zygote.go_w, zygote.out_r, zygote.err_r, zygote.status_r)
+        send({"op": "session_opened", "id": msg_id, "ok": True, "detail": ""})
+        return
+    if zygote is not None:
+        close_zygote(zygote)
+    send({"op": "session_opened", "id": msg_id, "ok": False, "detail": failure})
+    reset_and_report(msg_id, failure)
+
+
+def wait_readable(fd, wait_s):
+    """What `fd` holds once something (or EOF) arrives within `wait_s`; b"" if nothing does."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return read_status(fd) if poller.poll(math.ceil(wait_s * 1000)) else b""
+
+
+def handle_session_run(msg, msg_id):
+    """One call: `result` (with `session_ended`: null, or why the session ended); after an ending, the
+    session's interpreter is gone and a `reset` follows, as after a task."""
+    if SESSION is None:
+        raise ProtocolError("session_run: no session is open")
+    timeout_s = parse_timeout(msg)
+    limit = field(msg, "output_limit_bytes", int)
+    if limit < 0:
+        raise ProtocolError("session_run: output_limit_bytes must not be negative")
+    code, stdin, stream = field(msg, "code", str), field(msg, "stdin", str, ""), field(msg, "stream", bool, False)
+    try:
+        result = run_call(msg_id, code, stdin, timeout_s, limit, stream)
+    except Exception as exc:
+        failure = f"runner failed to run the call: {exc!r}"
+        send({"op": "error", "id": msg_id, "detail": failure})
+        end_session()
+        reset_and_report(msg_id, failure)
+        return
+    send(result)
+    if result["session_ended"]:
+        end_session()
+        reset_and_report(msg_id)
+
+
+def handle_session_close(msg, msg_id):
+    """End the session: its interpreter and everything it started are killed, the scratch dirs emptied,
+    and the container verified as after a task (`reset`)."""
+    if SESSION is None:
+        raise ProtocolError("session_close: no session is open")
+    end_session()
+    reset_and_report(msg_id)
+
+
+def end_session():
+    global SESSION
+    session, SESSION = SESSION, None
+    kill_task(session.pid)
+    for fd in (session.go_w, session.out_r, session.err_r, session.status_r):
+        os.close(fd)
+
+
+def run_call(call_id, code, stdin, timeout_s, limit, stream):
+    """Send one call to the session's interpreter, watch it, and build its `result` frame."""
+    session = SESSION
+    _session_calls[0] += 1
+    filename = f"<cell {_session_calls[0]}>"  # tracebacks through an earlier cell's function show its source
+    nonce = os.urandom(8)
+    go = marshal.dumps((nonce, code, precompile(code, filename), stdin.encode("utf-8", "replace"), filename))
+    cpu_before, oom_before = process_cpu_s(session.pid), oom_kills()
+    started = time.monotonic()
+    outputs = Outputs(session.out_r, session.err_r, limit, call_id if stream else None, keep_reading=True)
+    verdict, done = watch_call(session, nonce, go, started + timeout_s, outputs)
+    run_ms = (time.monotonic() - started) * 1000
+    exit_code = sig = None
+    ended = ""
+    cpu_s, max_rss = process_cpu_s(session.pid) - cpu_before, peak_rss_bytes(session.pid)
+    if done is None:  # the interpreter died, or did not stop once interrupted: the session is over
+        if has_exited(session.pid):
+            exit_code, sig, usage = reap_session(session.pid)
+            cpu_s = usage.ru_utime + usage.ru_stime - cpu_before
+            max_rss = usage.ru_maxrss * 1024
+        else:
+            kill_task(session.pid)
+            sig = int(signal.SIGKILL)
+        if oom_kills() > oom_before:
+            verdict, ended = "memory_exceeded", "memory exceeded"
+        elif verdict is not None:
+            ended = SESSION_ENDINGS[verdict]
+        else:
+            verdict, ended = "failed", "interpreter exited"
+    else:
+        exit_code, flags = done
+        # Memory ran out during the call (in it, or in a process it started): the session's state is suspect.
+        if oom_kills() > oom_before or (flags & CALL_MEMORY_ERROR and exit_code in (1, 120)):
+            verdict, ended = "memory_exceeded", "memory exceeded"
+        elif verdict is None:
+            verdict = ("output_limit_exceeded" if outputs.over_limit()
+                       else "succeeded" if exit_code == 0 else "failed")
+    out, err = (bytes(buf[:limit]).decode("utf-8", "replace") for buf in outputs.bufs.values())
+    truncated = [len(buf) > limit for buf in outputs.bufs.values()]
+    return {"op": "result", "id": call_id, "status": verdict, "exit_code": exit_code, "signal": sig,
+            "stdout": out, "stderr": err, "stdout_truncated": truncated[0], "stderr_truncated": truncated[1],
+            "run_ms": round(run_ms, 3), "usage": {"cpu_s": round(max(0.0, cpu_s), 6), "max_rss_bytes": max_rss},
+            "session_ended": ended or None}
+
+
+def watch_call(session, nonce, go, deadline, outputs):
+    """Send the call (without ever blocking on the interpreter) and collect its output until it reports
+    the call done. At the deadline, or past the output cap, it is interrupted (SIGINT: a KeyboardInterrupt
+    in the call) and given SESSION_INTERRUPT_GRACE_S to stop.
+
+    Returns (verdict or None, (exit status, flags) or None); None means the interpreter did not finish the
+    call: it died, or it did not stop after the interrupt."""
+    pending = memoryview(struct.pack(">Q", len(go)) + go)
+    said = bytearray()
+    pidfd = open_pidfd(session.pid)
+    tick_s = math.inf if pidfd is not None else NO_PIDFD_TICK_S
+    poller = select.poll()
+    for fd in (session.out_r, session.err_r, session.status_r, pidfd):
+        if fd is not None:
+            os.set_blocking(fd, False)
+            poller.register(fd, select.POLLIN)
+    poller.register(session.go_w, select.POLLOUT)
+    verdict, give_up_at = None, math.inf
+    try:
+        while True:
+            now = time.monotonic()
+            if verdict is None and (now >= deadline or outputs.over_limit()):
+                verdict = "timed_out" if now >= deadline else "output_limit_exceeded"
+                try:
+                    os.kill(session.pid, signal.SIGINT)  # the interpreter only, not what it started
+                except OSError:
+                    pass
+                give_up_at = now + SESSION_INTERRUPT_GRACE_S
+            if now >= give_up_at or has_exited(session.pid):
+                outputs.drain()
+                outputs.flush(final=True)
+                return verdict, None
+            wait_s = min((deadline if verdict is None else give_up_at) - now, tick_s, outputs.flush_in())
+            for fd, _ in poller.poll(math.ceil(max(0.0, wait_s) * 1000)):
+                if fd == session.go_w:
+                    try:
+                        pending = pending[os.write(fd, pending):]
+                    except BlockingIOError:
+                        pass
+                    except OSError:  # the interpreter is gone: its exit says the rest
+                        pending = pending[:0]
+                    if not pending:
+                        poller.unregister(fd)
+                elif fd == session.status_r:
+                    try:
+                        chunk = os.read(fd, 256)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        poller.unregister(fd)
+                    said += chunk
+                    if (done := call_done(said, nonce)) is not None:
+                        outputs.drain()  # the interpreter flushed before it said done: all of it is there
+                        outputs.flush(final=True)
+                        return verdict, done
+                elif fd in outputs.bufs and not outputs.read(fd):
+                    poller.unregister(fd)
+            outputs.flush()
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def call_done(said, nonce):
+    """(exit status, flags) once the status pipe holds this call's done record, else None. The call's code
+    can write to that pipe too; without the nonce (fresh per call) it can only confuse its own session."""
+    at = said.find(CALL_DONE + nonce)
+    end = at + len(CALL_DONE) + len(nonce)
+    if at < 0 or len(said) < end + 2:
+        return None
+    return said[end], said[end + 1]
+
+
+def reap_session(pid):
+    """(exit code, signal, rusage) of the session's interpreter, which has exited."""
+    try:
+        _, status, usage = os.wait4(pid, 0)
+    except ChildProcessError:  # reaped already with the task's other processes
+        return None, None, resource.struct_rusage((0.0,) * 16)
+    if os.WIFSIGNALED(status):
+        return None, os.WTERMSIG(status), usage
+    return os.WEXITSTATUS(status), None, usage
+
+
+def process_cpu_s(pid):
+    """CPU seconds a live process has used so far (utime + stime), 0.0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb", buffering=0) as f:
+            fields = f.read().rpartition(b")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def peak_rss_bytes(pid):
+    try:
+        with open(f"/proc/{pid}/status", "rb", buffering=0) as f:
+            for line in f.read().splitlines():
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+SESSION_OPS = {"session_open": handle_session_open, "session_run": handle_session_run,
+               "session_close": handle_session_close}
+
+
+# ---- sessions: the interpreter's side -----------------------------------------------------------
+
+_in_call = [False]
+
+
+def session_child(fsize_limit, nofile_limit, nproc_limit):
+    """Body of a session's interpreter (a task child whose go message said so): set the session's limits,
+    say ready, then run each call PID 1 sends in one `__main__`, reporting each call's end on the status
+    pipe, until PID 1 closes the go pipe or the reset kills it. Never returns."""
+    status = 125
+    try:
+        try:
+            apply_task_limits(None, fsize_limit, nofile_limit, nproc_limit)
+            os.set_inheritable(3, False)  # the go pipe stays open for the next calls, but not in subprocesses
+            main = task_main()
+            _KEEP.append(sys.stdin)  # each call gets a stdin of its own on fd 0; this one must not close it
+            signal.signal(signal.SIGINT, interrupt_call)
+            os.write(STATUS_FD, STATUS_READY)
+        except BaseException as exc:
+            os.write(2, f"sandbox setup failed: {exc!r}".encode())
+            return
+        status = 0
+        while True:
+            nonce, code, compiled, stdin, filename = receive_task(3)  # EOF: the session ended
+            call_stdin(stdin)
+            del stdin
+            exit_code, flags = session_call(main, code, compiled, filename)
+            os.write(STATUS_FD, CALL_DONE + nonce + bytes((exit_code & 0xFF, flags)))
+    except BaseException:
+        status = status or 1
+    finally:
+        os._exit(status)
+
+
+def interrupt_call(signum, frame):
+    """SIGINT from PID 1 at a call's deadline: stop the call with a KeyboardInterrupt, and keep the
+    interpreter. Between calls it is dropped, so that a late one cannot end the session."""
+    if _in_call[0]:
+        raise KeyboardInterrupt
+
+
+def call_stdin(data):
+    """This call's stdin on fd 0 (a fresh memfd), and `sys.stdin` reading it."""
+    fd = os.memfd_create("stdin")
+    try:
+        write_all(fd, data)
+    except OSError as exc:  # larger than the session's file size limit
+        os.ftruncate(fd, 0)
+        os.write(2, f"warmpool: this call's stdin was dropped: {exc.strerror}\n".encode())
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.dup2(fd, 0)
+    os.close(fd)
+    stream = open(0, encoding="utf-8", errors="surrogateescape", closefd=False)
+    for name in ("stdin", "__stdin__"):
+        setattr(sys, name, stream)
+
+
+def session_call(main, code, compiled, filename):
+    """Run one call in the session's `__main__`; (exit status, flags), as a task's would be."""
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    status, flags = 0, 0
+    try:
+        _in_call[0] = True
+        try:
+            exec(compiled if compiled is not None else compile(code, filename, "exec"), main.__dict__)
+        finally:
+            _in_call[0] = False
+    except SystemExit as exc:  # as in a notebook: the call ends with that status, the session goes on
+        status = exit_status(exc.code)
+    except BaseException as exc:
+        status, flags = 1, CALL_MEMORY_ERROR if isinstance(exc, MemoryError) else 0
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:  # not our SIGINT handler's frame in the traceback
+            if tb.tb_next.tb_frame.f_code is interrupt_call.__code__:
+                tb.tb_next = None
+            tb = tb.tb_next
+        report(exc)
+    return flush_streams(status), flags
 
 
 # ---- reset and verification ---------------------------------------------------------------------

@@ -19,6 +19,7 @@ import pytest
 from api.app import create_app
 from pool.model.errors import NotSupported, UnknownTier
 from pool.model.results import Status, TaskResult, TaskSpec
+from pool.model.sessions import SessionFigures, SessionInfo
 from pool.model.snapshots import (
     AdminView,
     CapacitySnapshot,
@@ -130,6 +131,36 @@ class RecordingDispatcher:
             raise self.refuse_admin
         return Drained(tier_name=tier_name, idle_replaced=2, busy_replaced_when_done=1, starting_replaced_when_ready=0)
 
+    # sessions: canned, one live session of tier "one"
+    def session_info(self, session_id: str = "0" * 32) -> SessionInfo:
+        return SessionInfo(session_id=session_id, owner="o", tier=self.settings.tiers[0], image="python",
+                           idle_timeout_s=60.0, busy=False, created_unix=1.0, idle_s=2.0, calls=3, worker="w",
+                           container="c")
+
+    async def open_session(self, tier_name: str, owner: str, image: str, idle_timeout_s: float,
+                           wait_s: float) -> SessionInfo:
+        self.calls.append(f"open_session {tier_name} {image} {idle_timeout_s:g}")
+        return self.session_info()
+
+    async def session(self, session_id: str, owner: str) -> SessionInfo:
+        self.calls.append("session")
+        return self.session_info(session_id)
+
+    async def session_execute(self, session_id: str, owner: str, spec: TaskSpec) -> Execution:
+        self.calls.append("session_execute")
+        return await self.execute(self.settings.tiers[0].name, spec, 0.0)
+
+    async def delete_session(self, session_id: str, owner: str) -> None:
+        self.calls.append("delete_session")
+
+    async def all_sessions(self) -> tuple[SessionInfo, ...]:
+        self.calls.append("all_sessions")
+        return (self.session_info(),)
+
+    async def session_figures(self) -> SessionFigures:
+        self.calls.append("session_figures")
+        return SessionFigures(open_by_tier=(("one", 1), ("two", 0)), ended_by_reason=(("deleted", 2),))
+
 
 pytestmark = pytest.mark.anyio
 
@@ -175,7 +206,23 @@ async def test_tier_views_admin_and_metrics_are_rendered_from_the_dispatchers_sn
     assert 'warmpool_lease_wait_seconds_bucket{le="0.001",tier="one"} 3.0' in metrics
     assert 'warmpool_docker_api_errors_total{operation="ping"} 2.0' in metrics
     assert "warmpool_request_duration_seconds_count" in metrics
-    assert dispatcher.calls == ["start", "tiers", "pools", "resize two 3 None", "drain two", "figures"]
+    assert 'warmpool_sessions{tier="one"} 1.0' in metrics
+    assert 'warmpool_sessions_ended_total{reason="deleted"} 2.0' in metrics
+    assert dispatcher.calls == ["start", "tiers", "pools", "resize two 3 None", "drain two", "figures",
+                                "session_figures"]
+
+
+async def test_session_routes_go_through_the_dispatcher(recorded):
+    client, dispatcher = recorded
+    opened = await client.post("/v1/sessions", json={"idle_timeout_s": 30})
+    assert opened.status_code == 201 and opened.json()["calls"] == 3
+    sid = opened.json()["id"]
+    assert (await client.get(f"/v1/sessions/{sid}")).json()["idle_s"] == 2.0
+    assert (await client.post(f"/v1/sessions/{sid}/execute", json={"code": "x"})).json()["stdout"] == "recorded\n"
+    assert (await client.delete(f"/v1/sessions/{sid}")).status_code == 204
+    assert (await client.get("/v1/admin/sessions", headers=ADMIN)).json()["count"] == 1
+    assert dispatcher.calls == ["start", "open_session one python 30", "session", "session_execute", "execute one",
+                                "delete_session", "all_sessions"]
 
 
 @pytest.mark.parametrize(("refusal", "status"), [(NotSupported("no pool here"), 409),

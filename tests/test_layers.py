@@ -15,6 +15,7 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("pool.settings", 1),
     ("pool.sizes_file", 1),
     ("pool.background", 1),  # the owner of background tasks, shared by both back ends
+    ("pool.task_stream", 1),  # a streamed task's output for its followers, shared by both back ends
     ("pool.engine", 2),  # Docker: backend, containers, channel, tier pools, the manager, the embedded dispatcher
     ("runner_image", 2),  # the image build (Docker) and the in-container runner (stdlib only)
     ("pool.scaleout", 3),  # Redis: the scale-out dispatcher, membership, codec, the worker (over an engine)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 
@@ -27,6 +29,9 @@ RESET_TIMEOUT_S = 5.0
 # How long to wait for the engine to record the exit of a container that died under a task.
 DEATH_RECORD_WAIT_S = 3.0
 _serial = itertools.count(1)
+
+# Called with ("stdout" or "stderr", text) for each `output` frame of a streamed task; it must not block.
+OutputSink = Callable[[str, str], None]
 
 
 @dataclass(frozen=True)
@@ -65,23 +70,47 @@ class ContainerHandle:
             log.info("container %s lost its runner: %s", self.name, reason)
             self.on_lost(self, reason)
 
-    async def run(self, spec: TaskSpec, *, fsize_limit_bytes: int, nofile_limit: int) -> TaskResult:
-        """Run one task; a broken container gives a sandbox_error result (then it must be replaced)."""
+    async def run(self, spec: TaskSpec, *, fsize_limit_bytes: int, nofile_limit: int,
+                  on_output: OutputSink | None = None) -> TaskResult:
+        """Run one task; a broken container gives a sandbox_error result (then it must be replaced).
+        With `on_output`, the runner streams the task's output to it as it comes."""
         assert self.channel is not None
         self.uses += 1
+        frame = spec.run_frame(fsize_limit_bytes, nofile_limit, task_nproc_limit(self.tier))
+        if on_output is not None:
+            frame["stream"] = True
+        reply = await self.request(frame, "result", spec.timeout_s + RESULT_GRACE_S, on_output)
+        return reply if isinstance(reply, TaskResult) else self.result_of(reply)
+
+    async def request(self, frame: dict[str, Any], answer_op: str, timeout_s: float,
+                      on_output: OutputSink | None = None) -> dict[str, Any] | TaskResult:
+        """Send a request frame and wait for its `answer_op` reply, handing `output` frames to `on_output`
+        meanwhile. A broken channel, a late or out-of-turn answer is a sandbox_error result instead."""
+        assert self.channel is not None
+        request_id = frame["id"]
         try:
-            self.channel.send(spec.run_frame(fsize_limit_bytes, nofile_limit, task_nproc_limit(self.tier)))
-            frame = await self.channel.receive(spec.timeout_s + RESULT_GRACE_S)
+            self.channel.send(frame)
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    reply = await self.channel.receive(timeout_s)
+                    if reply.get("op") == "output" and reply.get("id") == request_id and on_output is not None:
+                        on_output(str(reply.get("stream")), str(reply.get("text", "")))
+                        continue
+                    break
         except ChannelClosed as exc:
-            return TaskResult.sandbox_error(spec.task_id, f"the sandbox container died during the task: {exc}")
+            return TaskResult.sandbox_error(request_id, f"the sandbox container died during the task: {exc}")
         except TimeoutError:
-            return TaskResult.sandbox_error(spec.task_id, "the runner did not answer within the deadline")
-        if frame.get("op") != "result" or frame.get("id") != spec.task_id:
-            return TaskResult.sandbox_error(spec.task_id, f"the runner answered out of turn: {frame.get('op')!r}")
+            return TaskResult.sandbox_error(request_id, "the runner did not answer within the deadline")
+        if reply.get("op") != answer_op or reply.get("id") != request_id:
+            return TaskResult.sandbox_error(request_id, f"the runner answered out of turn: {reply.get('op')!r}")
+        return reply
+
+    @staticmethod
+    def result_of(frame: dict[str, Any]) -> TaskResult:
         try:
             return TaskResult.from_frame(frame)
         except (KeyError, ValueError, TypeError) as exc:
-            return TaskResult.sandbox_error(spec.task_id, f"the runner sent a malformed result: {exc!r}")
+            return TaskResult.sandbox_error(str(frame.get("id", "")), f"the runner sent a malformed result: {exc!r}")
 
     async def await_reset(self, task_id: str) -> tuple[bool, str]:
         """Wait for the runner's verified reset after a task: (clean, detail)."""

@@ -1,5 +1,8 @@
 """Embedded mode: the API process owns the pool; async tasks are kept in memory for the result TTL,
-within the bounds of pool/result_bounds.py (per key: 429; in total: the oldest finished results go)."""
+within the bounds of pool/result_bounds.py (per key: 429; in total: the oldest finished results go).
+
+Streamed tasks, async tasks followed through their events, and sessions run here too (see
+`pool/task_stream.py` and `pool/engine/sessions.py`)."""
 
 from __future__ import annotations
 
@@ -14,13 +17,16 @@ from pool.background import TaskOwner
 from pool.engine.admin import PoolAdmin
 from pool.engine.backend import ContainerBackend
 from pool.engine.manager import PoolManager
+from pool.engine.sessions import SessionManager
 from pool.model.errors import Overloaded, PoolError, ResultEvicted, SandboxError
 from pool.model.images import describe
 from pool.model.result_bounds import ResultBook, pending_bytes, result_bytes
 from pool.model.results import TaskSpec
+from pool.model.sessions import SessionFigures, SessionInfo
 from pool.model.snapshots import AdminView, Drained, PoolsSnapshot, Resized, TierSnapshot
 from pool.model.tasks import Execution, TaskState, TaskView
 from pool.settings import Settings
+from pool.task_stream import TaskStream
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,7 @@ class _Record:
     error: PoolError | None = None
     total_ms: float = 0.0
     expires_at: float = field(default=float("inf"))  # monotonic; set when done
+    stream: TaskStream | None = None  # its output for followers, until it is done
 
 
 class EmbeddedDispatcher:
@@ -55,12 +62,15 @@ class EmbeddedDispatcher:
         # rather than failing their lease after lease_timeout_s.
         self._slots = {tier.name: asyncio.Semaphore(tier.max_size) for tier in settings.tiers}
         self._background = TaskOwner("async tasks")
+        self.sessions = SessionManager(self.pool, settings, worker=settings.instance_id)
 
     async def start(self) -> None:
         await self.pool.start()
+        await self.sessions.start()
 
     async def close(self) -> None:
         await self._background.close()
+        await self.sessions.close()
         await self.pool.close()
 
     async def execute(self, tier_name: str, spec: TaskSpec, wait_s: float) -> Execution:
@@ -75,7 +85,7 @@ class EmbeddedDispatcher:
         now = time.monotonic()
         self._evict(self._book.admit(spec.task_id, owner, pending_bytes(spec), now,
                                      pending_retry_s=self.settings.max_timeout_s))
-        record = _Record(owner=owner, tier_name=tier_name, submitted_at=now)
+        record = _Record(owner=owner, tier_name=tier_name, submitted_at=now, stream=TaskStream(spec.task_id))
         self._records[spec.task_id] = record
         self._background.spawn(self._run(record, tier_name, spec))
 
@@ -84,9 +94,11 @@ class EmbeddedDispatcher:
             record.state = TaskState.RUNNING
             return True
 
+        assert record.stream is not None
         try:
             async with self._slots[tier_name]:
-                record.execution = await self.pool.execute(tier_name, spec, start_gate=started)
+                record.execution = await self.pool.execute(tier_name, spec, start_gate=started,
+                                                           on_output=record.stream.write)
         except PoolError as exc:
             record.error = exc
         except Exception as exc:  # a bug, not the task's doing: answer it rather than leave it "running"
@@ -97,6 +109,9 @@ class EmbeddedDispatcher:
         record.expires_at = time.monotonic() + self.settings.result_ttl_s
         size = result_bytes(record.execution.result if record.execution else None)
         self._evict(self._book.finish(spec.task_id, size, record.expires_at))
+        # Done first, then the stream's end: its followers then read the task's final body.
+        record.stream.end(record.execution or record.error or SandboxError("no outcome"))
+        record.stream = None  # its followers hold it as long as they need it
 
     def _evict(self, task_ids: list[str]) -> None:
         for task_id in task_ids:
@@ -146,3 +161,80 @@ class EmbeddedDispatcher:
 
     async def drain(self, tier_name: str) -> Drained:
         return self.admin.drain(tier_name)
+
+    # streaming -------------------------------------------------------------------------------------
+    async def execute_stream(self, tier_name: str, spec: TaskSpec, wait_s: float) -> TaskStream:
+        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        stream = TaskStream(spec.task_id)
+
+        async def gate() -> bool:
+            if started.done():  # the request stopped waiting (its client went away): withdraw the task
+                return False
+            started.set_result(None)
+            return True
+
+        async def run() -> None:
+            try:
+                stream.end(await self.pool.execute(tier_name, spec, wait_s, start_gate=gate, on_output=stream.write))
+            except Exception as exc:
+                error = exc if isinstance(exc, PoolError) else SandboxError(f"internal error: {exc!r}")
+                if not isinstance(exc, PoolError):
+                    log.exception("streamed task %s failed inside the pool", spec.task_id)
+                if not started.done():
+                    started.set_exception(error)
+                stream.end(error)
+
+        self._background.spawn(run())
+        try:
+            await asyncio.shield(started)
+        except asyncio.CancelledError:
+            started.cancel()
+            raise
+        return stream
+
+    async def task_events(self, task_id: str, owner: str) -> TaskStream | TaskView | None:
+        record = self._records.get(task_id)
+        if record is not None and record.owner == owner and record.stream is not None:
+            return record.stream
+        return await self.task(task_id, owner)
+
+    # sessions --------------------------------------------------------------------------------------
+    async def open_session(self, tier_name: str, owner: str, image: str, idle_timeout_s: float,
+                           wait_s: float) -> SessionInfo:
+        return await self.sessions.open(tier_name, owner, image, idle_timeout_s, wait_s)
+
+    async def session(self, session_id: str, owner: str) -> SessionInfo:
+        return self.sessions.get(session_id, owner)
+
+    async def session_execute(self, session_id: str, owner: str, spec: TaskSpec) -> Execution:
+        return await self.sessions.execute(session_id, owner, spec)
+
+    async def session_stream(self, session_id: str, owner: str, spec: TaskSpec) -> TaskStream:
+        stream = TaskStream(spec.task_id)
+        call = self.sessions.start_call(session_id, owner, spec, on_output=stream.write)
+
+        def ended(task: asyncio.Task[Execution]) -> None:
+            if task.cancelled():
+                stream.end(SandboxError("the call was cancelled (the service is stopping)"))
+            elif isinstance(error := task.exception(), PoolError):
+                stream.end(error)
+            elif error is not None:
+                stream.end(SandboxError(f"internal error: {error!r}"))
+            else:
+                stream.end(task.result())
+
+        call.add_done_callback(ended)
+        return stream
+
+    async def delete_session(self, session_id: str, owner: str) -> None:
+        self.sessions.delete(session_id, owner)
+
+    async def all_sessions(self) -> tuple[SessionInfo, ...]:
+        return self.sessions.sessions()
+
+    async def session_figures(self) -> SessionFigures:
+        open_by_tier = {tier.name: 0 for tier in self.settings.tiers}
+        for info in self.sessions.sessions():
+            open_by_tier[info.tier.name] += 1
+        return SessionFigures(open_by_tier=tuple(open_by_tier.items()),
+                              ended_by_reason=tuple(sorted(self.sessions.ended_counts.items())))

@@ -17,7 +17,14 @@ import anyio
 
 from pool.background import TaskOwner
 from pool.engine.backend import INSTANCE_LABEL, ContainerBackend
-from pool.engine.container import ContainerHandle, CreateOptions, explain_loss, remove_container, start_container
+from pool.engine.container import (
+    ContainerHandle,
+    CreateOptions,
+    OutputSink,
+    explain_loss,
+    remove_container,
+    start_container,
+)
 from pool.engine.inventory import detect_gpu_ids, host_inventory, unfit_reason
 from pool.engine.modes import ColdMode, Mode, WarmMode
 from pool.engine.sandbox_spec import owner_is_alive, owner_token
@@ -169,8 +176,9 @@ class PoolManager:
 
     # leasing ---------------------------------------------------------------------------------------
     async def execute(self, tier_name: str, spec: TaskSpec, wait_s: float | None = None,
-                      start_gate: StartGate | None = None) -> Execution:
-        """Lease a container of the tier, run the task on it, and hand it back for reset."""
+                      start_gate: StartGate | None = None, on_output: OutputSink | None = None) -> Execution:
+        """Lease a container of the tier, run the task on it, and hand it back for reset. With `on_output`
+        the task's output is streamed to it as it comes (it must not block: the channel waits for no one)."""
         started = time.perf_counter()
         handle = await self.lease(tier_name, self.settings.lease_timeout_s if wait_s is None else wait_s)
         queue_ms = (time.perf_counter() - started) * 1000
@@ -185,13 +193,12 @@ class PoolManager:
                 raise TaskWithdrawn(f"task {spec.task_id} was withdrawn before it started")
         try:
             result = await handle.run(spec, fsize_limit_bytes=handle.tier.resources.storage_bytes,
-                                      nofile_limit=self.settings.nofile_limit)
+                                      nofile_limit=self.settings.nofile_limit, on_output=on_output)
         except BaseException:
             # Cancelled mid-task: the container's state is unknown, so it is not reused.
             self.retire(handle, RetireReason.CANCELLED)
             raise
-        if result.status == Status.SANDBOX_ERROR and not handle.alive:
-            result = await explain_loss(self.backend, handle, result)
+        result = await self.explain(handle, result)
         self._background.spawn(self._finish(handle, spec.task_id, result))
         return Execution(result=result, tier=handle.tier, queue_ms=queue_ms, container_name=handle.name,
                          worker=self.settings.instance_id)
@@ -213,14 +220,17 @@ class PoolManager:
 
     async def _finish(self, handle: ContainerHandle, task_id: str, result: TaskResult) -> None:
         """Await the runner's verified reset when the outcome allows one; return the container, or replace it."""
+        self.pools[handle.tier.name].stats.run_times.observe(result.status.value, result.run_ms / 1000)
+        await self._settle(handle, task_id, result.status)
+
+    async def _settle(self, handle: ContainerHandle, task_id: str, status: Status) -> None:
         pool = self.pools[handle.tier.name]
-        pool.stats.run_times.observe(result.status.value, result.run_ms / 1000)
-        verdict = pool.after_task(handle, status=result.status, closing=self._closing)
+        verdict = pool.after_task(handle, status=status, closing=self._closing)
         if verdict.fate == Fate.RESET:
             clean, detail = await handle.await_reset(task_id)
             if not clean:
                 log.warning("container %s not clean after a task: %s", handle.name, detail)
-            verdict = pool.after_task(handle, status=result.status, reset_clean=clean, closing=self._closing)
+            verdict = pool.after_task(handle, status=status, reset_clean=clean, closing=self._closing)
         if verdict.reason is not None:
             await self._retire(handle, verdict.reason)
             return
@@ -243,6 +253,33 @@ class PoolManager:
         pool.stats.created += 1
         pool.busy.add(handle)
         return handle
+
+    async def explain(self, handle: ContainerHandle, result: TaskResult) -> TaskResult:
+        """A sandbox_error whose container died: memory_exceeded when the kernel's OOM killer did it."""
+        if result.status == Status.SANDBOX_ERROR and not handle.alive:
+            return await explain_loss(self.backend, handle, result)
+        return result
+
+    # sessions: a lease held across calls -----------------------------------------------------------
+    async def lease_session(self, tier_name: str, wait_s: float) -> ContainerHandle:
+        """A container of the tier held for one session until `release` or `retire`; busy all along, so it
+        counts against the tier's max_size and the host's capacity like any lease."""
+        handle = await self.lease(tier_name, wait_s)
+        handle.uses += 1
+        return handle
+
+    def give_back(self, handle: ContainerHandle) -> None:
+        """A leased container that never received code goes back to the pool as it is (it is still clean)."""
+        self._give_back(handle)
+
+    def note_run(self, handle: ContainerHandle, result: TaskResult) -> None:
+        """Count a session call's run time with the tier's tasks."""
+        self.pools[handle.tier.name].stats.run_times.observe(result.status.value, result.run_ms / 1000)
+
+    def release(self, handle: ContainerHandle, frame_id: str, status: Status = Status.SUCCEEDED) -> None:
+        """The runner is resetting a session's container (answering `frame_id`): await that verified reset
+        when the outcome allows one, then return the container to the pool, or replace it."""
+        self._background.spawn(self._settle(handle, frame_id, status))
 
     # retiring --------------------------------------------------------------------------------------
     def retire(self, handle: ContainerHandle, reason: RetireReason) -> None:

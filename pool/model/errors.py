@@ -8,10 +8,13 @@
     ├── NotSupported            this mode cannot do that (yet): admin of the pools in scale-out mode
     ├── NoCapacity              no container could be leased in time (retry later)
     │   └── Overloaded          too many tasks already wait for the tier (refused at once; HTTP 429)
+    │       └── TooManySessions the key holds as many sessions as it may (HTTP 429)
     ├── BackendUnavailable      Docker (or Redis) does not answer (retry later)
     ├── SandboxError            a container or its runner broke; the container is replaced
     ├── ResultEvicted           an async task's result was evicted to keep the results bound (HTTP 404)
-    └── TaskWithdrawn           a leased task was withdrawn before its code was sent (nothing ran)
+    ├── TaskWithdrawn           a leased task was withdrawn before its code was sent (nothing ran)
+    ├── SessionGone             no such session for this key: unknown, or ended (says why; HTTP 404)
+    └── SessionBusy             a call of the session is running already (HTTP 409)
 
 A task's own timeout, OOM or crash is never one of these: it is data in `TaskResult`.
 """
@@ -78,3 +81,22 @@ class ResultEvicted(PoolError):
 
 class TaskWithdrawn(PoolError):
     """The task's start gate said no (abandoned, answered elsewhere, or its store is down): nothing ran."""
+
+
+class TooManySessions(Overloaded):
+    """The key already holds WARMPOOL_MAX_SESSIONS_PER_KEY sessions."""
+
+
+class SessionGone(PoolError):
+    """No session by this id for this key: never opened, another key's, or ended; `reason` says why it
+    ended when that is known (and it was this key's)."""
+
+    def __init__(self, session_id: str, reason: str | None = None) -> None:
+        super().__init__(f"session {session_id!r} has ended: {reason}" if reason
+                         else f"no session {session_id!r}")
+        self.session_id = session_id
+        self.reason = reason
+
+
+class SessionBusy(PoolError):
+    """A call of the session is still running; calls run one at a time."""

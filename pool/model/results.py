@@ -91,6 +91,7 @@ class TaskResult:
     message: str = ""
     files: tuple[OutputFile, ...] = ()
     files_truncated: bool = False
+    session_ended: str | None = None  # a session call only: why the call ended its session, else None
 
     @classmethod
     def from_frame(cls, frame: dict[str, Any]) -> TaskResult:
@@ -108,6 +109,7 @@ class TaskResult:
             usage=Usage(cpu_s=float(usage.get("cpu_s", 0.0)), max_rss_bytes=int(usage.get("max_rss_bytes", 0))),
             files=output_files(frame.get("files") or ()),
             files_truncated=bool(frame.get("files_truncated", False)),
+            session_ended=None if frame.get("session_ended") is None else str(frame["session_ended"]),
         )
 
     @classmethod

@@ -6,28 +6,36 @@ outcome reaches its waiter once, and outcomes pushed while the reader was reconn
 A waiter that runs out of time withdraws its task if no worker has started it yet (it then never runs)
 and answers 503. Async tasks are read back from their hash. Every Redis failure is BackendUnavailable
 (503); a full stream is Overloaded (429); a tier no live worker serves is NoCapacity (503).
+
+Streamed tasks' output comes back through Redis too (pool/scaleout/output_relay.py); sessions are in
+pool/scaleout/session_client.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from pool.background import TaskOwner
 from pool.model.backoff import Backoff
-from pool.model.errors import BackendUnavailable, NoCapacity, NotSupported, Overloaded, ResultEvicted
+from pool.model.errors import BackendUnavailable, NoCapacity, NotSupported, Overloaded, ResultEvicted, SandboxError
 from pool.model.images import describe
 from pool.model.result_bounds import pending_bytes, refusal
 from pool.model.results import TaskSpec
+from pool.model.sessions import SessionFigures, SessionInfo
 from pool.model.snapshots import AdminView, Drained, Resized, TierSnapshot
 from pool.model.tasks import RESULT_GRACE_S, Execution, TaskState, TaskView
 from pool.scaleout.membership import BEATS_TO_DEATH, ClusterView, parse_beat
+from pool.scaleout.output_relay import FOLLOW_BLOCK_S, follow
 from pool.scaleout.redis_io import Held, Keys, Refusal, Scripts, connect, redis_errors
-from pool.scaleout.task_codec import MalformedEntry, Outcome, StreamEntry
+from pool.scaleout.session_client import RedisSessions
+from pool.scaleout.task_codec import MalformedEntry, Outcome, SessionOpen, StreamEntry
 from pool.settings import Settings
+from pool.task_stream import TaskStream
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,7 @@ START_SLACK_S = 1.0  # beyond the lease wait, for a worker to read the task and 
 REPLY_SLACK_S = 2.0  # beyond timeout + grace: the hops and the worker's own bookkeeping
 ABANDONED_TTL_MS = 60_000
 MAX_BACKOFF_S = 2.0
+T = TypeVar("T")
 ADMIN_NOT_SUPPORTED = "this process runs no pool of its own to see or size (scale-out mode: the pools are the workers')"
 
 
@@ -67,7 +76,13 @@ class RedisDispatcher:
         self.scripts = Scripts(self.redis, settings.redis_prefix)
         self.cluster = ClusterView()
         self._waiters: dict[str, asyncio.Future[Outcome]] = {}
+        # Replies that are not a task's outcome (session opens, calls, closes): the parsed JSON, by id.
+        self.raw_waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._background = TaskOwner("redis dispatcher")
+        # Streamed output is read with blocking XREADs, one per follower, on clients of their own.
+        self.follow_redis = connect(settings.redis_url, blocking_s=FOLLOW_BLOCK_S)
+        self.sessions = RedisSessions(self)
+        self._followed: dict[str, TaskStream] = {}  # async tasks being followed: one reader each, however many clients
 
     async def start(self) -> None:
         await self._refresh_cluster()
@@ -79,8 +94,12 @@ class RedisDispatcher:
         for waiter in self._waiters.values():
             if not waiter.done():
                 waiter.set_exception(BackendUnavailable("the API is shutting down"))
+        for raw_waiter in self.raw_waiters.values():
+            if not raw_waiter.done():
+                raw_waiter.set_exception(BackendUnavailable("the API is shutting down"))
         await self.redis.aclose()
         await self.blocking.aclose()
+        await self.follow_redis.aclose()
 
     # tasks -----------------------------------------------------------------------------------------
     async def execute(self, tier_name: str, spec: TaskSpec, wait_s: float) -> Execution:
@@ -100,18 +119,22 @@ class RedisDispatcher:
 
     async def submit(self, tier_name: str, spec: TaskSpec, owner: str) -> None:
         self._require_worker(tier_name)
+        # Streamed to Redis (bounded, short-lived) so that GET /v1/tasks/{id}/events can follow it.
         await self._submit(tier_name, spec, kind="async", owner=owner, reply_to="",
                            lease_wait_s=self.settings.lease_timeout_s,
-                           held=Held(owner=owner, size_bytes=pending_bytes(spec), bounds=self.settings.result_bounds()))
+                           held=Held(owner=owner, size_bytes=pending_bytes(spec), bounds=self.settings.result_bounds()),
+                           stream=True)
 
     async def _submit(self, tier_name: str, spec: TaskSpec, *, kind: str, owner: str, reply_to: str,
-                      lease_wait_s: float, held: Held | None = None) -> None:
+                      lease_wait_s: float, held: Held | None = None, stream: bool = False,
+                      session: SessionOpen | None = None) -> None:
         now = time.time()
         # The API's result TTL, results bound and the request's container wait travel with the task: the
         # worker applies them.
         entry = StreamEntry(spec=spec, reply_to=reply_to, submitted_unix=now,
                             result_ttl_ms=int(self.settings.result_ttl_s * 1000), lease_wait_s=lease_wait_s,
-                            max_result_bytes=self.settings.max_result_bytes if held else 0)
+                            max_result_bytes=self.settings.max_result_bytes if held else 0, stream=stream,
+                            session=session)
         record = {"state": "queued", "kind": kind, "tier": tier_name, "owner": owner, "submitted_unix": repr(now)}
         with redis_errors("queue the task"):
             added = await self.scripts.submit(self.keys.stream(tier_name), self.keys.task(spec.task_id),
@@ -124,8 +147,7 @@ class RedisDispatcher:
             raise Overloaded(f"tier {tier_name!r} already has {self.settings.max_queued} tasks waiting or "
                             "running; retry later", retry_after_s=max(1.0, spec.timeout_s / 2))
 
-    async def _wait(self, tier_name: str, spec: TaskSpec, waiter: asyncio.Future[Outcome], lease_wait_s: float,
-                    ) -> Outcome:
+    async def _wait(self, tier_name: str, spec: TaskSpec, waiter: asyncio.Future[T], lease_wait_s: float) -> T:
         """Wait for the reply; if none came once the task should have started, look at it once.
 
         Not started by then (still queued): it is withdrawn, so it never runs, and the answer is 503, as for
@@ -207,8 +229,14 @@ class RedisDispatcher:
 
     def _deliver(self, raw: str) -> None:
         try:
-            outcome = Outcome.from_json(raw)
-        except MalformedEntry as exc:
+            body = json.loads(raw)
+            raw_waiter = self.raw_waiters.get(str(body.get("id")))
+            if raw_waiter is not None:
+                if not raw_waiter.done():
+                    raw_waiter.set_result(body)
+                return
+            outcome = Outcome.from_body(body)
+        except (MalformedEntry, ValueError, AttributeError) as exc:
             log.error("dropping a malformed reply: %s", exc)
             return
         waiter = self._waiters.get(outcome.task_id)
@@ -294,3 +322,97 @@ class RedisDispatcher:
 
     async def drain(self, tier_name: str) -> Drained:
         raise NotSupported(ADMIN_NOT_SUPPORTED)
+
+    # streaming -------------------------------------------------------------------------------------
+    async def execute_stream(self, tier_name: str, spec: TaskSpec, wait_s: float) -> TaskStream:
+        self._require_worker(tier_name)
+        waiter: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._waiters[spec.task_id] = waiter
+        try:
+            await self._submit(tier_name, spec, kind="sync", owner="", reply_to=self.reply_key, lease_wait_s=wait_s,
+                               stream=True)
+        except BaseException:
+            self._waiters.pop(spec.task_id, None)
+            raise
+
+        async def answer() -> Execution:
+            try:
+                return (await self._wait(tier_name, spec, waiter, wait_s)).raise_or_execution()
+            finally:
+                self._waiters.pop(spec.task_id, None)
+
+        stream, started = TaskStream(spec.task_id), asyncio.get_running_loop().create_future()
+        answering = self._background.spawn(answer())
+        self._background.spawn(self._follow(spec.task_id, stream, answering, started))
+        try:
+            await asyncio.shield(started)
+        except asyncio.CancelledError:  # the client went away before the task started: withdraw it
+            started.cancel()
+            self._background.spawn(self._abandon_quietly(tier_name, spec.task_id))
+            raise
+        return stream
+
+    async def _follow(self, task_id: str, stream: TaskStream, answer: asyncio.Task[Execution],
+                      started: asyncio.Future[None] | None = None, keep_output: bool = False) -> None:
+        key = self.keys.output(task_id)
+        await follow(self.follow_redis, key, stream, answer, started)
+        if not keep_output:  # a synchronous task's output has one reader, and it is done
+            try:
+                with redis_errors("drop a task's output"):
+                    await self.redis.delete(key)
+            except BackendUnavailable:
+                pass  # it expires anyway
+
+    async def task_events(self, task_id: str, owner: str) -> TaskStream | TaskView | None:
+        view = await self.task(task_id, owner)
+        if view is None or view.state == TaskState.DONE:
+            return view
+        if (shared := self._followed.get(task_id)) is not None:
+            return shared
+
+        async def answer() -> Execution:
+            """The task's answer, from its hash once it is done (its output's end marker may be lost)."""
+            while True:
+                current = await self.task(task_id, owner)
+                if current is None:
+                    raise SandboxError(f"task {task_id} is gone (expired, or Redis lost it)")
+                if current.state == TaskState.DONE:
+                    if current.execution is None:
+                        raise current.error or SandboxError("the task ended without a result")
+                    return current.execution
+                await asyncio.sleep(FOLLOW_BLOCK_S)
+
+        stream = self._followed[task_id] = TaskStream(task_id)
+
+        async def follow_then_forget() -> None:
+            try:
+                await self._follow(task_id, stream, self._background.spawn(answer()), keep_output=True)
+            finally:
+                self._followed.pop(task_id, None)
+
+        self._background.spawn(follow_then_forget())
+        return stream
+
+    # sessions (pool/scaleout/session_client.py) ----------------------------------------------------
+    async def open_session(self, tier_name: str, owner: str, image: str, idle_timeout_s: float,
+                           wait_s: float) -> SessionInfo:
+        self._require_worker(tier_name)
+        return await self.sessions.open(tier_name, owner, image, idle_timeout_s, wait_s)
+
+    async def session(self, session_id: str, owner: str) -> SessionInfo:
+        return await self.sessions.get(session_id, owner)
+
+    async def session_execute(self, session_id: str, owner: str, spec: TaskSpec) -> Execution:
+        return await self.sessions.execute(session_id, owner, spec)
+
+    async def session_stream(self, session_id: str, owner: str, spec: TaskSpec) -> TaskStream:
+        return await self.sessions.stream(session_id, owner, spec)
+
+    async def delete_session(self, session_id: str, owner: str) -> None:
+        await self.sessions.delete(session_id, owner)
+
+    async def all_sessions(self) -> tuple[SessionInfo, ...]:
+        return await self.sessions.all()
+
+    async def session_figures(self) -> SessionFigures:
+        return await self.sessions.figures()

@@ -12,6 +12,11 @@ Layout (every key starts with the configured prefix, `warmpool` by default):
                         so each is delivered once even across reconnects.
     {p}:worker:{id}     a worker's heartbeat (JSON, expires after three missed beats); {p}:workers is the
                         set of their ids.
+    {p}:out:{id}        stream: a streamed task's output (pool/scaleout/output_relay.py); capped, expiring.
+    {p}:session:{id}    hash: a session's state (opening, open, ended), reason, owner, tier, worker, calls,
+                        busy, last_used_unix; {p}:sessions-of:{owner} the set of an owner's open ones;
+                        {p}:sessions-ended counts endings by reason.
+    {p}:calls:{worker}  list: session calls and closes for the worker holding the session (BLPOP).
 
 State changes are Lua scripts, so that each is atomic and a retried call is harmless: a task goes from
 queued to running once (the worker that got the container), and to done once (the first outcome wins;
@@ -59,6 +64,23 @@ class Keys:
     @property
     def workers(self) -> str:
         return f"{self.prefix}:workers"
+
+    # streamed output and sessions (pool/scaleout/output_relay.py, session_client.py, session_worker.py)
+    def output(self, task_id: str) -> str:
+        return f"{self.prefix}:out:{task_id}"
+
+    def session(self, session_id: str) -> str:
+        return f"{self.prefix}:session:{session_id}"
+
+    def owner_sessions(self, owner: str) -> str:
+        return f"{self.prefix}:sessions-of:{owner}"
+
+    def calls(self, worker_id: str) -> str:
+        return f"{self.prefix}:calls:{worker_id}"
+
+    @property
+    def sessions_ended(self) -> str:
+        return f"{self.prefix}:sessions-ended"
 
 
 def connect(url: str, *, blocking_s: float = 0.0) -> aioredis.Redis:

@@ -15,15 +15,25 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pool.model.errors import BackendUnavailable, NoCapacity, Overloaded, PoolError, SandboxError
+from pool.model.errors import (
+    BackendUnavailable,
+    NoCapacity,
+    Overloaded,
+    PoolError,
+    SandboxError,
+    SessionBusy,
+    SessionGone,
+    TooManySessions,
+)
 from pool.model.resources import Resources
 from pool.model.results import DEFAULT_OUTPUT_FILES_BYTES, InputFile, Status, TaskResult, TaskSpec, Usage, output_files
 from pool.model.tasks import Execution
 from pool.model.tiers import Tier
 
-# Most specific first: Overloaded is a NoCapacity (429 rather than 503).
+# Most specific first: Overloaded is a NoCapacity (429 rather than 503), TooManySessions an Overloaded.
 _ERROR_KINDS: dict[str, type[PoolError]] = {
-    "overloaded": Overloaded, "no_capacity": NoCapacity, "backend_unavailable": BackendUnavailable,
+    "too_many_sessions": TooManySessions, "overloaded": Overloaded, "no_capacity": NoCapacity,
+    "backend_unavailable": BackendUnavailable, "session_gone": SessionGone, "session_busy": SessionBusy,
     "sandbox_error": SandboxError}
 
 
@@ -44,6 +54,8 @@ class StreamEntry:
     result_ttl_ms: int  # how long the outcome of an async task is kept (the API's setting)
     lease_wait_s: float  # the request's wait for a container (its max_wait_ms, within the lease timeout)
     max_result_bytes: int = 0  # an async task's bound on a stored result (the API's setting); 0: none
+    stream: bool = False  # relay the task's output through Redis as it comes (pool/scaleout/output_relay.py)
+    session: SessionOpen | None = None  # not a task: open this session (pool/scaleout/session_worker.py)
 
     def to_fields(self) -> dict[str, str]:
         spec = self.spec
@@ -57,6 +69,11 @@ class StreamEntry:
                                           for f in spec.files])
         if spec.outputs:
             fields["outputs"] = json.dumps(list(spec.outputs))
+        if self.stream:
+            fields["stream"] = "1"
+        if self.session is not None:
+            fields.update(session="open", owner=self.session.owner, image=self.session.image,
+                          idle_timeout_s=repr(self.session.idle_timeout_s))
         return fields
 
     @classmethod
@@ -70,11 +87,24 @@ class StreamEntry:
                         files=_files(fields), outputs=_outputs(fields),
                         max_output_files_bytes=int(_number(fields, "max_output_files_bytes", whole=True))
                         if "max_output_files_bytes" in fields else DEFAULT_OUTPUT_FILES_BYTES)
+        session = None if fields.get("session") != "open" else SessionOpen(
+            owner=_text(fields, "owner"), image=_text(fields, "image"),
+            idle_timeout_s=_number(fields, "idle_timeout_s", positive=True))
         return cls(spec=spec, reply_to=fields.get("reply_to", ""),
                    submitted_unix=_number(fields, "submitted_unix"),
                    result_ttl_ms=int(_number(fields, "result_ttl_ms", positive=True, whole=True)),
                    lease_wait_s=_number(fields, "lease_wait_s"),
-                   max_result_bytes=int(_number(fields, "max_result_bytes", whole=True)))
+                   max_result_bytes=int(_number(fields, "max_result_bytes", whole=True)),
+                   stream=fields.get("stream") == "1", session=session)
+
+
+@dataclass(frozen=True)
+class SessionOpen:
+    """A stream entry that opens a session rather than running a task: whose, on which image, how long idle."""
+
+    owner: str
+    image: str
+    idle_timeout_s: float
 
 
 def _files(fields: Mapping[str, str]) -> tuple[InputFile, ...]:
@@ -128,7 +158,7 @@ class Outcome:
     total_ms: float = 0.0  # submission to result
 
     def to_json(self) -> str:
-        body: dict[str, Any] = {"id": self.task_id, "worker": self.worker, "tier": _tier_dict(self.tier),
+        body: dict[str, Any] = {"id": self.task_id, "worker": self.worker, "tier": tier_dict(self.tier),
                                 "queue_ms": self.queue_ms, "total_ms": self.total_ms}
         if self.execution is not None:
             result = asdict(self.execution.result)
@@ -137,16 +167,21 @@ class Outcome:
             body["container"] = self.execution.container_name
             body["ran_on"] = self.execution.worker  # differs from `worker` for a lost worker's task
         if self.error is not None:
-            kind = next((k for k, cls in _ERROR_KINDS.items() if isinstance(self.error, cls)), "sandbox_error")
-            body["error"] = {"kind": kind, "message": str(self.error),
-                             "retry_after_s": getattr(self.error, "retry_after_s", 1.0)}
+            body["error"] = error_json(self.error)
         return json.dumps(body, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: str) -> Outcome:
         try:
             body = json.loads(raw)
-            tier = _tier_from(body["tier"])
+        except ValueError as exc:
+            raise MalformedEntry(f"bad outcome: {exc!r}") from exc
+        return cls.from_body(body)
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Outcome:
+        try:
+            tier = tier_from(body["tier"])
             execution: Execution | None = None
             error: PoolError | None = None
             if "result" in body:
@@ -158,7 +193,7 @@ class Outcome:
                                       container_name=str(body.get("container", "")),
                                       worker=str(body.get("ran_on", body["worker"])))
             if "error" in body:
-                error = _error_from(body["error"])
+                error = error_from(body["error"])
             return cls(task_id=str(body["id"]), worker=str(body["worker"]), tier=tier, execution=execution,
                        error=error, queue_ms=float(body["queue_ms"]), total_ms=float(body["total_ms"]))
         except (KeyError, TypeError, ValueError) as exc:
@@ -182,8 +217,22 @@ def worker_lost(task_id: str, worker: str, tier: Tier, dead_worker: str, queue_m
                    total_ms=total_ms)
 
 
-def _error_from(raw: dict[str, Any]) -> PoolError:
+def error_json(error: PoolError) -> dict[str, Any]:
+    kind = next((k for k, cls in _ERROR_KINDS.items() if isinstance(error, cls)), "sandbox_error")
+    body = {"kind": kind, "message": str(error), "retry_after_s": getattr(error, "retry_after_s", 1.0)}
+    if isinstance(error, SessionGone):
+        body.update(session_id=error.session_id, reason=error.reason)
+    return body
+
+
+def error_from(raw: dict[str, Any]) -> PoolError:
     message, retry_after_s = str(raw["message"]), float(raw.get("retry_after_s", 1.0))
+    if raw["kind"] == "too_many_sessions":
+        return TooManySessions(message, retry_after_s=retry_after_s)
+    if raw["kind"] == "session_gone":
+        return SessionGone(str(raw.get("session_id", "")), raw.get("reason"))
+    if raw["kind"] == "session_busy":
+        return SessionBusy(message)
     if raw["kind"] == "overloaded":
         return Overloaded(message, retry_after_s=retry_after_s)
     if raw["kind"] == "no_capacity":
@@ -193,11 +242,11 @@ def _error_from(raw: dict[str, Any]) -> PoolError:
     return SandboxError(message)
 
 
-def _tier_dict(tier: Tier) -> dict[str, Any]:
+def tier_dict(tier: Tier) -> dict[str, Any]:
     return {"name": tier.name, **tier.resources.as_dict(), "runtime": tier.runtime, "image": tier.image}
 
 
-def _tier_from(raw: dict[str, Any]) -> Tier:
+def tier_from(raw: dict[str, Any]) -> Tier:
     return Tier(name=str(raw["name"]), runtime=str(raw.get("runtime", "runc")), image=str(raw.get("image", "python")),
                 resources=Resources(cpu=float(raw["cpu"]), gpu=int(raw["gpu"]), ram_bytes=int(raw["ram_bytes"]),
                                     storage_bytes=int(raw["storage_bytes"])))

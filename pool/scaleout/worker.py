@@ -40,6 +40,7 @@ from pool.model.errors import BackendUnavailable, InvalidRequest, PoolError
 from pool.model.tasks import RESULT_GRACE_S
 from pool.scaleout.membership import BEATS_TO_DEATH, beat_json
 from pool.scaleout.redis_io import GROUP, Keys, Scripts, connect, is_nogroup, redis_errors
+from pool.scaleout.session_worker import WorkerSessions
 from pool.scaleout.worker_tasks import TaskHandler
 from pool.settings import Settings, from_env
 
@@ -75,13 +76,16 @@ class Worker:
         self._handlers = TaskOwner("worker tasks")  # one per task in hand: drained at shutdown
         self._keeper = TaskOwner("worker keeper")  # keeps in-hand entries claimed until the drain ends
         self._sweeping = False
+        self.sessions = WorkerSessions(self.worker_id, self.settings, self.pool, self.keys, self.redis, self.blocking,
+                                       self.scripts, on_freed=self._wake_readers)
         self.handler = TaskHandler(self.worker_id, self.settings, self.pool, self.keys, self.redis, self.scripts,
-                                   on_peer_lost=self._sweep_orphans)
+                                   on_peer_lost=self._sweep_orphans, sessions=self.sessions)
 
     # lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Warm the pool first, so that the first heartbeat announces a worker that can answer at once."""
         await self.pool.start()
+        await self.sessions.start()
         if not await self.pool.wait_warm(WARM_WAIT_S):
             log.warning("the pool is not warm after %.0f s; serving anyway", WARM_WAIT_S)
         for tier_name in self.inflight:
@@ -97,6 +101,7 @@ class Worker:
             self._loops.spawn(self._read_loop(tier_name))
         self._loops.spawn(self._claim_loop())
         self._loops.spawn(self._heartbeat_loop())
+        self._loops.spawn(self.sessions.calls_loop())
         self._keeper.spawn(self._keep_claimed_loop())
         log.info("worker %s serving tiers %s", self.worker_id, list(self.inflight))
 
@@ -114,6 +119,7 @@ class Worker:
             await self._handlers.wait(self.settings.max_timeout_s + RESULT_GRACE_S + 5)
         await self._handlers.close()
         await self._keeper.close()
+        await self.sessions.close()  # recorded as ended ("worker stopped") before the containers go
         await self.pool.close()
         await self.redis.aclose()
         await self.blocking.aclose()
@@ -127,8 +133,15 @@ class Worker:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
+    def _wake_readers(self) -> None:
+        """A session ended: its container may take a task now."""
+        for freed in self._freed.values():
+            freed.set()
+
     def _free(self, tier_name: str) -> int:
-        return self.pool.pools[tier_name].max_size - len(self.inflight[tier_name])
+        """Tasks of the tier we may take now: containers neither running one nor held by a session."""
+        held = len(self.inflight[tier_name]) + self.sessions.held_in(tier_name)
+        return self.pool.pools[tier_name].max_size - held
 
     # loops -----------------------------------------------------------------------------------------
     async def _read_loop(self, tier_name: str) -> None:

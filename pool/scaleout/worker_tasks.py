@@ -18,7 +18,9 @@ from pool.engine.manager import PoolManager
 from pool.model.backoff import Backoff
 from pool.model.errors import BackendUnavailable, PoolError, TaskWithdrawn
 from pool.model.tasks import Execution
+from pool.scaleout.output_relay import OutputRelay
 from pool.scaleout.redis_io import GROUP, Keys, Scripts, redis_errors
+from pool.scaleout.session_worker import WorkerSessions
 from pool.scaleout.task_codec import MalformedEntry, Outcome, StreamEntry, worker_lost
 from pool.settings import Settings
 
@@ -40,6 +42,7 @@ class TaskHandler:
     redis: aioredis.Redis
     scripts: Scripts
     on_peer_lost: Callable[[], None]  # a peer died mid-task: sweep the containers it left
+    sessions: WorkerSessions | None = None  # opens the sessions entries ask for (pool/scaleout/session_worker.py)
 
     async def handle(self, tier_name: str, entry_id: str, fields: dict[str, str], *, claimed: bool) -> None:
         """Run the entry's task (or answer it, for a claimed one that had started) and store the outcome."""
@@ -53,6 +56,9 @@ class TaskHandler:
                     await self.scripts.forget(self.keys.task(fields.get("id", "")), stream, entry_id)
                 return
             if claimed and not await self._claimed_needs_run(tier_name, entry_id, entry):
+                return
+            if entry.session is not None and self.sessions is not None:
+                await self.sessions.open(tier_name, entry_id, entry, self.finalize_payload)
                 return
             await self._run(tier_name, entry_id, entry)
         except BackendUnavailable as exc:
@@ -97,11 +103,22 @@ class TaskHandler:
                 raise
             return verdict == "run"
 
+        # A streamed task's output goes to Redis as it comes (pool/scaleout/output_relay.py); its start marker
+        # tells the waiting API that the task runs, so that errors before that stay plain HTTP errors.
+        relay = OutputRelay(self.redis, self.keys.output(spec.task_id), entry.result_ttl_ms) if entry.stream else None
+
+        async def gate() -> bool:
+            go = await mark_running()
+            if go and relay is not None:
+                relay.start()
+            return go
+
         execution: Execution | None = None
         error: PoolError | None = None
         try:
             wait_s = min(self.settings.lease_timeout_s, entry.lease_wait_s)  # the request's max_wait_ms, 0 included
-            execution = await self.pool.execute(tier_name, spec, wait_s=wait_s, start_gate=mark_running)
+            execution = await self.pool.execute(tier_name, spec, wait_s=wait_s, start_gate=gate,
+                                                on_output=relay.write if relay is not None else None)
         except TaskWithdrawn:
             if verdict != "running":  # "running": another worker holds it now; not ours to acknowledge
                 with redis_errors("drop a withdrawn task"):
@@ -111,6 +128,9 @@ class TaskHandler:
             if verdict == "redis_down":
                 raise
             error = exc  # no container in time, or our engine is down: the task did not run
+        finally:
+            if relay is not None:
+                await relay.close()  # its end marker goes out before the outcome does
         now = time.time()
         queue_ms = max(0.0, (started_unix or now) - entry.submitted_unix) * 1000
         if execution is not None:
@@ -121,24 +141,27 @@ class TaskHandler:
         await self._finalize(tier_name, entry_id, entry, outcome)
 
     async def _finalize(self, tier_name: str, entry_id: str, entry: StreamEntry, outcome: Outcome) -> None:
-        """Store the outcome and wake the waiter; retried while Redis is away (the entry stays ours)."""
+        await self.finalize_payload(tier_name, entry_id, entry, outcome.task_id, outcome.to_json())
+
+    async def finalize_payload(self, tier_name: str, entry_id: str, entry: StreamEntry, task_id: str,
+                               payload: str) -> None:
+        """Store the answer and wake the waiter; retried while Redis is away (the entry stays ours)."""
         deadline = time.monotonic() + FINALIZE_RETRY_S
         backoff = Backoff()
-        payload = outcome.to_json()
         while True:
             try:
                 with redis_errors("store the result"):
                     stored = await self.scripts.finalize(
-                        self.keys.task(outcome.task_id), self.keys.stream(tier_name), entry.reply_to,
+                        self.keys.task(task_id), self.keys.stream(tier_name), entry.reply_to,
                         entry_id, payload, ttl_ms=entry.result_ttl_ms,
-                        reply_ttl_ms=REPLY_TTL_MS, sync_ttl_ms=SYNC_DONE_TTL_MS, task_id=outcome.task_id,
+                        reply_ttl_ms=REPLY_TTL_MS, sync_ttl_ms=SYNC_DONE_TTL_MS, task_id=task_id,
                         max_held_bytes=entry.max_result_bytes)
                 if stored != "stored":
-                    log.info("task %s was already %s: its outcome from %s is dropped", outcome.task_id, stored,
+                    log.info("task %s was already %s: its outcome from %s is dropped", task_id, stored,
                              self.worker_id)
                 return
             except BackendUnavailable as exc:
                 if time.monotonic() > deadline:
-                    log.error("the outcome of task %s is lost: %s", outcome.task_id, exc)
+                    log.error("the outcome of task %s is lost: %s", task_id, exc)
                     raise
                 await asyncio.sleep(backoff.next_s())

@@ -24,7 +24,11 @@ FUZZ_TIERS = {"tiers": [{"name": "fuzz", "cpu": 0.5, "ram": "128MiB", "storage":
 
 def test_fuzzing_the_openapi_schema_never_gives_a_500(serve):
     # Random code runs for real, in the sandbox; a short default timeout keeps an accidental loop cheap.
-    svc = serve(tiers=FUZZ_TIERS, env={"WARMPOOL_DEFAULT_TIMEOUT_S": "2", "WARMPOOL_MAX_TIMEOUT_S": "3"})
+    # Sessions hold a container each: one per key, idle out after a second, so that the fuzz of POST /v1/sessions
+    # never leaves the tier without a container for the other operations (they would wait for one, then 503).
+    svc = serve(tiers=FUZZ_TIERS, env={"WARMPOOL_DEFAULT_TIMEOUT_S": "2", "WARMPOOL_MAX_TIMEOUT_S": "3",
+                                       "WARMPOOL_MAX_SESSIONS_PER_KEY": "1", "WARMPOOL_SESSION_IDLE_TIMEOUT_S": "1",
+                                       "WARMPOOL_MAX_SESSION_IDLE_S": "1"})
     schema = schemathesis.openapi.from_url(f"{svc.base_url}/openapi.json")
     failures: list[str] = []
     seen: collections.Counter[tuple[str, str, int]] = collections.Counter()
