@@ -57,8 +57,9 @@ class SessionExecute(BaseModel):
     stdin: str = Field(default="", description="Text given to this call on standard input")
     timeout_s: float | None = Field(default=None, gt=0, description="This call's wall-clock limit; at it the "
                                     "code is interrupted (KeyboardInterrupt) and the session keeps its state")
-    # `files` and `outputs` (DESIGN.md 1a) join here once tasks take them (issue 11): they go into the spec
-    # that build_spec makes, and the runner's session_run sends them like a run.
+    # `files` and `outputs` (DESIGN.md 1a) are not taken here yet: tasks take them (pool/model/files.py);
+    # a call's would go into the spec that build_spec makes, and the runner's session_run would have to write
+    # them and collect outputs in the session's interpreter as task_child does (runner_image/taskfiles.py).
 
 
 class SessionOut(BaseModel):
