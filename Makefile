@@ -11,7 +11,7 @@ API_PORT ?= 8000
 REDIS_PORT ?= $(or $(WARMPOOL_TEST_REDIS_PORT),6399)
 PYTEST_ARGS ?=
 
-.PHONY: venv docker image redis run test check lint bench bench-scaleout bench-stream
+.PHONY: venv docker image redis run test check lint bench bench-scaleout bench-stream bench-clients
 
 venv: $(STAMP)
 
@@ -50,8 +50,16 @@ redis:
 run: venv docker image
 	$(VENV)/bin/warmpool serve --host $(API_HOST) --port $(API_PORT)
 
+# The cluster tests run a worker on a second Docker engine of this machine (scripts/ensure-docker2.sh):
+# started here with the runner image loaded into it, and stopped when the suite ends (its data root,
+# and so the loaded image, is kept for the next run).
+DOCKER2_SOCK ?= /run/warmpool-docker2.sock
+
 test: venv docker image redis
-	WARMPOOL_TEST_REDIS_URL=redis://127.0.0.1:$(REDIS_PORT)/0 $(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	WARMPOOL_DOCKER2_SOCK=$(DOCKER2_SOCK) bash scripts/ensure-docker2.sh start
+	status=0; WARMPOOL_TEST_REDIS_URL=redis://127.0.0.1:$(REDIS_PORT)/0 \
+	  WARMPOOL_TEST_DOCKER2_HOST=unix://$(DOCKER2_SOCK) $(VENV)/bin/pytest -q $(PYTEST_ARGS) || status=$$?; \
+	WARMPOOL_DOCKER2_SOCK=$(DOCKER2_SOCK) bash scripts/ensure-docker2.sh stop; exit $$status
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -78,3 +86,8 @@ bench-scaleout: venv docker image redis
 # plain one, embedded and scale-out; replaces its section "Streaming and sessions" of benchmarks/RESULTS.md.
 bench-stream: venv docker image redis
 	$(PY) benchmarks/stream_sessions.py --markdown benchmarks/RESULTS.md
+
+# Bounded (about 2 minutes): a 100-task batch's throughput and the Python client's overhead over raw HTTP;
+# writes its section "Batches and the Python client" of benchmarks/RESULTS.md.
+bench-clients: venv docker image
+	$(PY) benchmarks/clients.py

@@ -15,10 +15,13 @@ from fastapi import FastAPI
 
 from api.admin import router as admin_router
 from api.auth import AuthBeforeBody
+from api.batch import router as batch_router
+from api.callback_relay import CallbackRelay
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit, limiter_from
+from api.mcp_http import install_mcp
 from api.metrics import install_metrics
-from api.routes import router
+from api.routes import router, task_body
 from api.sessions import admin_router as session_admin_router
 from api.sessions import router as session_router
 from pool.dispatch import Dispatcher, create_dispatcher
@@ -37,15 +40,21 @@ def create_app(settings: Settings | None = None,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         dispatcher = dispatcher_factory(settings)
         app.state.dispatcher = dispatcher
+        relay = CallbackRelay(dispatcher, settings, task_body) if settings.callback_allow else None
         try:
             await dispatcher.start()
+            if relay is not None:
+                await relay.start()
             if not settings.api_keys:
                 log.warning("no WARMPOOL_API_KEYS set: every caller is anonymous, so `warmpool serve` listens on "
                             "loopback only; set WARMPOOL_API_KEYS to serve other hosts")
             if settings.redis_url:
                 log.info("scale-out mode: tasks go to workers through Redis (prefix %r)", settings.redis_prefix)
-            yield
+            async with app.state.mcp.session_manager.run():  # MCP sessions end before the dispatcher closes
+                yield
         finally:
+            if relay is not None:
+                await relay.close()
             await dispatcher.close()
 
     app = FastAPI(title="warmpool", version="0.1.0", lifespan=lifespan,
@@ -56,8 +65,10 @@ def create_app(settings: Settings | None = None,
     app.add_middleware(AuthBeforeBody)  # added last, so it runs first: no body is read for a wrong key
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(batch_router)
     app.include_router(session_router)
     app.include_router(admin_router)
     app.include_router(session_admin_router)
+    app.state.mcp = install_mcp(app, settings)
     install_metrics(app)
     return app

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 # Where AuthBeforeBody leaves the key it checked, so that the route's dependency does not hash it again.
 _CHECKED_KEY = "warmpool.api_key"
+MCP_PATH = "/mcp"  # the MCP endpoint (api/mcp_http.py) takes the same API keys as /v1/
 
 
 def _bearer(request: Request) -> str | None:
@@ -69,7 +70,7 @@ async def require_admin_key(request: Request) -> None:
 
 
 class AuthBeforeBody:
-    """Pure ASGI: a request under /v1/ whose key is missing or wrong is answered 401/403 before any of its
+    """Pure ASGI: a request under /v1/ (or to /mcp) whose key is missing or wrong is answered 401/403 before any of its
     body is read, and, when it announced a body, with `connection: close`, so the rest is never read.
 
     Without it a flood of unauthenticated uploads costs the body cap's worth of memory and reading each
@@ -80,7 +81,7 @@ class AuthBeforeBody:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith("/v1/"):
+        if scope["type"] != "http" or not (path.startswith("/v1/") or path == MCP_PATH):
             await self.app(scope, receive, send)
             return
         request = Request(scope)

@@ -89,6 +89,21 @@ def pool_families(pools: PoolsSnapshot) -> Iterable[Metric]:
         yield gauge
 
 
+def with_label(families: Iterable[Metric], name: str, value: str) -> Iterable[Metric]:
+    """The families with one more label on every sample (a worker's figures carry `worker`)."""
+    for family in families:
+        family.samples = [sample._replace(labels={name: value, **sample.labels}) for sample in family.samples]
+        yield family
+
+
+def render_pools(pools: PoolsSnapshot, worker: str | None = None) -> bytes:
+    """The pools' figures of one scrape, in Prometheus's text format (labelled by `worker` when given)."""
+    families = pool_families(pools)
+    scrape = CollectorRegistry(auto_describe=False)
+    scrape.register(_Families(families if worker is None else with_label(families, "worker", worker)))
+    return generate_latest(scrape)
+
+
 class _Families(Collector):
     """Hands prometheus_client the families of one scrape."""
 
@@ -144,9 +159,7 @@ def install_metrics(app: FastAPI) -> CollectorRegistry:
         sessions = render_session_metrics(await dispatcher.session_figures()) if dispatcher is not None else b""
         body = generate_latest(registry) + sessions
         if pools is not None:
-            scrape = CollectorRegistry(auto_describe=False)
-            scrape.register(_Families(pool_families(pools)))
-            body = generate_latest(scrape) + body
+            body = render_pools(pools) + body
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     app.add_api_route("/metrics", metrics, methods=["GET"], response_class=Response)

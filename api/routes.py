@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from api.auth import require_api_key
+from api.callback_http import submission_refusal
 from api.errors import invalid_body
 from api.json_body import BodyRoute
 from api.limits import require_task_quota
-from api.schemas import ExecuteRequest, ExecuteResponse, ImageOut, ResourcesIn, TaskAccepted, TaskPending, TierOut
+from api.schemas import (
+    ExecuteRequest,
+    ExecuteResponse,
+    ImageOut,
+    ResourcesIn,
+    TaskAccepted,
+    TaskPending,
+    TaskRequest,
+    TierOut,
+)
 from api.state import dispatcher_of, settings_of
 from api.streaming import result_response, stream_response, wants_stream
 from pool.dispatch import owner_of
+from pool.model.callback_rules import CallbackPolicy
 from pool.model.errors import InvalidRequest, PoolError
 from pool.model.files import check_outputs, decode_files
 from pool.model.resources import ResourceRequest, format_bytes
@@ -151,30 +163,56 @@ async def execute(body: ExecuteRequest, request: Request, _key: str = Depends(re
     return JSONResponse(execution_body(execution, spec.task_id, (time.perf_counter() - started) * 1000))
 
 
+async def callback_refusal(url: str | None, settings: Settings) -> str | None:
+    """Why a task's callback_url is refused (not allowed, or not a URL), checked at submission; None if fine."""
+    if url is None:
+        return None
+    return await submission_refusal(callback_policy(settings.callback_allow), url)
+
+
+@functools.lru_cache(maxsize=4)
+def callback_policy(entries: tuple[str, ...]) -> CallbackPolicy:
+    return CallbackPolicy.parse(entries)
+
+
+def accepted(task_id: str) -> dict[str, str]:
+    return {"id": task_id, "status": "queued", "link": f"/v1/tasks/{task_id}"}
+
+
 @router.post("/v1/tasks", status_code=202, response_model=TaskAccepted,
              responses={413: {"description": "Body, code or stdin too large"},
-                        422: {"description": "Invalid request"},
+                        422: {"description": "Invalid request, or a callback_url the server does not allow"},
                         429: {"description": "Over this key's rate, or the tier's queue is full (Retry-After)"},
                         503: {"description": "No worker serves the tier, or a backend is down (Retry-After)"}})
-async def submit_task(body: ExecuteRequest, request: Request, key: str = Depends(require_task_quota)) -> Any:
+async def submit_task(body: TaskRequest, request: Request, key: str = Depends(require_task_quota)) -> Any:
     """Queue a snippet to run in the background; poll `link` for its state and then its result.
 
-    The result is kept for the server's result TTL after the task ends; only the same API key can read it."""
-    prepared = prepare(body, settings_of(request))
+    `GET link?wait_s=N` waits up to N seconds for the end. With `callback_url`, the result body is also
+    POSTed there when the task ends, signed (`X-Warmpool-Signature`). The result is kept for the server's
+    result TTL after the task ends; only the same API key can read it. Tasks waiting for a tier take turns
+    by API key, so one key's many tasks do not hold back another key's."""
+    settings = settings_of(request)
+    prepared = prepare(body, settings)
     if isinstance(prepared, JSONResponse):
         return prepared
     spec, tier = prepared
-    await dispatcher_of(request).submit(tier.name, spec, owner_of(key))
-    link = f"/v1/tasks/{spec.task_id}"
-    return JSONResponse(status_code=202, content={"id": spec.task_id, "status": "queued", "link": link},
-                        headers={"Location": link})
+    refusal = await callback_refusal(body.callback_url, settings)
+    if refusal is not None:
+        return invalid_body("callback_url", refusal)
+    await dispatcher_of(request).submit(tier.name, spec, owner_of(key), body.callback_url or "")
+    content = accepted(spec.task_id)
+    return JSONResponse(status_code=202, content=content, headers={"Location": content["link"]})
 
 
 @router.get("/v1/tasks/{task_id}", response_model=ExecuteResponse | TaskPending,
             responses={404: {"description": "Unknown task, or its result expired"}})
-async def get_task(task_id: str, request: Request, key: str = Depends(require_api_key)) -> Any:
+async def get_task(task_id: str, request: Request, key: str = Depends(require_api_key),
+                   wait_s: float = Query(default=0.0, ge=0, le=30, allow_inf_nan=False,
+                                         description="Long poll: answer as soon as the task ends, or after this "
+                                                     "many seconds with its pending state")) -> Any:
     """An async task: `queued` or `running` while pending, then the full result, as /v1/execute answers it."""
-    view = await dispatcher_of(request).task(task_id, owner_of(key)) if _TASK_ID.fullmatch(task_id) else None
+    known = _TASK_ID.fullmatch(task_id)
+    view = await dispatcher_of(request).task(task_id, owner_of(key), wait_s) if known else None
     if view is None:
         return JSONResponse(status_code=404, content={"detail": f"no task {task_id!r} (unknown, or expired)"})
     return JSONResponse(task_body(view))

@@ -85,6 +85,23 @@ class ExecuteRequest(BaseModel):
                     "can be had in time the answer is 503 with Retry-After from the tier's observed waits")
 
 
+class TaskRequest(ExecuteRequest):
+    """An async task: a snippet as /v1/execute takes it, and optionally where to POST its result."""
+
+    callback_url: str | None = Field(
+        default=None, max_length=2048,
+        description="When the task ends, its result body is POSTed here, signed in X-Warmpool-Signature "
+                    "(sha256=<hex HMAC-SHA256 of the body>); only hosts the server allows (WARMPOOL_CALLBACK_ALLOW)")
+
+
+class BatchRequest(BaseModel):
+    """Several async tasks in one request: all are queued, or none (one invalid task makes it a 422)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[TaskRequest] = Field(min_length=1, description="At most the server's WARMPOOL_MAX_BATCH (100)")
+
+
 class ResourcesOut(BaseModel):
     cpu: float
     gpu: int
@@ -134,6 +151,10 @@ class TaskAccepted(BaseModel):
     id: str
     status: Literal["queued"]
     link: str = Field(description="Where to poll: GET it for the state, then the result")
+
+
+class BatchAccepted(BaseModel):
+    tasks: list[TaskAccepted] = Field(description="One per task, in the order they were sent")
 
 
 class TaskPending(BaseModel):

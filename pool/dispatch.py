@@ -9,12 +9,13 @@ and readiness. A task's own failure is data (`Execution.result`); a pool error t
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from pool.model.results import TaskSpec
 from pool.model.sessions import SessionFigures, SessionInfo
 from pool.model.snapshots import AdminView, Drained, PoolsSnapshot, Resized, TierSnapshot
-from pool.model.tasks import Execution, TaskView
+from pool.model.tasks import DueCallback, Execution, Submission, TaskView
 from pool.settings import Settings
 from pool.task_stream import Chunk, TaskStream
 
@@ -35,12 +36,27 @@ class Dispatcher(Protocol):
         it could not run."""
         ...
 
-    async def submit(self, tier_name: str, spec: TaskSpec, owner: str) -> None:
+    async def submit(self, tier_name: str, spec: TaskSpec, owner: str, callback_url: str = "") -> None:
         """Queue the task to run in the background; raises Overloaded past the bound."""
         ...
 
-    async def task(self, task_id: str, owner: str) -> TaskView | None:
-        """The task if `owner` submitted it and its result has not expired, else None."""
+    async def submit_many(self, submissions: Sequence[Submission], owner: str) -> None:
+        """Queue every task or none (Overloaded past a tier's bound). Async tasks of a tier are shared
+        fairly between owners: each owner with tasks waiting gets a turn in round-robin order."""
+        ...
+
+    async def task(self, task_id: str, owner: str, wait_s: float = 0.0) -> TaskView | None:
+        """The task if `owner` submitted it and its result has not expired, else None; with `wait_s`, answered
+        when it ends or after that long, whichever comes first (without polling)."""
+        ...
+
+    async def due_callbacks(self, limit: int, wait_s: float) -> list[DueCallback]:
+        """Up to `limit` callback attempts that are due, claimed for this process (no other sends them
+        meanwhile); waits at most `wait_s` for one."""
+        ...
+
+    async def callback_finished(self, due: DueCallback, delivered: bool) -> None:
+        """The outcome of a claimed attempt: forgotten when delivered, else retried later or given up."""
         ...
 
     async def tiers(self) -> tuple[TierSnapshot, ...]:

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pool.model import images as catalogue
+from pool.model.callback_rules import CallbackPolicy
 from pool.model.errors import InvalidRequest
 from pool.model.images import ImageSpec
 from pool.model.resources import parse_bytes, parse_number
@@ -90,9 +91,20 @@ class Settings:
     result_ttl_s: float = 600.0
     max_queued: int = 1000  # per tier: tasks waiting or running (a Redis stream's length); past it, 429
     heartbeat_s: float = 1.0  # a worker beats this often; missing three beats, it is gone
-    visibility_timeout_s: float = 10.0  # a dead worker's unfinished tasks are claimed after this long
+    # A dead worker's unfinished tasks are claimed after this long (and once its beat has expired): with
+    # three 1 s beats, a SIGKILLed worker's tasks are answered within about 3.5 s.
+    visibility_timeout_s: float = 3.0
+    worker_grace_s: float = 30.0  # on SIGTERM, how long a worker lets the tasks in hand finish
     worker_tiers: tuple[str, ...] = ()  # the tiers a worker serves; empty: all of them
     mode: str = "warm"
+    max_batch: int = 100  # tasks in one POST /v1/tasks/batch
+    # Callbacks: hosts or CIDRs that callback_url may name; empty (the default) turns callbacks off, because
+    # a server that POSTs wherever a client says is a request-forgery hole into the operator's network.
+    callback_allow: tuple[str, ...] = ()
+    callback_secret: str = ""  # HMAC-SHA256 key of X-Warmpool-Signature; required when callback_allow is set
+    callback_retry_s: float = 60.0  # retries with backoff stop once the first attempt is this old
+    callback_attempt_timeout_s: float = 10.0  # one attempt, connection included
+    callback_concurrency: int = 16  # attempts in flight at once, per API process
     # Sessions hold a container each: bounded per key, and closed after this long without a call (the
     # request's idle_timeout_s when it names one, up to max_session_idle_s).
     max_sessions_per_key: int = 4
@@ -189,6 +201,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         raise InvalidRequest("WARMPOOL_ADMIN_KEY", "must differ from every key in WARMPOOL_API_KEYS")
     defaults = Settings()
     max_files_bytes = parse_bytes("WARMPOOL_MAX_FILES_BYTES", _get(env, "MAX_FILES_BYTES") or defaults.max_files_bytes)
+    callback_allow, callback_secret = _list(env, "CALLBACK_ALLOW"), _get(env, "CALLBACK_SECRET") or ""
+    if callback_allow and not callback_secret:
+        raise InvalidRequest("WARMPOOL_CALLBACK_SECRET", "is required when WARMPOOL_CALLBACK_ALLOW is set: "
+                             "receivers check each callback's signature with it")
+    CallbackPolicy.parse(callback_allow)  # refuse a garbled allowlist at start, not at the first callback
     settings = Settings(
         tiers=tiers,
         images=images,
@@ -238,8 +255,15 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         max_queued=_int(env, "MAX_QUEUED", defaults.max_queued),
         heartbeat_s=_float(env, "HEARTBEAT_S", defaults.heartbeat_s),
         visibility_timeout_s=_float(env, "VISIBILITY_TIMEOUT_S", defaults.visibility_timeout_s),
+        worker_grace_s=_float0(env, "WORKER_GRACE_S", defaults.worker_grace_s),
         worker_tiers=_list(env, "WORKER_TIERS"),
         mode=mode,
+        max_batch=_int(env, "MAX_BATCH", defaults.max_batch),
+        callback_allow=callback_allow,
+        callback_secret=callback_secret,
+        callback_retry_s=_float(env, "CALLBACK_RETRY_S", defaults.callback_retry_s),
+        callback_attempt_timeout_s=_float(env, "CALLBACK_ATTEMPT_TIMEOUT_S", defaults.callback_attempt_timeout_s),
+        callback_concurrency=_int(env, "CALLBACK_CONCURRENCY", defaults.callback_concurrency),
         max_sessions_per_key=int(_float0(env, "MAX_SESSIONS_PER_KEY", defaults.max_sessions_per_key)),
         session_idle_timeout_s=_float(env, "SESSION_IDLE_TIMEOUT_S", defaults.session_idle_timeout_s),
         max_session_idle_s=_float(env, "MAX_SESSION_IDLE_S", defaults.max_session_idle_s),

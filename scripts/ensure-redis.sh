@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Make sure a throwaway redis-server answers on 127.0.0.1:PORT (for the tests and local scale-out runs).
+# Make sure a redis-server answers on 127.0.0.1:PORT (for the tests and local scale-out runs).
 #
 # Usage: ensure-redis.sh [PORT]   (default: $WARMPOOL_TEST_REDIS_PORT, else 6399)
-# No persistence: nothing is saved, so a restart starts empty. Installs Debian's redis-server when it is
-# missing and we are root. Idempotent: a server that already answers PONG is left alone.
+# Persistence: AOF (appendonly yes, appendfsync everysec) in the run dir, so queued tasks, results and
+# the cluster's pool sizes survive a restart; a crash of the machine or of redis-server loses at most
+# the last second of writes. RDB snapshots are off (--save ''): the AOF is the one copy.
+# Installs Debian's redis-server when it is missing and we are root. Idempotent: a server that already
+# answers PONG is left alone.
 set -euo pipefail
 
 PORT=${1:-${WARMPOOL_TEST_REDIS_PORT:-6399}}
@@ -36,7 +39,7 @@ mkdir -p "$RUN_DIR"
 say "starting redis-server on 127.0.0.1:$PORT (dir: $RUN_DIR)"
 # --daemonize makes redis fork into its own session; our stdio goes to a file so that nothing it
 # inherits holds make's (or CI's) output pipes open.
-redis-server --port "$PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
+redis-server --port "$PORT" --bind 127.0.0.1 --save '' --appendonly yes --appendfsync everysec --daemonize yes \
     --dir "$RUN_DIR" --pidfile "$RUN_DIR/redis.pid" --logfile "$RUN_DIR/redis.log" \
     </dev/null >>"$RUN_DIR/start.log" 2>&1 || die "redis-server failed to start; see $RUN_DIR/start.log"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -36,7 +37,7 @@ TEST_TIERS = {"tiers": [
 # Fixtures that need a Docker engine or a Redis (directly or through the fixtures they use). A test that
 # uses one must carry the matching marker, so that `make check` (-m "not docker and not redis") never
 # needs either; pytest_collection_modifyitems refuses a test that forgot it.
-NEEDS = {"docker": ("docker_client", "runner_image", "datascience"), "redis": ("redis_url", "redis_server")}
+NEEDS = {"docker": ("docker_client", "runner_image", "datascience", "docker2"), "redis": ("redis_url", "redis_server")}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -69,6 +70,32 @@ def docker_client() -> Iterator[docker.DockerClient]:
             pytest.fail(f"image {spec.docker_image} ({spec.name}) is missing or stale: run `make image` "
                         "(with the same WARMPOOL_IMAGE* variables as the tests)")
     yield client
+    client.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """A Docker engine a worker may use: its address (DOCKER_HOST; None: the default) and a client."""
+
+    host: str | None
+    client: docker.DockerClient
+
+
+@pytest.fixture(scope="session")
+def docker2(docker_client) -> Iterator[Engine]:
+    """A second engine on this machine ("another host"): `make test` starts it (scripts/ensure-docker2.sh)
+    with the runner image loaded, and exports WARMPOOL_TEST_DOCKER2_HOST; its absence is a failure."""
+    host = os.environ.get("WARMPOOL_TEST_DOCKER2_HOST")
+    if not host:
+        pytest.fail("WARMPOOL_TEST_DOCKER2_HOST is required (run `make test`, which starts a second engine)")
+    try:
+        client = docker.DockerClient(base_url=host)
+        client.ping()
+        client.images.get(IMAGE)
+    except Exception as exc:  # noqa: BLE001 - any reason is the same message
+        pytest.fail(f"a second Docker engine with image {IMAGE} is required at {host} "
+                    f"(bash scripts/ensure-docker2.sh start): {exc}")
+    yield Engine(host, client)
     client.close()
 
 
@@ -198,14 +225,14 @@ def redis_url() -> str:
 
 
 @pytest.fixture
-def redis_server(tmp_path) -> Iterator[Callable[[], object]]:
+def redis_server(tmp_path) -> Iterator[Callable[..., object]]:
     """Start redis-servers of the test's own (to stop and restart); every one is stopped at the end."""
     from tests.scaleout_support import RedisServer
 
     servers: list[RedisServer] = []
 
-    def start() -> RedisServer:
-        server = RedisServer(tmp_path / f"redis-{len(servers)}")
+    def start(appendonly: bool = False) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis-{len(servers)}", appendonly=appendonly)
         server.start()
         servers.append(server)
         return server

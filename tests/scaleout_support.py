@@ -22,7 +22,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import REPO, Service, _free_port
+from tests.conftest import REPO, Engine, Service, _free_port
 
 # Short enough that fault tests take seconds, long enough for a loaded 2-core machine.
 FAST_FAULTS = {"WARMPOOL_HEARTBEAT_S": "0.5", "WARMPOOL_VISIBILITY_TIMEOUT_S": "2"}
@@ -55,9 +55,10 @@ def wait_for(predicate: Any, timeout_s: float = 30, what: str = "condition") -> 
 class RedisServer:
     """A throwaway redis-server on a loopback port, which a test may stop and start again (same port)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, appendonly: bool = False) -> None:
         if shutil.which("redis-server") is None:
             pytest.fail("redis-server is required (make test installs it)")
+        self.appendonly = appendonly  # as scripts/ensure-redis.sh sets it up: AOF, fsync every second
         self.port = _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.workdir = workdir
@@ -66,7 +67,8 @@ class RedisServer:
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
              "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=1)
         try:
@@ -91,8 +93,10 @@ def _pings(client: redis.Redis) -> bool:
 class WorkerProcess:
     """A `warmpool worker` process."""
 
-    def __init__(self, process: subprocess.Popen[bytes], instance_id: str, log_path: Path, log: IO[str]) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], instance_id: str, log_path: Path, log: IO[str],
+                 engine: docker.DockerClient) -> None:
         self.process = process
+        self.engine = engine  # the Docker engine its containers run on
         self.instance_id = instance_id
         self.log_path = log_path
         self.log = log
@@ -133,13 +137,18 @@ class Cluster:
     def _env(self, instance_id: str, extra: dict[str, str] | None) -> dict[str, str]:
         return {**os.environ, **self.env, "WARMPOOL_INSTANCE_ID": instance_id, **(extra or {})}
 
-    def worker(self, env: dict[str, str] | None = None, wait: bool = True) -> WorkerProcess:
+    def worker(self, env: dict[str, str] | None = None, wait: bool = True, engine: Engine | None = None,
+               args: tuple[str, ...] = ()) -> WorkerProcess:
+        """A `warmpool worker` process, on `engine` (default: the first engine) with extra `args`."""
         instance_id = f"wk-{secrets.token_hex(4)}"
         log_path = self.tmp_path / f"{instance_id}.log"
         log = open(log_path, "w")  # noqa: SIM115 - closed with the process
-        process = subprocess.Popen([sys.executable, "-m", "warmpool", "worker"], env=self._env(instance_id, env),
+        full_env = self._env(instance_id, env)
+        if engine is not None and engine.host:
+            full_env["DOCKER_HOST"] = engine.host
+        process = subprocess.Popen([sys.executable, "-m", "warmpool", "worker", *args], env=full_env,
                                    stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        worker = WorkerProcess(process, instance_id, log_path, log)
+        worker = WorkerProcess(process, instance_id, log_path, log, engine.client if engine else self.docker)
         self.workers.append(worker)
         if wait:
             def beating() -> bool:
@@ -189,9 +198,9 @@ class Cluster:
         leftovers = []
         for worker in self.workers:
             worker.stop()
-            left = container_ids(self.docker, worker.instance_id)
+            left = container_ids(worker.engine, worker.instance_id)
             for container_id in left:
-                remove_quietly(self.docker, container_id)
+                remove_quietly(worker.engine, container_id)
             if not worker.killed:
                 leftovers += [(worker.instance_id, container_id[:12]) for container_id in left]
         try:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from api.app import create_app
 from pool.model.errors import NotSupported, UnknownTier
@@ -31,7 +32,7 @@ from pool.model.snapshots import (
     TierCounters,
     TierSnapshot,
 )
-from pool.model.tasks import Execution, TaskState, TaskView
+from pool.model.tasks import DueCallback, Execution, Submission, TaskState, TaskView
 from pool.model.warming import WarmingPolicy
 from pool.settings import Settings, from_env
 from tests.conftest import TEST_TIERS
@@ -89,12 +90,22 @@ class RecordingDispatcher:
         result = TaskResult(task_id=spec.task_id, status=Status.SUCCEEDED, exit_code=0, stdout="recorded\n")
         return Execution(result=result, tier=tier, queue_ms=0.0, container_name="c", worker="w")
 
-    async def submit(self, tier_name: str, spec: TaskSpec, owner: str) -> None:
+    async def submit(self, tier_name: str, spec: TaskSpec, owner: str, callback_url: str = "") -> None:
         self.calls.append(f"submit {tier_name}")
 
-    async def task(self, task_id: str, owner: str) -> TaskView | None:
-        self.calls.append("task")
+    async def submit_many(self, submissions: Sequence[Submission], owner: str) -> None:
+        self.calls.append("submit_many " + ",".join(s.tier_name for s in submissions))
+
+    async def task(self, task_id: str, owner: str, wait_s: float = 0.0) -> TaskView | None:
+        self.calls.append(f"task {wait_s:g}")
         return TaskView(task_id=task_id, state=TaskState.RUNNING, tier=self.settings.tiers[0])
+
+    async def due_callbacks(self, limit: int, wait_s: float) -> list[DueCallback]:
+        self.calls.append("due_callbacks")
+        return []
+
+    async def callback_finished(self, due: DueCallback, delivered: bool) -> None:
+        self.calls.append("callback_finished")
 
     async def tiers(self) -> tuple[TierSnapshot, ...]:
         self.calls.append("tiers")
@@ -180,9 +191,14 @@ async def test_task_routes_go_through_the_dispatcher(recorded):
         "recorded\n"
     accepted = (await client.post("/v1/tasks", json={"code": "x"})).json()
     assert (await client.get(accepted["link"])).json() == {"id": accepted["id"], "status": "running"}
+    assert (await client.get(accepted["link"], params={"wait_s": 2})).json()["status"] == "running"
+    batch = await client.post("/v1/tasks/batch", json={"tasks": [{"code": "x"}, {"code": "y", "resources": {
+        "ram": "200MiB"}}]})
+    assert batch.status_code == 202 and len(batch.json()["tasks"]) == 2
     assert (await client.get("/readyz")).json() == {"ready": True, "checks": {"recorded": True}}
     assert (await client.get("/v1/images")).json()[0]["docker_image"] == "recorded:tag"
-    assert dispatcher.calls == ["start", "execute two", "submit one", "task", "readiness", "images"]
+    assert dispatcher.calls == ["start", "execute two", "submit one", "task 0", "task 2", "submit_many one,two",
+                                "readiness", "images"]
 
 
 async def test_tier_views_admin_and_metrics_are_rendered_from_the_dispatchers_snapshots(recorded):
@@ -239,16 +255,31 @@ async def test_admin_refusals_come_through_the_door(settings, refusal: Exception
 
 
 @pytest.mark.redis
-async def test_scale_out_admin_is_409_through_the_door_and_tiers_are_the_clusters(settings, redis_url: str):
-    """The real scale-out dispatcher over a real Redis, with no worker: no pool to size, nothing served."""
-    s = settings(WARMPOOL_REDIS_URL=redis_url, WARMPOOL_REDIS_PREFIX=f"door-{secrets.token_hex(4)}")
+async def test_scale_out_admin_goes_through_the_door_and_tiers_are_the_clusters(settings, redis_url: str):
+    """The real scale-out dispatcher over a real Redis, with no worker: the cluster's sizes are kept for
+    workers to come, nothing is served (tests/test_cluster.py has the workers)."""
+    prefix = f"door-{secrets.token_hex(4)}"
+    s = settings(WARMPOOL_REDIS_URL=redis_url, WARMPOOL_REDIS_PREFIX=prefix)
     async with serve_in_process(create_app(s)) as client:
-        response = await client.get("/v1/admin/pools", headers=ADMIN)
-        assert response.status_code == 409 and "scale-out" in response.json()["detail"]
-        assert (await client.post("/v1/admin/pools/one/drain", headers=ADMIN)).status_code == 409
+        pools = (await client.get("/v1/admin/pools", headers=ADMIN)).json()
+        assert [(t["name"], t["idle"], t["workers"]) for t in pools["tiers"]] == [("one", 0, []), ("two", 0, [])]
+        assert pools["persisted"] is True and f"{prefix}:sizes:" in pools["note"]
+        resized = (await client.patch("/v1/admin/pools/two", json={"min_idle": 1}, headers=ADMIN)).json()
+        assert resized["workers"] == [] and resized["persisted"] is True
+        refused = await client.patch("/v1/admin/pools/two", json={"min_idle": 9}, headers=ADMIN)
+        assert refused.status_code == 422 and "max_size" in refused.text, "checked against the stored sizes"
+        assert (await client.post("/v1/admin/pools/one/drain", headers=ADMIN)).json() == {
+            "tier": "one", "idle_replaced": 0, "busy_replaced_when_done": 0, "starting_replaced_when_ready": 0,
+            "workers": []}
+        assert (await client.patch("/v1/admin/pools/nine", json={"min_idle": 1}, headers=ADMIN)).status_code == 404
         tiers: list[dict[str, Any]] = (await client.get("/v1/tiers")).json()
         assert [(t["name"], t["workers"], t["queued"], t["idle"]) for t in tiers] == [("one", 0, 0, 0),
                                                                                        ("two", 0, 0, 0)]
         assert (await client.get("/readyz")).json() == {"ready": False, "checks": {"redis": True, "workers": False}}
         metrics = (await client.get("/metrics")).text
         assert "warmpool_request_duration_seconds" in metrics and "warmpool_containers" not in metrics
+    cleanup = redis.Redis.from_url(redis_url)
+    keys = list(cleanup.scan_iter(f"{prefix}:*"))
+    assert keys, "the sizes were kept in Redis"
+    cleanup.delete(*keys)
+    cleanup.close()

@@ -16,6 +16,8 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("pool.sizes_file", 1),
     ("pool.background", 1),  # the owner of background tasks, shared by both back ends
     ("pool.task_stream", 1),  # a streamed task's output for its followers, shared by both back ends
+    ("warmpool.client", 1),  # the Python client: httpx only, nothing of the server (test_client checks it runs so)
+    ("warmpool.mcp", 1),  # the MCP tools over the client, served by `warmpool mcp` and by the API's /mcp
     ("pool.engine", 2),  # Docker: backend, containers, channel, tier pools, the manager, the embedded dispatcher
     ("runner_image", 2),  # the image build (Docker) and the in-container runner (stdlib only)
     ("pool.scaleout", 3),  # Redis: the scale-out dispatcher, membership, codec, the worker (over an engine)
@@ -150,8 +152,9 @@ def test_the_model_imports_no_io():
 
 
 def test_the_api_reaches_the_pools_only_through_the_dispatcher():
-    """api/ may use the door (pool.dispatch), the model's values and the settings: no engine, no Redis."""
-    allowed = ("pool.dispatch", "pool.model", "pool.settings")
+    """api/ may use the door (pool.dispatch), the model's values and the settings: no engine, no Redis. And
+    pool.background, the owner of background tasks (the callback relay's), which touches no pool."""
+    allowed = ("pool.dispatch", "pool.model", "pool.settings", "pool.background")
     files = sources()
     around = sorted(f"{module} imports {target}" for module, targets in graph().items() if module.startswith("api.")
                     for target in targets if target.startswith("pool.")
@@ -182,3 +185,12 @@ def test_the_checks_catch_what_they_look_for():
     assert layer_of("api.routes") == 5 and layer_of("pool.modelling") is None
     imports = imports_of(REPO / "pool" / "dispatch.py", set(sources()))
     assert "pool.settings" in imports and "pool.engine.embedded" in imports, "lazy imports inside functions count"
+
+
+def test_the_client_stands_alone():
+    """warmpool.client imports only itself (and httpx): a client needs nothing of the server."""
+    edges = graph()
+    strays = sorted(f"{module} imports {target}" for module, targets in edges.items()
+                    if module.startswith("warmpool.client") for target in targets
+                    if not target.startswith("warmpool.client"))
+    assert strays == []

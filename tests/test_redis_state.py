@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from pool.model.errors import NoCapacity
+from pool.model.errors import NoCapacity, Overloaded
 from pool.model.resources import Resources
 from pool.model.results import Status, TaskResult, TaskSpec, Usage
 from pool.model.tasks import Execution
@@ -78,8 +78,9 @@ async def _state_machine(url: str) -> None:
         await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
 
         async def submit(task_id: str, kind: str = "sync") -> object:
-            return await scripts.submit(stream, keys.task(task_id), max_len=2, pending_ttl_ms=60_000,
-                                        entry={"id": task_id}, record={"state": "queued", "kind": kind})
+            return await scripts.submit(stream, keys.task(task_id), keys.backlog_len("one"), max_len=2,
+                                        pending_ttl_ms=60_000, entry={"id": task_id},
+                                        record={"state": "queued", "kind": kind})
 
         a, b, c = (uuid.uuid4().hex for _ in range(3))
         entry_a = await submit(a)
@@ -112,4 +113,51 @@ async def _state_machine(url: str) -> None:
         found = [k async for k in client.scan_iter(f"{keys.prefix}:*")]
         if found:
             await client.delete(*found)
+        await client.aclose()
+
+
+@pytest.mark.redis
+def test_the_backlog_feeds_the_stream_in_turns_up_to_its_target(redis_url):
+    asyncio.run(_backlog_turns(redis_url))
+
+
+async def _backlog_turns(url: str) -> None:
+    from pool.model.result_bounds import Bounds
+    from pool.model.results import TaskSpec
+    from pool.model.tasks import Submission
+    from pool.scaleout.backlog import Backlog
+
+    client = connect(url)
+    keys = Keys(f"wptest-{secrets.token_hex(4)}")
+    backlog, stream = Backlog(client, keys), keys.stream("one")
+    bounds = Bounds(max_tasks_per_key=100, max_result_bytes_per_key=1 << 30, max_results=100, max_result_bytes=1 << 30)
+
+    async def enqueue(owner: str, names: list[str], target: int) -> None:
+        items = [(Submission("one", TaskSpec(task_id=n, code="pass")), {"id": n}, {"state": "queued", "kind": "async",
+                                                                                     "owner": owner}) for n in names]
+        assert await backlog.enqueue(items, owner, max_len=8, ttl_ms=60_000, bounds=bounds,
+                                     feed_targets={"one": target}) is None
+
+    async def stream_ids() -> list[str]:
+        return [fields["id"] for _, fields in await client.xrange(stream)]
+
+    try:
+        await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        await enqueue("alice", ["a1", "a2", "a3", "a4"], target=1)
+        assert await stream_ids() == ["a1"], "fed only up to the target"
+        await enqueue("bob", ["b1"], target=1)
+        assert await stream_ids() == ["a1"], "one entry still waits unread"
+        await client.xreadgroup(GROUP, "w1", {stream: ">"}, count=1)  # a worker took a1: none unread now
+        assert await backlog.feed("one", 3) == 3
+        assert await stream_ids() == ["a1", "a2", "b1", "a3"], "turns: alice, then bob, then alice again"
+        assert await client.get(keys.backlog_len("one")) == "1"
+        with pytest.raises(Overloaded):  # 4 on the stream and 1 in the backlog: 4 more pass the bound of 8
+            await enqueue("carol", ["c1", "c2", "c3", "c4"], target=0)
+        assert await client.exists(keys.task("c1")) == 0, "a refused batch leaves nothing behind"
+        await enqueue("alice", ["a1"], target=0)  # a retried call adds nothing twice
+        assert await client.get(keys.backlog_len("one")) == "1"
+    finally:
+        leftovers = [k async for k in client.scan_iter(f"{keys.prefix}:*")]
+        if leftovers:
+            await client.delete(*leftovers)
         await client.aclose()

@@ -1,4 +1,5 @@
-"""The `warmpool` command: `serve` (the HTTP API), `worker` (a Redis worker), `image` (the runner image)."""
+"""The `warmpool` command: `serve` (the HTTP API), `worker` (a Redis worker), `image` (the runner image),
+`run` (run a file on a server) and `mcp` (an MCP server over stdio, for agents, talking to a server)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,11 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
 
-    sub.add_parser("worker", help="run a worker that takes tasks from Redis (WARMPOOL_REDIS_URL)")
+    worker = sub.add_parser("worker", help="run a worker that takes tasks from Redis (WARMPOOL_REDIS_URL)")
+    worker.add_argument("--metrics-port", type=int, metavar="N",
+                        help="serve the worker's /metrics and /healthz on this port (default: none)")
+    worker.add_argument("--metrics-host", default="127.0.0.1",
+                        help="address for --metrics-port (default 127.0.0.1; 0.0.0.0 for a scraper elsewhere)")
 
     image = sub.add_parser("image", help="build the sandbox images that are missing or stale; print their ids")
     image.add_argument("--force", action="store_true", help="rebuild even if an image is up to date")
@@ -31,12 +36,27 @@ def main(argv: list[str] | None = None) -> None:
                        f"{DEFAULT_IMAGE})")
     image.add_argument("--base", default=os.environ.get("WARMPOOL_BASE_IMAGE") or DEFAULT_BASE_IMAGE)
 
+    from warmpool import run_cmd
+
+    run_cmd.add_parser(sub)
+    sub.add_parser("mcp", help="serve warmpool's tools over MCP on stdio, against WARMPOOL_URL (WARMPOOL_API_KEY)")
+
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "serve":
+    # The client commands keep stderr for the task's own output and real trouble (and stdout, for mcp, for
+    # the protocol): no INFO lines there, e.g. httpx's line per request.
+    client_side = args.command in ("run", "mcp")
+    logging.basicConfig(level=logging.WARNING if client_side else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "run":
+        sys.exit(run_cmd.main(args))
+    elif args.command == "mcp":
+        from warmpool.mcp.stdio import main as mcp_main
+
+        mcp_main()
+    elif args.command == "serve":
         _serve(args.host, args.port)
     elif args.command == "worker":
-        _worker()
+        _worker(args.metrics_host, args.metrics_port)
     else:
         _image(args.only, args.image, args.base, args.force)
 
@@ -87,14 +107,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _worker() -> None:
-    try:
-        from pool.scaleout.worker import main as worker_main
-    except ModuleNotFoundError as exc:
-        if exc.name != "pool.scaleout.worker":
-            raise
-        sys.exit("warmpool worker: the Redis worker (pool.scaleout.worker) is not available in this version yet")
-    worker_main()
+def _worker(metrics_host: str, metrics_port: int | None) -> None:
+    from pool.scaleout.worker import main as worker_main
+
+    if metrics_port is None:
+        worker_main()
+        return
+    if not 0 < metrics_port < 65536:
+        sys.exit(f"warmpool worker: --metrics-port must be between 1 and 65535, got {metrics_port}")
+    from warmpool.worker_http import metrics_sidecar
+
+    worker_main(metrics_sidecar(metrics_host, metrics_port))
 
 
 def _image(only: list[str] | None, python_tag: str | None, base_image: str, force: bool) -> None:

@@ -16,7 +16,8 @@ import anyio
 
 from pool.engine.manager import PoolManager
 from pool.engine.tier_pool import TierPool
-from pool.model.errors import CapacityError, InvalidRequest, UnknownTier
+from pool.model.capacity import check_sizes
+from pool.model.errors import InvalidRequest, UnknownTier
 from pool.model.lifecycle import RetireReason
 from pool.model.snapshots import AdminView, Drained, Persistence, Resized
 from pool.sizes_file import load_sizes, save_sizes
@@ -28,26 +29,10 @@ NOT_PERSISTED = ("not persisted: pool sizes changed here last until the service 
 
 
 def check_resize(manager: PoolManager, pool: TierPool, min_idle: int | None, max_size: int | None) -> None:
-    """Raise InvalidRequest for sizes that make no sense, CapacityError for sizes the host cannot hold.
-
-    A tier's new min_idle or max_size must fit the host ledger alongside every other tier's min_idle:
-    the sizes an operator sets are then reachable, whatever the other tiers' demand.
-    """
-    new_min = pool.min_idle if min_idle is None else min_idle
-    new_max = pool.max_size if max_size is None else max_size
-    if new_max < 1:
-        raise InvalidRequest("max_size", f"must be at least 1, got {new_max}")
-    if not 0 <= new_min <= new_max:
-        raise InvalidRequest("min_idle", f"must be between 0 and max_size ({new_max}), got {new_min}")
+    """Raise InvalidRequest or CapacityError when the sizes make no sense or do not fit this host's ledger."""
     others = [(p.tier.resources, p.min_idle) for p in manager.pools.values() if p is not pool]
-    for name, count in (("min_idle", min_idle), ("max_size", max_size)):
-        if count is None:
-            continue
-        try:
-            manager.ledger.check_plan([(pool.tier.resources, count), *others])
-        except CapacityError as exc:
-            raise CapacityError(f"{name}={count} for tier {pool.tier.name!r} does not fit the host alongside "
-                                f"the other tiers' min_idle: {exc}") from None
+    check_sizes(manager.ledger.inventory, pool.tier.name, pool.tier.resources, (pool.min_idle, pool.max_size),
+                min_idle, max_size, others)
 
 
 class PoolAdmin:
@@ -71,11 +56,9 @@ class PoolAdmin:
             raise UnknownTier(f"no tier {tier_name!r}; tiers: {sorted(self.manager.pools)}")
         return pool
 
-    def view(self) -> AdminView:
-        return AdminView(pools=self.manager.snapshot(), persistence=self.persistence())
-
-    async def resize(self, tier_name: str, min_idle: int | None, max_size: int | None) -> Resized:
-        """Set the tier's sizes (checked against the ledger), apply them now, and keep them if configured."""
+    def set_sizes(self, tier_name: str, min_idle: int | None, max_size: int | None) -> TierPool:
+        """Check the sizes against the ledger and apply them now, without awaiting anything (a worker applies
+        the cluster's sizes this way before its replenisher first runs)."""
         pool = self.pool(tier_name)
         check_resize(self.manager, pool, min_idle, max_size)
         if min_idle is not None:
@@ -85,6 +68,14 @@ class PoolAdmin:
         pool.reset_backoff()
         self.manager.retune(pool, now=True)
         self.manager.wake()
+        return pool
+
+    def view(self) -> AdminView:
+        return AdminView(pools=self.manager.snapshot(), persistence=self.persistence())
+
+    async def resize(self, tier_name: str, min_idle: int | None, max_size: int | None) -> Resized:
+        """Set the tier's sizes (checked against the ledger), apply them now, and keep them if configured."""
+        pool = self.set_sizes(tier_name, min_idle, max_size)
         persistence = self.persistence()
         if self.sizes_file is not None:
             try:

@@ -1,5 +1,4 @@
-"""Embedded mode: the API process owns the pool; async tasks are kept in memory for the result TTL,
-within the bounds of pool/result_bounds.py (per key: 429; in total: the oldest finished results go).
+"""Embedded mode: the API process owns the pool; async tasks live in memory (`pool/engine/async_tasks.py`).
 
 Streamed tasks, async tasks followed through their events, and sessions run here too (see
 `pool/task_stream.py` and `pool/engine/sessions.py`)."""
@@ -8,42 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from pool.background import TaskOwner
 from pool.engine.admin import PoolAdmin
+from pool.engine.async_tasks import AsyncTasks
 from pool.engine.backend import ContainerBackend
 from pool.engine.manager import PoolManager
 from pool.engine.sessions import SessionManager
-from pool.model.errors import Overloaded, PoolError, ResultEvicted, SandboxError
+from pool.model.errors import PoolError, SandboxError
 from pool.model.images import describe
-from pool.model.result_bounds import ResultBook, pending_bytes, result_bytes
 from pool.model.results import TaskSpec
 from pool.model.sessions import SessionFigures, SessionInfo
 from pool.model.snapshots import AdminView, Drained, PoolsSnapshot, Resized, TierSnapshot
-from pool.model.tasks import Execution, TaskState, TaskView
+from pool.model.tasks import DueCallback, Execution, Submission, TaskView
 from pool.settings import Settings
 from pool.task_stream import TaskStream
 
 log = logging.getLogger(__name__)
-
-SWEEP_EVERY_S = 1.0
-
-
-@dataclass
-class _Record:
-    owner: str
-    tier_name: str
-    submitted_at: float  # monotonic
-    state: TaskState = TaskState.QUEUED
-    execution: Execution | None = None
-    error: PoolError | None = None
-    total_ms: float = 0.0
-    expires_at: float = field(default=float("inf"))  # monotonic; set when done
-    stream: TaskStream | None = None  # its output for followers, until it is done
 
 
 class EmbeddedDispatcher:
@@ -53,15 +35,8 @@ class EmbeddedDispatcher:
         self.settings = settings
         self.pool = PoolManager(settings, backend)
         self.admin = PoolAdmin(self.pool)
-        self._records: dict[str, _Record] = {}
-        self._book = ResultBook(settings.result_bounds())
-        # Evicted ids (and their owners), so that a GET says why the result is gone; as many as results.
-        self._evicted: OrderedDict[str, str] = OrderedDict()
-        self._swept_at = 0.0
-        # Async tasks of a tier run at most max_size at a time; the rest wait here, in submission order,
-        # rather than failing their lease after lease_timeout_s.
-        self._slots = {tier.name: asyncio.Semaphore(tier.max_size) for tier in settings.tiers}
         self._background = TaskOwner("async tasks")
+        self.async_tasks = AsyncTasks(settings, self.pool, self._background)
         self.sessions = SessionManager(self.pool, settings, worker=settings.instance_id)
 
     async def start(self) -> None:
@@ -69,6 +44,7 @@ class EmbeddedDispatcher:
         await self.sessions.start()
 
     async def close(self) -> None:
+        self.async_tasks.stop_starting()
         await self._background.close()
         await self.sessions.close()
         await self.pool.close()
@@ -76,70 +52,20 @@ class EmbeddedDispatcher:
     async def execute(self, tier_name: str, spec: TaskSpec, wait_s: float) -> Execution:
         return await self.pool.execute(tier_name, spec, wait_s)
 
-    async def submit(self, tier_name: str, spec: TaskSpec, owner: str) -> None:
-        self._sweep()
-        pending = sum(1 for r in self._records.values() if r.tier_name == tier_name and r.state != TaskState.DONE)
-        if pending >= self.settings.max_queued:
-            raise Overloaded(f"tier {tier_name!r} already has {pending} tasks waiting or running "
-                            f"(the bound is {self.settings.max_queued})")
-        now = time.monotonic()
-        self._evict(self._book.admit(spec.task_id, owner, pending_bytes(spec), now,
-                                     pending_retry_s=self.settings.max_timeout_s))
-        record = _Record(owner=owner, tier_name=tier_name, submitted_at=now, stream=TaskStream(spec.task_id))
-        self._records[spec.task_id] = record
-        self._background.spawn(self._run(record, tier_name, spec))
+    async def submit(self, tier_name: str, spec: TaskSpec, owner: str, callback_url: str = "") -> None:
+        self.async_tasks.submit_many([Submission(tier_name, spec, callback_url)], owner)
 
-    async def _run(self, record: _Record, tier_name: str, spec: TaskSpec) -> None:
-        async def started() -> bool:
-            record.state = TaskState.RUNNING
-            return True
+    async def submit_many(self, submissions: Sequence[Submission], owner: str) -> None:
+        self.async_tasks.submit_many(submissions, owner)
 
-        assert record.stream is not None
-        try:
-            async with self._slots[tier_name]:
-                record.execution = await self.pool.execute(tier_name, spec, start_gate=started,
-                                                           on_output=record.stream.write)
-        except PoolError as exc:
-            record.error = exc
-        except Exception as exc:  # a bug, not the task's doing: answer it rather than leave it "running"
-            log.exception("async task %s failed inside the pool", spec.task_id)
-            record.error = SandboxError(f"internal error: {exc!r}")
-        record.state = TaskState.DONE
-        record.total_ms = (time.monotonic() - record.submitted_at) * 1000
-        record.expires_at = time.monotonic() + self.settings.result_ttl_s
-        size = result_bytes(record.execution.result if record.execution else None)
-        self._evict(self._book.finish(spec.task_id, size, record.expires_at))
-        # Done first, then the stream's end: its followers then read the task's final body.
-        record.stream.end(record.execution or record.error or SandboxError("no outcome"))
-        record.stream = None  # its followers hold it as long as they need it
+    async def task(self, task_id: str, owner: str, wait_s: float = 0.0) -> TaskView | None:
+        return await self.async_tasks.view(task_id, owner, wait_s)
 
-    def _evict(self, task_ids: list[str]) -> None:
-        for task_id in task_ids:
-            record = self._records.pop(task_id, None)
-            if record is not None:
-                self._evicted[task_id] = record.owner
-        while len(self._evicted) > self.settings.max_results:
-            self._evicted.popitem(last=False)
+    async def due_callbacks(self, limit: int, wait_s: float) -> list[DueCallback]:
+        return await self.async_tasks.due_callbacks(limit, wait_s)
 
-    async def task(self, task_id: str, owner: str) -> TaskView | None:
-        self._sweep()
-        record = self._records.get(task_id)
-        if record is None and self._evicted.get(task_id) == owner:
-            raise ResultEvicted(f"the result of task {task_id} was evicted before its time: the server keeps at "
-                                f"most {self.settings.max_results} results and {self.settings.max_result_bytes} "
-                                "bytes of them, oldest out first")
-        if record is None or record.owner != owner or record.expires_at <= time.monotonic():
-            return None
-        return TaskView(task_id=task_id, state=record.state, tier=self.pool.tiers[record.tier_name],
-                        execution=record.execution, error=record.error, total_ms=record.total_ms)
-
-    def _sweep(self) -> None:
-        now = time.monotonic()
-        if now - self._swept_at < SWEEP_EVERY_S:
-            return
-        self._swept_at = now
-        for task_id in self._book.expire(now):
-            self._records.pop(task_id, None)
+    async def callback_finished(self, due: DueCallback, delivered: bool) -> None:
+        self.async_tasks.callback_finished(due, delivered)
 
     async def tiers(self) -> tuple[TierSnapshot, ...]:
         return self.pool.snapshot().tiers
@@ -193,10 +119,7 @@ class EmbeddedDispatcher:
         return stream
 
     async def task_events(self, task_id: str, owner: str) -> TaskStream | TaskView | None:
-        record = self._records.get(task_id)
-        if record is not None and record.owner == owner and record.stream is not None:
-            return record.stream
-        return await self.task(task_id, owner)
+        return await self.async_tasks.follow(task_id, owner)
 
     # sessions --------------------------------------------------------------------------------------
     async def open_session(self, tier_name: str, owner: str, image: str, idle_timeout_s: float,

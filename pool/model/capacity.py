@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pool.model.errors import CapacityError
+from pool.model.errors import CapacityError, InvalidRequest
 from pool.model.resources import Resources, format_bytes
 from pool.model.snapshots import CapacitySnapshot
 
@@ -79,13 +79,47 @@ class CapacityLedger:
 
     def check_plan(self, plan: list[tuple[Resources, int]]) -> None:
         """Raise CapacityError when holding `count` containers of each entry at once would not fit."""
-        cpu = sum(r.cpu * n for r, n in plan)
-        ram = sum(r.ram_bytes * n for r, n in plan)
-        gpus = sum(r.gpu * n for r, n in plan)
-        if ram > self.inventory.ram_bytes:
-            raise CapacityError(
-                f"memory: {format_bytes(ram)} needed, the host offers {format_bytes(self.inventory.ram_bytes)}")
-        if cpu > self.inventory.cpu_budget + 1e-9:
-            raise CapacityError(f"cpu: {cpu:g} needed, the host's budget is {self.inventory.cpu_budget:g}")
-        if gpus > len(self.inventory.gpu_ids):
-            raise CapacityError(f"gpu: {gpus} needed, the host has {len(self.inventory.gpu_ids)}")
+        check_plan(self.inventory, plan)
+
+
+def check_plan(inventory: HostInventory, plan: list[tuple[Resources, int]]) -> None:
+    """Raise CapacityError naming the dimension when `count` containers of each entry would not fit at once."""
+    cpu = sum(r.cpu * n for r, n in plan)
+    ram = sum(r.ram_bytes * n for r, n in plan)
+    gpus = sum(r.gpu * n for r, n in plan)
+    if ram > inventory.ram_bytes:
+        raise CapacityError(f"memory: {format_bytes(ram)} needed, the host offers {format_bytes(inventory.ram_bytes)}")
+    if cpu > inventory.cpu_budget + 1e-9:
+        raise CapacityError(f"cpu: {cpu:g} needed, the host's budget is {inventory.cpu_budget:g}")
+    if gpus > len(inventory.gpu_ids):
+        raise CapacityError(f"gpu: {gpus} needed, the host has {len(inventory.gpu_ids)}")
+
+
+def check_size_range(current: tuple[int, int], min_idle: int | None, max_size: int | None) -> None:
+    """Raise InvalidRequest unless 0 <= min_idle <= max_size and max_size >= 1 once applied over `current`
+    (the tier's (min_idle, max_size) now)."""
+    new_min = current[0] if min_idle is None else min_idle
+    new_max = current[1] if max_size is None else max_size
+    if new_max < 1:
+        raise InvalidRequest("max_size", f"must be at least 1, got {new_max}")
+    if not 0 <= new_min <= new_max:
+        raise InvalidRequest("min_idle", f"must be between 0 and max_size ({new_max}), got {new_min}")
+
+
+def check_sizes(inventory: HostInventory, tier_name: str, resources: Resources, current: tuple[int, int],
+                min_idle: int | None, max_size: int | None, others: list[tuple[Resources, int]]) -> None:
+    """Raise InvalidRequest for sizes that make no sense, CapacityError for sizes the host cannot hold.
+
+    `current` is the tier's (min_idle, max_size) now; `others` the other tiers' resources and min_idle. A
+    tier's new min_idle or max_size must fit the host alongside every other tier's min_idle: the sizes an
+    operator sets are then reachable, whatever the other tiers' demand.
+    """
+    check_size_range(current, min_idle, max_size)
+    for name, count in (("min_idle", min_idle), ("max_size", max_size)):
+        if count is None:
+            continue
+        try:
+            check_plan(inventory, [(resources, count), *others])
+        except CapacityError as exc:
+            raise CapacityError(f"{name}={count} for tier {tier_name!r} does not fit the host alongside "
+                                f"the other tiers' min_idle: {exc}") from None

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import sys
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pool.model.errors import Overloaded
@@ -119,10 +120,19 @@ class ResultBook:
     def usage(self, owner: str) -> _Usage:
         return self._by_owner.get(owner, _Usage())
 
-    def admit(self, task_id: str, owner: str, size_bytes: int, now: float, pending_retry_s: float) -> list[str]:
-        """Hold a new pending task, or raise Overloaded; returns the ids evicted to make room for it."""
+    def admit_many(self, tasks: Sequence[tuple[str, int]], owner: str, now: float,
+                   pending_retry_s: float) -> list[str]:
+        """Hold new pending tasks (id, bytes) of one owner, all or none (Overloaded); returns evicted ids."""
+        self._check_room(owner, len(tasks), sum(size for _, size in tasks), now, pending_retry_s)
+        evicted: list[str] = []
+        for task_id, size_bytes in tasks:
+            evicted += self.admit(task_id, owner, size_bytes, now, pending_retry_s)
+        return evicted
+
+    def _check_room(self, owner: str, count: int, size_bytes: int, now: float, pending_retry_s: float) -> None:
+        """Raise Overloaded unless `count` more pending tasks of `size_bytes` in all fit (maybe by evicting)."""
         mine = self.usage(owner)
-        if mine.tasks + 1 > self.bounds.max_tasks_per_key:
+        if mine.tasks + count > self.bounds.max_tasks_per_key:
             raise refusal("key", mine.tasks, mine.size_bytes, self.bounds,
                           self._oldest_expiry_of(owner, now, pending_retry_s))
         # Refused before anything is evicted: only finished results can make room, so when pending tasks
@@ -130,9 +140,14 @@ class ResultBook:
         if mine.pending_bytes + size_bytes > self.bounds.max_result_bytes_per_key:
             raise refusal("key-bytes", mine.tasks, mine.pending_bytes, self.bounds, pending_retry_s)
         total = self.total
-        if total.pending_tasks + 1 > self.bounds.max_results or \
+        if total.pending_tasks + count > self.bounds.max_results or \
                 total.pending_bytes + size_bytes > self.bounds.max_result_bytes:
             raise refusal("total", total.pending_tasks, total.pending_bytes, self.bounds, pending_retry_s)
+
+    def admit(self, task_id: str, owner: str, size_bytes: int, now: float, pending_retry_s: float) -> list[str]:
+        """Hold a new pending task, or raise Overloaded; returns the ids evicted to make room for it."""
+        self._check_room(owner, 1, size_bytes, now, pending_retry_s)
+        mine, total = self.usage(owner), self.total
         evicted = []
         while mine.size_bytes + size_bytes > self.bounds.max_result_bytes_per_key:
             evicted.append(self._evict(next(iter(self._finished_of[owner]))))

@@ -63,6 +63,11 @@ class TierSnapshot:
     def name(self) -> str:
         return self.tier.name
 
+    def counts_dict(self) -> dict[str, Any]:
+        """`as_dict` without the tier's description (name, resources, runtime): a worker's row of the tier."""
+        described = set(self.tier.describe()) - {"min_idle", "max_size"}
+        return {k: v for k, v in self.as_dict().items() if k not in described}
+
     def as_dict(self) -> dict[str, Any]:
         """The tier as every JSON answer shows it (`/v1/tiers` keeps the fields its schema names)."""
         out: dict[str, Any] = {**self.tier.describe(), "min_idle": self.min_idle, "max_size": self.max_size}
@@ -136,26 +141,85 @@ class Persistence:
 
 
 @dataclass(frozen=True)
+class WorkerRow:
+    """One worker's part of a tier (scale-out mode), as its last heartbeat told it."""
+
+    worker_id: str
+    host: str
+    engine: str  # the Docker engine it runs containers on (its DOCKER_HOST)
+    state: str  # "serving", or "draining" once it was told to stop
+    docker_ok: bool
+    inflight: int
+    tier: TierSnapshot
+    sizes_refused: str | None = None  # why it did not apply the cluster's stored sizes (its capacity)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"worker": self.worker_id, "host": self.host, "engine": self.engine,
+                               "state": self.state, "docker_ok": self.docker_ok, "inflight": self.inflight,
+                               **self.tier.counts_dict()}
+        if self.sizes_refused is not None:
+            out["sizes_refused"] = self.sizes_refused
+        return out
+
+
+@dataclass(frozen=True)
+class WorkerChange:
+    """What one worker did with a cluster-wide resize or drain: `applied`, `refused` (with the reason in
+    `detail`), or `pending` (it did not confirm in time; it applies the change when it next reads it)."""
+
+    worker_id: str
+    host: str
+    status: str
+    detail: str | None = None
+    tier: TierSnapshot | None = None  # the worker's tier right after the change (or at its last beat)
+    drained: Drained | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"worker": self.worker_id, "host": self.host, "status": self.status}
+        if self.detail is not None:
+            out["detail"] = self.detail
+        if self.tier is not None:
+            out.update(self.tier.counts_dict())
+        if self.drained is not None:
+            out.update(self.drained.counts_dict())
+        return out
+
+
+@dataclass(frozen=True)
 class AdminView:
-    """What `GET /v1/admin/pools` shows."""
+    """What `GET /v1/admin/pools` shows; `workers` (scale-out mode) has every live worker's row of each tier."""
 
     pools: PoolsSnapshot
     persistence: Persistence
+    workers: tuple[WorkerRow, ...] | None = None
+
+    def rows_of(self, tier_name: str) -> list[dict[str, Any]] | None:
+        if self.workers is None:
+            return None
+        return [row.as_dict() for row in self.workers if row.tier.name == tier_name]
 
 
 @dataclass(frozen=True)
 class Resized:
-    """A tier's state right after a resize, and whether the new sizes were kept."""
+    """A tier's state right after a resize, and whether the new sizes were kept; in scale-out mode the
+    tier's cluster totals, and what each worker did."""
 
     tier: TierSnapshot
     persistence: Persistence
+    workers: tuple[WorkerChange, ...] | None = None
 
 
 @dataclass(frozen=True)
 class Drained:
-    """What a drain replaced now, and what it will replace when it comes back."""
+    """What a drain replaced now, and what it will replace when it comes back (summed over the workers in
+    scale-out mode, with what each did in `workers`)."""
 
     tier_name: str
     idle_replaced: int
     busy_replaced_when_done: int
     starting_replaced_when_ready: int
+    workers: tuple[WorkerChange, ...] | None = None
+
+    def counts_dict(self) -> dict[str, int]:
+        return {"idle_replaced": self.idle_replaced, "busy_replaced_when_done": self.busy_replaced_when_done,
+                "starting_replaced_when_ready": self.starting_replaced_when_ready}

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass
 
 from pool.model.errors import PoolError
-from pool.model.results import TaskResult
+from pool.model.results import TaskResult, TaskSpec
 from pool.model.tiers import Tier
 
 # The runner enforces the task's deadline itself; the host waits this much longer before it calls the
@@ -42,3 +42,23 @@ class TaskView:
     execution: Execution | None = None
     error: PoolError | None = None  # why it could not run (it did not)
     total_ms: float = 0.0  # from submission to result
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One async task to queue: its tier, what to run, and where to POST its result when it ends ("": nowhere)."""
+
+    tier_name: str
+    spec: TaskSpec
+    callback_url: str = ""
+
+
+@dataclass(frozen=True)
+class DueCallback:
+    """A finished task whose result is due at its callback URL; `attempt` counts from 1."""
+
+    task_id: str
+    url: str
+    view: TaskView
+    attempt: int
+    age_s: float  # since the task ended (when the first attempt fell due)

@@ -4,7 +4,10 @@ The API holds no containers. A synchronous task is added with `reply_to` naming 
 list; one background reader pops that list (BLPOP) and wakes the waiting request by task id, so each
 outcome reaches its waiter once, and outcomes pushed while the reader was reconnecting are still there.
 A waiter that runs out of time withdraws its task if no worker has started it yet (it then never runs)
-and answers 503. Async tasks are read back from their hash. Every Redis failure is BackendUnavailable
+and answers 503. Async tasks wait in per-owner backlogs fed to the streams in turns
+(`pool/scaleout/backlog.py`), are read back from their hash, and are waited for through one pub/sub
+subscription (`pool/scaleout/done_events.py`); their callbacks are claimed from Redis
+(`pool/scaleout/callback_store.py`). Every Redis failure is BackendUnavailable
 (503); a full stream is Overloaded (429); a tier no live worker serves is NoCapacity (503).
 
 Streamed tasks' output comes back through Redis too (pool/scaleout/output_relay.py); sessions are in
@@ -18,20 +21,26 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any, TypeVar, cast
 
 from pool.background import TaskOwner
 from pool.model.backoff import Backoff
-from pool.model.errors import BackendUnavailable, NoCapacity, NotSupported, Overloaded, ResultEvicted, SandboxError
+from pool.model.errors import BackendUnavailable, NoCapacity, Overloaded, ResultEvicted, SandboxError
 from pool.model.images import describe
-from pool.model.result_bounds import pending_bytes, refusal
+from pool.model.result_bounds import refusal
 from pool.model.results import TaskSpec
 from pool.model.sessions import SessionFigures, SessionInfo
 from pool.model.snapshots import AdminView, Drained, Resized, TierSnapshot
-from pool.model.tasks import RESULT_GRACE_S, Execution, TaskState, TaskView
+from pool.model.tasks import RESULT_GRACE_S, DueCallback, Execution, Submission, TaskState, TaskView
+from pool.scaleout.backlog import Backlog
+from pool.scaleout.callback_store import BLOCK_MAX_S, CallbackStore
+from pool.scaleout.cluster_admin import ClusterAdmin
+from pool.scaleout.cluster_config import ConfigStore
+from pool.scaleout.done_events import READ_BLOCK_S, DoneEvents
 from pool.scaleout.membership import BEATS_TO_DEATH, ClusterView, parse_beat
 from pool.scaleout.output_relay import FOLLOW_BLOCK_S, follow
-from pool.scaleout.redis_io import Held, Keys, Refusal, Scripts, connect, redis_errors
+from pool.scaleout.redis_io import Keys, Refusal, Scripts, connect, redis_errors
 from pool.scaleout.session_client import RedisSessions
 from pool.scaleout.task_codec import MalformedEntry, Outcome, SessionOpen, StreamEntry
 from pool.settings import Settings
@@ -45,8 +54,8 @@ START_SLACK_S = 1.0  # beyond the lease wait, for a worker to read the task and 
 REPLY_SLACK_S = 2.0  # beyond timeout + grace: the hops and the worker's own bookkeeping
 ABANDONED_TTL_MS = 60_000
 MAX_BACKOFF_S = 2.0
+LONG_POLL_S = 30.0  # one wait for an async task's end (the route's cap on wait_s)
 T = TypeVar("T")
-ADMIN_NOT_SUPPORTED = "this process runs no pool of its own to see or size (scale-out mode: the pools are the workers')"
 
 
 def pending_ttl_ms(settings: Settings) -> int:
@@ -74,7 +83,17 @@ class RedisDispatcher:
         self.redis = connect(settings.redis_url)
         self.blocking = connect(settings.redis_url, blocking_s=REPLY_BLOCK_S)
         self.scripts = Scripts(self.redis, settings.redis_prefix)
+        self.backlog = Backlog(self.redis, self.keys)
+        self.subscriber = connect(settings.redis_url, blocking_s=READ_BLOCK_S)
+        self.done_events = DoneEvents(self.subscriber, self.keys.done)
+        self.callback_blocking = connect(settings.redis_url, blocking_s=BLOCK_MAX_S)
+        # A claim outlasts one attempt with room to spare: a lapsed claim means its process is gone.
+        self.callbacks = CallbackStore(self.redis, self.callback_blocking, self.keys,
+                                       lease_s=2 * settings.callback_attempt_timeout_s + 5,
+                                       retry_window_s=settings.callback_retry_s)
         self.cluster = ClusterView()
+        self.admin = ClusterAdmin(settings, ConfigStore(self.redis, settings.redis_prefix), self.cluster,
+                                  refresh=self._refresh_or_fail)
         self._waiters: dict[str, asyncio.Future[Outcome]] = {}
         # Replies that are not a task's outcome (session opens, calls, closes): the parsed JSON, by id.
         self.raw_waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -88,6 +107,7 @@ class RedisDispatcher:
         await self._refresh_cluster()
         self._background.spawn(self._reply_loop())
         self._background.spawn(self._cluster_loop())
+        self._background.spawn(self.done_events.run(lambda: self._background.closing))
 
     async def close(self) -> None:
         await self._background.close()
@@ -97,9 +117,8 @@ class RedisDispatcher:
         for raw_waiter in self.raw_waiters.values():
             if not raw_waiter.done():
                 raw_waiter.set_exception(BackendUnavailable("the API is shutting down"))
-        await self.redis.aclose()
-        await self.blocking.aclose()
-        await self.follow_redis.aclose()
+        for client in (self.redis, self.blocking, self.follow_redis, self.subscriber, self.callback_blocking):
+            await client.aclose()
 
     # tasks -----------------------------------------------------------------------------------------
     async def execute(self, tier_name: str, spec: TaskSpec, wait_s: float) -> Execution:
@@ -117,17 +136,36 @@ class RedisDispatcher:
             self._waiters.pop(spec.task_id, None)
         return outcome.raise_or_execution()
 
-    async def submit(self, tier_name: str, spec: TaskSpec, owner: str) -> None:
-        self._require_worker(tier_name)
-        # Streamed to Redis (bounded, short-lived) so that GET /v1/tasks/{id}/events can follow it.
-        await self._submit(tier_name, spec, kind="async", owner=owner, reply_to="",
-                           lease_wait_s=self.settings.lease_timeout_s,
-                           held=Held(owner=owner, size_bytes=pending_bytes(spec), bounds=self.settings.result_bounds()),
-                           stream=True)
+    async def submit(self, tier_name: str, spec: TaskSpec, owner: str, callback_url: str = "") -> None:
+        await self.submit_many([Submission(tier_name, spec, callback_url)], owner)
 
-    async def _submit(self, tier_name: str, spec: TaskSpec, *, kind: str, owner: str, reply_to: str,
-                      lease_wait_s: float, held: Held | None = None, stream: bool = False,
-                      session: SessionOpen | None = None) -> None:
+    async def submit_many(self, submissions: Sequence[Submission], owner: str) -> None:
+        tier_names = sorted({s.tier_name for s in submissions})
+        for tier_name in tier_names:
+            self._require_worker(tier_name)
+        items = []
+        for submission in submissions:
+            # Streamed to Redis (bounded, short-lived) so that GET /v1/tasks/{id}/events can follow it.
+            entry, record = self._entry(submission.tier_name, submission.spec, kind="async", owner=owner,
+                                        reply_to="", lease_wait_s=self.settings.lease_timeout_s, held=True,
+                                        stream=True)
+            if submission.callback_url:
+                record["callback_url"] = submission.callback_url
+            items.append((submission, entry, record))
+        # At submission the stream is fed up to what the tier's workers could start at once.
+        targets = {name: sum(int(w.tiers[name].get("max_size", 0)) for w in self.cluster.serving(name))
+                   for name in tier_names}
+        with redis_errors("queue the tasks"):
+            refused = await self.backlog.enqueue(items, owner, max_len=self.settings.max_queued,
+                                                 ttl_ms=pending_ttl_ms(self.settings),
+                                                 bounds=self.settings.result_bounds(), feed_targets=targets)
+        if refused is not None:
+            raise _refused(refused, self.settings)
+
+    def _entry(self, tier_name: str, spec: TaskSpec, *, kind: str, owner: str, reply_to: str,
+               lease_wait_s: float, held: bool, stream: bool = False,
+               session: SessionOpen | None = None) -> tuple[dict[str, str], dict[str, str]]:
+        """The stream entry a worker reads, and the task's hash."""
         now = time.time()
         # The API's result TTL, results bound and the request's container wait travel with the task: the
         # worker applies them.
@@ -136,13 +174,20 @@ class RedisDispatcher:
                             max_result_bytes=self.settings.max_result_bytes if held else 0, stream=stream,
                             session=session)
         record = {"state": "queued", "kind": kind, "tier": tier_name, "owner": owner, "submitted_unix": repr(now)}
+        return entry.to_fields(), record
+
+    async def _submit(self, tier_name: str, spec: TaskSpec, *, kind: str, owner: str, reply_to: str,
+                      lease_wait_s: float, stream: bool = False, session: SessionOpen | None = None) -> None:
+        """A synchronous task (or a session's opening), straight onto the stream; not held against the results
+        bound: its result goes to its waiter."""
+        entry, record = self._entry(tier_name, spec, kind=kind, owner=owner, reply_to=reply_to,
+                                    lease_wait_s=lease_wait_s, held=False, stream=stream, session=session)
         with redis_errors("queue the task"):
             added = await self.scripts.submit(self.keys.stream(tier_name), self.keys.task(spec.task_id),
+                                              self.keys.backlog_len(tier_name),
                                               max_len=self.settings.max_queued,
                                               pending_ttl_ms=pending_ttl_ms(self.settings),
-                                              entry=entry.to_fields(), record=record, held=held)
-        if isinstance(added, Refusal):
-            raise _refused(added, self.settings)
+                                              entry=entry, record=record)
         if added is None:
             raise Overloaded(f"tier {tier_name!r} already has {self.settings.max_queued} tasks waiting or "
                             "running; retry later", retry_after_s=max(1.0, spec.timeout_s / 2))
@@ -179,10 +224,29 @@ class RedisDispatcher:
         except BackendUnavailable as exc:
             log.info("could not withdraw task %s: %s", task_id, exc)
 
-    async def task(self, task_id: str, owner: str) -> TaskView | None:
+    async def task(self, task_id: str, owner: str, wait_s: float = 0.0) -> TaskView | None:
+        view = await self._read_task(task_id, owner)
+        if view is None or view.state == TaskState.DONE or wait_s <= 0:
+            return view
+        deadline = time.monotonic() + wait_s
+        with self.done_events.waiting(task_id) as ended:
+            while True:
+                # Read after registering: an end published before we registered would not wake us.
+                view = await self._read_task(task_id, owner)
+                left_s = deadline - time.monotonic()
+                if view is None or view.state == TaskState.DONE or left_s <= 0:
+                    return view
+                ended.clear()
+                try:
+                    await asyncio.wait_for(ended.wait(), left_s)
+                except TimeoutError:
+                    pass
+
+    async def _read_task(self, task_id: str, owner: str | None) -> TaskView | None:
+        """The async task's view; None when unknown, expired, or (unless `owner` is None) another owner's."""
         with redis_errors("read the task"):
             record = cast(dict[str, str], await self.redis.hgetall(self.keys.task(task_id)))
-        if not record or record.get("kind") != "async" or record.get("owner") != owner:
+        if not record or record.get("kind") != "async" or (owner is not None and record.get("owner") != owner):
             return None
         if record.get("state") == "evicted":
             raise ResultEvicted(f"the result of task {task_id} was evicted before its time: the cluster keeps at "
@@ -202,6 +266,20 @@ class RedisDispatcher:
             return None
         return TaskView(task_id=task_id, state=TaskState.DONE, tier=outcome.tier, execution=outcome.execution,
                         error=outcome.error, total_ms=outcome.total_ms)
+
+    # callbacks -------------------------------------------------------------------------------------
+    async def due_callbacks(self, limit: int, wait_s: float) -> list[DueCallback]:
+        due = []
+        for task_id, url, attempt, age_s in await self.callbacks.claim(limit, wait_s):
+            view = await self._read_task(task_id, None)
+            if view is None or view.state != TaskState.DONE:  # expired (or unreadable) meanwhile: nothing to send
+                log.warning("callback of task %s dropped: its result is gone", task_id)
+                continue
+            due.append(DueCallback(task_id=task_id, url=url, view=view, attempt=attempt, age_s=age_s))
+        return due
+
+    async def callback_finished(self, due: DueCallback, delivered: bool) -> None:
+        await self.callbacks.finish(due, delivered)
 
     # replies ---------------------------------------------------------------------------------------
     async def _reply_loop(self) -> None:
@@ -269,6 +347,12 @@ class RedisDispatcher:
             await asyncio.sleep(min(self.settings.heartbeat_s, 1.0))
             await self._refresh_cluster()
 
+    async def _refresh_or_fail(self) -> None:
+        """Re-read the heartbeats now (admin wants them fresh); BackendUnavailable when Redis is down."""
+        await self._refresh_cluster()
+        if not self.cluster.redis_ok:
+            raise BackendUnavailable("Redis does not answer; retry shortly")
+
     async def _refresh_cluster(self) -> None:
         try:
             with redis_errors("read worker heartbeats"):
@@ -278,6 +362,8 @@ class RedisDispatcher:
                         pipe.get(self.keys.worker(worker_id))
                     for tier_name in self.tiers_by_name:
                         pipe.xlen(self.keys.stream(tier_name))
+                    for tier_name in self.tiers_by_name:
+                        pipe.get(self.keys.backlog_len(tier_name))
                     replies = await pipe.execute()
                 gone = [w for w, raw in zip(ids, replies, strict=False) if raw is None]
                 if gone:
@@ -291,7 +377,10 @@ class RedisDispatcher:
             log.info("Redis answers")
         beats = [parse_beat(raw) for raw in replies[:len(ids)] if raw is not None]
         self.cluster.workers = {b.worker_id: b for b in beats if b is not None}
-        self.cluster.queued = dict(zip(self.tiers_by_name, map(int, replies[len(ids):]), strict=True))
+        streams = replies[len(ids):len(ids) + len(self.tiers_by_name)]
+        backlogs = replies[len(ids) + len(self.tiers_by_name):]
+        self.cluster.queued = {name: int(on_stream) + int(waiting or 0)
+                               for name, on_stream, waiting in zip(self.tiers_by_name, streams, backlogs, strict=True)}
         self.cluster.redis_ok = True
         self.cluster.check_tiers(self.settings.tiers)
 
@@ -313,15 +402,15 @@ class RedisDispatcher:
     async def figures(self) -> None:
         return None  # this process holds no pool; each worker's own figures are its own
 
-    # admin: the pools live on the workers; sizing them from here is the cluster admin's job (not built yet)
+    # admin: the pools live on the workers; pool/scaleout/cluster_admin.py sizes them through Redis
     async def pools(self) -> AdminView:
-        raise NotSupported(ADMIN_NOT_SUPPORTED)
+        return await self.admin.view()
 
     async def resize(self, tier_name: str, min_idle: int | None, max_size: int | None) -> Resized:
-        raise NotSupported(ADMIN_NOT_SUPPORTED)
+        return await self.admin.resize(tier_name, min_idle, max_size)
 
     async def drain(self, tier_name: str) -> Drained:
-        raise NotSupported(ADMIN_NOT_SUPPORTED)
+        return await self.admin.drain(tier_name)
 
     # streaming -------------------------------------------------------------------------------------
     async def execute_stream(self, tier_name: str, spec: TaskSpec, wait_s: float) -> TaskStream:
@@ -371,16 +460,16 @@ class RedisDispatcher:
             return shared
 
         async def answer() -> Execution:
-            """The task's answer, from its hash once it is done (its output's end marker may be lost)."""
+            """The task's answer, from its hash once it is done (its output's end marker may be lost); waits by
+            long polls (woken by the task's end), not by polling."""
             while True:
-                current = await self.task(task_id, owner)
+                current = await self.task(task_id, owner, wait_s=LONG_POLL_S)
                 if current is None:
                     raise SandboxError(f"task {task_id} is gone (expired, or Redis lost it)")
                 if current.state == TaskState.DONE:
                     if current.execution is None:
                         raise current.error or SandboxError("the task ended without a result")
                     return current.execution
-                await asyncio.sleep(FOLLOW_BLOCK_S)
 
         stream = self._followed[task_id] = TaskStream(task_id)
 

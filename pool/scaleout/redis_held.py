@@ -88,23 +88,33 @@ end
 
 local function bytes_of(owner) return tonumber(redis.call('HGET', P .. ':held-bytes', owner) or '0') end
 
--- Admit a pending task of `size` bytes for `owner`, or return a refusal {scope, retry_ms, tasks, bytes}
--- (the scopes of pool.model.result_bounds.refusal).
-local function admit(owner, task, size, pending_until, per_key_tasks, per_key_bytes, max_tasks, max_bytes)
+-- The refusal {scope, retry_ms, tasks, bytes} (the scopes of pool.model.result_bounds.refusal) of `n` more
+-- pending tasks of `size` bytes in all for `owner`, or nil when there is room (maybe after evictions).
+local function no_room(owner, n, size, per_key_tasks, per_key_bytes, max_tasks, max_bytes)
   expire_held()
   local held = held_key(owner)
   local mine = redis.call('HLEN', held)
-  if mine + 1 > per_key_tasks then
+  if mine + n > per_key_tasks then
     local oldest = redis.call('ZRANGE', held .. ':done', 0, 0, 'WITHSCORES')
     return {'key', oldest[2] and math.floor(tonumber(oldest[2]) - NOW) or -1, mine, bytes_of(owner)}
   end
   -- Refused before anything is evicted: only finished results can make room (pool/model/result_bounds.py).
   local pending_mine = tonumber(redis.call('HGET', P .. ':held-pending-bytes', owner) or '0')
   if pending_mine + size > per_key_bytes then return {'key-bytes', -1, mine, pending_mine} end
-  local tasks, bytes, pending_tasks, pending_bytes = totals()
-  if pending_tasks + 1 > max_tasks or pending_bytes + size > max_bytes then
+  local _, _, pending_tasks, pending_bytes = totals()
+  if pending_tasks + n > max_tasks or pending_bytes + size > max_bytes then
     return {'total', -1, pending_tasks, pending_bytes}
   end
+  return nil
+end
+
+-- Admit a pending task of `size` bytes for `owner`, or return a refusal.
+local function admit(owner, task, size, pending_until, per_key_tasks, per_key_bytes, max_tasks, max_bytes)
+  local refused = no_room(owner, 1, size, per_key_tasks, per_key_bytes, max_tasks, max_bytes)
+  if refused then return refused end
+  local held = held_key(owner)
+  local mine = redis.call('HLEN', held)
+  local tasks, bytes
   -- Each loop ends: the checks above leave finished results enough to evict (the guards are for counters
   -- that drifted, say after a partial restore, so that no loop can spin).
   while bytes_of(owner) + size > per_key_bytes do
@@ -126,6 +136,22 @@ local function admit(owner, task, size, pending_until, per_key_tasks, per_key_by
   redis.call('HINCRBY', P .. ':held-totals', 'pending_bytes', size)
   redis.call('HINCRBY', P .. ':held-pending-bytes', owner, size)
   redis.call('ZADD', P .. ':held-pending', pending_until, member)
+  return nil
+end
+
+-- Admit pending tasks {{id, size}, ...} of one owner, all or none (their sums are checked first).
+local function admit_all(owner, tasks, pending_until, per_key_tasks, per_key_bytes, max_tasks, max_bytes)
+  local size = 0
+  for _, task in ipairs(tasks) do size = size + task[2] end
+  local refused = no_room(owner, #tasks, size, per_key_tasks, per_key_bytes, max_tasks, max_bytes)
+  if refused then return refused end
+  for k, task in ipairs(tasks) do
+    refused = admit(owner, task[1], task[2], pending_until, per_key_tasks, per_key_bytes, max_tasks, max_bytes)
+    if refused then  -- only if the counters drifted: undo this call's admissions
+      for j = 1, k - 1 do release(owner .. '/' .. tasks[j][1]) end
+      return refused
+    end
+  end
   return nil
 end
 

@@ -12,11 +12,21 @@ Layout (every key starts with the configured prefix, `warmpool` by default):
                         so each is delivered once even across reconnects.
     {p}:worker:{id}     a worker's heartbeat (JSON, expires after three missed beats); {p}:workers is the
                         set of their ids.
+    {p}:backlog:{tier}:{owner}, {p}:turns:{tier}, {p}:backlog-len:{tier}, {p}:entry:{id}
+                        async tasks not yet on the stream, per owner, fed to it in turns
+                        (`pool/scaleout/backlog.py`).
+    {p}:done            a pub/sub channel: the id of each async task as it ends (long polls wait on it).
+    {p}:callbacks       sorted set: async tasks whose callback is due, scored by when (unix ms);
+                        {p}:callbacks-wake is a list pushed when one falls due, for a blocking pop
+                        (`pool/scaleout/callback_store.py`).
     {p}:out:{id}        stream: a streamed task's output (pool/scaleout/output_relay.py); capped, expiring.
     {p}:session:{id}    hash: a session's state (opening, open, ended), reason, owner, tier, worker, calls,
                         busy, last_used_unix; {p}:sessions-of:{owner} the set of an owner's open ones;
                         {p}:sessions-ended counts endings by reason.
     {p}:calls:{worker}  list: session calls and closes for the worker holding the session (BLPOP).
+
+The cluster's pool sizes and drains (`{p}:sizes:{tier}`, `{p}:config-version`, `{p}:ack:{change}`) are
+described in pool/scaleout/cluster_config.py.
 
 State changes are Lua scripts, so that each is atomic and a retried call is harmless: a task goes from
 queued to running once (the worker that got the container), and to done once (the first outcome wins;
@@ -37,7 +47,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from pool.model.errors import BackendUnavailable
-from pool.model.result_bounds import Bounds
 from pool.scaleout.redis_held import OVERHEAD_BYTES, PRELUDE
 
 GROUP = "workers"
@@ -64,6 +73,21 @@ class Keys:
     @property
     def workers(self) -> str:
         return f"{self.prefix}:workers"
+
+    def backlog_len(self, tier_name: str) -> str:
+        return f"{self.prefix}:backlog-len:{tier_name}"
+
+    @property
+    def done(self) -> str:
+        return f"{self.prefix}:done"
+
+    @property
+    def callbacks(self) -> str:
+        return f"{self.prefix}:callbacks"
+
+    @property
+    def callbacks_wake(self) -> str:
+        return f"{self.prefix}:callbacks-wake"
 
     # streamed output and sessions (pool/scaleout/output_relay.py, session_client.py, session_worker.py)
     def output(self, task_id: str) -> str:
@@ -109,30 +133,23 @@ def redis_errors(doing: str) -> Iterator[None]:
         raise BackendUnavailable(f"Redis unavailable while trying to {doing}: {exc}") from exc
 
 
-# KEYS: stream, task. ARGV: prefix, now_ms, max_len, pending_ttl_ms, owner, task id, reserve (bytes an async
-# task holds; -1 for a synchronous one, which holds nothing), per-key tasks, per-key bytes, total tasks, total
-# bytes, n (entry field/value count), entry..., hash... Returns the entry id, false (the stream is full), or a
-# refusal {'key'|'total', retry_ms, tasks, bytes} from the results bound.
+# KEYS: stream, task, backlog length. ARGV: max_len, pending_ttl_ms, n (entry field/value count), entry...,
+# hash... A synchronous task (async ones go through pool/scaleout/backlog.py, which holds them against the
+# results bound). Returns the entry id (also on a retried call), or false when the tier is full.
 _SUBMIT = """
-local P = ARGV[1]
-local NOW = tonumber(ARGV[2])
-""" + PRELUDE + """
 local existing = redis.call('HGET', KEYS[2], 'entry')
 if existing then return existing end
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[3]) then return false end
-if tonumber(ARGV[7]) >= 0 then
-  local refused = admit(ARGV[5], ARGV[6], tonumber(ARGV[7]), NOW + tonumber(ARGV[4]), tonumber(ARGV[8]),
-                        tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]))
-  if refused then return refused end
-end
-local n = tonumber(ARGV[12])
+-- The tier's bound counts its stream and its backlog of async tasks.
+local waiting = redis.call('XLEN', KEYS[1]) + tonumber(redis.call('GET', KEYS[3]) or '0')
+if waiting >= tonumber(ARGV[1]) then return false end
+local n = tonumber(ARGV[3])
 local entry_args = {}
-for i = 13, 12 + n do entry_args[#entry_args + 1] = ARGV[i] end
+for i = 4, 3 + n do entry_args[#entry_args + 1] = ARGV[i] end
 local entry = redis.call('XADD', KEYS[1], '*', unpack(entry_args))
 local hash_args = {'entry', entry}
-for i = 13 + n, #ARGV do hash_args[#hash_args + 1] = ARGV[i] end
+for i = 4 + n, #ARGV do hash_args[#hash_args + 1] = ARGV[i] end
 redis.call('HSET', KEYS[2], unpack(hash_args))
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return entry
 """
 
@@ -151,7 +168,8 @@ return state
 # KEYS: task, stream, reply list ('' for none). ARGV: group, entry id, outcome, ttl_ms (async), reply_ttl_ms,
 # sync_ttl_ms, prefix, now_ms, task id, max held bytes (the API's bound, carried by the entry; 0: none).
 # Only async tasks keep their outcome in the hash (and count it against the results bound): a synchronous
-# one is read from the reply list, and its hash only has to outlive a late claim.
+# one is read from the reply list, and its hash only has to outlive a late claim. An async task's end is
+# published on {p}:done (long polls wait for it) and, with a callback URL, its callback falls due.
 _FINALIZE = """
 local P = ARGV[7]
 local NOW = tonumber(ARGV[8])
@@ -161,13 +179,21 @@ redis.call('XDEL', KEYS[2], ARGV[2])
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'queued' and state ~= 'running' then return state or 'gone' end
 if redis.call('HGET', KEYS[1], 'kind') == 'async' then
-  redis.call('HSET', KEYS[1], 'state', 'done', 'outcome', ARGV[3])
+  redis.call('HSET', KEYS[1], 'state', 'done', 'outcome', ARGV[3], 'done_ms', ARGV[8])
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   local owner = redis.call('HGET', KEYS[1], 'owner')
   if owner and tonumber(ARGV[10]) > 0 then
     finish_held(owner, ARGV[9], string.len(ARGV[3]) + """ + str(OVERHEAD_BYTES) + """, NOW + tonumber(ARGV[4]),
                 tonumber(ARGV[10]))
   end
+  local url = redis.call('HGET', KEYS[1], 'callback_url')
+  if url and url ~= '' then
+    redis.call('HSET', KEYS[1], 'done_ms', NOW)
+    redis.call('ZADD', P .. ':callbacks', NOW, ARGV[9])
+    redis.call('RPUSH', P .. ':callbacks-wake', '1')
+    redis.call('LTRIM', P .. ':callbacks-wake', -100, -1)
+  end
+  redis.call('PUBLISH', P .. ':done', ARGV[9])
 else
   redis.call('HSET', KEYS[1], 'state', 'done')
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
@@ -198,15 +224,6 @@ return 'abandoned'
 
 
 @dataclass(frozen=True)
-class Held:
-    """An async task's claim on the results bound: who holds it, what it reserves, and the API's bounds."""
-
-    owner: str
-    size_bytes: int
-    bounds: Bounds
-
-
-@dataclass(frozen=True)
 class Refusal:
     """The results bound refused a submission: `scope` is "key" or "total"; retry_after_ms is -1 if unknown."""
 
@@ -231,21 +248,13 @@ class Scripts:
         self.forget_script = client.register_script(_FORGET)
         self.abandon_script = client.register_script(_ABANDON)
 
-    async def submit(self, stream: str, task: str, *, max_len: int, pending_ttl_ms: int,
-                     entry: dict[str, str], record: dict[str, str], held: Held | None = None) -> str | Refusal | None:
-        """Add the task unless the stream is full (None) or the results bound refuses it (a Refusal); the
-        entry id, also on a retried call. `held`: an async task's owner and reservation, else None."""
+    async def submit(self, stream: str, task: str, backlog_len: str, *, max_len: int, pending_ttl_ms: int,
+                     entry: dict[str, str], record: dict[str, str]) -> str | None:
+        """Add a synchronous task unless the tier is full (None); the entry id, also on a retried call."""
         flat_entry = [x for pair in entry.items() for x in pair]
         flat_record = [x for pair in record.items() for x in pair]
-        bounds = held.bounds if held else Bounds(0, 0, 0, 0)
-        args: list[Any] = [self.prefix, now_ms(), max_len, pending_ttl_ms, held.owner if held else "",
-                           entry.get("id", ""), held.size_bytes if held else -1, bounds.max_tasks_per_key,
-                           bounds.max_result_bytes_per_key, bounds.max_results, bounds.max_result_bytes,
-                           len(flat_entry), *flat_entry, *flat_record]
-        reply = await self.submit_script(keys=[stream, task], args=args)
-        if isinstance(reply, list):
-            return Refusal(scope=str(reply[0]), retry_after_ms=int(reply[1]), tasks=int(reply[2]),
-                           size_bytes=int(reply[3]))
+        args: list[Any] = [max_len, pending_ttl_ms, len(flat_entry), *flat_entry, *flat_record]
+        reply = await self.submit_script(keys=[stream, task, backlog_len], args=args)
         return None if reply is None else str(reply)
 
     async def mark_running(self, task: str, worker: str, started_unix: float) -> str:

@@ -49,8 +49,7 @@ class Dispatching(Protocol):
     _background: TaskOwner
 
     async def _submit(self, tier_name: str, spec: TaskSpec, *, kind: str, owner: str, reply_to: str,
-                      lease_wait_s: float, held: Any = None, stream: bool = False,
-                      session: SessionOpen | None = None) -> None: ...
+                      lease_wait_s: float, stream: bool = False, session: SessionOpen | None = None) -> None: ...
 
     async def _wait(self, tier_name: str, spec: TaskSpec, waiter: asyncio.Future[T], lease_wait_s: float) -> T: ...
 

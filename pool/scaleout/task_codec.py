@@ -206,15 +206,29 @@ class Outcome:
         raise self.error or SandboxError("the worker reported neither a result nor an error")
 
 
+NOT_RERUN = "the task was not run again because it may have had effects (resubmit it if it is safe to repeat)"
+
+
+def _not_rerun(task_id: str, worker: str, tier: Tier, ran_on: str, why: str, queue_ms: float,
+               total_ms: float) -> Outcome:
+    """A started task answered `sandbox_error` without its result: at-most-once, it is never run twice."""
+    result = TaskResult.sandbox_error(task_id, f"{why}; {NOT_RERUN}")
+    execution = Execution(result=result, tier=tier, queue_ms=queue_ms, container_name="", worker=ran_on)
+    return Outcome(task_id=task_id, worker=worker, tier=tier, execution=execution, queue_ms=queue_ms,
+                   total_ms=total_ms)
+
+
 def worker_lost(task_id: str, worker: str, tier: Tier, dead_worker: str, queue_ms: float,
                 total_ms: float) -> Outcome:
     """The verdict for a task whose worker died after starting it: it is answered, never run twice."""
-    result = TaskResult.sandbox_error(
-        task_id, f"worker lost: worker {dead_worker!r} stopped while running this task; the task was not "
-                 "run again because it may have had effects (resubmit it if it is safe to repeat)")
-    execution = Execution(result=result, tier=tier, queue_ms=queue_ms, container_name="", worker=dead_worker)
-    return Outcome(task_id=task_id, worker=worker, tier=tier, execution=execution, queue_ms=queue_ms,
-                   total_ms=total_ms)
+    return _not_rerun(task_id, worker, tier, dead_worker,
+                      f"worker lost: worker {dead_worker!r} stopped while running this task", queue_ms, total_ms)
+
+
+def worker_stopped(task_id: str, worker: str, tier: Tier, queue_ms: float, total_ms: float) -> Outcome:
+    """The verdict for a task still running when its worker's grace period ended: stopped, never rerun."""
+    return _not_rerun(task_id, worker, tier, worker, f"worker stopped: worker {worker!r} was stopped and its "
+                      "grace period ended while this task ran", queue_ms, total_ms)
 
 
 def error_json(error: PoolError) -> dict[str, Any]:

@@ -18,16 +18,25 @@ visibility timeout a live worker takes its entries over (XAUTOCLAIM) and looks a
 
 A result is stored and pushed to the waiting API in the same atomic step that acknowledges and deletes
 the entry, and only if the task was not answered already: it is never delivered twice.
+
+Stopping (SIGTERM, SIGINT) drains: the worker beats "draining" (the API stops counting it as serving),
+stops reading and claiming, lets the tasks in hand finish for up to `worker_grace_s`, answers those still
+running after that `sandbox_error` "worker stopped" (never run again, as above; tasks it had not started
+stay pending for another worker to claim), removes its containers, and only then leaves the membership.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import signal
+import socket
 import sys
-from typing import cast
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, cast
 
 import redis.exceptions
 
@@ -37,10 +46,12 @@ from pool.engine.docker_backend import DockerBackend
 from pool.engine.manager import PoolManager
 from pool.model.backoff import Backoff
 from pool.model.errors import BackendUnavailable, InvalidRequest, PoolError
-from pool.model.tasks import RESULT_GRACE_S
-from pool.scaleout.membership import BEATS_TO_DEATH, beat_json
+from pool.scaleout.backlog import Backlog
+from pool.scaleout.cluster_config import ConfigStore
+from pool.scaleout.membership import BEATS_TO_DEATH, DRAINING, SERVING, beat_json
 from pool.scaleout.redis_io import GROUP, Keys, Scripts, connect, is_nogroup, redis_errors
 from pool.scaleout.session_worker import WorkerSessions
+from pool.scaleout.worker_config import ConfigFollower
 from pool.scaleout.worker_tasks import TaskHandler
 from pool.settings import Settings, from_env
 
@@ -51,6 +62,11 @@ READ_BACKOFF_S = 0.1
 MAX_READ_BACKOFF_S = 2.0
 PRUNE_EVERY_ROUNDS = 20
 WARM_WAIT_S = 120.0
+DEFAULT_ENGINE = "unix:///var/run/docker.sock"  # docker-py's, when DOCKER_HOST is unset
+CLAIM_POLL_S = 0.5  # how often idle entries are looked for: part of a dead worker's detection time
+
+# Something to run beside the worker for its whole life (the CLI's /metrics and /healthz server).
+Sidecar = Callable[["Worker"], AbstractAsyncContextManager[Any]]
 
 
 class Worker:
@@ -70,11 +86,18 @@ class Worker:
         self.redis = connect(settings.redis_url)
         self.blocking = connect(settings.redis_url, blocking_s=READ_BLOCK_S)
         self.scripts = Scripts(self.redis, settings.redis_prefix)
+        self.backlog = Backlog(self.redis, self.keys)
         self.inflight: dict[str, dict[str, str]] = {name: {} for name in served}  # tier -> entry id -> task id
+        self._entries: dict[str, tuple[str, dict[str, str]]] = {}  # entry id -> (tier, fields), while in hand
+        self.state = "starting"
+        self.redis_ok = False
         self._freed = {name: asyncio.Event() for name in served}
         self._loops = TaskOwner("worker loops")  # readers, claimer, heartbeat: stopped first
         self._handlers = TaskOwner("worker tasks")  # one per task in hand: drained at shutdown
         self._keeper = TaskOwner("worker keeper")  # keeps in-hand entries claimed until the drain ends
+        self._beating = TaskOwner("worker heartbeat")  # beats until the worker leaves, draining included
+        self.follower = ConfigFollower(self.worker_id, socket.gethostname(), self.pool,
+                                       ConfigStore(self.redis, settings.redis_prefix))
         self._sweeping = False
         self.sessions = WorkerSessions(self.worker_id, self.settings, self.pool, self.keys, self.redis, self.blocking,
                                        self.scripts, on_freed=self._wake_readers)
@@ -83,8 +106,13 @@ class Worker:
 
     # lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Warm the pool first, so that the first heartbeat announces a worker that can answer at once."""
+        """Warm the pool first, so that the first heartbeat announces a worker that can answer at once.
+
+        The cluster's stored sizes are applied as soon as the pool knows the host's capacity, before it
+        starts a container, so a worker started later warms to them directly."""
+        configs = await self.follower.load()
         await self.pool.start()
+        self.follower.apply_initial(configs)  # before any await: the replenisher has not run yet
         await self.sessions.start()
         if not await self.pool.wait_warm(WARM_WAIT_S):
             log.warning("the pool is not warm after %.0f s; serving anyway", WARM_WAIT_S)
@@ -93,6 +121,7 @@ class Worker:
                 await self._ensure_group(tier_name)
             except BackendUnavailable as exc:
                 log.warning("%s (the readers will retry)", exc)
+        self.state = SERVING
         try:
             await self._beat()
         except BackendUnavailable as exc:
@@ -100,29 +129,50 @@ class Worker:
         for tier_name in self.inflight:
             self._loops.spawn(self._read_loop(tier_name))
         self._loops.spawn(self._claim_loop())
-        self._loops.spawn(self._heartbeat_loop())
+        self._loops.spawn(self.follower.loop(lambda: self._loops.closing))
         self._loops.spawn(self.sessions.calls_loop())
+        self._beating.spawn(self._heartbeat_loop())
         self._keeper.spawn(self._keep_claimed_loop())
         log.info("worker %s serving tiers %s", self.worker_id, list(self.inflight))
 
     async def close(self) -> None:
-        """Stop taking tasks, let those in hand finish (bounded), leave the cluster, remove our containers."""
+        """Drain (see the module's docstring): stop taking tasks, let those in hand finish within the grace
+        period, answer those that did not, remove our containers, then leave the cluster."""
+        self.state = DRAINING
+        with contextlib.suppress(BackendUnavailable):
+            await self._beat()  # the API stops counting this worker as serving at once
         await self._loops.close()
+        if len(self._handlers):
+            grace_s = self.settings.worker_grace_s
+            log.info("draining: waiting up to %.0f s for %d task(s) in hand", grace_s, len(self._handlers))
+            if not await self._handlers.wait(grace_s):
+                await self._stop_unfinished()
+        await self._handlers.close()
+        await self._keeper.close()
+        await self.sessions.close()  # recorded as ended ("worker stopped") before the containers go
+        await self.pool.close()
+        await self._beating.close()
         try:
             with redis_errors("leave the cluster"):
                 await self.redis.delete(self.keys.worker(self.worker_id))
                 await self.redis.srem(self.keys.workers, self.worker_id)
         except BackendUnavailable as exc:
             log.warning("%s", exc)
-        if len(self._handlers):
-            log.info("waiting for %d task(s) in hand", len(self._handlers))
-            await self._handlers.wait(self.settings.max_timeout_s + RESULT_GRACE_S + 5)
-        await self._handlers.close()
-        await self._keeper.close()
-        await self.sessions.close()  # recorded as ended ("worker stopped") before the containers go
-        await self.pool.close()
+        else:
+            log.info("worker %s left the cluster; its containers are removed", self.worker_id)
         await self.redis.aclose()
         await self.blocking.aclose()
+
+    async def _stop_unfinished(self) -> None:
+        """The grace period is over: stop the tasks still in hand, and answer those that had started."""
+        unfinished = dict(self._entries)
+        log.warning("grace period over: stopping %d task(s) still in hand", len(unfinished))
+        await self._handlers.close()  # each running task's container is removed (its state is unknown)
+        for entry_id, (tier_name, fields) in unfinished.items():
+            try:
+                await self.handler.answer_stopped(tier_name, entry_id, fields)
+            except BackendUnavailable as exc:
+                log.warning("task entry %s left to be claimed: %s", entry_id, exc)
 
     async def _ensure_group(self, tier_name: str) -> None:
         """Create the tier's stream and group if missing; from id 0, so tasks added before are not skipped."""
@@ -132,6 +182,12 @@ class Worker:
             except redis.exceptions.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+
+    def health(self) -> dict[str, Any]:
+        """What /healthz of a worker says: alive, and in which state."""
+        return {"worker": self.worker_id, "engine": self.settings.docker_host or DEFAULT_ENGINE, "state": self.state,
+                "docker_ok": self.pool.docker_ok, "redis_ok": self.redis_ok,
+                "inflight": {name: len(e) for name, e in self.inflight.items()}}
 
     def _wake_readers(self) -> None:
         """A session ended: its container may take a task now."""
@@ -158,6 +214,8 @@ class Worker:
                 continue
             try:
                 with redis_errors("read tasks"):
+                    # Async tasks wait in per-owner backlogs: bring our share of them to the stream first.
+                    await self.backlog.feed(tier_name, free)
                     try:
                         reply = await self.blocking.xreadgroup(GROUP, self.worker_id, {stream: ">"}, count=free,
                                                                block=int(READ_BLOCK_S * 1000))
@@ -182,7 +240,7 @@ class Worker:
         min_idle_ms = int(self.settings.visibility_timeout_s * 1000)
         rounds = 0
         while not self._loops.closing:  # see TaskOwner.close
-            await asyncio.sleep(self.settings.visibility_timeout_s / 2)
+            await asyncio.sleep(min(CLAIM_POLL_S, self.settings.visibility_timeout_s / 2))
             rounds += 1
             if not self.pool.docker_ok:
                 continue
@@ -227,7 +285,7 @@ class Worker:
                     log.debug("%s", exc)
 
     async def _heartbeat_loop(self) -> None:
-        while not self._loops.closing:  # see TaskOwner.close
+        while not self._beating.closing:  # see TaskOwner.close
             await asyncio.sleep(self.settings.heartbeat_s)
             try:
                 await self._beat()
@@ -237,16 +295,24 @@ class Worker:
     async def _beat(self) -> None:
         inflight = {name: len(entries) for name, entries in self.inflight.items()}
         ttl_ms = int(self.settings.heartbeat_s * BEATS_TO_DEATH * 1000)
-        beat = beat_json(self.worker_id, self.pool.snapshot(), inflight, self.pool.image_labels)
-        with redis_errors("send a heartbeat"):
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.set(self.keys.worker(self.worker_id), beat, px=ttl_ms)
-                pipe.sadd(self.keys.workers, self.worker_id)
-                await pipe.execute()
+        beat = beat_json(self.worker_id, self.pool.snapshot(), inflight, state=self.state,
+                         refused=self.follower.refused, engine=self.settings.docker_host or DEFAULT_ENGINE,
+                         image_labels=self.pool.image_labels)
+        try:
+            with redis_errors("send a heartbeat"):
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.set(self.keys.worker(self.worker_id), beat, px=ttl_ms)
+                    pipe.sadd(self.keys.workers, self.worker_id)
+                    await pipe.execute()
+        except BackendUnavailable:
+            self.redis_ok = False
+            raise
+        self.redis_ok = True
 
     # one task --------------------------------------------------------------------------------------
     def _take(self, tier_name: str, entry_id: str, fields: dict[str, str], *, claimed: bool) -> None:
         self.inflight[tier_name][entry_id] = fields.get("id", "")
+        self._entries[entry_id] = (tier_name, fields)
         self._handlers.spawn(self._handle(tier_name, entry_id, fields, claimed))
 
     async def _handle(self, tier_name: str, entry_id: str, fields: dict[str, str], claimed: bool) -> None:
@@ -254,6 +320,7 @@ class Worker:
             await self.handler.handle(tier_name, entry_id, fields, claimed=claimed)
         finally:
             self.inflight[tier_name].pop(entry_id, None)
+            self._entries.pop(entry_id, None)
             self._freed[tier_name].set()
 
     def _sweep_orphans(self) -> None:
@@ -273,22 +340,26 @@ class Worker:
         self._keeper.spawn(sweep())
 
 
-async def run(settings: Settings) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down cleanly."""
+async def run(settings: Settings, sidecar: Sidecar | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and shut down; `sidecar` runs for the worker's whole life
+    (from before it warms to after it has left)."""
     worker = Worker(settings, DockerBackend(settings.docker_host))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    try:
-        await worker.start()
-        await stop.wait()
-        log.info("worker %s stopping", worker.worker_id)
-    finally:
-        await worker.close()
+    async with contextlib.AsyncExitStack() as stack:
+        if sidecar is not None:
+            await stack.enter_async_context(sidecar(worker))
+        try:
+            await worker.start()
+            await stop.wait()
+            log.info("worker %s draining", worker.worker_id)
+        finally:
+            await worker.close()
 
 
-def main() -> None:
+def main(sidecar: Sidecar | None = None) -> None:
     """Entry point of `warmpool worker`: settings from the environment (WARMPOOL_REDIS_URL is required)."""
     try:
         settings = from_env()
@@ -297,6 +368,6 @@ def main() -> None:
     if not settings.redis_url:
         sys.exit("warmpool worker: set WARMPOOL_REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
     try:
-        asyncio.run(run(settings))
+        asyncio.run(run(settings, sidecar))
     except PoolError as exc:
         sys.exit(f"warmpool worker: {exc}")

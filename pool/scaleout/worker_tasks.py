@@ -21,7 +21,7 @@ from pool.model.tasks import Execution
 from pool.scaleout.output_relay import OutputRelay
 from pool.scaleout.redis_io import GROUP, Keys, Scripts, redis_errors
 from pool.scaleout.session_worker import WorkerSessions
-from pool.scaleout.task_codec import MalformedEntry, Outcome, StreamEntry, worker_lost
+from pool.scaleout.task_codec import MalformedEntry, Outcome, StreamEntry, worker_lost, worker_stopped
 from pool.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,11 @@ class TaskHandler:
                 await self.scripts.forget(task_key, stream, entry_id)
                 return False
             if owner and owner != self.worker_id and await self.redis.exists(self.keys.worker(owner)):
-                # Its worker still beats (it was only slow to re-claim): hand the entry back.
-                await self.redis.xclaim(stream, GROUP, owner, 0, [entry_id], justid=True)
+                # Its worker still beats (slow to re-claim, or dead with a beat not expired yet): hand the
+                # entry back as idle as it was, so that it is looked at again at the next claim round
+                # rather than a whole visibility timeout later. A live owner re-claims it (idle 0) itself.
+                await self.redis.xclaim(stream, GROUP, owner, 0, [entry_id], justid=True,
+                                        idle=int(self.settings.visibility_timeout_s * 1000))
                 return False
         total_ms = max(0.0, time.time() - entry.submitted_unix) * 1000
         log.warning("task %s was running on lost worker %s: answering sandbox_error", task_id, owner)
@@ -85,6 +88,24 @@ class TaskHandler:
             task_id, self.worker_id, self.pool.tiers[tier_name], owner or "?", 0.0, total_ms))
         self.on_peer_lost()
         return False
+
+    async def answer_stopped(self, tier_name: str, entry_id: str, fields: dict[str, str]) -> None:
+        """After a drain's grace period: a task this worker started is answered `worker stopped`; one it had
+        not started is left pending, for another worker to claim and run."""
+        try:
+            entry = StreamEntry.from_fields(fields)
+        except MalformedEntry:
+            return
+        with redis_errors("look at a stopped task"):
+            state, owner = cast(list[str | None], await self.redis.hmget(self.keys.task(entry.spec.task_id),
+                                                                         ["state", "worker"]))
+        if state != "running" or owner != self.worker_id:
+            return
+        total_ms = max(0.0, time.time() - entry.submitted_unix) * 1000
+        log.warning("task %s was still running at the end of the grace period: answering sandbox_error",
+                    entry.spec.task_id)
+        await self._finalize(tier_name, entry_id, entry, worker_stopped(
+            entry.spec.task_id, self.worker_id, self.pool.tiers[tier_name], 0.0, total_ms))
 
     async def _run(self, tier_name: str, entry_id: str, entry: StreamEntry) -> None:
         spec = entry.spec

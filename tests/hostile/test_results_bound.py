@@ -14,8 +14,11 @@ import pytest
 import redis
 
 from pool.model.errors import Overloaded
-from pool.model.result_bounds import RECORD_OVERHEAD_BYTES, Bounds, ResultBook
-from pool.scaleout.redis_io import GROUP, Held, Keys, Refusal, Scripts, connect
+from pool.model.result_bounds import RECORD_OVERHEAD_BYTES, Bounds, ResultBook, pending_bytes
+from pool.model.results import TaskSpec
+from pool.model.tasks import Submission
+from pool.scaleout.backlog import Backlog
+from pool.scaleout.redis_io import GROUP, Keys, Refusal, Scripts, connect
 from tests.hostile.conftest import server_rss_bytes
 from tests.scaleout_support import wait_for
 
@@ -63,16 +66,20 @@ async def _redis_bound(url: str) -> None:
     client = connect(url)
     keys = Keys(f"wptest-{secrets.token_hex(4)}")
     scripts = Scripts(client, keys.prefix)
+    backlog = Backlog(client, keys)
     stream = keys.stream("one")
     bounds = Bounds(max_tasks_per_key=3, max_result_bytes_per_key=10_000, max_results=4, max_result_bytes=12_000)
     try:
         await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
 
         async def submit(task_id: str, owner: str, size: int) -> object:
-            return await scripts.submit(stream, keys.task(task_id), max_len=100, pending_ttl_ms=60_000,
-                                        entry={"id": task_id}, record={"state": "queued", "kind": "async",
-                                                                       "owner": owner},
-                                        held=Held(owner=owner, size_bytes=size, bounds=bounds))
+            """Async tasks are held as they enter the backlog; fed to the stream at once here (target 100)."""
+            spec = TaskSpec(task_id=task_id, code="x" * (size - RECORD_OVERHEAD_BYTES), output_limit_bytes=0)
+            assert pending_bytes(spec) == size
+            refused = await backlog.enqueue(
+                [(Submission("one", spec), {"id": task_id}, {"state": "queued", "kind": "async", "owner": owner})],
+                owner, max_len=100, ttl_ms=60_000, bounds=bounds, feed_targets={"one": 100})
+            return refused or await client.hget(keys.task(task_id), "entry")
 
         async def finish(task_id: str, output: str) -> str:
             entry = await client.hget(keys.task(task_id), "entry")
@@ -83,11 +90,11 @@ async def _redis_bound(url: str) -> None:
         a = [uuid.uuid4().hex for _ in range(4)]
         for task_id in a[:3]:
             assert isinstance(await submit(task_id, "alice", 3000), str)
-        refused = await submit(a[3], "alice", 100)
+        refused = await submit(a[3], "alice", 2100)
         assert isinstance(refused, Refusal) and (refused.scope, refused.tasks) == ("key", 3)
         assert refused.retry_after_ms == -1  # nothing of hers finished yet
         assert await finish(a[0], "y" * 3000) == "stored"
-        refused = await submit(a[3], "alice", 100)
+        refused = await submit(a[3], "alice", 2100)
         assert isinstance(refused, Refusal) and 0 < refused.retry_after_ms <= 60_000
         assert await client.hget(f"{keys.prefix}:held-totals", "tasks") == "3"
         b = uuid.uuid4().hex
