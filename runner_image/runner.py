@@ -460,21 +460,28 @@ class Bounded:
 
     def pump(self, fd, drain):
         """Read one chunk (or, with `drain`, what is there, at most one bound's worth more). False at EOF."""
-        budget = self.bound + READ_CHUNK
-        while budget > 0:
-            try:
-                chunk = os.read(fd, READ_CHUNK)
-            except BlockingIOError:
-                return True
-            if not chunk:
-                return False
-            budget -= len(chunk)
+        budget = [self.bound + READ_CHUNK]
+
+        def take(chunk):
             room = self.bound - len(self.data)
             self.overflowed = self.overflowed or len(chunk) > room
             self.data += chunk[:max(room, 0)]
-            if not drain:
-                break
-        return True
+            budget[0] -= len(chunk)
+            return budget[0] > 0
+        return read_pipe(fd, take, drain)
+
+
+def read_pipe(fd, take, drain):
+    """Read a chunk, or with `drain` chunks until the pipe is empty or `take(chunk)` says False. False at EOF."""
+    while True:
+        try:
+            chunk = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            return False
+        if not take(chunk) or not drain:
+            return True
 
 
 class Outputs:
@@ -498,19 +505,14 @@ class Outputs:
     def read(self, fd, drain=False):
         """Read one chunk (or, with `drain`, all there is). False at EOF."""
         buf = self.bufs[fd]
-        while self.keep_reading or len(buf) <= self.limit:
-            try:
-                chunk = os.read(fd, READ_CHUNK)
-            except BlockingIOError:
-                return True
-            if not chunk:
-                return False
+
+        def take(chunk):
+            nonlocal buf
             if self.forward and len(buf) < self.limit:
                 self.forward[fd].pending += chunk[:self.limit - len(buf)]
             buf += chunk[:self.limit + 1 - len(buf)] if self.keep_reading else chunk
-            if not drain:
-                break
-        return True
+            return self.keep_reading or len(buf) <= self.limit
+        return not (self.keep_reading or len(buf) <= self.limit) or read_pipe(fd, take, drain)
 
     def drain(self):
         for fd in self.bufs:
