@@ -10,8 +10,9 @@ API_HOST ?= 127.0.0.1
 API_PORT ?= 8000
 REDIS_PORT ?= $(or $(WARMPOOL_TEST_REDIS_PORT),6399)
 PYTEST_ARGS ?=
+SERVICE_IMAGE ?= $(or $(WARMPOOL_SERVICE_IMAGE),warmpool-service:latest)
 
-.PHONY: venv docker image redis run test check lint bench bench-scaleout bench-stream bench-clients
+.PHONY: venv docker image redis browser run test check lint bench bench-scaleout bench-stream bench-clients service-image test-swarm
 
 venv: $(STAMP)
 
@@ -47,19 +48,35 @@ image: venv docker
 redis:
 	bash scripts/ensure-redis.sh $(REDIS_PORT)
 
+# Debian's chromium and chromedriver, for the dashboard's browser tests (a no-op when installed).
+browser:
+	bash scripts/ensure-chromium.sh
+
 run: venv docker image
 	$(VENV)/bin/warmpool serve --host $(API_HOST) --port $(API_PORT)
 
 # The cluster tests run a worker on a second Docker engine of this machine (scripts/ensure-docker2.sh):
 # started here with the runner image loaded into it, and stopped when the suite ends (its data root,
-# and so the loaded image, is kept for the next run).
+# and so the loaded image, is kept for the next run). The swarm deployment test (tests/test_swarm.py)
+# deploys the service image on a swarm engine of its own; alone: `make test-swarm`.
 DOCKER2_SOCK ?= /run/warmpool-docker2.sock
 
-test: venv docker image redis
+test: venv docker image redis browser service-image
 	WARMPOOL_DOCKER2_SOCK=$(DOCKER2_SOCK) bash scripts/ensure-docker2.sh start
-	status=0; WARMPOOL_TEST_REDIS_URL=redis://127.0.0.1:$(REDIS_PORT)/0 \
+	status=0; WARMPOOL_TEST_REDIS_URL=redis://127.0.0.1:$(REDIS_PORT)/0 WARMPOOL_SERVICE_IMAGE=$(SERVICE_IMAGE) \
 	  WARMPOOL_TEST_DOCKER2_HOST=unix://$(DOCKER2_SOCK) $(VENV)/bin/pytest -q $(PYTEST_ARGS) || status=$$?; \
 	WARMPOOL_DOCKER2_SOCK=$(DOCKER2_SOCK) bash scripts/ensure-docker2.sh stop; exit $$status
+
+# The image the deployments run (API, worker, Redis), from wheels and Debian packages fetched here
+# (about a minute).
+service-image: venv docker image
+	$(VENV)/bin/warmpool service-image --tag $(SERVICE_IMAGE)
+
+# 81 to 108 s here with the image build: deploy/swarm/stack.yml on a one-node swarm of a Docker engine
+# started for the test (never the engine the other tests use); tasks, a resize and a drain through the
+# deployed API, and its dashboard.
+test-swarm: service-image browser
+	WARMPOOL_SERVICE_IMAGE=$(SERVICE_IMAGE) $(VENV)/bin/pytest -q -m swarm $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -70,7 +87,7 @@ lint: venv
 # nowhere and WARMPOOL_TEST_REDIS_URL is empty, so a test that reached for either would fail here.
 check: lint
 	DOCKER_HOST=unix:///nonexistent/docker.sock WARMPOOL_TEST_REDIS_URL= \
-	  $(VENV)/bin/pytest -q -m "not docker and not redis" $(PYTEST_ARGS)
+	  $(VENV)/bin/pytest -q -m "not docker and not redis and not root" $(PYTEST_ARGS)
 
 # Bounded (about 5 minutes): locust sessions and latency.py against servers it starts on loopback;
 # rewrites benchmarks/RESULTS.md.

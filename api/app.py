@@ -17,6 +17,7 @@ from api.admin import router as admin_router
 from api.auth import AuthBeforeBody
 from api.batch import router as batch_router
 from api.callback_relay import CallbackRelay
+from api.dashboard import router as dashboard_router
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit, limiter_from
 from api.mcp_http import install_mcp
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None,
     app.include_router(session_router)
     app.include_router(admin_router)
     app.include_router(session_admin_router)
+    app.include_router(dashboard_router)
     app.state.mcp = install_mcp(app, settings)
     install_metrics(app)
     return app

@@ -137,11 +137,14 @@ def isolation(url: str, run_time_s: int) -> str:
     return "\n".join(lines)
 
 
-def replacement_rate(count: int) -> str:
-    """Every task needs a fresh container (max_uses 1): how many containers/s the pool replaces."""
-    tiers = {"tiers": [{"name": "fresh", "cpu": 0.5, "ram": "128MiB", "storage": "64MiB", "min_idle": 4,
-                        "max_size": 8, "max_uses": 1}]}
-    with server({"WARMPOOL_LEASE_TIMEOUT_S": "30"}, tiers) as (url, _):
+# Every task needs a fresh container (max_uses 1).
+FRESH_TIERS = {"tiers": [{"name": "fresh", "cpu": 0.5, "ram": "128MiB", "storage": "64MiB", "min_idle": 4,
+                          "max_size": 8, "max_uses": 1}]}
+
+
+def replacement_run(env_extra: dict[str, str], count: int) -> tuple[list[str], float, list[dict]]:
+    """`count` tasks from 8 clients on FRESH_TIERS: their statuses, the seconds taken, /v1/tiers after."""
+    with server({"WARMPOOL_LEASE_TIMEOUT_S": "30", **env_extra}, FRESH_TIERS) as (url, _):
         with httpx.Client(base_url=url, timeout=60) as client:
             def one(_: int) -> str:
                 return str(client.post("/v1/execute", json={"code": "print(1)"}).json().get("status"))
@@ -149,7 +152,12 @@ def replacement_rate(count: int) -> str:
             with concurrent.futures.ThreadPoolExecutor(8) as pool:
                 statuses = list(pool.map(one, range(count)))
             elapsed_s = time.perf_counter() - started
-            admin_view = client.get("/v1/tiers").json()
+            return statuses, elapsed_s, client.get("/v1/tiers").json()
+
+
+def replacement_rate(count: int) -> str:
+    """How many containers/s the pool replaces when every task needs a fresh one."""
+    statuses, elapsed_s, admin_view = replacement_run({}, count)
     ok = statuses.count("succeeded")
     return (f"{count} tasks on a tier with `max_uses: 1` (every task gets a fresh container; 8 concurrent clients, "
             f"4 warm, at most 8): {ok} succeeded in {elapsed_s:.1f} s, i.e. **{count / elapsed_s:.1f} containers "

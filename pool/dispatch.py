@@ -134,5 +134,6 @@ def create_dispatcher(settings: Settings) -> Dispatcher:
         return RedisDispatcher(settings)
     from pool.engine.docker_backend import DockerBackend
     from pool.engine.embedded import EmbeddedDispatcher
+    from pool.engine.scratch import scratch_store
 
-    return EmbeddedDispatcher(settings, DockerBackend(settings.docker_host))
+    return EmbeddedDispatcher(settings, DockerBackend(settings.docker_host), scratch_store(settings))

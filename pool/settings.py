@@ -97,6 +97,11 @@ class Settings:
     worker_grace_s: float = 30.0  # on SIGTERM, how long a worker lets the tasks in hand finish
     worker_tiers: tuple[str, ...] = ()  # the tiers a worker serves; empty: all of them
     mode: str = "warm"
+    # Where a task writes (/tmp, and its work dir and HOME inside it): "disk", a filesystem image of the
+    # tier's storage per container, loop-mounted (root only; see pool/engine/scratch.py), or "memory", a
+    # tmpfs that counts against the tier's ram.
+    scratch: str = "disk"
+    scratch_dir: str = "/var/lib/warmpool/scratch"
     max_batch: int = 100  # tasks in one POST /v1/tasks/batch
     # Callbacks: hosts or CIDRs that callback_url may name; empty (the default) turns callbacks off, because
     # a server that POSTs wherever a client says is a request-forgery hole into the operator's network.
@@ -195,6 +200,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     mode = _get(env, "MODE") or "warm"
     if mode not in ("warm", "cold"):
         raise InvalidRequest("WARMPOOL_MODE", f"must be 'warm' or 'cold', got {mode!r}")
+    scratch = _get(env, "SCRATCH") or "disk"
+    if scratch not in ("disk", "memory"):
+        raise InvalidRequest("WARMPOOL_SCRATCH", f"must be 'disk' or 'memory', got {scratch!r}")
     ram = _get(env, "HOST_RAM")
     api_keys, admin_key = _list(env, "API_KEYS"), _get(env, "ADMIN_KEY")
     if admin_key is not None and admin_key in api_keys:
@@ -258,6 +266,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         worker_grace_s=_float0(env, "WORKER_GRACE_S", defaults.worker_grace_s),
         worker_tiers=_list(env, "WORKER_TIERS"),
         mode=mode,
+        scratch=scratch,
+        scratch_dir=_get(env, "SCRATCH_DIR") or defaults.scratch_dir,
         max_batch=_int(env, "MAX_BATCH", defaults.max_batch),
         callback_allow=callback_allow,
         callback_secret=callback_secret,

@@ -21,11 +21,15 @@ import docker.errors
 import httpx
 import pytest
 
+from pool.engine.scratch import loops_backed_under
 from pool.model import images as catalogue
+from pool.settings import Settings
 from runner_image.build import HASH_LABEL, build_hash
+from tests.polling import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("WARMPOOL_IMAGE", "warmpool-runner:latest")
+SCRATCH_ROOT = Settings.scratch_dir  # services here keep the default WARMPOOL_SCRATCH_DIR
 
 # Small tiers keep the suite quick: "one" has a single container, so consecutive tasks share it.
 TEST_TIERS = {"tiers": [
@@ -49,6 +53,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 unmarked.append(f"{item.nodeid} uses {sorted(used.intersection(fixtures))} but is not marked {marker}")
     if unmarked:
         raise pytest.UsageError("tests that need an engine must say so:\n" + "\n".join(unmarked))
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """asyncio only: the service runs on uvicorn's asyncio loop. (anyio's plugin otherwise runs every async
+    test on each backend it finds installed, and selenium brings trio in.)"""
+    return "asyncio"
 
 
 @pytest.fixture(scope="session")
@@ -181,13 +192,30 @@ def start_service(log_dir: Path, tiers_path: Path, env: dict[str, str] | None = 
     pytest.fail(f"service not ready in {ready_timeout_s} s:\n{log_path.read_text()}")
 
 
+def scratch_left(instance_id: str) -> list[str]:
+    """What the instance's disk scratch still holds on the host: mounts, loop devices, its state dir."""
+    directory = os.path.join(SCRATCH_ROOT, instance_id)
+    left = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
+            if line.split()[1].startswith(directory + "/")]
+    left += loops_backed_under(Path("/sys/block"), directory)
+    return left + ([directory] if os.path.exists(directory) else [])
+
+
 def stop_service(service: Service, client: docker.DockerClient) -> None:
-    """Stop a service and fail if it left any of its containers behind (removing them first)."""
+    """Stop a service and fail if it left any of its containers or scratch filesystems behind (removing
+    the containers first)."""
     service.stop()
     leftovers = containers_of(client, service.instance_id)
     for container in leftovers:
         container.remove(force=True)
     assert not leftovers, f"service {service.instance_id} left {len(leftovers)} container(s) behind"
+    # A loop device goes with the last user of its filesystem, which a removed gVisor sandbox may be for
+    # a moment more.
+    try:
+        wait_for(lambda: not scratch_left(service.instance_id), "no scratch left", timeout_s=15)
+    except AssertionError:
+        raise AssertionError(f"service {service.instance_id} left scratch behind: "
+                             f"{scratch_left(service.instance_id)}") from None
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import REPO, Engine, Service, _free_port
+from pool.engine.scratch import remove_instance_dir
+from tests.conftest import REPO, SCRATCH_ROOT, Engine, Service, _free_port, scratch_left
 
 # Short enough that fault tests take seconds, long enough for a loaded 2-core machine.
 FAST_FAULTS = {"WARMPOOL_HEARTBEAT_S": "0.5", "WARMPOOL_VISIBILITY_TIMEOUT_S": "2"}
@@ -201,8 +202,13 @@ class Cluster:
             left = container_ids(worker.engine, worker.instance_id)
             for container_id in left:
                 remove_quietly(worker.engine, container_id)
-            if not worker.killed:
+            if worker.killed:
+                # As the next pool to start on this host would: its scratch filesystems, by name.
+                remove_instance_dir(os.path.join(SCRATCH_ROOT, worker.instance_id))
+            else:
                 leftovers += [(worker.instance_id, container_id[:12]) for container_id in left]
+            wait_for(lambda w=worker: not scratch_left(w.instance_id), timeout_s=15,
+                     what=f"no scratch left by worker {worker.instance_id}")
         try:
             keys = list(self.redis.scan_iter(f"{self.prefix}:*"))
             if keys:

@@ -1,5 +1,6 @@
-"""The `warmpool` command: `serve` (the HTTP API), `worker` (a Redis worker), `image` (the runner image),
-`run` (run a file on a server) and `mcp` (an MCP server over stdio, for agents, talking to a server)."""
+"""The `warmpool` command: `serve` (the HTTP API), `worker` (a Redis worker), `image` (the sandbox images),
+`service-image` (the image the deployments run), `run` (run a file on a server) and `mcp` (an MCP server
+over stdio, for agents, talking to a server)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import ipaddress
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import docker
 
 DEFAULT_IMAGE = "warmpool-runner:latest"
 DEFAULT_BASE_IMAGE = "warmpool-base:bookworm"
@@ -36,6 +41,11 @@ def main(argv: list[str] | None = None) -> None:
                        f"{DEFAULT_IMAGE})")
     image.add_argument("--base", default=os.environ.get("WARMPOOL_BASE_IMAGE") or DEFAULT_BASE_IMAGE)
 
+    service = sub.add_parser("service-image", help="build the image the deployments run (API, worker, Redis) "
+                             "from wheels and Debian packages fetched here; no registry")
+    service.add_argument("--tag", default="warmpool-service:latest")
+    service.add_argument("--base", default=os.environ.get("WARMPOOL_BASE_IMAGE") or DEFAULT_BASE_IMAGE)
+
     from warmpool import run_cmd
 
     run_cmd.add_parser(sub)
@@ -57,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         _serve(args.host, args.port)
     elif args.command == "worker":
         _worker(args.metrics_host, args.metrics_port)
+    elif args.command == "service-image":
+        _service_image(args.tag, args.base)
     else:
         _image(args.only, args.image, args.base, args.force)
 
@@ -121,9 +133,6 @@ def _worker(metrics_host: str, metrics_port: int | None) -> None:
 
 
 def _image(only: list[str] | None, python_tag: str | None, base_image: str, force: bool) -> None:
-    import docker
-    import docker.errors
-
     from pool.model import images as catalogue
     from pool.model.errors import InvalidRequest
     from runner_image.build import ImageBuildError, ensure_image
@@ -135,11 +144,7 @@ def _image(only: list[str] | None, python_tag: str | None, base_image: str, forc
     names = [spec.name for spec in specs]
     if unknown := set(only or ()) - set(names):
         sys.exit(f"warmpool image: unknown image(s) {sorted(unknown)}; known: {names}")
-    try:
-        client = docker.from_env()
-        client.ping()
-    except docker.errors.DockerException as exc:
-        sys.exit(f"warmpool image: no Docker engine answers ({exc}); start one (make docker) and retry")
+    client = _docker_client("image")
     try:
         for spec in specs:
             if not only or spec.name in only:
@@ -149,3 +154,28 @@ def _image(only: list[str] | None, python_tag: str | None, base_image: str, forc
         sys.exit(f"warmpool image: {exc}")
     finally:
         client.close()
+
+
+def _service_image(tag: str, base_image: str) -> None:
+    from runner_image.build import ImageBuildError
+    from warmpool.service_image import build_service_image
+
+    client = _docker_client("service-image")
+    try:
+        print(tag, build_service_image(client, tag, base_image), flush=True)
+    except ImageBuildError as exc:
+        sys.exit(f"warmpool service-image: {exc}")
+    finally:
+        client.close()
+
+
+def _docker_client(command: str) -> docker.DockerClient:
+    import docker
+    import docker.errors
+
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as exc:
+        sys.exit(f"warmpool {command}: no Docker engine answers ({exc}); start one (make docker) and retry")
+    return client

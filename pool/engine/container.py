@@ -16,6 +16,7 @@ import anyio
 from pool.engine.backend import ContainerBackend
 from pool.engine.channel import ChannelClosed, RunnerChannel
 from pool.engine.sandbox_spec import host_config_kwargs, labels_for, task_nproc_limit
+from pool.engine.scratch import ScratchSlot, ScratchStore
 from pool.model.errors import PoolError, SandboxError
 from pool.model.resources import format_bytes
 from pool.model.results import Status, TaskResult, TaskSpec
@@ -42,6 +43,7 @@ class CreateOptions:
     instance_id: str
     owner: str
     nofile_limit: int
+    scratch: ScratchStore | None = None  # None: scratch is a tmpfs (WARMPOOL_SCRATCH=memory, a fake backend)
 
 
 class ContainerHandle:
@@ -56,6 +58,7 @@ class ContainerHandle:
         self.uses = 0
         self.channel: RunnerChannel | None = None
         self.on_lost: Callable[[ContainerHandle, str], None] | None = None
+        self.scratch: tuple[ScratchStore, ScratchSlot] | None = None  # its disk scratch, until given back
 
     @property
     def alive(self) -> bool:
@@ -125,6 +128,17 @@ class ContainerHandle:
             return False, f"expected reset, got {frame.get('op')!r}"
         return bool(frame.get("clean")), str(frame.get("detail", ""))
 
+    async def release_scratch(self) -> None:
+        """Give back its scratch filesystem once the container is removed (or being removed: a mount it
+        still holds goes lazily). The new image of a replacement is the wipe: nothing here reads the old."""
+        if self.scratch is not None:
+            (store, slot), self.scratch = self.scratch, None
+            with anyio.CancelScope(shield=True):
+                try:
+                    await anyio.to_thread.run_sync(store.release, slot)
+                except PoolError as exc:
+                    log.warning("could not release the scratch of %s: %s", self.name, exc)
+
     def close_channel(self) -> None:
         self.on_lost = None  # our own close is not a loss to report
         if self.channel is not None:
@@ -149,13 +163,27 @@ async def explain_loss(backend: ContainerBackend, handle: ContainerHandle, resul
 async def start_container(backend: ContainerBackend, tier: Tier, options: CreateOptions,
                           gpu_ids: tuple[str, ...] = ()) -> ContainerHandle:
     """Create, attach, start and handshake one container; on any failure nothing is left behind."""
-    name = f"warmpool-{tier.name}-{options.instance_id}-{next(_serial)}"
-    host_options = host_config_kwargs(tier, nofile_limit=options.nofile_limit, gpu_ids=gpu_ids)
-    labels = labels_for(tier, options.instance_id, options.owner)
-    container_id = await anyio.to_thread.run_sync(
-        lambda: backend.create(image=options.docker_images[tier.image], name=name, labels=labels,
-                               host_options=host_options))
+    serial = next(_serial)
+    name = f"warmpool-{tier.name}-{options.instance_id}-{serial}"
+    slot: ScratchSlot | None = None
+    if options.scratch is not None:
+        store = options.scratch
+        slot = await anyio.to_thread.run_sync(store.make, f"{tier.name}-{serial}", tier.resources.storage_bytes)
+    try:
+        host_options = host_config_kwargs(tier, nofile_limit=options.nofile_limit, gpu_ids=gpu_ids,
+                                          scratch_dir=None if slot is None else slot.mount_dir)
+        labels = labels_for(tier, options.instance_id, options.owner)
+        container_id = await anyio.to_thread.run_sync(
+            lambda: backend.create(image=options.docker_images[tier.image], name=name, labels=labels,
+                                   host_options=host_options))
+    except BaseException:
+        if slot is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(store.release, slot)
+        raise
     handle = ContainerHandle(tier, container_id, name, gpu_ids)
+    if slot is not None:
+        handle.scratch = (store, slot)
     try:
         # Attach before start so nothing the runner says is lost; the channel lives as long as the container.
         sock = await anyio.to_thread.run_sync(backend.attach, container_id)
@@ -171,7 +199,10 @@ async def start_container(backend: ContainerBackend, tier: Tier, options: Create
     except BaseException as exc:
         handle.close_channel()
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(backend.remove, container_id)
+            try:
+                await anyio.to_thread.run_sync(backend.remove, container_id)
+            finally:
+                await handle.release_scratch()
         if isinstance(exc, ChannelClosed | TimeoutError):
             raise SandboxError(f"container {name} did not come up: {exc!r}") from exc
         raise
@@ -184,5 +215,7 @@ async def remove_container(backend: ContainerBackend, handle: ContainerHandle) -
         await anyio.to_thread.run_sync(backend.remove, handle.container_id)
     except PoolError as exc:
         log.warning("could not remove %s: %s", handle.name, exc)
+    finally:
+        await handle.release_scratch()
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import docker
 import docker.errors
 import requests.exceptions
-from docker.types import DeviceRequest, LogConfig, Ulimit
+from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
 from pool.engine.backend import POOL_LABEL, EngineInfo, OurContainer
 from pool.model.errors import BackendUnavailable, PoolError, SandboxError
@@ -221,3 +221,8 @@ def gpu_device_requests(gpu_ids: tuple[str, ...]) -> list[DeviceRequest]:
 
 def no_logging() -> LogConfig:
     return LogConfig(type="none")
+
+
+def scratch_bind(source_dir: str, target: str) -> Mount:
+    """A read-write bind of one host directory (a scratch filesystem's mount point), private to the container."""
+    return Mount(target=target, source=source_dir, type="bind", read_only=False, propagation="rprivate")

@@ -15,6 +15,7 @@ from pool.engine.admin import PoolAdmin
 from pool.engine.async_tasks import AsyncTasks
 from pool.engine.backend import ContainerBackend
 from pool.engine.manager import PoolManager
+from pool.engine.scratch import ScratchStore
 from pool.engine.sessions import SessionManager
 from pool.model.errors import PoolError, SandboxError
 from pool.model.images import describe
@@ -31,9 +32,9 @@ log = logging.getLogger(__name__)
 class EmbeddedDispatcher:
     """A `Dispatcher` over this process's own `PoolManager`."""
 
-    def __init__(self, settings: Settings, backend: ContainerBackend) -> None:
+    def __init__(self, settings: Settings, backend: ContainerBackend, scratch: ScratchStore | None = None) -> None:
         self.settings = settings
-        self.pool = PoolManager(settings, backend)
+        self.pool = PoolManager(settings, backend, scratch)
         self.admin = PoolAdmin(self.pool)
         self._background = TaskOwner("async tasks")
         self.async_tasks = AsyncTasks(settings, self.pool, self._background)

@@ -28,6 +28,7 @@ from pool.engine.container import (
 from pool.engine.inventory import detect_gpu_ids, host_inventory, unfit_reason
 from pool.engine.modes import ColdMode, Mode, WarmMode
 from pool.engine.sandbox_spec import owner_is_alive, owner_token
+from pool.engine.scratch import ScratchStore
 from pool.engine.tier_pool import TierPool
 from pool.model.capacity import CapacityLedger, HostInventory
 from pool.model.errors import (
@@ -58,9 +59,12 @@ StartGate = Callable[[], Awaitable[bool]]
 class PoolManager:
     """Keeps each tier's warm containers and leases them to tasks."""
 
-    def __init__(self, settings: Settings, backend: ContainerBackend) -> None:
+    def __init__(self, settings: Settings, backend: ContainerBackend, scratch: ScratchStore | None = None) -> None:
+        """`scratch`: the store of each container's disk scratch (pool/engine/scratch.py), for a local Docker
+        engine; None, a tmpfs (WARMPOOL_SCRATCH=memory, or a test's fake backend)."""
         self.settings = settings
         self.backend = backend
+        self.scratch = scratch
         self.tiers = {tier.name: tier for tier in settings.tiers}
         # The one place the mode is looked at: from here on the mode object decides (pool/engine/modes.py).
         self.mode: Mode = (ColdMode(self._start_for_lease) if settings.mode == "cold"
@@ -73,7 +77,7 @@ class PoolManager:
         self.image_labels: dict[str, dict[str, str]] = {}  # image name -> its docker labels, read at start
         self._options = CreateOptions(docker_images={spec.name: spec.docker_image for spec in settings.images},
                                       instance_id=settings.instance_id, owner=owner_token(),
-                                      nofile_limit=settings.nofile_limit)
+                                      nofile_limit=settings.nofile_limit, scratch=scratch)
         self._background = TaskOwner("pool")  # replenisher, container starts and removals
         self._wake = asyncio.Event()
         self._start_slots = asyncio.Semaphore(settings.start_concurrency)
@@ -94,6 +98,9 @@ class PoolManager:
                 log.warning("%s: its requests will be refused", pool.unfit)
         self.docker_ok = True
         await self.remove_orphans()
+        if self.scratch is not None:
+            worst_case_bytes = sum(t.resources.storage_bytes * t.max_size for t in self.settings.tiers)
+            await anyio.to_thread.run_sync(self.scratch.open, worst_case_bytes)
         self._wake.set()  # warm at once rather than after the first tick
         self._background.spawn(self._replenish_loop())
 
@@ -154,15 +161,21 @@ class PoolManager:
             except PoolError as exc:
                 log.warning("shutdown sweep failed: %s", exc)
         await anyio.to_thread.run_sync(self.backend.close)
+        if self.scratch is not None:
+            # Slots of containers whose removal was cut short go here too (lazily, if one still holds it).
+            await anyio.to_thread.run_sync(self.scratch.close)
 
     async def remove_orphans(self) -> int:
-        """Remove containers labelled by pools whose owning process is gone (never a live pool's)."""
+        """Remove containers labelled by pools whose owning process is gone (never a live pool's), then
+        those pools' scratch filesystems."""
         backend = self.backend
         ours = await anyio.to_thread.run_sync(backend.list_ours)
         dead = [c for c in ours if owner_is_alive(c.labels.get("warmpool.owner", "")) is False]
         await asyncio.gather(*(anyio.to_thread.run_sync(backend.remove, c.container_id) for c in dead))
         if dead:
             log.info("removed %d orphaned container(s) of earlier runs", len(dead))
+        if self.scratch is not None:
+            await anyio.to_thread.run_sync(self.scratch.sweep_orphans)
         return len(dead)
 
     async def _sweep_strays(self) -> None:
@@ -300,7 +313,8 @@ class PoolManager:
             log.warning("could not remove %s: %s", handle.name, exc)
         finally:
             self.ledger.release(handle.tier.resources, handle.gpu_ids)
-            self._wake.set()
+            self._wake.set()  # the replacement may start while the old scratch is unmounted
+            await handle.release_scratch()
 
     def _on_lost(self, handle: ContainerHandle, reason: str) -> None:
         """An idle container died (killed from outside, engine gone): replace it."""

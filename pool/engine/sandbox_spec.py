@@ -1,9 +1,10 @@
 """The hardened container configuration of a tier (pure: builds arguments, starts nothing).
 
-Security defaults for every container (DESIGN section 3): no network, read-only root, tmpfs scratch
-capped at the tier's storage, every capability dropped but the three the runner needs to drop to the
-sandbox uid and to kill its leftovers, no-new-privileges, Docker's default seccomp, a pids limit, memory
-equal to memory+swap, a cpu quota, ulimits, an empty environment, no mounts, no logging.
+Security defaults for every container (DESIGN section 3): no network, read-only root, scratch capped at the
+tier's storage (a filesystem of its own on disk, see scratch.py, or a tmpfs), every capability dropped but
+the three the runner needs to drop to the sandbox uid and to kill its leftovers, no-new-privileges, Docker's
+default seccomp, a pids limit, memory equal to memory+swap, a cpu quota, ulimits, an empty environment, no
+mount but that scratch, no logging.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import socket
 from typing import Any
 
 from pool.engine.backend import INSTANCE_LABEL, OWNER_LABEL, POOL_LABEL, TIER_LABEL
-from pool.engine.docker_backend import gpu_device_requests, no_logging, ulimits
+from pool.engine.docker_backend import gpu_device_requests, no_logging, scratch_bind, ulimits
 from pool.model.tiers import Tier
 
 RUNNER_CAPABILITIES = ("SETUID", "SETGID", "KILL")
+SCRATCH_TARGET = "/tmp"  # the work dir and HOME are made in it per task, and /var/tmp links to it
 SHM_CAP_BYTES = 64 * 1024 * 1024
 # Under gVisor the host's pids cgroup counts the sandbox kernel's own threads (the Sentry's Go runtime and,
 # on the ptrace platform, a traced host thread per task thread), not the task's processes: ~40 idle, and
@@ -68,13 +70,19 @@ def task_nproc_limit(tier: Tier) -> int:
     return 0 if tier.runtime == "runc" else tier.pids_limit
 
 
-def host_config_kwargs(tier: Tier, *, nofile_limit: int, gpu_ids: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Keyword arguments for docker-py's ``create_host_config`` for one container of `tier`."""
+def host_config_kwargs(tier: Tier, *, nofile_limit: int, gpu_ids: tuple[str, ...] = (),
+                       scratch_dir: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for docker-py's ``create_host_config`` for one container of `tier`: its scratch is
+    `scratch_dir` (a filesystem of the tier's storage, mounted nosuid,nodev,noexec by scratch.py) when
+    given, else a tmpfs of that size."""
     storage_bytes = tier.resources.storage_bytes
+    scratch: dict[str, Any] = (
+        {"mounts": [scratch_bind(scratch_dir, SCRATCH_TARGET)]} if scratch_dir is not None
+        else {"tmpfs": {SCRATCH_TARGET: f"rw,nosuid,nodev,noexec,size={storage_bytes},mode=1777"}})
     kwargs: dict[str, Any] = {
         "network_mode": "none",
         "read_only": True,
-        "tmpfs": {"/tmp": f"rw,nosuid,nodev,noexec,size={storage_bytes},mode=1777"},
+        **scratch,
         "shm_size": min(storage_bytes, SHM_CAP_BYTES),
         "cap_drop": ["ALL"],
         "cap_add": list(RUNNER_CAPABILITIES),

@@ -44,6 +44,7 @@ from pool.background import TaskOwner
 from pool.engine.backend import ContainerBackend
 from pool.engine.docker_backend import DockerBackend
 from pool.engine.manager import PoolManager
+from pool.engine.scratch import ScratchStore, scratch_store
 from pool.model.backoff import Backoff
 from pool.model.errors import BackendUnavailable, InvalidRequest, PoolError
 from pool.scaleout.backlog import Backlog
@@ -72,7 +73,7 @@ Sidecar = Callable[["Worker"], AbstractAsyncContextManager[Any]]
 class Worker:
     """Reads the tiers it serves, runs each task on its own `PoolManager`, and reports the outcome."""
 
-    def __init__(self, settings: Settings, backend: ContainerBackend) -> None:
+    def __init__(self, settings: Settings, backend: ContainerBackend, scratch: ScratchStore | None = None) -> None:
         assert settings.redis_url
         known = [t.name for t in settings.tiers]
         served = settings.worker_tiers or tuple(known)
@@ -81,7 +82,7 @@ class Worker:
             raise InvalidRequest("WARMPOOL_WORKER_TIERS", f"unknown tiers {unknown}; the tiers are {known}")
         self.settings = dataclasses.replace(settings, tiers=tuple(t for t in settings.tiers if t.name in served))
         self.worker_id = settings.instance_id
-        self.pool = PoolManager(self.settings, backend)
+        self.pool = PoolManager(self.settings, backend, scratch)
         self.keys = Keys(settings.redis_prefix)
         self.redis = connect(settings.redis_url)
         self.blocking = connect(settings.redis_url, blocking_s=READ_BLOCK_S)
@@ -343,7 +344,7 @@ class Worker:
 async def run(settings: Settings, sidecar: Sidecar | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain and shut down; `sidecar` runs for the worker's whole life
     (from before it warms to after it has left)."""
-    worker = Worker(settings, DockerBackend(settings.docker_host))
+    worker = Worker(settings, DockerBackend(settings.docker_host), scratch_store(settings))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

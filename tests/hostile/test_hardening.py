@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
+from tests.conftest import SCRATCH_ROOT
 from tests.hostile.conftest import IMAGE_ENV, MIB, PIDS_LIMIT, STORAGE_BYTES, box_container, execute
 
 pytestmark = pytest.mark.docker
@@ -46,18 +49,41 @@ def test_engine_applies_every_default(box, docker_client):
         assert host["PidsLimit"] == PIDS_LIMIT
     else:  # the Sentry's own threads count on the host; the tier's limit applies inside (RLIMIT_NPROC)
         assert host["Runtime"] == "runsc" and PIDS_LIMIT < host["PidsLimit"] <= PIDS_LIMIT + 10_000
-    assert host["Tmpfs"] == {"/tmp": f"rw,nosuid,nodev,noexec,size={STORAGE_BYTES},mode=1777"}
+    assert not host.get("Tmpfs")  # scratch is disk: see test_scratch_is_its_own_filesystem_on_disk
     assert host["ShmSize"] == min(STORAGE_BYTES, 64 * MIB)
     assert host["LogConfig"]["Type"] == "none"
     assert {u["Name"]: (u["Soft"], u["Hard"]) for u in host["Ulimits"]} == {
         "nofile": (256, 256), "fsize": (STORAGE_BYTES, STORAGE_BYTES), "core": (0, 0)}
     assert host["IpcMode"] == "private"
-    # No host path, volume or socket: nothing mounted but what the engine itself provides.
-    assert inspect["Mounts"] == [] and not host["Binds"] and not host.get("Mounts") and not host["VolumesFrom"]
+    # No host path, volume or socket: nothing mounted but what the engine itself provides, and the
+    # container's own scratch filesystem (made for it, empty, and gone with it).
+    (scratch,) = inspect["Mounts"]
+    assert scratch["Type"] == "bind" and scratch["Destination"] == "/tmp" and scratch["RW"] is True
+    assert scratch["Source"].startswith(f"{SCRATCH_ROOT}/{box.instance_id}/")
+    assert [m["Source"] for m in host["Mounts"]] == [scratch["Source"]]
+    assert not host["Binds"] and not host["VolumesFrom"]
     assert not host["Devices"] and not host.get("DeviceRequests")
     # The container's environment is the image's own (see IMAGE_ENV): nothing of the server's is passed on.
     assert {e.split("=", 1)[0] for e in inspect["Config"]["Env"] or []} <= IMAGE_ENV
     assert inspect["Config"]["Labels"]["warmpool.pool"] == box.instance_id
+
+
+def test_scratch_is_its_own_filesystem_on_disk(box, docker_client):
+    """The bound directory is an ext4 filesystem of the tier's storage, mounted for this container alone,
+    nosuid,nodev,noexec, from a loop device over an image file in the pool's state dir."""
+    (scratch,) = docker_client.api.inspect_container(box_container(box, docker_client).id)["Mounts"]
+    source = scratch["Source"]
+    (mount,) = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()
+                if line.split()[1] == source]
+    device, _, fstype, options = mount[:4]
+    assert fstype == "ext4" and {"rw", "nosuid", "nodev", "noexec"} <= set(options.split(",")), mount
+    loop = Path("/sys/block", os.path.basename(device), "loop")
+    assert loop.joinpath("backing_file").read_text().strip() == source + ".img"
+    assert loop.joinpath("autoclear").read_text().strip() == "1"  # the device goes with the mount
+    assert os.path.getsize(source + ".img") == STORAGE_BYTES
+    fs = os.statvfs(source)
+    assert 0.85 * STORAGE_BYTES < fs.f_blocks * fs.f_frsize <= STORAGE_BYTES  # the rest is ext4's metadata
+    assert os.stat(source).st_mode & 0o7777 == 0o1777  # the filesystem's root, as /tmp's always is
 
 
 def test_task_is_unprivileged_and_sees_no_secret(box):
@@ -75,7 +101,10 @@ def test_task_is_unprivileged_and_sees_no_secret(box):
     assert inside["docker_sock"] == []
     # gVisor's mountinfo does not list nosuid; noexec alone already stops any binary there (test_privileges)
     wanted = {"nosuid", "noexec"} if box.runtime == "runc" else {"noexec"}
-    for scratch in ("/tmp", "/dev/shm"):
+    # Under gVisor /tmp is served by its gofer from the host's mount, whose flags (nosuid,nodev,noexec:
+    # test_scratch_is_its_own_filesystem_on_disk) the sandbox's mount table does not show; a binary there
+    # still cannot run (test_privileges).
+    for scratch in ("/tmp", "/dev/shm") if box.runtime == "runc" else ("/dev/shm",):
         assert wanted <= set(inside["mounts"][scratch]), inside["mounts"][scratch]
     assert "ro" in inside["mounts"]["/"]
 

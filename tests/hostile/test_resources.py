@@ -11,8 +11,10 @@ import pytest
 
 from tests.hostile.conftest import (
     DEADLINE_GRACE_S,
+    MIB,
     OUTPUT_LIMIT_BYTES,
     PIDS_LIMIT,
+    STORAGE_BYTES,
     TASK_TIMEOUT_S,
     box_container,
     execute,
@@ -102,6 +104,36 @@ print(json.dumps(found))
     size_rw = subprocess.run(["docker", "inspect", "--size", "--format", "{{.SizeRw}}", container.id],
                              capture_output=True, text=True, check=True).stdout.strip()
     assert int(size_rw or 0) < 1024 * 1024, f"the container's writable layer holds {size_rw} bytes"
+
+
+FILL_THEN_SLEEP = """
+import os, time
+written_mib = 0
+try:
+    with open('fill', 'wb') as f:
+        while True:
+            f.write(b'x' * (1 << 20))
+            f.flush()
+            written_mib += 1
+except OSError as exc:
+    print(written_mib, exc.errno, flush=True)
+time.sleep(3600)
+"""
+
+
+def test_filling_storage_then_sleeping_times_out_and_the_reset_frees_the_space(box):
+    def check(body):
+        timed_out_in_time(body)
+        written_mib, errno = map(int, body["stdout"].split())
+        assert errno == 28 and 0.8 * STORAGE_BYTES <= written_mib * MIB <= STORAGE_BYTES, body["stdout"]  # ENOSPC
+
+    run_case(box, FILL_THEN_SLEEP, check)
+    # The same container's next task finds its filesystem empty again (the files of the task that
+    # filled it are gone with it; ext4 keeps back ~2% of the blocks from every user).
+    body = execute(box, "import os\nfs = os.statvfs('.')\nprint(fs.f_bavail / fs.f_blocks, sorted(os.listdir('/tmp')))")
+    assert body["status"] == "succeeded", body
+    free_share, listing = body["stdout"].split(" ", 1)
+    assert float(free_share) > 0.95 and listing.strip() == "['home', 'work']", body["stdout"]
 
 
 @pytest.mark.parametrize("stream", ["stdout", "stderr"])
