@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from pool.engine.sandbox_spec import owner_token
-from runner_image.build import write_context
+from runner_image.build import CONTEXT_FILES, write_context
 
 REPO = Path(__file__).resolve().parent.parent
-RUNNER = REPO / "runner_image" / "runner.py"
 BASE_IMAGE = "warmpool-base:bookworm"
 # Tagged by the runner's content, so that checkouts with different runners never test each other's.
-TEST_IMAGE = ("warmpool-runner-test:" + hashlib.sha256(
-    RUNNER.read_bytes() + (REPO / "runner_image" / "Dockerfile").read_bytes()).hexdigest()[:12])
+TEST_IMAGE = "warmpool-runner-test:" + hashlib.sha256(
+    b"".join((REPO / "runner_image" / name).read_bytes() for name in CONTEXT_FILES)).hexdigest()[:12]
 POOL_LABEL = "runner-test"
 
 # What the pool applies to every sandbox container (DESIGN.md section 3), at test sizes.
