@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 def invalid_body(field: str, message: str, kind: str = "value_error") -> JSONResponse:
     """A 422 shaped like FastAPI's own validation errors, located at the field."""
-    loc = ["body", *field.split(".")]
+    loc: list[str | int] = ["body", *(int(part) if part.isdigit() else part for part in field.split("."))]
     return JSONResponse(status_code=422, content={"detail": [{"loc": loc, "msg": message, "type": kind}]})
 
 

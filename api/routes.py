@@ -16,13 +16,23 @@ from api.callback_http import submission_refusal
 from api.errors import invalid_body
 from api.json_body import BodyRoute
 from api.limits import require_task_quota
-from api.schemas import ExecuteRequest, ExecuteResponse, TaskAccepted, TaskPending, TaskRequest, TierOut
+from api.schemas import (
+    ExecuteRequest,
+    ExecuteResponse,
+    ImageOut,
+    ResourcesIn,
+    TaskAccepted,
+    TaskPending,
+    TaskRequest,
+    TierOut,
+)
 from api.state import dispatcher_of, settings_of
 from api.streaming import result_response, stream_response, wants_stream
 from pool.dispatch import owner_of
 from pool.model.callback_rules import CallbackPolicy
-from pool.model.errors import PoolError
-from pool.model.resources import ResourceRequest
+from pool.model.errors import InvalidRequest, PoolError
+from pool.model.files import check_outputs, decode_files
+from pool.model.resources import ResourceRequest, format_bytes
 from pool.model.results import TaskResult, TaskSpec
 from pool.model.tasks import Execution, TaskState, TaskView
 from pool.model.tiers import Tier, fit_tier
@@ -33,7 +43,8 @@ _TASK_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def build_spec(body: ExecuteRequest, settings: Settings) -> TaskSpec | JSONResponse:
-    """Server-side checks the schema cannot know: the code size cap and the timeout cap."""
+    """Server-side checks the schema cannot know: the size caps (code, stdin, files), the timeout cap, and the
+    files' paths and encodings (InvalidRequest naming the entry, a 422)."""
     for field, text, limit in (("code", body.code, settings.max_code_bytes),
                                ("stdin", body.stdin, settings.max_stdin_bytes)):
         size = utf8_size(text)
@@ -43,8 +54,15 @@ def build_spec(body: ExecuteRequest, settings: Settings) -> TaskSpec | JSONRespo
     timeout_s = settings.default_timeout_s if body.timeout_s is None else body.timeout_s
     if timeout_s > settings.max_timeout_s:
         return invalid_body("timeout_s", f"must be at most {settings.max_timeout_s:g} seconds, got {timeout_s:g}")
+    files = decode_files(body.files)
+    files_bytes = sum(len(f.content) for f in files)
+    if files_bytes > settings.max_files_bytes:
+        return JSONResponse(status_code=413, content={
+            "detail": f"files: {files_bytes} bytes decoded exceeds the {settings.max_files_bytes} byte limit "
+                      f"({format_bytes(settings.max_files_bytes)})"})
     return TaskSpec(task_id=uuid.uuid4().hex, code=body.code, stdin=body.stdin, timeout_s=timeout_s,
-                    output_limit_bytes=settings.output_limit_bytes)
+                    output_limit_bytes=settings.output_limit_bytes, files=files, outputs=check_outputs(body.outputs),
+                    max_output_files_bytes=settings.max_output_files_bytes)
 
 
 def utf8_size(text: str) -> int:
@@ -67,11 +85,12 @@ def execution_body(execution: Execution, task_id: str, total_ms: float) -> dict[
         "id": task_id, "status": result.status.value, "exit_code": result.exit_code,
         "stdout": result.stdout, "stderr": result.stderr,
         "stdout_truncated": result.stdout_truncated, "stderr_truncated": result.stderr_truncated,
-        "tier": execution.tier.name, "resources": execution.tier.resources.as_dict(),
+        "tier": execution.tier.name, "image": execution.tier.image, "resources": execution.tier.resources.as_dict(),
         "timings": {"queue_ms": round(execution.queue_ms, 3), "run_ms": round(result.run_ms, 3),
                     "total_ms": round(total_ms, 3)},
         "usage": {"cpu_s": result.usage.cpu_s, "max_rss_bytes": result.usage.max_rss_bytes},
         "message": result.message, "worker": execution.worker,
+        "files": [f.as_dict() for f in result.files], "files_truncated": result.files_truncated,
     }
 
 
@@ -100,11 +119,20 @@ def outcome_body(outcome: Execution | PoolError, task_id: str, tier: Tier, start
     return not_run_body(task_id, tier, f"the task could not finish: {outcome}", total_ms)
 
 
+def image_tier(settings: Settings, resources: ResourcesIn | None, image: str) -> Tier:
+    """The smallest tier of `image` that covers `resources`; InvalidRequest (a 422) naming `image` when no
+    such image is configured, or the dimension no tier of it reaches."""
+    known = [spec.name for spec in settings.images]
+    if image not in known:
+        raise InvalidRequest("image", f"unknown image {image!r}; known: {known} (see GET /v1/images)")
+    return fit_tier(settings.tiers, resources.to_request() if resources else ResourceRequest(), image)
+
+
 def prepare(body: ExecuteRequest, settings: Settings) -> tuple[TaskSpec, Tier] | JSONResponse:
     spec = build_spec(body, settings)
     if isinstance(spec, JSONResponse):
         return spec
-    return spec, fit_tier(settings.tiers, body.resources.to_request() if body.resources else ResourceRequest())
+    return spec, image_tier(settings, body.resources, body.image)
 
 
 @router.post("/v1/execute", response_model=ExecuteResponse,
@@ -223,6 +251,15 @@ async def tiers(request: Request, _key: str = Depends(require_api_key)) -> list[
     In scale-out mode the counts are summed over the live workers serving each tier (`workers`), and
     `queued` counts the tier's tasks waiting or running."""
     return [snapshot.as_dict() for snapshot in await dispatcher_of(request).tiers()]
+
+
+@router.get("/v1/images", response_model=list[ImageOut])
+async def images(request: Request, _key: str = Depends(require_api_key)) -> list[dict[str, Any]]:
+    """The sandbox images the tiers serve: Python version, every package with its version, and the modules
+    already imported in the warm interpreter (so that importing them in a task costs next to nothing).
+
+    Read from the images' labels, written when `warmpool image` built them."""
+    return await dispatcher_of(request).images()
 
 
 @router.get("/healthz")

@@ -22,7 +22,7 @@ class ResourcesIn(BaseModel):
     gpu: Any = Field(default=None, description="Whole GPUs; 0 when absent", examples=["0"])
     ram: Any = Field(default=None, description="Memory: bytes or a size such as \"512MB\" or \"1GiB\"",
                      examples=["512MB"])
-    storage: Any = Field(default=None, description="Scratch space (tmpfs): bytes or a size such as \"1GB\"",
+    storage: Any = Field(default=None, description="Scratch space: bytes or a size such as \"1GB\"",
                          examples=["1GB"])
 
     @field_validator("cpu")
@@ -52,6 +52,16 @@ def _as_value_error(parse: Any) -> Any:
         raise ValueError(exc.message) from None
 
 
+class FileIn(BaseModel):
+    """A file written under the task's working directory before its code runs, owned by the sandbox user."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="Relative to the working directory, e.g. \"data/in.csv\"; directories are made")
+    content: str = Field(default="", description="The file's bytes: text, or base64 with encoding \"base64\"")
+    encoding: Literal["utf-8", "base64"] = "utf-8"
+
+
 class ExecuteRequest(BaseModel):
     """A snippet to run and the resources it needs."""
 
@@ -63,6 +73,12 @@ class ExecuteRequest(BaseModel):
     timeout_s: float | None = Field(default=None, gt=0, allow_inf_nan=False,
                                     description="Wall-clock limit; the server sets the default and the cap")
     stdin: str = Field(default="", description="Text given to the task on standard input")
+    image: str = Field(default="python", description="The sandbox image (GET /v1/images): \"python\" (the "
+                       "standard library) or \"datascience\" (numpy, pandas, scipy, matplotlib, pillow)")
+    files: list[FileIn] = Field(default_factory=list, description="Written under the working directory first")
+    outputs: list[str] = Field(default_factory=list, description="Globs relative to the working directory "
+                               "(\"*.png\", \"out/**/*.csv\"): the regular files they match when the code ends "
+                               "come back in `files`")
     max_wait_ms: float | None = Field(
         default=None, ge=0, allow_inf_nan=False,
         description="Longest wait for a container of the tier (capped by the server's lease timeout); when none "
@@ -104,6 +120,13 @@ class UsageOut(BaseModel):
     max_rss_bytes: int
 
 
+class FileOut(BaseModel):
+    path: str = Field(description="Relative to the working directory; figures are figures/figure-<n>.png")
+    size_bytes: int
+    encoding: Literal["base64"]
+    content: str | None = Field(description="Base64; null past the server's output files cap")
+
+
 class ExecuteResponse(BaseModel):
     id: str
     status: Literal["succeeded", "failed", "timed_out", "memory_exceeded", "output_limit_exceeded",
@@ -114,11 +137,14 @@ class ExecuteResponse(BaseModel):
     stdout_truncated: bool
     stderr_truncated: bool
     tier: str
+    image: str
     resources: ResourcesOut
     timings: Timings
     usage: UsageOut
     message: str = Field(default="", description="For sandbox_error: what broke")
     worker: str = Field(default="", description="The pool instance (a worker's id in scale-out mode) that ran it")
+    files: list[FileOut] = Field(description="The files `outputs` matched, then the figures left open or shown")
+    files_truncated: bool = Field(description="Some file's content is null, or files were left out: over the cap")
 
 
 class TaskAccepted(BaseModel):
@@ -136,8 +162,18 @@ class TaskPending(BaseModel):
     status: Literal["queued", "running"]
 
 
+class ImageOut(BaseModel):
+    name: str
+    docker_image: str
+    python_version: str
+    packages: dict[str, str] = Field(description="Every Python distribution in the image, with its version")
+    preloaded: list[str] = Field(description="Modules already imported in the warm interpreter")
+    description: str = ""
+
+
 class TierOut(BaseModel):
     name: str
+    image: str
     cpu: float
     gpu: int
     ram_bytes: int

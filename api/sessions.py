@@ -16,16 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import require_admin_key, require_api_key
 from api.limits import require_task_quota
-from api.routes import build_spec, execution_body, outcome_body
+from api.routes import build_spec, execution_body, image_tier, outcome_body
 from api.schemas import ExecuteRequest, ExecuteResponse, ResourcesIn, ResourcesOut
 from api.state import dispatcher_of, settings_of
 from api.streaming import stream_response, wants_stream
 from pool.dispatch import owner_of
-from pool.model.errors import InvalidRequest, PoolError, SessionGone
-from pool.model.resources import ResourceRequest
+from pool.model.errors import PoolError, SessionGone
 from pool.model.sessions import SessionInfo
 from pool.model.tasks import Execution
-from pool.model.tiers import Tier, fit_tier
+from pool.model.tiers import Tier
 from pool.settings import Settings
 
 router = APIRouter(tags=["sessions"])
@@ -58,8 +57,9 @@ class SessionExecute(BaseModel):
     stdin: str = Field(default="", description="Text given to this call on standard input")
     timeout_s: float | None = Field(default=None, gt=0, description="This call's wall-clock limit; at it the "
                                     "code is interrupted (KeyboardInterrupt) and the session keeps its state")
-    # `files` and `outputs` (DESIGN.md 1a) join here once tasks take them (issue 11): they go into the spec
-    # that build_spec makes, and the runner's session_run sends them like a run.
+    # `files` and `outputs` (DESIGN.md 1a) are not taken here yet: tasks take them (pool/model/files.py);
+    # a call's would go into the spec that build_spec makes, and the runner's session_run would have to write
+    # them and collect outputs in the session's interpreter as task_child does (runner_image/taskfiles.py).
 
 
 class SessionOut(BaseModel):
@@ -85,10 +85,7 @@ def session_body(info: SessionInfo) -> dict[str, Any]:
 
 def session_tier(body: SessionCreate, settings: Settings) -> Tier:
     """The smallest tier serving the image that covers the resources (422 naming the field otherwise)."""
-    served = ("python",)  # every tier serves WARMPOOL_IMAGE until tiers name images of their own (issue 11)
-    if body.image not in served:
-        raise InvalidRequest("image", f"unknown image {body.image!r}; the tiers serve {list(served)}")
-    return fit_tier(settings.tiers, body.resources.to_request() if body.resources else ResourceRequest())
+    return image_tier(settings, body.resources, body.image)
 
 
 def _checked_id(session_id: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from pool.model.results import TaskSpec
 from pool.model.sessions import SessionFigures, SessionInfo
@@ -61,6 +61,10 @@ class Dispatcher(Protocol):
 
     async def tiers(self) -> tuple[TierSnapshot, ...]:
         """Each tier with its live container counts (summed over the cluster in scale-out mode)."""
+        ...
+
+    async def images(self) -> list[dict[str, Any]]:
+        """The images the tiers serve, as GET /v1/images lists them (from their labels)."""
         ...
 
     async def readiness(self) -> dict[str, bool]:

@@ -8,16 +8,25 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from pool.model import images as catalogue
 from pool.model.callback_rules import CallbackPolicy
 from pool.model.errors import InvalidRequest
+from pool.model.images import ImageSpec
 from pool.model.resources import parse_bytes, parse_number
 from pool.model.result_bounds import Bounds, largest_task_bytes
-from pool.model.tiers import Tier, default_tiers, load_tiers_file, sorted_tiers
+from pool.model.tiers import Tier, default_tiers, sorted_tiers, tiers_from_config
 from pool.model.warming import WarmingPolicy
 from pool.sizes_file import apply_sizes, load_sizes
 
 MIB = 1024 ** 2
 GIB = 1024 ** 3
+DEFAULT_MAX_FILES_BYTES = 16 * MIB
+
+
+def default_max_body_bytes(max_files_bytes: int) -> int:
+    """The body cap when none is set: 4 MiB (code, stdin and their JSON escapes) plus the request's files as
+    base64, which takes 4 bytes per 3, plus 1 MiB for the entries' paths and quoting."""
+    return 4 * MIB + -(-max_files_bytes // 3) * 4 + MIB
 
 
 @dataclass(frozen=True)
@@ -25,7 +34,9 @@ class Settings:
     """Everything the service is configured with; built by `from_env` and then never changed."""
 
     tiers: tuple[Tier, ...] = field(default_factory=default_tiers)
-    image: str = "warmpool-runner:latest"
+    # The images this deployment knows (built-ins and the tiers file's), docker tags from the environment;
+    # each tier serves one of them by name.
+    images: tuple[ImageSpec, ...] = catalogue.BUILTIN
     base_image: str = "warmpool-base:bookworm"
     instance_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
     docker_host: str | None = None
@@ -34,9 +45,13 @@ class Settings:
     max_timeout_s: float = 60.0
     max_code_bytes: int = MIB
     max_stdin_bytes: int = MIB
+    # A request's `files`, decoded, in all; and a result's output files (their content past it is null).
+    max_files_bytes: int = DEFAULT_MAX_FILES_BYTES
+    max_output_files_bytes: int = DEFAULT_MAX_FILES_BYTES
     # The whole request body, checked before it is parsed: JSON escapes can make code take up to 6 bytes
-    # per byte, so this stays well above max_code_bytes + max_stdin_bytes, yet far below what a flood sends.
-    max_body_bytes: int = 4 * MIB
+    # per byte, and files go as base64, so this stays well above what the other caps let through, yet far
+    # below what a flood sends (default_max_body_bytes).
+    max_body_bytes: int = default_max_body_bytes(DEFAULT_MAX_FILES_BYTES)
     output_limit_bytes: int = MIB
     nofile_limit: int = 256
     start_concurrency: int = 4
@@ -101,6 +116,18 @@ class Settings:
     session_idle_timeout_s: float = 300.0
     max_session_idle_s: float = 3600.0
 
+    def image(self, name: str) -> ImageSpec:
+        """The configured image of that name; KeyError if there is none."""
+        for spec in self.images:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    def served_images(self) -> tuple[ImageSpec, ...]:
+        """The images some tier serves: those the pool needs present."""
+        names = {tier.image for tier in self.tiers}
+        return tuple(spec for spec in self.images if spec.name in names)
+
     def result_bounds(self) -> Bounds:
         """The async results bound (pool/model/result_bounds.py) these settings give."""
         return Bounds(max_tasks_per_key=self.max_tasks_per_key, max_result_bytes_per_key=self.max_result_bytes_per_key,
@@ -150,11 +177,23 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
+def _check_images(tiers: tuple[Tier, ...], images: tuple[ImageSpec, ...]) -> None:
+    known = [spec.name for spec in images]
+    for index, tier in enumerate(tiers):
+        if tier.image not in known:
+            raise InvalidRequest(f"tiers[{index}].image", f"tier {tier.name!r}: unknown image {tier.image!r}; "
+                                 f"known: {known} (add one under 'images' in the tiers file)")
+
+
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
     """Read settings from the environment; nothing needs a file to start."""
     env = os.environ if env is None else env
     tiers_file = _get(env, "TIERS_FILE")
-    tiers = sorted_tiers(load_tiers_file(tiers_file) if tiers_file else default_tiers())
+    raw = catalogue.read_tiers_file(tiers_file) if tiers_file else None
+    images = catalogue.with_env_tags(catalogue.images_from_config(raw), env)
+    configured = tiers_from_config(raw, str(tiers_file)) if tiers_file else default_tiers()
+    _check_images(configured, images)
+    tiers = sorted_tiers(configured)
     sizes_file = _get(env, "POOL_SIZES_FILE")
     if sizes_file:
         tiers = apply_sizes(tiers, load_sizes(sizes_file))
@@ -169,6 +208,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     if admin_key is not None and admin_key in api_keys:
         raise InvalidRequest("WARMPOOL_ADMIN_KEY", "must differ from every key in WARMPOOL_API_KEYS")
     defaults = Settings()
+    max_files_bytes = parse_bytes("WARMPOOL_MAX_FILES_BYTES", _get(env, "MAX_FILES_BYTES") or defaults.max_files_bytes)
     callback_allow, callback_secret = _list(env, "CALLBACK_ALLOW"), _get(env, "CALLBACK_SECRET") or ""
     if callback_allow and not callback_secret:
         raise InvalidRequest("WARMPOOL_CALLBACK_SECRET", "is required when WARMPOOL_CALLBACK_ALLOW is set: "
@@ -176,7 +216,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     CallbackPolicy.parse(callback_allow)  # refuse a garbled allowlist at start, not at the first callback
     settings = Settings(
         tiers=tiers,
-        image=_get(env, "IMAGE") or defaults.image,
+        images=images,
         base_image=_get(env, "BASE_IMAGE") or defaults.base_image,
         instance_id=_get(env, "INSTANCE_ID") or defaults.instance_id,
         docker_host=env.get("DOCKER_HOST") or None,
@@ -186,7 +226,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         max_code_bytes=parse_bytes("WARMPOOL_MAX_CODE_BYTES", _get(env, "MAX_CODE_BYTES") or defaults.max_code_bytes),
         max_stdin_bytes=parse_bytes("WARMPOOL_MAX_STDIN_BYTES",
                                     _get(env, "MAX_STDIN_BYTES") or defaults.max_stdin_bytes),
-        max_body_bytes=parse_bytes("WARMPOOL_MAX_BODY_BYTES", _get(env, "MAX_BODY_BYTES") or defaults.max_body_bytes),
+        max_files_bytes=max_files_bytes,
+        max_output_files_bytes=parse_bytes("WARMPOOL_MAX_OUTPUT_FILES_BYTES",
+                                           _get(env, "MAX_OUTPUT_FILES_BYTES") or defaults.max_output_files_bytes),
+        max_body_bytes=parse_bytes("WARMPOOL_MAX_BODY_BYTES",
+                                   _get(env, "MAX_BODY_BYTES") or default_max_body_bytes(max_files_bytes)),
         output_limit_bytes=parse_bytes("WARMPOOL_OUTPUT_LIMIT_BYTES",
                                        _get(env, "OUTPUT_LIMIT_BYTES") or defaults.output_limit_bytes),
         start_concurrency=_int(env, "START_CONCURRENCY", defaults.start_concurrency),
@@ -240,9 +284,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
 
 def _check_result_bounds(settings: Settings) -> None:
     """Each bound must hold at least one task of the largest allowed size, else every submission is 429."""
-    largest = largest_task_bytes(settings.max_code_bytes, settings.max_stdin_bytes, settings.output_limit_bytes)
+    largest = largest_task_bytes(settings.max_code_bytes, settings.max_stdin_bytes, settings.output_limit_bytes,
+                                 settings.max_files_bytes, settings.max_output_files_bytes)
     for name, value in (("MAX_RESULT_BYTES_PER_KEY", settings.max_result_bytes_per_key),
                         ("MAX_RESULT_BYTES", settings.max_result_bytes)):
         if value < largest:
-            raise InvalidRequest(f"WARMPOOL_{name}", f"must be at least {largest} bytes (code and stdin caps "
-                                                     f"plus twice the output limit), got {value}")
+            raise InvalidRequest(f"WARMPOOL_{name}", f"must be at least {largest} bytes (code, stdin and files "
+                                                     f"caps, twice the output limit and the output files cap as "
+                                                     f"base64), got {value}")

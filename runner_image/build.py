@@ -27,7 +27,7 @@ import docker.errors
 from docker.models.images import Image
 from docker.utils import parse_repository_tag
 
-from runner_image.catalogue import (
+from pool.model.images import (
     LABEL_HASH,
     LABEL_NAME,
     LABEL_PACKAGES,
@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 RUNNER_DIR = Path(__file__).resolve().parent
 DEFAULT_BASE_IMAGE = "warmpool-base:bookworm"
 HASH_LABEL = LABEL_HASH
+# The files of runner_image/ that go into every image (with site-packages/): its build hash covers them.
+CONTEXT_FILES = ("Dockerfile", "runner.py", "taskfiles.py")
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 # What the imported base sets; a `docker import` image has no config of its own.
@@ -60,9 +62,9 @@ class ImageBuildError(RuntimeError):
 
 
 def build_hash(spec: ImageSpec) -> str:
-    """Return the sha256 over the Dockerfile, runner.py and the image's entry: it names what they build."""
+    """Return the sha256 over the Dockerfile, the runner's files and the image's entry: it names what they build."""
     digest = hashlib.sha256()
-    for name in ("Dockerfile", "runner.py"):
+    for name in CONTEXT_FILES:
         path = RUNNER_DIR / name
         try:
             data = path.read_bytes()
@@ -135,7 +137,7 @@ def _remove_replaced(client: docker.DockerClient, image_id: str) -> None:
 
 
 def write_context(out: IO[bytes], site_packages: Path | None) -> None:
-    """The build context as a tar: Dockerfile, runner.py, site-packages/ (empty when there are none)."""
+    """The build context as a tar: CONTEXT_FILES and site-packages/ (empty when there are none)."""
     def as_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
         info.uid = info.gid = 0
         info.uname = info.gname = ""
@@ -144,7 +146,7 @@ def write_context(out: IO[bytes], site_packages: Path | None) -> None:
         return info
 
     with tarfile.open(fileobj=out, mode="w") as tar:
-        for name in ("Dockerfile", "runner.py"):
+        for name in CONTEXT_FILES:
             tar.add(RUNNER_DIR / name, arcname=name, filter=as_root)
         if site_packages is None:
             folder = tarfile.TarInfo("site-packages")

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from runner_image.catalogue import ImageSpec
+from pool.model.images import ImageSpec
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ Never run this on a host: the reset is kill(-1, SIGKILL), so it refuses to start
 """
 
 import atexit
+import binascii
 import builtins
 import codecs
 import collections
@@ -41,12 +42,24 @@ import time
 import traceback
 import types
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # python3 -I leaves the script's dir out
+import taskfiles  # noqa: E402 - the task's files in and out (stdlib only, beside this file)
+
+del sys.path[0]
+
 SANDBOX_UID = SANDBOX_GID = 10001
 # POSIX message queues live in /dev/mqueue where the engine mounts it (runc does, gVisor does not).
 SCRATCH_DIRS = ("/tmp", "/dev/shm") + (("/dev/mqueue",) if os.path.isdir("/dev/mqueue") else ())
 WORK_DIR, HOME_DIR = "/tmp/work", "/tmp/home"
 TASK_ENV = {"HOME": HOME_DIR, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
             "TMPDIR": "/tmp", "USER": "sandbox"}
+# What the image's environment says to its libraries, kept for the tasks: matplotlib draws with Agg and
+# keeps its config and cache in MPLCONFIGDIR (on /tmp, since the root is read-only).
+IMAGE_ENV = ("MPLBACKEND", "MPLCONFIGDIR")
+# matplotlib's font list, made at build time (the scan takes ~150 ms): linked into each task's MPLCONFIGDIR.
+MPL_BUILT_CACHE = "/opt/warmpool/matplotlib"
+TASK_DIRS = [WORK_DIR, HOME_DIR]  # made by each task's child; main() adds MPLCONFIGDIR when the image sets it
+CACHE_LINKS: list = []  # (target, link): the built caches, linked into a task's MPLCONFIGDIR by its child
 MAX_FRAME_BYTES = 64 << 20
 KILL_WAIT_S = 3.0  # how long the reset keeps killing before it calls the container dirty (host waits 5 s)
 CLEANER_WAIT_S = 5.0  # how long the scratch cleaner may take
@@ -77,8 +90,20 @@ SYSV_IPC_COUNTS = (("shared memory segment(s)", lambda buf: LIBC.shmctl(0, 14, b
 # READY once it is sandboxed and limited, just before the task's code runs (so the task cannot unwrite
 # it), and MEMORY_ERROR if the code dies of an uncaught MemoryError. The task can write to the pipe too:
 # only READY as the first byte counts, and MEMORY_ERROR only with the exit status a MemoryError gives.
-STATUS_READY, STATUS_MEMORY_ERROR = b"R", b"M"
+STATUS_READY, STATUS_MEMORY_ERROR, STATUS_DONE = b"R", b"M", b"D"
 STATUS_FD = 4  # in the task child
+# When the code has ended and its outputs are sent, the child writes a DONE record (its exit status and its
+# usage) just before it exits. PID 1 answers on it rather than on the child's exit, which for a datascience
+# interpreter comes 3 to 8 ms later (the kernel tearing down ~100 MB of address space); the child is killed
+# and reaped after the answer has gone out. A task can write a DONE record too: then its answer comes early,
+# with what it wrote, and its process is killed: it changes nothing but its own result. (A session's calls
+# say CALL_DONE, with a nonce: see sessions below.)
+DONE = struct.Struct(">ciqq")  # b"D", exit status, cpu microseconds (its own and its waited children's), max rss KiB
+STATUS_BOUND = 4096  # what PID 1 keeps of a status pipe
+# Output files and figures go to PID 1 as records (taskfiles.py) on a pipe of their own, made fresh per
+# task; PID 1 keeps at most taskfiles.records_bound(the byte budget) of it and reads past that to discard.
+FILES_FD = 5  # in the task child
+DEFAULT_OUTPUT_FILES_BYTES = 16 << 20
 FRAME_OUT = -1  # the frame channel's write end, set by main()
 # Network state the kernel keeps after every socket's process is gone (TIME_WAIT above all) would reach
 # the next task in this network namespace (a port still taken, old connections in /proc/net/tcp); a task
@@ -87,7 +112,8 @@ FRAME_OUT = -1  # the frame channel's write end, set by main()
 _KEEP: list = []  # in the task child: the runner's own std streams, kept alive
 
 Task = collections.namedtuple(
-    "Task", "id code stdin timeout_s output_limit fsize_limit nofile_limit nproc_limit stream", defaults=(False,))
+    "Task", "id code stdin timeout_s output_limit fsize_limit nofile_limit nproc_limit stream files outputs "
+            "files_limit", defaults=(False, (), (), DEFAULT_OUTPUT_FILES_BYTES))
 
 
 class ProtocolError(Exception):
@@ -133,8 +159,21 @@ def read_frame(reader):
 
 
 def send(frame):
-    data = json.dumps(frame).encode()  # ASCII-only, hence always valid UTF-8
-    write_all(FRAME_OUT, struct.pack(">I", len(data)) + data)
+    """Write one frame. A result's files (their content base64 bytes, up to the output files cap) are
+    spliced in piece by piece rather than copied into one string, so that PID 1, whose memory counts
+    against the container's, holds their encoded bytes once."""
+    files = frame.pop("files", None)
+    pieces = [json.dumps(frame).encode()]  # ASCII-only, hence always valid UTF-8
+    if files is not None:
+        pieces = [pieces[0][:-1], b', "files": [']
+        for index, entry in enumerate(files):
+            content = entry.pop("content")
+            pieces.append((b", " if index else b"") + json.dumps(entry).encode()[:-1] + b', "content": ')
+            pieces += [b'"', content, b'"}'] if content is not None else [b"null}"]  # base64 needs no escapes
+        pieces.append(b"]}")
+    write_all(FRAME_OUT, struct.pack(">I", sum(map(len, pieces))))
+    for piece in pieces:
+        write_all(FRAME_OUT, piece)
 
 
 def write_all(fd, data):
@@ -191,8 +230,31 @@ def parse_limits(msg, names):
 def parse_task(msg, msg_id):
     timeout_s = parse_timeout(msg)
     limits = parse_limits(msg, ("output_limit_bytes", "fsize_limit_bytes", "nofile_limit"))
+    files_limit = field(msg, "max_output_files_bytes", int, DEFAULT_OUTPUT_FILES_BYTES)
+    if files_limit < 0:
+        raise ProtocolError("run: max_output_files_bytes must not be negative")
+    outputs = field(msg, "outputs", list, [])
+    if not all(isinstance(pattern, str) for pattern in outputs):
+        raise ProtocolError("run: outputs must be a list of strings")
     return Task(msg_id, field(msg, "code", str), field(msg, "stdin", str, ""), timeout_s, *limits,
-                stream=field(msg, "stream", bool, False))
+                stream=field(msg, "stream", bool, False), files=parse_files(field(msg, "files", list, [])),
+                outputs=outputs, files_limit=files_limit)
+
+
+def parse_files(entries):
+    """The request's files as [(path bytes, content bytes)]: each `content` (base64) is decoded and dropped
+    from the frame as it goes, so that PID 1 holds one copy of the files and the frame's text, not two."""
+    files = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) \
+                or not isinstance(entry.get("content"), str):
+            raise ProtocolError(f"run: files[{index}] must hold a string path and base64 content")
+        try:
+            path = taskfiles.checked_path(entry["path"])
+            files.append((path, binascii.a2b_base64(entry.pop("content"), strict_mode=True)))
+        except (ValueError, binascii.Error) as exc:
+            raise ProtocolError(f"run: files[{index}]: {exc}") from None
+    return files
 
 
 def handle_run(task):
@@ -223,31 +285,43 @@ def reset_and_report(msg_id, failure=""):
 # ---- running a task: the parent -----------------------------------------------------------------
 
 def run_task(task):
+    global _exiting
     zygote = ready_zygote()
     compiled = precompile(task.code)
     go = marshal.dumps((task.code, compiled, task.stdin.encode("utf-8", "replace"),  # "replace": lone surrogates
-                        task.timeout_s, task.fsize_limit, task.nofile_limit, task.nproc_limit))
+                        task.timeout_s, task.fsize_limit, task.nofile_limit, task.nproc_limit, task.outputs,
+                        task.files_limit, [(path, len(data)) for path, data in task.files]))
     del compiled
     oom_before = oom_kills()
     started = time.monotonic()
-    pid, out_r, err_r = zygote.pid, zygote.out_r, zygote.err_r
+    pid, out_r, err_r, files_r = zygote.pid, zygote.out_r, zygote.err_r, zygote.files_r
     try:
         write_all(zygote.go_w, struct.pack(">Q", len(go)) + go)  # the child reads while we write
+        for _, data in task.files:  # then each file's bytes, which the child writes out as they come
+            write_all(zygote.go_w, data)
     except OSError:
         pass  # the child is gone: supervise sees it exit, and its status pipe or exit status says why
     finally:
         os.close(zygote.go_w)
     try:
-        verdict, out, err = supervise(pid, out_r, err_r, started + task.timeout_s, task.output_limit,
-                                      task.id if task.stream else None)
-        _, status, usage = os.wait4(pid, 0)
+        seen = supervise(pid, (out_r, err_r, files_r, zygote.status_r), started + task.timeout_s, task.output_limit,
+                         taskfiles.records_bound(task.files_limit), task.id if task.stream else None)
         run_ms = (time.monotonic() - started) * 1000
-        said = read_status(zygote.status_r)
+        if seen.done is None:
+            _, status, usage = os.wait4(pid, 0)
+            sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+            exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+            cpu_s, max_rss_kib = usage.ru_utime + usage.ru_stime, usage.ru_maxrss
+        else:
+            _exiting = pid  # killed and reaped by the reset, after the answer
+            _, exit_code, cpu_us, max_rss_kib = seen.done
+            sig, cpu_s = None, cpu_us / 1e6
     finally:
-        for fd in (out_r, err_r, zygote.status_r):
+        for fd in (out_r, err_r, files_r, zygote.status_r):
             os.close(fd)
-    sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-    exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    verdict, out, err = seen.verdict, seen.out, seen.err
+    # The DONE record's bytes are numbers, not words (one may be "M"), whether or not it ended the wait.
+    said = seen.said[:-DONE.size] if parse_done(seen.said) else seen.said
     oom_killed = sig == signal.SIGKILL and oom_kills() > oom_before  # our SIGKILLs have a verdict already
     if not said.startswith(STATUS_READY) and verdict is None and not oom_killed:
         raise RuntimeError(f"sandbox setup failed: {bytes(err[-500:]).decode('utf-8', 'replace')}")
@@ -262,10 +336,35 @@ def run_task(task):
         else:
             verdict = "succeeded" if exit_code == 0 else "failed"
     out, err = (bytes(buf[:task.output_limit]).decode("utf-8", "replace") for buf in (out, err))
+    files, files_truncated = taskfiles.parse_records(seen.records, task.files_limit, seen.overflowed)
+    del seen
     return {"op": "result", "id": task.id, "status": verdict, "exit_code": exit_code, "signal": sig,
             "stdout": out, "stderr": err, "stdout_truncated": truncated[0], "stderr_truncated": truncated[1],
-            "run_ms": round(run_ms, 3), "usage": {"cpu_s": round(usage.ru_utime + usage.ru_stime, 6),
-                                                  "max_rss_bytes": usage.ru_maxrss * 1024}}
+            "run_ms": round(run_ms, 3), "usage": {"cpu_s": round(cpu_s, 6), "max_rss_bytes": max_rss_kib * 1024},
+            "files": files, "files_truncated": files_truncated}
+
+
+def parse_done(said):
+    """The DONE record ending what the child wrote on its status pipe, as (b"D", exit status, cpu µs,
+    max rss KiB), or None. Only after READY: a record is never the first thing a child says."""
+    if len(said) <= DONE.size or said[-DONE.size] != STATUS_DONE[0]:
+        return None
+    done = DONE.unpack_from(said, len(said) - DONE.size)
+    return done if 0 <= done[1] <= 255 else None
+
+
+def finish_exiting_child():
+    """After the answer: kill the child that said it was done (it is exiting, or it forged the record)
+    and wait, briefly, for it to go; the reset reaps it, and kills whatever else is left."""
+    global _exiting
+    pid, _exiting = _exiting, None
+    if pid is None:
+        return
+    kill_task(pid)
+    deadline, pause = time.monotonic() + KILL_WAIT_S, 0.0002
+    while not has_exited(pid) and time.monotonic() < deadline:
+        time.sleep(pause)
+        pause = min(pause * 2, 0.005)
 
 
 def read_status(fd):
@@ -289,41 +388,100 @@ def precompile(code, filename="<task>"):
         return None
 
 
-def supervise(pid, out_r, err_r, deadline, limit, stream_id=None):
-    """Collect output until the child exits; kill it at the deadline or past the output cap.
+Seen = collections.namedtuple("Seen", "verdict out err records overflowed said done")
 
-    Returns (verdict or None, stdout, stderr); a buffer longer than `limit` passed the cap. The
-    child's exit, not EOF on its pipes, ends the wait: a daemon it left may hold them open for ever.
-    With `stream_id`, output also goes to the host as it comes (see Outputs).
+
+def supervise(pid, fds, deadline, limit, files_bound, stream_id=None):
+    """Collect output until the child exits or says it is done; kill it at the deadline or past the
+    output cap.
+
+    `fds` are the stdout, stderr, files and status pipes. Returns a Seen: the verdict (None when the
+    child ended by itself), stdout and stderr (a buffer longer than `limit` passed the cap), the files
+    records and whether they passed `files_bound` (the child sends no more than that: more is the task's
+    own writing, read and dropped), what the child said on its status pipe, and its DONE record (None
+    when it exited first: then its exit status counts). The child's exit or its DONE, not EOF on its
+    pipes, ends the wait: a daemon it left may hold them open for ever. With `stream_id`, output also
+    goes to the host as it comes (see Outputs).
     """
+    out_r, err_r, files_r, status_r = fds
     outputs = Outputs(out_r, err_r, limit, stream_id)
+    bounded = {files_r: Bounded(files_bound), status_r: Bounded(STATUS_BOUND)}
     pidfd = open_pidfd(pid)
     tick_s = math.inf if pidfd is not None else NO_PIDFD_TICK_S
     poller = select.poll()
-    for fd in (out_r, err_r, pidfd):
+    for fd in (*fds, pidfd):
         if fd is not None:
             os.set_blocking(fd, False)
             poller.register(fd, select.POLLIN)
+
+    def seen(verdict, done=None):
+        records, said = bounded[files_r], bytes(bounded[status_r].data)
+        return Seen(verdict, outputs.bufs[out_r], outputs.bufs[err_r], records.data, records.overflowed, said, done)
+
+    def drain():  # what it wrote just before it ended
+        outputs.drain()
+        outputs.flush(final=True)
+        for fd, kept in bounded.items():
+            kept.pump(fd, drain=True)
+
     verdict = "timed_out"
     try:
         while (remaining := deadline - time.monotonic()) > 0:
             for fd, _ in poller.poll(math.ceil(min(remaining, tick_s, outputs.flush_in()) * 1000)):
                 if fd in outputs.bufs and not outputs.read(fd):
                     poller.unregister(fd)
+                elif fd in bounded and not bounded[fd].pump(fd, drain=False):
+                    poller.unregister(fd)
             outputs.flush()
             if outputs.over_limit():
                 verdict = "output_limit_exceeded"
                 break
             if has_exited(pid):
-                outputs.drain()  # what it wrote just before it exited
-                outputs.flush(final=True)
-                return None, outputs.bufs[out_r], outputs.bufs[err_r]
+                drain()
+                return seen(None)
+            if (done := parse_done(bounded[status_r].data)) is not None:
+                drain()
+                return seen(None, done)
     finally:
         if pidfd is not None:
             os.close(pidfd)
     kill_task(pid)
     outputs.flush(final=True)
-    return verdict, outputs.bufs[out_r], outputs.bufs[err_r]
+    return seen(verdict)
+
+
+class Bounded:
+    """A pipe's bytes up to a bound; what comes past it is read (so the writer never blocks) and dropped."""
+
+    def __init__(self, bound):
+        self.data = bytearray()
+        self.bound = bound
+        self.overflowed = False
+
+    def pump(self, fd, drain):
+        """Read one chunk (or, with `drain`, what is there, at most one bound's worth more). False at EOF."""
+        budget = [self.bound + READ_CHUNK]
+
+        def take(chunk):
+            room = self.bound - len(self.data)
+            self.overflowed = self.overflowed or len(chunk) > room
+            self.data += chunk[:max(room, 0)]
+            budget[0] -= len(chunk)
+            return budget[0] > 0
+        return read_pipe(fd, take, drain)
+
+
+def read_pipe(fd, take, drain):
+    """Read a chunk, or with `drain` chunks until the pipe is empty or `take(chunk)` says False. False at EOF."""
+    while True:
+        try:
+            chunk = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            return False
+        if not take(chunk) or not drain:
+            return True
 
 
 class Outputs:
@@ -347,19 +505,14 @@ class Outputs:
     def read(self, fd, drain=False):
         """Read one chunk (or, with `drain`, all there is). False at EOF."""
         buf = self.bufs[fd]
-        while self.keep_reading or len(buf) <= self.limit:
-            try:
-                chunk = os.read(fd, READ_CHUNK)
-            except BlockingIOError:
-                return True
-            if not chunk:
-                return False
+
+        def take(chunk):
+            nonlocal buf
             if self.forward and len(buf) < self.limit:
                 self.forward[fd].pending += chunk[:self.limit - len(buf)]
             buf += chunk[:self.limit + 1 - len(buf)] if self.keep_reading else chunk
-            if not drain:
-                break
-        return True
+            return self.keep_reading or len(buf) <= self.limit
+        return not (self.keep_reading or len(buf) <= self.limit) or read_pipe(fd, take, drain)
 
     def drain(self):
         for fd in self.bufs:
@@ -433,27 +586,29 @@ def oom_kills():
 
 # ---- running a task: the child ------------------------------------------------------------------
 
-Zygote = collections.namedtuple("Zygote", "pid go_w out_r err_r status_r")
+Zygote = collections.namedtuple("Zygote", "pid go_w out_r err_r status_r files_r")
 # The next task's child: asked of the template right after a clean reset, and collected (its pid is the
 # template's answer) when a task needs it, so that PID 1 reads the next frame while the template forks.
 _zygote = None  # a Zygote, or a Zygote whose pid is still None while the template's answer is pending
+_exiting = None  # the pid of the last task's child when it said DONE before it exited (finish_exiting_child)
 
 
 def request_zygote():
     """Ask the template to fork the next task's child ahead of time; it enters the sandbox and blocks
     reading its code. The pipes are made here and their child ends handed over: PID 1 talks to the
     child directly, the template never sees a byte of a task."""
-    (go_r, go_w), (out_r, out_w), (err_r, err_w), (status_r, status_w) = (os.pipe() for _ in range(4))
+    (go_r, go_w), (out_r, out_w), (err_r, err_w), (status_r, status_w), (files_r, files_w) = \
+        (os.pipe() for _ in range(5))
     try:
-        TEMPLATE.request(b"spawn", (go_r, out_w, err_w, status_w))
+        TEMPLATE.request(b"spawn", (go_r, out_w, err_w, status_w, files_w))
     except BaseException:
-        for fd in (go_w, out_r, err_r, status_r):
+        for fd in (go_w, out_r, err_r, status_r, files_r):
             os.close(fd)
         raise
     finally:
-        for fd in (go_r, out_w, err_w, status_w):
+        for fd in (go_r, out_w, err_w, status_w, files_w):
             os.close(fd)
-    return Zygote(None, go_w, out_r, err_r, status_r)
+    return Zygote(None, go_w, out_r, err_r, status_r, files_r)
 
 
 def ensure_zygote():
@@ -507,7 +662,7 @@ def discard_zygote():
 
 def close_zygote(zygote):
     kill_task(zygote.pid)
-    for fd in (zygote.go_w, zygote.out_r, zygote.err_r, zygote.status_r):
+    for fd in zygote[1:]:
         os.close(fd)
 
 
@@ -518,25 +673,30 @@ def zygote_pid():
     return _zygote.pid if _zygote is not None else None
 
 
-def task_child(go_r, out_w, err_w, status_w):
-    """Body of a task's child (forked by the template): enter the sandbox, wait for the code, run it,
-    _exit. Never returns."""
+def task_child(go_r, out_w, err_w, status_w, files_w):
+    """Body of a task's child (forked by the template): enter the sandbox, wait for the code, write the
+    request's files, run the code, send back the outputs and figures, say DONE, _exit. Never returns."""
     status = 125
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         null = os.open(os.devnull, os.O_RDONLY)
         # Lift every source above the targets first: a source may sit on a target's number.
-        sources = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in (null, out_w, err_w, go_r, status_w)]
+        sources = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in (null, out_w, err_w, go_r, status_w, files_w)]
         for dst, src in enumerate(sources):
             os.dup2(src, dst)
-        os.set_inheritable(STATUS_FD, False)  # not into the task's own subprocesses
-        os.closerange(STATUS_FD + 1, os.sysconf("SC_OPEN_MAX"))  # the template's control socket above all
+        for fd in (STATUS_FD, FILES_FD):
+            os.set_inheritable(fd, False)  # not into the task's own subprocesses
+        os.closerange(FILES_FD + 1, os.sysconf("SC_OPEN_MAX"))  # the template's control socket above all
         enter_sandbox()
+        reseed()
         message = receive_task(3)
         if message[0] is None:  # not a task: a session's interpreter, which serves calls until PID 1 ends it
+            os.close(FILES_FD)
             session_child(*message[1:])  # never returns
-        code, compiled, stdin, timeout_s, fsize_limit, nofile_limit, nproc_limit = message
-        os.close(3)
+        (code, compiled, stdin, timeout_s, fsize_limit, nofile_limit, nproc_limit, outputs, files_limit,
+         files) = message
+        figures = taskfiles.Figures()
+        figures.install()
         stdin_fd = os.memfd_create("stdin")  # before the limits: stdin may be larger than RLIMIT_FSIZE
         write_all(stdin_fd, stdin)
         os.lseek(stdin_fd, 0, os.SEEK_SET)
@@ -544,33 +704,76 @@ def task_child(go_r, out_w, err_w, status_w):
         os.close(stdin_fd)
         del stdin
         apply_task_limits(timeout_s, fsize_limit, nofile_limit, nproc_limit)
-        os.write(STATUS_FD, STATUS_READY)  # from here on the task's code is in charge
+        os.write(STATUS_FD, STATUS_READY)  # from here on, what goes wrong is the task's (its files, its code)
     except BaseException as exc:  # never run the code half-sandboxed
         try:
             os.write(2, f"sandbox setup failed: {exc!r}".encode())
         finally:
             os._exit(status)
     try:
-        status = run_code(code, compiled)
+        taskfiles.write_files(WORK_DIR, files, lambda size: read_exactly(3, size))
+        os.close(3)
+        me = os.getpid()  # a fork the task made may return here too: only this process sends outputs
+        status = run_code(code, compiled, lambda: os.getpid() == me and figures.capture_open())
+        if os.getpid() == me:
+            send_outputs(outputs, files_limit, figures)
+            say_done(status)
+    except taskfiles.FileError as exc:
+        os.write(2, str(exc).encode("utf-8", "backslashreplace"))
+        status = 1
     except BaseException:  # a runner bug, not the task's: say so where the host will look
         os.write(2, f"warmpool: runner error in the task child:\n{traceback.format_exc()}".encode())
     finally:
         os._exit(status)
 
 
+def reseed():
+    """What a fresh interpreter has that a fork of the template would not: its own random seeds. `random`
+    reseeds itself after a fork; numpy's global generator does not, and every task would draw the same
+    numbers."""
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        numpy_random.seed()
+
+
+def send_outputs(outputs, files_limit, figures):
+    """After the code: the files `outputs` match, then the figures, as records on FILES_FD."""
+    sink = taskfiles.Sink(FILES_FD, files_limit)
+    try:
+        taskfiles.collect_outputs(WORK_DIR, outputs, sink)
+        figures.send(sink)
+    except OSError as exc:  # the task closed or filled the pipe: only its own result is short
+        taskfiles.note(f"outputs not sent: {exc.strerror or exc!r}")
+
+
+def say_done(status):
+    """The DONE record: the code has ended and everything it gives back has been written."""
+    own, waited = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_us = round((own.ru_utime + own.ru_stime + waited.ru_utime + waited.ru_stime) * 1e6)
+    try:
+        os.write(STATUS_FD, DONE.pack(STATUS_DONE, status, cpu_us, max(own.ru_maxrss, waited.ru_maxrss)))
+    except OSError:
+        pass  # the task closed it: PID 1 waits for the exit instead
+
+
+def read_exactly(fd, size):
+    """`size` bytes from the go pipe. EOF first means PID 1 gave up on us: leave quietly."""
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = os.read(fd, min(size - len(chunks), 1 << 20))
+        if not chunk:
+            os._exit(0)
+        chunks += chunk
+    return bytes(chunks)
+
+
 def receive_task(fd):
     """The go message from PID 1: a length, then marshal'd (code, code object or None, stdin bytes,
-    timeout_s, fsize_limit, nofile_limit, nproc_limit). EOF first means PID 1 gave up on us: leave quietly."""
-    def read_exactly(size):
-        chunks = bytearray()
-        while len(chunks) < size:
-            chunk = os.read(fd, size - len(chunks))
-            if not chunk:
-                os._exit(0)
-            chunks += chunk
-        return bytes(chunks)
-    (size,) = struct.unpack(">Q", read_exactly(8))
-    return marshal.loads(read_exactly(size))
+    timeout_s, fsize_limit, nofile_limit, nproc_limit, outputs, files_limit, [(file path, size)]); each
+    file's bytes follow it on the pipe, read by taskfiles.write_files. A session's messages differ (see
+    sessions below)."""
+    (size,) = struct.unpack(">Q", read_exactly(fd, 8))
+    return marshal.loads(read_exactly(fd, size))
 
 
 def enter_sandbox():
@@ -602,11 +805,7 @@ def apply_task_limits(timeout_s, fsize_limit, nofile_limit, nproc_limit):
         # Only where the host asks (gVisor): there the count is the sandbox's own, while on a shared
         # kernel RLIMIT_NPROC counts the sandbox uid's processes in every container on the host.
         set_limit(resource.RLIMIT_NPROC, nproc_limit)
-    for path in (WORK_DIR, HOME_DIR):
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
+    make_task_dirs()
     os.chdir(WORK_DIR)
 
 
@@ -615,8 +814,9 @@ def set_limit(res, value):
     resource.setrlimit(res, (value, value) if hard == resource.RLIM_INFINITY else (min(value, hard),) * 2)
 
 
-def run_code(code, compiled=None):
-    """Run the task as `python3 script.py` would, on the sandbox's fds 0-2; return the exit status."""
+def run_code(code, compiled=None, at_end=None):
+    """Run the task as `python3 script.py` would, on the sandbox's fds 0-2; return the exit status.
+    `at_end` runs when the code has ended, before the atexit handlers (matplotlib's closes every figure)."""
     main = task_main()
     linecache.cache["<task>"] = (len(code), None, code.splitlines(True), "<task>")  # source in tracebacks
     try:
@@ -632,6 +832,8 @@ def run_code(code, compiled=None):
                 pass
         status = 1
         report(exc)
+    if at_end is not None:
+        at_end()
     return shut_down(status)
 
 
@@ -734,6 +936,7 @@ def handle_session_open(msg, msg_id):
         failure = f"runner failed to open the session: {exc!r}"
     if not failure:
         os.set_blocking(zygote.go_w, False)  # its code may stop reading: PID 1 must never block on it
+        os.close(zygote.files_r)  # a session's calls give no files back (yet): only tasks use that pipe
         SESSION = Session(zygote.pid, zygote.go_w, zygote.out_r, zygote.err_r, zygote.status_r)
         send({"op": "session_opened", "id": msg_id, "ok": True, "detail": ""})
         return
@@ -1029,6 +1232,7 @@ def session_call(main, code, compiled, filename):
 
 def reset():
     """Kill every sandbox process, empty the scratch dirs, then say whether that verifiably worked."""
+    finish_exiting_child()
     discard_zygote()
     kill_sandbox()
     empty_scratch()
@@ -1273,7 +1477,7 @@ def template_main(sock):
         os._exit(1)
 
 
-def template_spawn(go_r, out_w, err_w, status_w):
+def template_spawn(go_r, out_w, err_w, status_w, files_w):
     """Fork a task's child through an intermediate that exits at once: the child is reparented to PID 1,
     so that PID 1 can wait for it (status, rusage) as for its own. Returns the child's pid."""
     pid_r, pid_w = os.pipe()
@@ -1284,7 +1488,7 @@ def template_spawn(go_r, out_w, err_w, status_w):
             child = os.fork()
             if child == 0:
                 os.close(pid_w)
-                task_child(go_r, out_w, err_w, status_w)  # never returns
+                task_child(go_r, out_w, err_w, status_w, files_w)  # never returns
             os.write(pid_w, struct.pack(">i", child))
         finally:
             os._exit(0)
@@ -1342,12 +1546,55 @@ def run_as_sandbox(work, wait_s):
 
 def preload(modules):
     """Import the image's heavy modules once, before the template forks, so that a task's import of them
-    is a dictionary lookup. Every task still starts from this same state: each is a fresh fork."""
-    for name in filter(None, (part.strip() for part in modules.split(","))):
+    is a dictionary lookup. Every task still starts from this same state: each is a fresh fork.
+
+    The task dirs exist while they import (matplotlib makes and remembers its MPLCONFIGDIR, and reads the
+    built font list from there rather than scanning the fonts again); then whatever the imports left in
+    the scratch dirs goes, before the template forks and the first clean check. No task has run yet, so
+    nothing there is untrusted, and PID 1 removes it itself."""
+    make_task_dirs()
+    try:
+        for name in filter(None, (part.strip() for part in modules.split(","))):
+            try:
+                __import__(name)
+            except Exception as exc:  # a broken optional module must not take the container down
+                print(f"warmpool runner: could not preload {name}: {exc!r}", file=sys.stderr)
+    finally:
+        for top in SCRATCH_DIRS:
+            for entry in os.scandir(top):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+
+
+def make_task_dirs():
+    """The task's work and home dirs (and matplotlib's), with the image's built caches linked in."""
+    for path in TASK_DIRS:
         try:
-            __import__(name)
-        except Exception as exc:  # a broken optional module must not take the container down
-            print(f"warmpool runner: could not preload {name}: {exc!r}", file=sys.stderr)
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+    for target, link in CACHE_LINKS:
+        try:
+            os.symlink(target, link)
+        except OSError:
+            pass  # a cache missed costs time, not correctness
+
+
+def image_environment(env):
+    """The image's settings for its libraries that tasks keep (IMAGE_ENV), where the image has matplotlib
+    (its font list was built): a matplotlib config dir on /tmp is then made for each task, with the font
+    list linked into it. An image without matplotlib keeps the minimal environment."""
+    built = sorted(os.listdir(MPL_BUILT_CACHE)) if os.path.isdir(MPL_BUILT_CACHE) else []
+    if not built:
+        return {}
+    kept = {name: env[name] for name in IMAGE_ENV if env.get(name)}
+    config_dir = kept.get("MPLCONFIGDIR", "")
+    if os.path.dirname(config_dir) == "/tmp":  # one level below /tmp: the reset removes it with the rest
+        TASK_DIRS.append(config_dir)
+        CACHE_LINKS.extend((os.path.join(MPL_BUILT_CACHE, name), os.path.join(config_dir, name)) for name in built)
+    return kept
 
 
 def main():
@@ -1362,8 +1609,9 @@ def main():
     os.close(null)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # PID 1 ignores SIGTERM unless it asks for it
     modules = os.environ.get("WARMPOOL_PRELOAD", "")  # set by the image, not by the host
+    kept = image_environment(os.environ)
     os.environ.clear()  # the tasks' environment, set once here so that forks inherit it for free
-    os.environ.update(TASK_ENV)
+    os.environ.update(TASK_ENV, **kept)
     preload(modules)
     gc.collect()
     gc.freeze()  # keep the collector off the pages shared with the children, so forks stay cheap

@@ -16,11 +16,14 @@ from pathlib import Path
 from typing import IO, Any
 
 import docker
+import docker.errors
 import httpx
 import pytest
 
 from pool.engine.scratch import loops_backed_under
+from pool.model import images as catalogue
 from pool.settings import Settings
+from runner_image.build import HASH_LABEL, build_hash
 from tests.polling import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,6 +81,15 @@ def docker_client() -> Iterator[docker.DockerClient]:
         client.images.get(IMAGE)
     except Exception as exc:  # noqa: BLE001 - any reason is the same message
         pytest.fail(f"Docker engine with image {IMAGE} is required (run `make test`): {exc}")
+    # A stale image would test an older runner than the working tree's: `make test` rebuilds them first.
+    for spec in catalogue.with_env_tags(catalogue.BUILTIN, os.environ):
+        try:
+            labels = client.images.get(spec.docker_image).labels or {}
+        except docker.errors.ImageNotFound:
+            labels = {}
+        if labels.get(HASH_LABEL) != build_hash(spec):
+            pytest.fail(f"image {spec.docker_image} ({spec.name}) is missing or stale: run `make image` "
+                        "(with the same WARMPOOL_IMAGE* variables as the tests)")
     yield client
     client.close()
 
@@ -149,9 +161,10 @@ class Service:
         self.instance_id = instance_id
         self.client = httpx.Client(base_url=base_url, timeout=60)
         self.log_path: Path | None = None
+        self.defaults: dict[str, object] = {}  # fields every `execute` sends unless it says otherwise
 
     def execute(self, code: str, **fields) -> httpx.Response:
-        return self.client.post("/v1/execute", json={"code": code, **fields})
+        return self.client.post("/v1/execute", json={"code": code, **self.defaults, **fields})
 
     def stop(self, timeout_s: float = 30) -> int:
         self.client.close()

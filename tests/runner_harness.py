@@ -30,7 +30,7 @@ from pool.model.protocol import FrameDecoder, encode_frame
 from pool.model.results import TaskSpec
 from pool.model.tiers import Tier, tier_from_dict
 from pool.settings import Settings
-from runner_image import catalogue
+from pool.model import images as catalogue
 from runner_image.build import HASH_LABEL, build_hash
 
 # Every container of this test process carries it (as a pool's instance id), so a test can find its own.

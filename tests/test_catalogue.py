@@ -6,9 +6,10 @@ import tarfile
 
 import pytest
 
+from pool.model import images as catalogue
 from pool.model.errors import InvalidRequest
-from runner_image import build, catalogue, packages
-from runner_image.catalogue import BUILTIN, ImageSpec, images_from_config
+from pool.model.images import BUILTIN, ImageSpec, images_from_config
+from runner_image import build, packages
 
 BY_NAME = {spec.name: spec for spec in BUILTIN}
 
@@ -137,8 +138,8 @@ def test_the_build_context_holds_the_one_dockerfile_runner_and_packages(tmp_path
     site = tmp_path / "site"
     (site / "pkg").mkdir(parents=True)
     (site / "pkg" / "__init__.py").write_text("X = 1\n")
-    for source, expected in ((None, {"Dockerfile", "runner.py", "site-packages"}),
-                             (site, {"Dockerfile", "runner.py", "site-packages", "site-packages/pkg",
+    for source, expected in ((None, {"Dockerfile", "runner.py", "taskfiles.py", "site-packages"}),
+                             (site, {"Dockerfile", "runner.py", "taskfiles.py", "site-packages", "site-packages/pkg",
                                      "site-packages/pkg/__init__.py"})):
         out = io.BytesIO()
         build.write_context(out, source)

@@ -157,7 +157,6 @@ def test_the_readme_client_example_runs(serve):
     assert done.stdout == shown
 
 
-WAITS_FOR_FILES = pytest.mark.xfail(strict=True, reason="waits for issue 11: files/outputs and /v1/images on main")
 
 
 def test_stream_and_events_arrive_chunk_by_chunk(serve):
@@ -183,7 +182,6 @@ def test_sessions_keep_state_until_closed(serve):
             session.refresh()
 
 
-@WAITS_FOR_FILES
 def test_files_go_in_and_come_back(serve, tmp_path):
     svc = serve()
     with Client(svc.base_url) as client:

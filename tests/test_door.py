@@ -115,6 +115,11 @@ class RecordingDispatcher:
         self.calls.append("readiness")
         return {"recorded": True}
 
+    async def images(self) -> list[dict[str, Any]]:
+        self.calls.append("images")
+        return [{"name": "python", "docker_image": "recorded:tag", "python_version": "3.11.2", "packages": {},
+                 "preloaded": [], "description": ""}]
+
     async def figures(self) -> PoolsSnapshot | None:
         self.calls.append("figures")
         return self.pools_snapshot()
@@ -191,16 +196,18 @@ async def test_task_routes_go_through_the_dispatcher(recorded):
         "ram": "200MiB"}}]})
     assert batch.status_code == 202 and len(batch.json()["tasks"]) == 2
     assert (await client.get("/readyz")).json() == {"ready": True, "checks": {"recorded": True}}
+    assert (await client.get("/v1/images")).json()[0]["docker_image"] == "recorded:tag"
     assert dispatcher.calls == ["start", "execute two", "submit one", "task 0", "task 2", "submit_many one,two",
-                                "readiness"]
+                                "readiness", "images"]
 
 
 async def test_tier_views_admin_and_metrics_are_rendered_from_the_dispatchers_snapshots(recorded):
     client, dispatcher = recorded
     tiers = (await client.get("/v1/tiers")).json()
     assert [t["name"] for t in tiers] == ["one", "two"]
-    assert tiers[0] == {"name": "one", "cpu": 0.5, "gpu": 0, "ram_bytes": 96 << 20, "storage_bytes": 32 << 20,
-                        "runtime": "runc", "min_idle": 3, "max_size": 7, "idle": 2, "busy": 1, "starting": 0}
+    assert tiers[0] == {"name": "one", "image": "python", "cpu": 0.5, "gpu": 0, "ram_bytes": 96 << 20,
+                        "storage_bytes": 32 << 20, "runtime": "runc", "min_idle": 3, "max_size": 7, "idle": 2,
+                        "busy": 1, "starting": 0}
     pools = (await client.get("/v1/admin/pools", headers=ADMIN)).json()
     assert pools["tiers"][1]["replaced"] == {"drained": 2} and pools["tiers"][1]["lease_wait_ms"] == {
         "p50": 0.5, "p95": 7.0}

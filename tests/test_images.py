@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from runner_image import catalogue
+from pool.model import images as catalogue
 from runner_image.build import HASH_LABEL, build_hash
 
 pytestmark = pytest.mark.docker

@@ -16,13 +16,12 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TEST_TIERS
 
 pytestmark = pytest.mark.docker
 
 TOOLS = {"run_python", "open_session", "session_run", "close_session", "list_images", "list_tiers"}
 FAILING = "import sys; print('to stdout'); print('to stderr', file=sys.stderr); raise SystemExit(2)"
-WAITS_FOR_FILES = pytest.mark.xfail(strict=True, reason="waits for issue 11: files/outputs and /v1/images on main")
 
 
 @asynccontextmanager
@@ -101,9 +100,11 @@ def test_stdio_mcp_reports_an_unreachable_server(serve):
     talk(over_stdio("http://127.0.0.1:9"), check)
 
 
-@WAITS_FOR_FILES
 def test_mcp_files_outputs_images_and_figures(serve):
-    svc = serve(env={"WARMPOOL_API_KEYS": "agent-key"})
+    ds_tier = {"name": "ds", "image": "datascience", "cpu": 1, "ram": "768MiB", "storage": "64MiB", "min_idle": 1,
+               "max_size": 1}
+    svc = serve(tiers={"tiers": [*TEST_TIERS["tiers"], ds_tier]}, env={"WARMPOOL_API_KEYS": "agent-key"},
+                ready_timeout_s=120)
 
     async def check(client: Client) -> None:
         code = ("import pathlib\n"

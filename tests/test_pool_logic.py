@@ -244,7 +244,7 @@ async def test_a_tier_the_engine_refuses_to_start_backs_off_and_refuses_leases(p
 
 async def test_a_missing_image_stops_the_start():
     manager = PoolManager(Settings(tiers=sorted_tiers((tier_from_dict(ONE, 0),))), FakeBackend(image_present=False))
-    with pytest.raises(Exception, match="build it with `warmpool image`"):
+    with pytest.raises(Exception, match="python .warmpool-runner:latest.: build them with `warmpool image`"):
         await manager.start()
     await manager.close()
 

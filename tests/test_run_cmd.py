@@ -14,7 +14,6 @@ from warmpool import run_cmd
 
 pytestmark = pytest.mark.docker
 
-WAITS_FOR_FILES = pytest.mark.xfail(strict=True, reason="waits for issue 11: files/outputs on main")
 
 
 def run(service_url: str, *args: str, stdin: str | None = None, merged: bool = False, key: str | None = None,
@@ -59,7 +58,6 @@ def test_run_exits_69_with_a_message_for_http_errors(serve, tmp_path):
     assert bad_flag.returncode == 2
 
 
-@WAITS_FOR_FILES
 def test_run_uploads_files_and_writes_returned_ones(serve, tmp_path):
     svc = serve()
     (tmp_path / "data").mkdir()

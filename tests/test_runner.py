@@ -28,7 +28,7 @@ print(len(others) == 2 and '1' in others and all(os.stat(f'/proc/{p}').st_uid ==
 """
 
 RESULT_KEYS = {"op", "id", "status", "exit_code", "signal", "stdout", "stderr", "stdout_truncated",
-               "stderr_truncated", "run_ms", "usage"}
+               "stderr_truncated", "run_ms", "usage", "files", "files_truncated"}
 
 
 @pytest.fixture(scope="session")

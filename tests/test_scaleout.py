@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import socket
 import threading
@@ -304,3 +305,24 @@ def test_two_api_replicas_each_get_their_own_replies_once(redis_server, cluster)
     assert len(pushes) == 12, pushes
     assert all(len(keys) == 1 for keys in reply_keys.values()) and reply_keys[0] != reply_keys[1], reply_keys
     assert all(c.redis.llen(key) == 0 for keys in reply_keys.values() for key in keys), "every reply was read"
+
+
+def test_files_outputs_and_images_work_the_same_through_redis(cluster):
+    """Files go to the worker with the task, outputs come back with its result (sync and async), and
+    GET /v1/images says what the workers' engines hold."""
+    c = cluster()
+    worker = c.worker()
+    api = c.api()
+    code = "import os\nos.makedirs('out')\nopen('out/r.txt', 'w').write(open('in/data.txt').read().upper())"
+    request = {"files": [{"path": "in/data.txt", "content": "from the api"}], "outputs": ["out/*.txt"]}
+    body = api.execute(code, **request).json()
+    assert (body["status"], body["image"], body["worker"]) == ("succeeded", "python", worker.instance_id), body
+    assert [(f["path"], f["size_bytes"], base64.b64decode(f["content"])) for f in body["files"]] == \
+        [("out/r.txt", 12, b"FROM THE API")]
+    accepted = api.client.post("/v1/tasks", json={"code": code, **request}).json()
+    done = poll_task(api, accepted["id"])
+    assert (done["status"], done["files"], done["files_truncated"]) == ("succeeded", body["files"], False)
+    images = wait_for(lambda: (found := api.client.get("/v1/images").json()) and found[0]["python_version"] != "3.11"
+                      and found, what="a worker's image labels")
+    assert [(i["name"], i["packages"], i["preloaded"]) for i in images] == [("python", {}, [])]
+    assert images[0]["python_version"].startswith("3.11.")

@@ -26,7 +26,7 @@ HOSTNAME = "import socket; print(socket.gethostname())"
 SESSION_KEYS = {"id", "tier", "image", "resources", "idle_timeout_s", "state", "calls", "created_unix", "idle_s",
                 "expires_in_s"}
 BODY_KEYS = {"id", "status", "exit_code", "stdout", "stderr", "stdout_truncated", "stderr_truncated", "tier",
-             "resources", "timings", "usage", "message", "worker"}
+             "image", "resources", "timings", "usage", "message", "worker", "files", "files_truncated"}
 MAX_PER_KEY = 2
 
 

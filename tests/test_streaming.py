@@ -20,7 +20,7 @@ SSE = {"accept": "text/event-stream"}
 ALICE = {"authorization": "Bearer alice"}
 HOSTNAME = "import socket; print(socket.gethostname())"
 BODY_KEYS = {"id", "status", "exit_code", "stdout", "stderr", "stdout_truncated", "stderr_truncated", "tier",
-             "resources", "timings", "usage", "message", "worker"}
+             "image", "resources", "timings", "usage", "message", "worker", "files", "files_truncated"}
 
 
 @pytest.fixture(scope="module")

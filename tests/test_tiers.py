@@ -113,3 +113,24 @@ def test_ledger_hands_out_each_gpu_once():
 def test_default_tiers_fit_a_two_core_24_gib_host():
     ledger = CapacityLedger(HostInventory(cpus=2, ram_bytes=22 * GIB, cpu_overcommit=16))
     ledger.check_plan([(t.resources, t.max_size) for t in default_tiers()])
+
+
+def test_tiers_serve_a_known_image_and_requests_fit_within_their_image(tmp_path):
+    from pool.settings import from_env
+
+    path = tmp_path / "tiers.json"
+    path.write_text(json.dumps({"tiers": [{"name": "a", "ram": "64MiB"}, {"name": "r", "image": "r-lang"}]}))
+    with pytest.raises(InvalidRequest) as caught:
+        from_env({"WARMPOOL_TIERS_FILE": str(path)})
+    assert caught.value.field == "tiers[1].image" and "'r-lang'" in caught.value.message
+    tiers = (Tier("py", Resources(1, 0, GIB, GIB)), Tier("ds-small", Resources(1, 0, GIB, GIB), image="datascience"),
+             Tier("ds-big", Resources(2, 0, 4 * GIB, GIB), image="datascience"))
+    assert fit_tier(tiers, ResourceRequest()).name == "py"
+    assert fit_tier(tiers, ResourceRequest(), "datascience").name == "ds-small"
+    assert fit_tier(tiers, ResourceRequest(ram_bytes=2 * GIB), "datascience").name == "ds-big"
+    with pytest.raises(NoTierFits) as too_big:
+        fit_tier(tiers, ResourceRequest(ram_bytes=2 * GIB))  # the python tiers' largest is 1 GiB
+    assert too_big.value.field == "resources.ram" and "1GiB" in too_big.value.message
+    with pytest.raises(NoTierFits) as unserved:
+        fit_tier(tiers, ResourceRequest(), "ml")
+    assert unserved.value.field == "image"

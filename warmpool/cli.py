@@ -133,8 +133,8 @@ def _worker(metrics_host: str, metrics_port: int | None) -> None:
 
 
 def _image(only: list[str] | None, python_tag: str | None, base_image: str, force: bool) -> None:
+    from pool.model import images as catalogue
     from pool.model.errors import InvalidRequest
-    from runner_image import catalogue
     from runner_image.build import ImageBuildError, ensure_image
 
     try:

@@ -39,7 +39,7 @@ OutputSink = Callable[[str, str], None]
 class CreateOptions:
     """What every container of this pool instance is created with, besides its tier."""
 
-    image: str
+    docker_images: dict[str, str]  # image name -> docker tag: a tier's containers run its image's
     instance_id: str
     owner: str
     nofile_limit: int
@@ -174,7 +174,8 @@ async def start_container(backend: ContainerBackend, tier: Tier, options: Create
                                           scratch_dir=None if slot is None else slot.mount_dir)
         labels = labels_for(tier, options.instance_id, options.owner)
         container_id = await anyio.to_thread.run_sync(
-            lambda: backend.create(image=options.image, name=name, labels=labels, host_options=host_options))
+            lambda: backend.create(image=options.docker_images[tier.image], name=name, labels=labels,
+                                   host_options=host_options))
     except BaseException:
         if slot is not None:
             with anyio.CancelScope(shield=True):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from pool.background import TaskOwner
 from pool.engine.admin import PoolAdmin
@@ -17,6 +18,7 @@ from pool.engine.manager import PoolManager
 from pool.engine.scratch import ScratchStore
 from pool.engine.sessions import SessionManager
 from pool.model.errors import PoolError, SandboxError
+from pool.model.images import describe
 from pool.model.results import TaskSpec
 from pool.model.sessions import SessionFigures, SessionInfo
 from pool.model.snapshots import AdminView, Drained, PoolsSnapshot, Resized, TierSnapshot
@@ -68,6 +70,9 @@ class EmbeddedDispatcher:
 
     async def tiers(self) -> tuple[TierSnapshot, ...]:
         return self.pool.snapshot().tiers
+
+    async def images(self) -> list[dict[str, Any]]:
+        return [describe(spec, self.pool.image_labels.get(spec.name)) for spec in self.settings.served_images()]
 
     async def readiness(self) -> dict[str, bool]:
         return {"docker": self.pool.docker_ok, "image": self.pool.image_ok, "pools_warm": self.pool.warm}

@@ -74,8 +74,10 @@ class PoolManager:
         self.ledger = CapacityLedger(HostInventory(cpus=0.0, ram_bytes=0))
         self.docker_ok = False
         self.image_ok = False
-        self._options = CreateOptions(image=settings.image, instance_id=settings.instance_id,
-                                      owner=owner_token(), nofile_limit=settings.nofile_limit, scratch=scratch)
+        self.image_labels: dict[str, dict[str, str]] = {}  # image name -> its docker labels, read at start
+        self._options = CreateOptions(docker_images={spec.name: spec.docker_image for spec in settings.images},
+                                      instance_id=settings.instance_id, owner=owner_token(),
+                                      nofile_limit=settings.nofile_limit, scratch=scratch)
         self._background = TaskOwner("pool")  # replenisher, container starts and removals
         self._wake = asyncio.Event()
         self._start_slots = asyncio.Semaphore(settings.start_concurrency)
@@ -84,10 +86,7 @@ class PoolManager:
     # lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Connect, clear orphans of dead pools, check capacity, and begin warming in the background."""
-        labels = await anyio.to_thread.run_sync(self.backend.image_labels, self.settings.image)
-        if labels is None:
-            raise SandboxError(f"runner image {self.settings.image!r} is missing: build it with `warmpool image`")
-        self.image_ok = True
+        await self._read_images()
         info = await anyio.to_thread.run_sync(self.backend.info)
         self._check_runtimes(info.runtimes)
         detected_gpu_ids = () if self.settings.gpu_ids else await anyio.to_thread.run_sync(detect_gpu_ids)
@@ -104,6 +103,21 @@ class PoolManager:
             await anyio.to_thread.run_sync(self.scratch.open, worst_case_bytes)
         self._wake.set()  # warm at once rather than after the first tick
         self._background.spawn(self._replenish_loop())
+
+    async def _read_images(self) -> None:
+        """Every image a tier serves must be present; their labels say what they hold (GET /v1/images)."""
+        assert self.backend is not None
+        backend = self.backend
+        missing = []
+        for spec in self.settings.served_images():
+            labels = await anyio.to_thread.run_sync(backend.image_labels, spec.docker_image)
+            if labels is None:
+                missing.append(f"{spec.name} ({spec.docker_image})")
+            else:
+                self.image_labels[spec.name] = labels
+        if missing:
+            raise SandboxError(f"sandbox image(s) missing: {', '.join(missing)}: build them with `warmpool image`")
+        self.image_ok = True
 
     def _check_runtimes(self, runtimes: tuple[str, ...]) -> None:
         for tier in self.settings.tiers:

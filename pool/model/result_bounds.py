@@ -3,9 +3,10 @@
 An async task is held from its submission until its result expires (result TTL) or is evicted, and
 counts, against its key and in total, as one task and as bytes:
 
-- while pending (queued or running): its code and stdin plus the most its output can take
-  (`pending_bytes`: twice the output limit, stdout and stderr, and a fixed overhead);
-- once finished: what its result really holds (`result_bytes`: stdout, stderr, message, overhead).
+- while pending (queued or running): its code, stdin and files plus the most its output can take
+  (`pending_bytes`: twice the output limit, stdout and stderr; the output files cap as base64 when it asks
+  for `outputs`; and a fixed overhead). Figures, which come without asking, are counted when it finishes;
+- once finished: what its result really holds (`result_bytes`: stdout, stderr, message, files, overhead).
 
 The rule:
 
@@ -41,19 +42,29 @@ def pending_bytes(spec: TaskSpec) -> int:
 
     Characters, not in-memory width, so that one task of the largest allowed code and stdin always fits
     the bounds (`largest_task_bytes`); a result is then counted at its real width when it finishes."""
-    return len(spec.code) + len(spec.stdin) + 2 * spec.output_limit_bytes + RECORD_OVERHEAD_BYTES
+    files = sum(len(f.path) + len(f.content) for f in spec.files)
+    outputs = base64_size(spec.max_output_files_bytes) if spec.outputs else 0
+    return len(spec.code) + len(spec.stdin) + files + 2 * spec.output_limit_bytes + outputs + RECORD_OVERHEAD_BYTES
 
 
-def largest_task_bytes(max_code_bytes: int, max_stdin_bytes: int, output_limit_bytes: int) -> int:
-    """The most `pending_bytes` can be when code, stdin and output are capped so."""
-    return max_code_bytes + max_stdin_bytes + 2 * output_limit_bytes + RECORD_OVERHEAD_BYTES
+def base64_size(size_bytes: int) -> int:
+    return -(-size_bytes // 3) * 4
+
+
+def largest_task_bytes(max_code_bytes: int, max_stdin_bytes: int, output_limit_bytes: int, max_files_bytes: int = 0,
+                       max_output_files_bytes: int = 0) -> int:
+    """The most `pending_bytes` can be when code, stdin, files and output are capped so."""
+    return (max_code_bytes + max_stdin_bytes + max_files_bytes + 2 * output_limit_bytes
+            + base64_size(max_output_files_bytes) + RECORD_OVERHEAD_BYTES)
 
 
 def result_bytes(result: TaskResult | None) -> int:
     """What a finished task's result holds in memory."""
     if result is None:
         return RECORD_OVERHEAD_BYTES
-    return (sys.getsizeof(result.stdout) + sys.getsizeof(result.stderr) + sys.getsizeof(result.message)
+    files = sum(sys.getsizeof(f.path) + (sys.getsizeof(f.content) if f.content is not None else 0)
+                for f in result.files)
+    return (sys.getsizeof(result.stdout) + sys.getsizeof(result.stderr) + sys.getsizeof(result.message) + files
             + RECORD_OVERHEAD_BYTES)
 
 

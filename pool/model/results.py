@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import enum
 from dataclasses import dataclass, field
 from typing import Any
+
+DEFAULT_OUTPUT_FILES_BYTES = 16 * 1024 * 1024
 
 
 class Status(enum.StrEnum):
@@ -19,6 +22,26 @@ class Status(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class InputFile:
+    """A file the task finds in its working directory when its code starts (`path` relative to it)."""
+
+    path: str
+    content: bytes
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """A file the task left that its `outputs` matched (or a figure): content base64, None past the cap."""
+
+    path: str
+    size_bytes: int
+    content: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "size_bytes": self.size_bytes, "encoding": "base64", "content": self.content}
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """One snippet to run, with the limits the runner enforces."""
 
@@ -27,11 +50,22 @@ class TaskSpec:
     stdin: str = ""
     timeout_s: float = 10.0
     output_limit_bytes: int = 1024 * 1024
+    files: tuple[InputFile, ...] = ()
+    outputs: tuple[str, ...] = ()  # globs relative to the working directory
+    max_output_files_bytes: int = DEFAULT_OUTPUT_FILES_BYTES
 
     def run_frame(self, fsize_limit_bytes: int, nofile_limit: int, nproc_limit: int = 0) -> dict[str, Any]:
-        return {"op": "run", "id": self.task_id, "code": self.code, "stdin": self.stdin,
-                "timeout_s": self.timeout_s, "output_limit_bytes": self.output_limit_bytes,
-                "fsize_limit_bytes": fsize_limit_bytes, "nofile_limit": nofile_limit, "nproc_limit": nproc_limit}
+        frame: dict[str, Any] = {
+            "op": "run", "id": self.task_id, "code": self.code, "stdin": self.stdin, "timeout_s": self.timeout_s,
+            "output_limit_bytes": self.output_limit_bytes, "fsize_limit_bytes": fsize_limit_bytes,
+            "nofile_limit": nofile_limit, "nproc_limit": nproc_limit,
+            "max_output_files_bytes": self.max_output_files_bytes}
+        if self.files:
+            frame["files"] = [{"path": f.path, "content": base64.b64encode(f.content).decode("ascii")}
+                              for f in self.files]
+        if self.outputs:
+            frame["outputs"] = list(self.outputs)
+        return frame
 
 
 @dataclass(frozen=True)
@@ -55,6 +89,8 @@ class TaskResult:
     run_ms: float = 0.0
     usage: Usage = field(default_factory=Usage)
     message: str = ""
+    files: tuple[OutputFile, ...] = ()
+    files_truncated: bool = False
     session_ended: str | None = None  # a session call only: why the call ended its session, else None
 
     @classmethod
@@ -71,9 +107,17 @@ class TaskResult:
             stderr_truncated=bool(frame.get("stderr_truncated", False)),
             run_ms=float(frame.get("run_ms", 0.0)),
             usage=Usage(cpu_s=float(usage.get("cpu_s", 0.0)), max_rss_bytes=int(usage.get("max_rss_bytes", 0))),
+            files=output_files(frame.get("files") or ()),
+            files_truncated=bool(frame.get("files_truncated", False)),
             session_ended=None if frame.get("session_ended") is None else str(frame["session_ended"]),
         )
 
     @classmethod
     def sandbox_error(cls, task_id: str, message: str) -> TaskResult:
         return cls(task_id=task_id, status=Status.SANDBOX_ERROR, message=message)
+
+
+def output_files(entries: Any) -> tuple[OutputFile, ...]:
+    """Output file entries (a result frame's, or a stored result's) as OutputFiles."""
+    return tuple(OutputFile(path=str(e["path"]), size_bytes=int(e["size_bytes"]),
+                            content=None if e.get("content") is None else str(e["content"])) for e in entries)

@@ -13,6 +13,7 @@ from pool.model.resources import ResourceRequest, Resources, format_bytes, parse
 
 MIB = 1024 ** 2
 GIB = 1024 ** 3
+DEFAULT_IMAGE = "python"
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Tier:
     max_uses: int = 1000
     max_age_s: float = 3600.0
     gpu_device_ids: tuple[str, ...] = field(default=())
+    image: str = DEFAULT_IMAGE  # the name of the sandbox image its containers run (pool/model/images.py)
 
     def sort_key(self) -> tuple[int, int, float, int, str]:
         """Smaller tiers first: GPUs are the scarcest, then memory, cpu, storage."""
@@ -35,15 +37,17 @@ class Tier:
         return (r.gpu, r.ram_bytes, r.cpu, r.storage_bytes, self.name)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, **self.resources.as_dict(), "runtime": self.runtime,
+        return {"name": self.name, "image": self.image, **self.resources.as_dict(), "runtime": self.runtime,
                 "min_idle": self.min_idle, "max_size": self.max_size}
 
 
 def default_tiers() -> tuple[Tier, ...]:
-    """Tiers that fit a 2-core, 24 GiB host and serve the seed's examples.
+    """Tiers that fit a 2-core, 24 GiB host and serve the seed's examples, on both built-in images.
 
-    Memory is never overcommitted: at max_size they hold 2 + 4 + 8 = 14 GiB. CPU quotas (32 at max_size) are
-    shares of time, so they fit the default overcommit of 16 on two cores.
+    Memory is never overcommitted: at max_size they hold 2 + 4 + 4 + 2 = 12 GiB. CPU quotas (32 at max_size)
+    are shares of time, so they fit the default overcommit of 16 on two cores; `large` gave two of its
+    four containers to `datascience` for that. The `datascience` tier has 1 GiB: its idle interpreter
+    alone holds ~80 MiB (numpy, pandas, scipy, matplotlib imported).
     """
     return (
         Tier("nano", Resources(cpu=0.5, gpu=0, ram_bytes=128 * MIB, storage_bytes=128 * MIB),
@@ -51,7 +55,9 @@ def default_tiers() -> tuple[Tier, ...]:
         Tier("small", Resources(cpu=2.0, gpu=0, ram_bytes=512 * MIB, storage_bytes=1 * GIB),
              min_idle=2, max_size=8),
         Tier("large", Resources(cpu=2.0, gpu=0, ram_bytes=2 * GIB, storage_bytes=2 * GIB),
-             min_idle=1, max_size=4, pids_limit=256),
+             min_idle=1, max_size=2, pids_limit=256),
+        Tier("datascience", Resources(cpu=2.0, gpu=0, ram_bytes=1 * GIB, storage_bytes=1 * GIB),
+             min_idle=1, max_size=2, pids_limit=256, image="datascience"),
     )
 
 
@@ -59,12 +65,14 @@ def tier_from_dict(raw: dict[str, Any], index: int) -> Tier:
     """One tier from a tiers file entry; sizes take the same units as requests."""
     where = f"tiers[{index}]"
     known = {"name", "cpu", "gpu", "ram", "storage", "min_idle", "max_size", "runtime", "pids_limit",
-             "max_uses", "max_age_s"}
+             "max_uses", "max_age_s", "image"}
     unknown = set(raw) - known
     if unknown:
         raise InvalidRequest(where, f"unknown keys {sorted(unknown)}; known: {sorted(known)}")
     if not isinstance(raw.get("name"), str) or not raw["name"]:
         raise InvalidRequest(f"{where}.name", "a non-empty string is required")
+    if not isinstance(raw.get("image", DEFAULT_IMAGE), str):
+        raise InvalidRequest(f"{where}.image", "the name of an image (see GET /v1/images), e.g. 'datascience'")
     tier = Tier(
         name=raw["name"],
         resources=Resources(
@@ -79,6 +87,7 @@ def tier_from_dict(raw: dict[str, Any], index: int) -> Tier:
         pids_limit=parse_count(f"{where}.pids_limit", raw.get("pids_limit", 128)),
         max_uses=parse_count(f"{where}.max_uses", raw.get("max_uses", 1000)),
         max_age_s=parse_number(f"{where}.max_age_s", raw.get("max_age_s", 3600.0), allow_zero=False),
+        image=raw.get("image", DEFAULT_IMAGE),
     )
     validate_tier(tier, where)
     return tier
@@ -103,7 +112,11 @@ def validate_tier(tier: Tier, where: str) -> None:
 
 def load_tiers_file(path: str | Path) -> tuple[Tier, ...]:
     """Tiers from a JSON file: ``{"tiers": [{"name": "nano", "cpu": 0.5, "ram": "128MiB", ...}]}``."""
-    raw = json.loads(Path(path).read_text())
+    return tiers_from_config(json.loads(Path(path).read_text()), str(path))
+
+
+def tiers_from_config(raw: Any, path: str) -> tuple[Tier, ...]:
+    """Tiers from a tiers file's parsed JSON (`path` names it in errors)."""
     entries = raw.get("tiers") if isinstance(raw, dict) else raw
     if not isinstance(entries, list) or not entries:
         raise InvalidRequest("tiers", f"{path}: expected a non-empty list under 'tiers'")
@@ -118,13 +131,20 @@ def sorted_tiers(tiers: tuple[Tier, ...]) -> tuple[Tier, ...]:
     return tuple(sorted(tiers, key=Tier.sort_key))
 
 
-def fit_tier(tiers: tuple[Tier, ...], request: ResourceRequest) -> Tier:
-    """The smallest tier whose every dimension covers the request, or NoTierFits naming why."""
+def fit_tier(tiers: tuple[Tier, ...], request: ResourceRequest, image: str = DEFAULT_IMAGE) -> Tier:
+    """The smallest tier of `image` whose every dimension covers the request, or NoTierFits naming why.
+
+    The caller has checked that `image` is one the service knows; a known image no tier serves is a
+    NoTierFits on `image`."""
     wanted = request.as_minimum()
-    for tier in sorted_tiers(tiers):
+    of_image = tuple(tier for tier in tiers if tier.image == image)
+    if not of_image:
+        served = sorted({tier.image for tier in tiers})
+        raise NoTierFits("image", f"no tier serves image {image!r}; the tiers serve {served}")
+    for tier in sorted_tiers(of_image):
         if tier.resources.covers(wanted):
             return tier
-    raise _no_fit(tiers, wanted)
+    raise _no_fit(of_image, wanted)
 
 
 def _no_fit(tiers: tuple[Tier, ...], wanted: Resources) -> NoTierFits:

@@ -32,6 +32,7 @@ class WorkerBeat:
     host: str
     docker_ok: bool
     tiers: dict[str, dict[str, Any]]  # tier name -> resources, sizes, counts and counters
+    images: dict[str, dict[str, str]] = field(default_factory=dict)  # image name -> its warmpool.image.* labels
     state: str = SERVING
     capacity: CapacitySnapshot | None = None
     engine: str = ""
@@ -57,16 +58,20 @@ class WorkerBeat:
 
 
 def beat_json(worker_id: str, pools: PoolsSnapshot, inflight: dict[str, int], *, state: str = SERVING,
-              refused: dict[str, str] | None = None, engine: str = "") -> str:
-    """A worker's heartbeat: each tier as every view shows it, plus the tasks it has in hand."""
+              refused: dict[str, str] | None = None, engine: str = "",
+              image_labels: dict[str, dict[str, str]] | None = None) -> str:
+    """A worker's heartbeat: each tier as every view shows it, plus the tasks it has in hand, and what its
+    engine's images hold (their warmpool.image.* labels, for GET /v1/images)."""
     tiers = {}
     for s in pools.tiers:
         tiers[s.name] = {**s.as_dict(), "inflight": inflight.get(s.name, 0)}
         if refused and s.name in refused:
             tiers[s.name]["sizes_refused"] = refused[s.name]
+    images = {name: {k: v for k, v in labels.items() if k.startswith("warmpool.image.")}
+              for name, labels in (image_labels or {}).items()}
     return json.dumps({"id": worker_id, "host": socket.gethostname(), "docker_ok": pools.docker_ok,
-                       "state": state, "engine": engine, "capacity": pools.capacity.as_dict(), "tiers": tiers},
-                      separators=(",", ":"))
+                       "state": state, "engine": engine, "capacity": pools.capacity.as_dict(), "tiers": tiers,
+                       "images": images}, separators=(",", ":"))
 
 
 def parse_beat(raw: str) -> WorkerBeat | None:
@@ -75,6 +80,8 @@ def parse_beat(raw: str) -> WorkerBeat | None:
         capacity = body.get("capacity")
         return WorkerBeat(worker_id=str(body["id"]), host=str(body["host"]), docker_ok=bool(body["docker_ok"]),
                           tiers={str(k): dict(v) for k, v in body["tiers"].items()},
+                          images={str(k): {str(a): str(b) for a, b in v.items()}
+                                  for k, v in (body.get("images") or {}).items()},
                           state=str(body.get("state", SERVING)), engine=str(body.get("engine", "")),
                           capacity=None if capacity is None else capacity_of(capacity))
     except (KeyError, TypeError, ValueError, AttributeError):
@@ -131,13 +138,17 @@ class ClusterView:
     def check_tiers(self, tiers: tuple[Tier, ...]) -> None:
         """Warn once per worker and tier when a worker's tier differs from ours (different tiers files)."""
         for tier in tiers:
-            mine = {"name": tier.name, **tier.resources.as_dict(), "runtime": tier.runtime}
+            mine = {"name": tier.name, "image": tier.image, **tier.resources.as_dict(), "runtime": tier.runtime}
             for worker in self.serving(tier.name):
                 theirs = {k: worker.tiers[tier.name].get(k) for k in mine}
                 if theirs != mine and (worker.worker_id, tier.name) not in self._warned:
                     self._warned.add((worker.worker_id, tier.name))
                     log.warning("worker %s defines tier %r as %s, the API as %s: use one tiers file",
                                 worker.worker_id, tier.name, theirs, mine)
+
+    def image_labels(self, name: str) -> dict[str, str] | None:
+        """An image's labels as a live worker read them from its engine (None when no worker has it)."""
+        return next((w.images[name] for w in self.workers.values() if name in w.images), None)
 
     def tier_snapshots(self, tiers: tuple[Tier, ...]) -> tuple[TierSnapshot, ...]:
         """Each of our tiers with its counts summed over the live workers that serve it."""

@@ -27,6 +27,7 @@ from typing import Any, TypeVar, cast
 from pool.background import TaskOwner
 from pool.model.backoff import Backoff
 from pool.model.errors import BackendUnavailable, NoCapacity, Overloaded, ResultEvicted, SandboxError
+from pool.model.images import describe
 from pool.model.result_bounds import refusal
 from pool.model.results import TaskSpec
 from pool.model.sessions import SessionFigures, SessionInfo
@@ -385,6 +386,10 @@ class RedisDispatcher:
 
     async def tiers(self) -> tuple[TierSnapshot, ...]:
         return self.cluster.tier_snapshots(self.settings.tiers)
+
+    async def images(self) -> list[dict[str, Any]]:
+        # Workers report what their engines hold; before any has, the catalogue's own entry is the answer.
+        return [describe(spec, self.cluster.image_labels(spec.name)) for spec in self.settings.served_images()]
 
     async def readiness(self) -> dict[str, bool]:
         try:

@@ -7,6 +7,8 @@ the task's hash (async tasks) and on the submitting API's reply list (synchronou
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from collections.abc import Mapping
@@ -24,7 +26,7 @@ from pool.model.errors import (
     TooManySessions,
 )
 from pool.model.resources import Resources
-from pool.model.results import Status, TaskResult, TaskSpec, Usage
+from pool.model.results import DEFAULT_OUTPUT_FILES_BYTES, InputFile, Status, TaskResult, TaskSpec, Usage, output_files
 from pool.model.tasks import Execution
 from pool.model.tiers import Tier
 
@@ -60,7 +62,13 @@ class StreamEntry:
         fields = {"id": spec.task_id, "code": spec.code, "stdin": spec.stdin, "timeout_s": repr(spec.timeout_s),
                   "output_limit_bytes": str(spec.output_limit_bytes), "reply_to": self.reply_to,
                   "submitted_unix": repr(self.submitted_unix), "result_ttl_ms": str(self.result_ttl_ms),
-                  "lease_wait_s": repr(self.lease_wait_s), "max_result_bytes": str(self.max_result_bytes)}
+                  "lease_wait_s": repr(self.lease_wait_s), "max_result_bytes": str(self.max_result_bytes),
+                  "max_output_files_bytes": str(spec.max_output_files_bytes)}
+        if spec.files:  # JSON, content as base64: stream fields are text
+            fields["files"] = json.dumps([{"path": f.path, "content": base64.b64encode(f.content).decode("ascii")}
+                                          for f in spec.files])
+        if spec.outputs:
+            fields["outputs"] = json.dumps(list(spec.outputs))
         if self.stream:
             fields["stream"] = "1"
         if self.session is not None:
@@ -75,7 +83,10 @@ class StreamEntry:
             raise MalformedEntry("bad task entry: 'id' is empty")
         spec = TaskSpec(task_id=task_id, code=_text(fields, "code"), stdin=fields.get("stdin", ""),
                         timeout_s=_number(fields, "timeout_s", positive=True),
-                        output_limit_bytes=int(_number(fields, "output_limit_bytes", positive=True, whole=True)))
+                        output_limit_bytes=int(_number(fields, "output_limit_bytes", positive=True, whole=True)),
+                        files=_files(fields), outputs=_outputs(fields),
+                        max_output_files_bytes=int(_number(fields, "max_output_files_bytes", whole=True))
+                        if "max_output_files_bytes" in fields else DEFAULT_OUTPUT_FILES_BYTES)
         session = None if fields.get("session") != "open" else SessionOpen(
             owner=_text(fields, "owner"), image=_text(fields, "image"),
             idle_timeout_s=_number(fields, "idle_timeout_s", positive=True))
@@ -94,6 +105,24 @@ class SessionOpen:
     owner: str
     image: str
     idle_timeout_s: float
+
+
+def _files(fields: Mapping[str, str]) -> tuple[InputFile, ...]:
+    try:
+        return tuple(InputFile(path=str(f["path"]), content=base64.b64decode(f["content"], validate=True))
+                     for f in json.loads(fields.get("files", "[]")))
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise MalformedEntry(f"bad task entry: files: {exc!r}") from None
+
+
+def _outputs(fields: Mapping[str, str]) -> tuple[str, ...]:
+    try:
+        patterns = json.loads(fields.get("outputs", "[]"))
+    except ValueError as exc:
+        raise MalformedEntry(f"bad task entry: outputs: {exc!r}") from None
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise MalformedEntry("bad task entry: outputs must be a list of strings")
+    return tuple(patterns)
 
 
 def _text(fields: Mapping[str, str], name: str) -> str:
@@ -159,6 +188,7 @@ class Outcome:
                 result = dict(body["result"])
                 result["status"] = Status(result["status"])
                 result["usage"] = Usage(**result.get("usage") or {})
+                result["files"] = output_files(result.get("files") or ())
                 execution = Execution(result=TaskResult(**result), tier=tier, queue_ms=float(body["queue_ms"]),
                                       container_name=str(body.get("container", "")),
                                       worker=str(body.get("ran_on", body["worker"])))
@@ -227,10 +257,10 @@ def error_from(raw: dict[str, Any]) -> PoolError:
 
 
 def tier_dict(tier: Tier) -> dict[str, Any]:
-    return {"name": tier.name, **tier.resources.as_dict(), "runtime": tier.runtime}
+    return {"name": tier.name, **tier.resources.as_dict(), "runtime": tier.runtime, "image": tier.image}
 
 
 def tier_from(raw: dict[str, Any]) -> Tier:
-    return Tier(name=str(raw["name"]), runtime=str(raw.get("runtime", "runc")),
+    return Tier(name=str(raw["name"]), runtime=str(raw.get("runtime", "runc")), image=str(raw.get("image", "python")),
                 resources=Resources(cpu=float(raw["cpu"]), gpu=int(raw["gpu"]), ram_bytes=int(raw["ram_bytes"]),
                                     storage_bytes=int(raw["storage_bytes"])))

@@ -297,7 +297,8 @@ class Worker:
         inflight = {name: len(entries) for name, entries in self.inflight.items()}
         ttl_ms = int(self.settings.heartbeat_s * BEATS_TO_DEATH * 1000)
         beat = beat_json(self.worker_id, self.pool.snapshot(), inflight, state=self.state,
-                         refused=self.follower.refused, engine=self.settings.docker_host or DEFAULT_ENGINE)
+                         refused=self.follower.refused, engine=self.settings.docker_host or DEFAULT_ENGINE,
+                         image_labels=self.pool.image_labels)
         try:
             with redis_errors("send a heartbeat"):
                 async with self.redis.pipeline(transaction=True) as pipe:

@@ -40,8 +40,13 @@ IMAGE_ENV = {"LANG", "PATH", "MPLBACKEND", "MPLCONFIGDIR", "WARMPOOL_PRELOAD"}
 
 
 
-def hostile_tiers(runtime: str) -> dict[str, Any]:
-    return {"tiers": [{"name": "box", "cpu": 0.5, "ram": RAM_BY_RUNTIME[runtime], "storage": "32MiB",
+# The datascience interpreter holds ~80 MiB before any task, and a figure flood needs room of its own.
+DS_RAM_BY_RUNTIME = {"runc": "1GiB", "runsc": "2GiB"}
+
+
+def hostile_tiers(runtime: str, image: str = "python") -> dict[str, Any]:
+    ram = (RAM_BY_RUNTIME if image == "python" else DS_RAM_BY_RUNTIME)[runtime]
+    return {"tiers": [{"name": "box", "cpu": 0.5, "ram": ram, "storage": "32MiB", "image": image,
                        "min_idle": 1, "max_size": 1, "pids_limit": PIDS_LIMIT, "runtime": runtime}]}
 
 
@@ -50,20 +55,33 @@ def engine_runtimes(docker_client) -> tuple[str, ...]:
     return tuple((docker_client.info().get("Runtimes") or {}).keys())
 
 
-@pytest.fixture(scope="module", params=RUNTIMES)
-def box(request, docker_client, engine_runtimes, tmp_path_factory) -> Iterator[Service]:
-    """A service whose only tier, "box", has one container of the given runtime."""
-    runtime = request.param
+def box_service(runtime: str, image: str, engine_runtimes: tuple[str, ...], tmp_path_factory: Any) -> Service:
     if runtime not in engine_runtimes:
         pytest.fail(f"the Docker engine has no {runtime!r} runtime (scripts/ensure-docker.sh registers runsc); "
                     f"it offers {list(engine_runtimes)}")
-    work = tmp_path_factory.mktemp(f"hostile-{runtime}")
+    work = tmp_path_factory.mktemp(f"hostile-{image}-{runtime}")
     tiers_path = work / "tiers.json"
-    tiers_path.write_text(json.dumps(hostile_tiers(runtime)))
+    tiers_path.write_text(json.dumps(hostile_tiers(runtime, image)))
     service = start_service(work, tiers_path, env={
         "WARMPOOL_OUTPUT_LIMIT_BYTES": str(OUTPUT_LIMIT_BYTES), "WARMPOOL_MAX_WAITING": str(MAX_WAITING),
-        "WARMPOOL_LEASE_TIMEOUT_S": "10"})
+        "WARMPOOL_LEASE_TIMEOUT_S": "10"}, ready_timeout_s=180)
     service.runtime = runtime  # type: ignore[attr-defined]
+    return service
+
+
+@pytest.fixture(scope="module", params=RUNTIMES)
+def box(request, docker_client, engine_runtimes, tmp_path_factory) -> Iterator[Service]:
+    """A service whose only tier, "box", has one container of the given runtime."""
+    service = box_service(request.param, "python", engine_runtimes, tmp_path_factory)
+    yield service
+    stop_service(service, docker_client)
+
+
+@pytest.fixture(scope="module", params=RUNTIMES)
+def ds_box(request, docker_client, engine_runtimes, tmp_path_factory) -> Iterator[Service]:
+    """The same, on the datascience image."""
+    service = box_service(request.param, "datascience", engine_runtimes, tmp_path_factory)
+    service.defaults = {"image": "datascience"}
     yield service
     stop_service(service, docker_client)
 

@@ -34,7 +34,8 @@ def test_oversized_payloads_are_413_before_any_container_is_touched(box):
     with concurrent.futures.ThreadPoolExecutor(1) as executor:
         busy = executor.submit(box.execute, "import time\ntime.sleep(6)\nprint('done')", timeout_s=20)
         wait_for(lambda: box.client.get("/v1/tiers").json()[0]["busy"] == 1, "the only container busy")
-        flood = json.dumps({"code": "#" + "x" * (10 * 1000 * 1000)}).encode()  # 10 MB
+        # Past the default body cap (which leaves room for 16 MiB of files as base64).
+        flood = json.dumps({"code": "#" + "x" * (Settings().max_body_bytes + MIB)}).encode()
         response = box.client.post("/v1/execute", content=flood, headers={"content-type": "application/json"})
         assert response.status_code == 413 and "body exceeds" in response.json()["detail"]
         chunked = box.client.post("/v1/execute", content=iter([flood[i:i + MIB] for i in range(0, len(flood), MIB)]),

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from pool.settings import Settings
 from tests.hostile.conftest import server_rss_bytes
 
 MIB = 1024 ** 2
@@ -169,5 +170,6 @@ def test_a_big_unauthenticated_body_is_refused_before_it_is_read(serve):
     authorized = svc.client.post("/v1/execute", json={"code": "print(1)"},
                                  headers={"authorization": "Bearer right-key"})
     assert authorized.status_code == 200 and authorized.json()["stdout"] == "1\n"
-    too_big = svc.client.post("/v1/execute", content=b"x" * (5 * MIB), headers={"authorization": "Bearer right-key"})
+    too_big = svc.client.post("/v1/execute", content=b"x" * (Settings().max_body_bytes + MIB),
+                              headers={"authorization": "Bearer right-key"})
     assert too_big.status_code == 413  # with the right key, the body cap still holds

@@ -22,9 +22,10 @@ from tests.hostile.conftest import server_rss_bytes
 from tests.polling import wait_for
 
 MIB = 1024 ** 2
-# Small caps on code and stdin keep a pending task's reservation (inputs plus twice the output limit) near
-# 2 MiB, so that a 16 MiB bound holds several at once.
+# Small caps on code, stdin and files keep a pending task's reservation (inputs plus twice the output limit)
+# near 2 MiB, so that a 16 MiB bound holds several at once.
 BOUND_ENV = {"WARMPOOL_MAX_CODE_BYTES": "64KiB", "WARMPOOL_MAX_STDIN_BYTES": "64KiB",
+             "WARMPOOL_MAX_FILES_BYTES": "64KiB", "WARMPOOL_MAX_OUTPUT_FILES_BYTES": "64KiB",
              "WARMPOOL_OUTPUT_LIMIT_BYTES": "1MiB", "WARMPOOL_MAX_RESULT_BYTES": "16MiB",
              "WARMPOOL_MAX_RESULT_BYTES_PER_KEY": "16MiB", "WARMPOOL_MAX_QUEUED": "1000"}
 MEGABYTE_TASK = {"code": "print('x' * 1_000_000)", "resources": {"ram": "64MiB"}}

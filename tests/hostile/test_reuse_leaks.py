@@ -211,3 +211,27 @@ def test_a_task_that_uses_no_network_keeps_its_container(box):
         body = execute(box, quiet)
         assert (body["status"], body["stdout"]) == ("succeeded", "quiet\n"), body
     assert container_of_box(box) == before
+
+
+# The DONE record (PROTOCOL.md) is the child's last word: a task can write one of its own. Bytes that read
+# as "M" inside it must never count as a MemoryError, whichever of the record or the exit PID 1 sees first.
+FORGE_DONE = r"""
+import os, struct
+os.write(4, b'D' + struct.pack('>iqq', EXIT, 0x4d4d4d4d4d4d4d4d, 0x4d4d4d4d))
+print('forged', flush=True)
+os._exit(EXIT)
+"""
+
+
+@pytest.mark.parametrize("exit_code", [0, 1])
+def test_a_forged_done_record_is_only_the_tasks_own_word(box, exit_code):
+    before = container_of_box(box)
+    for _ in range(3):
+        body = execute(box, FORGE_DONE.replace("EXIT", str(exit_code)))
+        assert (body["status"], body["exit_code"]) == (("succeeded", 0) if exit_code == 0 else ("failed", 1)), body
+    # A record written early ends the task early, with the status it says; its process is then killed.
+    early = execute(box, "import os, struct, time\nos.write(4, b'D' + struct.pack('>iqq', 7, 0, 0))\n"
+                         "time.sleep(30)\nprint('never')", timeout_s=60)
+    assert (early["status"], early["exit_code"], early["stdout"]) == ("failed", 7, ""), early
+    assert early["timings"]["run_ms"] < 10_000
+    assert container_of_box(box) == before

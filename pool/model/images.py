@@ -172,13 +172,16 @@ def from_env(env: Mapping[str, str]) -> tuple[ImageSpec, ...]:
 
     The one function here that reads a file (the tiers file, which settings read too).
     """
-    raw: Any = None
-    if path := env.get("WARMPOOL_TIERS_FILE"):
-        try:
-            raw = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise InvalidRequest("WARMPOOL_TIERS_FILE", f"{path}: cannot be read: {exc}") from exc
-    return with_env_tags(images_from_config(raw), env)
+    path = env.get("WARMPOOL_TIERS_FILE")
+    return with_env_tags(images_from_config(read_tiers_file(path) if path else None), env)
+
+
+def read_tiers_file(path: str) -> Any:
+    """The tiers file's JSON (tiers and images); InvalidRequest on WARMPOOL_TIERS_FILE when unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidRequest("WARMPOOL_TIERS_FILE", f"{path}: cannot be read: {exc}") from exc
 
 
 def describe(spec: ImageSpec, labels: Mapping[str, str] | None) -> dict[str, Any]:
