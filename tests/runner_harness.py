@@ -26,11 +26,11 @@ from pool.engine.backend import INSTANCE_LABEL
 from pool.engine.docker_backend import DockerBackend
 from pool.engine.sandbox_spec import host_config_kwargs, labels_for, owner_token, task_nproc_limit
 from pool.engine.scratch import ScratchSlot, ScratchStore, scratch_store
+from pool.model import images as catalogue
 from pool.model.protocol import FrameDecoder, encode_frame
 from pool.model.results import TaskSpec
 from pool.model.tiers import Tier, tier_from_dict
 from pool.settings import Settings
-from pool.model import images as catalogue
 from runner_image.build import HASH_LABEL, build_hash
 
 # Every container of this test process carries it (as a pool's instance id), so a test can find its own.
