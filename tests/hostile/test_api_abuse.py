@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from api.limits import RateLimiter
 from pool.model.errors import InvalidRequest
-from pool.settings import from_env
+from pool.settings import Settings, from_env
 from tests.conftest import REPO, TEST_TIERS, idle_again
 from tests.hostile.conftest import MAX_WAITING, container_of_box, execute
 from tests.inprocess import embedded_over_fake
