@@ -35,6 +35,11 @@ def pinned(cpu: int, command: list[str]) -> list[str]:
     return ["taskset", "-c", str(cpu), *command] if PIN else command
 
 
+def instance_id_of(base_url: str) -> str:
+    """The instance id `server` gave the server at `base_url` (its containers carry it as a label)."""
+    return f"bench-{base_url.rsplit(':', 1)[1]}"
+
+
 @contextmanager
 def server(env_extra: dict[str, str], tiers: dict | None = None):
     port = free_port()

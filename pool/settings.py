@@ -8,6 +8,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from pool.model import cpu_quota
 from pool.model import images as catalogue
 from pool.model.callback_rules import CallbackPolicy
 from pool.model.errors import InvalidRequest
@@ -54,6 +55,11 @@ class Settings:
     max_body_bytes: int = default_max_body_bytes(DEFAULT_MAX_FILES_BYTES)
     output_limit_bytes: int = MIB
     nofile_limit: int = 256
+    # The CFS period of every sandbox's cpu quota (the quota is the tier's cpu times it). A task that uses
+    # its quota up waits for the rest of the period; the runner's reset and pre-fork after each task count
+    # against the same quota, so with Docker's 100 ms a short task on a 0.5-cpu tier stalled the next one
+    # for up to 50 ms. A shorter period keeps the share exact but bounds that stall (benchmarks/breakdown.py).
+    cpu_period_us: int = cpu_quota.DEFAULT_PERIOD_US
     start_concurrency: int = 4
     cpu_overcommit: float = 16.0
     host_cpus: float | None = None
@@ -148,6 +154,14 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(_float(env, name, default))
 
 
+def _cpu_period_us(env: Mapping[str, str], default: int) -> int:
+    value = _int(env, "CPU_PERIOD_US", default)
+    if not cpu_quota.MIN_PERIOD_US <= value <= cpu_quota.MAX_PERIOD_US:  # the kernel's own bounds
+        raise InvalidRequest("WARMPOOL_CPU_PERIOD_US", f"must be between {cpu_quota.MIN_PERIOD_US} and "
+                             f"{cpu_quota.MAX_PERIOD_US} microseconds, got {value}")
+    return value
+
+
 def _bytes(env: Mapping[str, str], name: str, default: int) -> int:
     return parse_bytes(f"WARMPOOL_{name}", _get(env, name) or default)
 
@@ -233,6 +247,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
                                    _get(env, "MAX_BODY_BYTES") or default_max_body_bytes(max_files_bytes)),
         output_limit_bytes=parse_bytes("WARMPOOL_OUTPUT_LIMIT_BYTES",
                                        _get(env, "OUTPUT_LIMIT_BYTES") or defaults.output_limit_bytes),
+        cpu_period_us=_cpu_period_us(env, defaults.cpu_period_us),
         start_concurrency=_int(env, "START_CONCURRENCY", defaults.start_concurrency),
         cpu_overcommit=_float(env, "CPU_OVERCOMMIT", defaults.cpu_overcommit),
         host_cpus=None if _get(env, "HOST_CPUS") is None else _float(env, "HOST_CPUS", 1.0),

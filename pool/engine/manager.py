@@ -77,7 +77,8 @@ class PoolManager:
         self.image_labels: dict[str, dict[str, str]] = {}  # image name -> its docker labels, read at start
         self._options = CreateOptions(docker_images={spec.name: spec.docker_image for spec in settings.images},
                                       instance_id=settings.instance_id, owner=owner_token(),
-                                      nofile_limit=settings.nofile_limit, scratch=scratch)
+                                      nofile_limit=settings.nofile_limit, scratch=scratch,
+                                      cpu_period_us=settings.cpu_period_us)
         self._background = TaskOwner("pool")  # replenisher, container starts and removals
         self._wake = asyncio.Event()
         self._start_slots = asyncio.Semaphore(settings.start_concurrency)
