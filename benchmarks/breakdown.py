@@ -1,12 +1,13 @@
 """Where each millisecond and each cpu-millisecond of a task goes, for one or more server variants, in one run.
 
 Run: .venv/bin/python benchmarks/breakdown.py [--requests 2000] [--rounds 2] [--body '{"code": ...}']
-     [--variant 'name:WARMPOOL_X=1,WARMPOOL_Y=2' ...] [--tiers-file FILE] [--markdown FILE]
+     [--variant 'name[@CHECKOUT]:WARMPOOL_X=1,WARMPOOL_Y=2' ...] [--tiers-file FILE] [--markdown FILE]
 
 Each variant is a `warmpool serve` (embedded, default tiers unless --tiers-file) with those environment
-variables; the variants are measured in turn, round after round, so each sees the same machine noise, and
-the table quotes the median over rounds. One keep-alive client (httpx, in this process) sends the
-requests one after another. Wall time: the round trip, and of it the runner's run_ms and the pool's
+variables (and that checkout's code, e.g. a worktree of main, for a before/after); the variants
+are measured in turn, round after round, so each sees the same machine noise, and the table quotes
+the median over rounds. One keep-alive client (httpx, in this process) sends the requests one after
+another. Wall time: the round trip, and of it the runner's run_ms and the pool's
 queue_ms (the rest is HTTP, the server and the frames). Cpu per task (benchmarks/cpu_account.py): the
 server, the client, the sandboxes (the runner's PID 1, its lasting processes, the per-task processes),
 the Docker daemon and the containers' shims (the attached socket's path), and what the rest of the
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -28,16 +30,17 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import instance_id_of, server  # noqa: E402
 from cpu_account import per_task, snapshot  # noqa: E402
 from latency import percentile  # noqa: E402
 from machine import describe_load  # noqa: E402
+from serving import REPO, instance_id_of, server  # noqa: E402
 
 HELLO = {"code": "print('hello')"}
 
 
-def measure(env: dict[str, str], tiers: dict | None, body: dict[str, Any], requests: int) -> dict[str, Any]:
-    with server(env, tiers) as (url, pid):
+def measure(env: dict[str, str], tiers: dict | None, body: dict[str, Any], requests: int,
+            checkout: Path) -> dict[str, Any]:
+    with server(env, tiers, checkout) as (url, pid):
         with httpx.Client(base_url=url, timeout=30) as client:
             for _ in range(50):  # the connection, the server's code paths, every warm container once
                 client.post("/v1/execute", json=body)
@@ -60,10 +63,12 @@ def measure(env: dict[str, str], tiers: dict | None, body: dict[str, Any], reque
             "rest_p50": statistics.median(rest), "tiers": sorted(str(t) for t in tiers_seen), **cpu}
 
 
-def parse_variant(text: str) -> tuple[str, dict[str, str]]:
-    name, _, assignments = text.partition(":")
+def parse_variant(text: str) -> tuple[str, dict[str, str], Path]:
+    """`name[@checkout]:ENV=VALUE,...`: a server of that checkout (default this one) with that environment."""
+    head, _, assignments = text.partition(":")
+    name, _, checkout = head.partition("@")
     env = dict(item.split("=", 1) for item in assignments.split(",") if item)
-    return name, env
+    return name, env, Path(checkout).resolve() if checkout else REPO
 
 
 WALL = (("rtt_p50", "round trip p50"), ("rtt_p99", "round trip p99"), ("run_p50", "run_ms p50"),
@@ -116,14 +121,15 @@ def main() -> None:
     parser.add_argument("--tiers-file", type=Path)
     parser.add_argument("--markdown", type=Path, help="append the section to this file")
     args = parser.parse_args()
-    variants = [parse_variant(v) for v in args.variant] or [("default", {})]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # stop the servers on the way out
+    variants = [parse_variant(v) for v in args.variant] or [("default", {}, REPO)]
     tiers = json.loads(args.tiers_file.read_text()) if args.tiers_file else None
     load_before = describe_load()
     print(f"machine before: {load_before}", flush=True)
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in variants}
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in variants}
     for round_index in range(args.rounds):
-        for name, env in variants:
-            figures = measure(env, tiers, args.body, args.requests)
+        for name, env, checkout in variants:
+            figures = measure(env, tiers, args.body, args.requests, checkout)
             figures["requests"] = args.requests
             results[name].append(figures)
             print(f"round {round_index + 1} {name}: " + ", ".join(
