@@ -119,8 +119,17 @@ def run_case(service: Service, code: str, check: Callable[[dict[str, Any]], None
     after = execute(service, "print('still serving')")
     assert (after["status"], after["stdout"]) == ("succeeded", "still serving\n"), after
     if same_container:
-        assert container_of_box(service) == before, "the tier has one container: the same one must be reused"
+        assert container_of_box(service) == before, (
+            f"the tier has one container: the same one must be reused; the service said: {why_replaced(service)}")
     return results
+
+
+def why_replaced(service: Service) -> list[str]:
+    """The service's log lines about containers it did not reuse (for the failure message)."""
+    if service.log_path is None:
+        return []
+    lines = service.log_path.read_text(errors="replace").splitlines()
+    return [line for line in lines if "not clean" in line or "replac" in line or "retir" in line][-5:]
 
 
 def status_is(status: str) -> Callable[[dict[str, Any]], None]:
