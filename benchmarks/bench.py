@@ -181,8 +181,7 @@ def where_the_time_goes(count: int) -> str:
     results = {name: [breakdown.measure({}, None, body, count, REPO) | {"requests": count}]
                for name, body in (("nano (default request)", breakdown.HELLO),
                                   ("small (`\"cpu\": 1`)", {**breakdown.HELLO, "resources": {"cpu": 1}}))}
-    return breakdown.render(results, f"benchmarks/bench.py (breakdown.measure, {count} requests per tier)",
-                            "see this section's heading")
+    return breakdown.render(results, f"benchmarks/bench.py (breakdown.measure, {count} requests per tier)", "")
 
 
 def isolation_section(run_time_s: int) -> str:

@@ -86,7 +86,7 @@ def render(results: dict[str, list[dict[str, Any]]], command: str, load_before: 
     med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
            for n, rs in results.items()}
     head = "| | " + " | ".join(names) + " |\n| --- |" + " --- |" * len(names)
-    lines = [f"Command: `{command}`", "", f"Machine before: {load_before}", "",
+    lines = [f"Command: `{command}`", ""] + ([f"Machine before: {load_before}", ""] if load_before else []) + [
              "Client: one httpx.Client, keep-alive (one connection), requests one after another; medians over "
              f"{len(next(iter(results.values())))} rounds, variants alternated. Tiers served: "
              + "; ".join(f"{n}: {', '.join(results[n][0]['tiers'])}" for n in names), "",

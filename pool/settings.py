@@ -60,6 +60,10 @@ class Settings:
     # against the same quota, so with Docker's 100 ms a short task on a 0.5-cpu tier stalled the next one
     # for up to 50 ms. A shorter period keeps the share exact but bounds that stall (benchmarks/breakdown.py).
     cpu_period_us: int = cpu_quota.DEFAULT_PERIOD_US
+    # A short task's cpu in its sandbox, the runner's housekeeping after it included: an idle container
+    # rests this over its tier's cpu before it is leased again while another has rested longer (0: off,
+    # always the most recently used one). See pool/model/cpu_quota.py.
+    reuse_cooldown_cpu_ms: float = cpu_quota.TASK_HOUSEKEEPING_CPU_S * 1000
     start_concurrency: int = 4
     cpu_overcommit: float = 16.0
     host_cpus: float | None = None
@@ -248,6 +252,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         output_limit_bytes=parse_bytes("WARMPOOL_OUTPUT_LIMIT_BYTES",
                                        _get(env, "OUTPUT_LIMIT_BYTES") or defaults.output_limit_bytes),
         cpu_period_us=_cpu_period_us(env, defaults.cpu_period_us),
+        reuse_cooldown_cpu_ms=_float0(env, "REUSE_COOLDOWN_CPU_MS", defaults.reuse_cooldown_cpu_ms),
         start_concurrency=_int(env, "START_CONCURRENCY", defaults.start_concurrency),
         cpu_overcommit=_float(env, "CPU_OVERCOMMIT", defaults.cpu_overcommit),
         host_cpus=None if _get(env, "HOST_CPUS") is None else _float(env, "HOST_CPUS", 1.0),

@@ -48,3 +48,6 @@ def test_docker_gets_quota_and_period_instead_of_nano_cpus():
 
 def test_the_cooldown_is_the_housekeeping_over_the_share():
     assert reuse_cooldown_s(0.5) == pytest.approx(0.010) and reuse_cooldown_s(2.0) == pytest.approx(0.0025)
+    assert reuse_cooldown_s(0.5, 0.0) == 0.0
+    assert from_env({}).reuse_cooldown_cpu_ms == 5.0
+    assert from_env({"WARMPOOL_REUSE_COOLDOWN_CPU_MS": "0"}).reuse_cooldown_cpu_ms == 0.0

@@ -267,6 +267,21 @@ def test_a_container_still_cooling_after_its_reset_is_passed_over_for_a_rested_o
     assert last is not None and last.name == "c0", "once all rested: the most recent again (the rest age out)"
 
 
+def test_without_a_cooldown_the_most_recent_is_always_taken():
+    clock = Clock()
+    pool = TierPool(TIER, clock, housekeeping_cpu_s=0.0)
+    for h in (handle(0), handle(1)):
+        pool.offer(h)
+    served = []
+    for _ in range(4):
+        h = pool.take_idle()
+        assert h is not None
+        served.append(h.name)
+        clock.now_s += 0.004
+        pool.offer(h)
+    assert served == ["c1"] * 4
+
+
 def test_a_dead_idle_container_is_never_lent():
     clock = Clock()
     pool = TierPool(TIER, clock)

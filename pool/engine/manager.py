@@ -69,7 +69,9 @@ class PoolManager:
         # The one place the mode is looked at: from here on the mode object decides (pool/engine/modes.py).
         self.mode: Mode = (ColdMode(self._start_for_lease) if settings.mode == "cold"
                            else WarmMode(settings.max_waiting, engine_up=lambda: self.docker_ok, wake=self.wake))
-        self.pools = {tier.name: TierPool(tier, single_use=self.mode.single_use) for tier in settings.tiers}
+        self.pools = {tier.name: TierPool(tier, single_use=self.mode.single_use,
+                                          housekeeping_cpu_s=settings.reuse_cooldown_cpu_ms / 1000)
+                      for tier in settings.tiers}
         # Nothing is held before `start` reads the host's inventory: until then no container fits.
         self.ledger = CapacityLedger(HostInventory(cpus=0.0, ram_bytes=0))
         self.docker_ok = False

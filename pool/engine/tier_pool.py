@@ -41,7 +41,8 @@ class TierStats:
 class TierPool:
     """One tier's containers. Only the manager changes it, always on the event loop."""
 
-    def __init__(self, tier: Tier, clock: Callable[[], float] = time.monotonic, *, single_use: bool = False) -> None:
+    def __init__(self, tier: Tier, clock: Callable[[], float] = time.monotonic, *, single_use: bool = False,
+                 housekeeping_cpu_s: float = cpu_quota.TASK_HOUSEKEEPING_CPU_S) -> None:
         self.tier = tier
         self.reuse = ReusePolicy(max_uses=tier.max_uses, max_age_s=tier.max_age_s, single_use=single_use)
         self._clock = clock  # monotonic seconds; tests pass their own
@@ -62,7 +63,7 @@ class TierPool:
         self.unfit: NoTierFits | None = None  # set when the host can never hold one of its containers
         self._leased_at_s: dict[ContainerHandle, float] = {}
         self._idle_since_s: dict[ContainerHandle, float] = {}
-        self.cooldown_s = cpu_quota.reuse_cooldown_s(tier.resources.cpu) if tier.resources.cpu > 0 else 0.0
+        self.cooldown_s = cpu_quota.reuse_cooldown_s(tier.resources.cpu, housekeeping_cpu_s)
 
     @property
     def total(self) -> int:

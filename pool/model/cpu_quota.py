@@ -31,16 +31,17 @@ def cfs_quota(cpu: float, period_us: int) -> tuple[int, int]:
 
 
 # What a short task costs its sandbox in cpu, most of it the runner's own work after the answer (the reset,
-# the exits of the child and the intermediate, the fork of the next child): 3-5 ms for print('hello') on
-# the python image (benchmarks/breakdown.py, "sandbox cgroups").
+# the exits of the child and the intermediate, the fork of the next child): 3-6 ms for print('hello') on
+# the python image (benchmarks/breakdown.py, "sandbox cgroups"; perf_sandbox.py), ~14 ms on datascience.
+# WARMPOOL_REUSE_COOLDOWN_CPU_MS sets it; 0 turns the cooldown off (always the most recent container).
 TASK_HOUSEKEEPING_CPU_S = 0.005
 
 
-def reuse_cooldown_s(cpu: float) -> float:
+def reuse_cooldown_s(cpu: float, housekeeping_cpu_s: float = TASK_HOUSEKEEPING_CPU_S) -> float:
     """How long a container of a `cpu`-cpu tier should rest after a task before it is leased again when
     another idle one has rested longer: the wall time its quota takes to pay for a short task's cpu.
 
     Always taking the most recently used container (which lets the surplus ones age out) made one client
     ping-pong between two containers of the 0.5-cpu tier, each then using more than its quota within a
     period and stalled for the rest of it (issue 15: 15-21 of 40-50 periods throttled, p99 44 ms)."""
-    return TASK_HOUSEKEEPING_CPU_S / cpu
+    return housekeeping_cpu_s / cpu if cpu > 0 else 0.0
