@@ -23,7 +23,6 @@ import os
 import signal
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_account import per_task, snapshot  # noqa: E402
 from latency import percentile  # noqa: E402
+from load import sequential  # noqa: E402
 from machine import describe_load  # noqa: E402
 from serving import REPO, instance_id_of, server  # noqa: E402
 
@@ -42,21 +42,14 @@ def measure(env: dict[str, str], tiers: dict | None, body: dict[str, Any], reque
             checkout: Path) -> dict[str, Any]:
     with server(env, tiers, checkout) as (url, pid):
         with httpx.Client(base_url=url, timeout=30) as client:
-            for _ in range(50):  # the connection, the server's code paths, every warm container once
-                client.post("/v1/execute", json=body)
-            rtt, run, queue, tiers_seen = [], [], [], set()
+            sequential(client, body, 50)  # the connection, the server's code paths, every warm container once
             before = snapshot(pid, instance_id_of(url))
-            for _ in range(requests):
-                started = time.perf_counter()
-                answer = client.post("/v1/execute", json=body).json()
-                rtt.append((time.perf_counter() - started) * 1000)
-                if answer.get("status") != "succeeded":
-                    raise SystemExit(f"unexpected answer: {answer}")
-                run.append(answer["timings"]["run_ms"])
-                queue.append(answer["timings"]["queue_ms"])
-                tiers_seen.add(answer.get("tier"))
+            rtt, answers = sequential(client, body, requests)
             after = snapshot(pid, instance_id_of(url))
     cpu = per_task(before, after, requests, {os.getpid(), pid})
+    run = [a["timings"]["run_ms"] for a in answers]
+    queue = [a["timings"]["queue_ms"] for a in answers]
+    tiers_seen = {a.get("tier") for a in answers}
     rest = [total - r - q for total, r, q in zip(rtt, run, queue, strict=True)]
     return {"rtt_p50": statistics.median(rtt), "rtt_p99": percentile(rtt, 0.99), "run_p50": statistics.median(run),
             "run_p99": percentile(run, 0.99), "queue_p99": percentile(queue, 0.99),

@@ -70,14 +70,18 @@ def locust(base_url: str, users: int, run_time_s: int, mix: str = "hello", ram: 
             "by_name": {k: v for k, v in rows.items() if k != "Aggregated"}}
 
 
-def closed_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| image | mix | client | requests | failures | req/s | p50 ms | p95 ms | p99 ms "
-             "| users / req/s (Little's law wait, ms) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['image']} | {r['mix']} | {r['client']} | {r['requests']} | {r['failures']} | "
-                     f"{r['rps']:.0f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | {r['little_ms']:.0f} |")
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def closed_table(rows: list[dict[str, Any]]) -> str:
+    return markdown_table(
+        ["image", "mix", "client", "requests", "failures", "req/s", "p50 ms", "p95 ms", "p99 ms",
+         "users / req/s (Little's law wait, ms)"],
+        [[r["image"], r["mix"], r["client"], str(r["requests"]), str(r["failures"]), f"{r['rps']:.0f}",
+          f"{r['p50']:.0f}", f"{r['p95']:.0f}", f"{r['p99']:.0f}", f"{r['little_ms']:.0f}"] for r in rows])
 
 
 def open_loop(base_url: str, rate_per_s: float, seconds: float, image: str | None = None,
@@ -96,41 +100,45 @@ def open_loop(base_url: str, rate_per_s: float, seconds: float, image: str | Non
 
 
 def open_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| image | client | capacity req/s (closed loop, best) | rate asked | rate sent | requests | failures "
-             "| p50 ms | p90 ms | p99 ms | max ms | sent > 1 ms late | client cpu ms/req |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['image']} | {r['client']} | {r['capacity']:.0f} | {r['rate_asked']:.0f} | "
-                     f"{r['rate_done']:.0f} | {r['count']} | {r['failures']} | {r['p50']:.1f} | {r['p90']:.1f} | "
-                     f"{r['p99']:.1f} | {r['max']:.0f} | {100 * r['late_share']:.1f}% | {r['client_cpu_ms']:.2f} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["image", "client", "capacity req/s (closed loop, best)", "rate asked", "rate sent", "requests", "failures",
+         "p50 ms", "p90 ms", "p99 ms", "max ms", "sent > 1 ms late", "client cpu ms/req"],
+        [[r["image"], r["client"], f"{r['capacity']:.0f}", f"{r['rate_asked']:.0f}", f"{r['rate_done']:.0f}",
+          str(r["count"]), str(r["failures"]), f"{r['p50']:.1f}", f"{r['p90']:.1f}", f"{r['p99']:.1f}",
+          f"{r['max']:.0f}", f"{100 * r['late_share']:.1f}%", f"{r['client_cpu_ms']:.2f}"] for r in rows])
+
+
+def sequential(client: httpx.Client, body: dict[str, Any], count: int) -> tuple[list[float], list[dict[str, Any]]]:
+    """`count` requests of `body`, one after another on `client`: the round trips (ms) and the answers, each
+    checked to have succeeded."""
+    samples, answers = [], []
+    for _ in range(count):
+        started = time.perf_counter()
+        answer = client.post("/v1/execute", json=body).json()
+        samples.append((time.perf_counter() - started) * 1000)
+        if answer.get("status") != "succeeded":
+            raise SystemExit(f"unexpected answer: {answer}")
+        answers.append(answer)
+    return samples, answers
 
 
 def one_client(base_url: str, count: int, image: str | None = None) -> dict[str, Any]:
     """`count` hello requests one after another over one keep-alive connection (httpx), after 50 to warm."""
     body = {"code": HELLO, **({"image": image} if image else {})}
-    samples, runs, tiers = [], [], set()
     with httpx.Client(base_url=base_url, timeout=30) as client:
-        for _ in range(50):
-            client.post("/v1/execute", json=body)
-        for _ in range(count):
-            started = time.perf_counter()
-            answer = client.post("/v1/execute", json=body).json()
-            samples.append((time.perf_counter() - started) * 1000)
-            if answer.get("stdout") != "hello\n":
-                raise SystemExit(f"unexpected answer: {answer}")
-            runs.append(answer["timings"]["run_ms"])
-            tiers.add(str(answer.get("tier")))
-    return {"image": image or "python", "tier": ", ".join(sorted(tiers)),
+        sequential(client, body, 50)
+        samples, answers = sequential(client, body, count)
+    if any(a.get("stdout") != "hello\n" for a in answers):
+        raise SystemExit("a hello task did not print hello")
+    runs = [a["timings"]["run_ms"] for a in answers]
+    return {"image": image or "python", "tier": ", ".join(sorted({str(a.get("tier")) for a in answers})),
             "client": "one httpx.Client, keep-alive, sequential", "n": count,
             "p50": statistics.median(samples), "p95": percentile(samples, 0.95), "p99": percentile(samples, 0.99),
             "run_p50": statistics.median(runs), "run_p99": percentile(runs, 0.99)}
 
 
 def one_client_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| image | tier | client | n | p50 ms | p95 ms | p99 ms | run_ms p50 | run_ms p99 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['image']} | {r['tier']} | {r['client']} | {r['n']} | {r['p50']:.2f} | "
-                     f"{r['p95']:.2f} | {r['p99']:.2f} | {r['run_p50']:.2f} | {r['run_p99']:.2f} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["image", "tier", "client", "n", "p50 ms", "p95 ms", "p99 ms", "run_ms p50", "run_ms p99"],
+        [[r["image"], r["tier"], r["client"], str(r["n"]), f"{r['p50']:.2f}", f"{r['p95']:.2f}", f"{r['p99']:.2f}",
+          f"{r['run_p50']:.2f}", f"{r['run_p99']:.2f}"] for r in rows])
