@@ -179,12 +179,13 @@ def _build(client: docker.DockerClient, image: str, fileobj: IO[bytes], tag: str
         built, logs = client.images.build(fileobj=fileobj, custom_context=True, tag=tag, rm=True, forcerm=True,
                                           pull=False, network_mode="none", **kwargs)
     except docker.errors.BuildError as exc:
-        tail = "".join(str(chunk.get("stream") or chunk.get("error") or "") for chunk in exc.build_log)
+        tail = "".join(str(chunk.get("stream") or chunk.get("error") or "") for chunk in exc.build_log
+                       if isinstance(chunk, dict))
         raise ImageBuildError(f"docker build of {image} failed: {exc.msg}\n{tail[-2000:]}") from exc
     except docker.errors.DockerException as exc:
         raise ImageBuildError(f"docker build of {image} failed: {exc}") from exc
     for chunk in logs:
-        line = str(chunk.get("stream", "")).rstrip()
+        line = str(chunk.get("stream", "")).rstrip() if isinstance(chunk, dict) else ""
         if line:
             log.debug("build: %s", line)
     return str(built.id)

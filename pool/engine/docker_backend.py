@@ -97,7 +97,7 @@ class DockerBackend:
     def image_labels(self, image: str) -> dict[str, str] | None:
         """The image's labels, or None when the image is absent."""
         try:
-            raw = self.api.inspect_image(image)
+            raw = self.api.inspect_image(image)  # type: ignore[no-untyped-call]  # unannotated in types-docker
         except docker.errors.ImageNotFound:
             return None
         except Exception as exc:
@@ -121,7 +121,7 @@ class DockerBackend:
         except Exception as exc:
             raise self._failed("attach", exc, "attach") from exc
         inner = getattr(raw, "_sock", raw)
-        owned = inner.dup()
+        owned: socket.socket = inner.dup()  # docker-py types its socket as Any
         owned.setblocking(False)
         raw.close()
         if isinstance(inner, socket.socket):
