@@ -20,7 +20,8 @@ MPL_BUILT_CACHE = "/opt/warmpool/matplotlib"
 # Made by each task's child; start-up adds MPLCONFIGDIR when the image sets it (before the template forks).
 TASK_DIRS = [WORK_DIR, HOME_DIR]
 CACHE_LINKS: list[tuple[str, str]] = []  # (target, link): the built caches, linked into a task's MPLCONFIGDIR
-KILL_WAIT_S = 3.0  # how long the reset keeps killing before it calls the container dirty (host waits 5 s)
+KILL_WAIT_S = 6.0  # how long the reset keeps killing before it calls the container dirty (host waits 15 s):
+# generous, as killing a fork bomb's 64 processes under gVisor on two loaded cores can take seconds
 READ_CHUNK = 1 << 16
 PYTHON_VERSION = ".".join(map(str, sys.version_info[:3]))
 CPUS = len(os.sched_getaffinity(0))
