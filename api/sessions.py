@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.auth import require_admin_key, require_api_key
 from api.limits import require_task_quota
 from api.routes import build_spec, execution_body, image_tier, outcome_body
-from api.schemas import ExecuteRequest, ExecuteResponse, ResourcesIn, ResourcesOut
+from api.schemas import ExecuteRequest, ExecuteResponse, FileIn, ResourcesIn, ResourcesOut
 from api.state import dispatcher_of, settings_of
 from api.streaming import stream_response, wants_stream
 from pool.dispatch import owner_of
@@ -57,9 +57,11 @@ class SessionExecute(BaseModel):
     stdin: str = Field(default="", description="Text given to this call on standard input")
     timeout_s: float | None = Field(default=None, gt=0, description="This call's wall-clock limit; at it the "
                                     "code is interrupted (KeyboardInterrupt) and the session keeps its state")
-    # `files` and `outputs` (DESIGN.md 1a) are not taken here yet: tasks take them (pool/model/files.py);
-    # a call's would go into the spec that build_spec makes, and the runner's session_run would have to write
-    # them and collect outputs in the session's interpreter as task_child does (runner_image/sandbox/taskfiles.py).
+    files: list[FileIn] = Field(default_factory=list, description="Written under the session's working directory "
+                                "before this call's code runs (replacing a file already at that path); like "
+                                "every file there, they stay for the session's later calls")
+    outputs: list[str] = Field(default_factory=list, description="Globs relative to the working directory: the "
+                               "regular files they match when this call ends come back in `files`")
 
 
 class SessionOut(BaseModel):
@@ -122,16 +124,21 @@ async def get_session(session_id: str, request: Request, key: str = Depends(requ
 
 @router.post("/v1/sessions/{session_id}/execute", response_model=ExecuteResponse,
              responses={**GONE, 409: {"description": "Another call of this session is running"},
-                        413: {"description": "Code or stdin too large"}, 422: {"description": "Invalid request"}})
+                        413: {"description": "Code, stdin or files too large"},
+                        422: {"description": "Invalid request (a bad `files` path names its entry)"}})
 async def session_execute(session_id: str, body: SessionExecute, request: Request,
                           key: str = Depends(require_task_quota)) -> Any:
     """Run code in the session's interpreter; the answer is the /v1/execute body (or, with
-    `Accept: text/event-stream`, its event stream). A call that times out is interrupted and the session keeps
+    `Accept: text/event-stream`, its event stream). `files` are written before the code runs and `outputs`
+    collected after it, as for /v1/execute; the working directory is the session's, so files persist
+    between calls. On the `datascience` image the figures a call shows or leaves open come back as
+    `figures/figure-<n>.png` and are closed. A call that times out is interrupted and the session keeps
     its state when the code stops; a call that runs out of memory, or would not stop, ends the session (its
     `message` says so; later calls get 404 saying why)."""
     started = time.perf_counter()
     settings = settings_of(request)
-    spec = build_spec(ExecuteRequest(code=body.code, stdin=body.stdin, timeout_s=body.timeout_s), settings)
+    spec = build_spec(ExecuteRequest(code=body.code, stdin=body.stdin, timeout_s=body.timeout_s, files=body.files,
+                                     outputs=body.outputs), settings)
     if isinstance(spec, JSONResponse):
         return spec
     dispatcher, owner = dispatcher_of(request), owner_of(key)
