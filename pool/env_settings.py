@@ -57,7 +57,8 @@ Names = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_items)]
 
 
 class EnvSettings(BaseSettings):
-    """What the environment sets; None: not set (the default applies). Field `x` is `WARMPOOL_X`."""
+    """What the environment sets; None: not set (the default applies). Field `max_batch` is
+    `WARMPOOL_MAX_BATCH`."""
 
     model_config = SettingsConfigDict(env_prefix=PREFIX, case_sensitive=False, env_ignore_empty=True,
                                       extra="ignore", frozen=True)
@@ -140,7 +141,7 @@ class _MappingSource(EnvSettingsSource):
     def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
         super().__init__(settings_cls)
         # What the source looks names up in (os.environ's, as its own loader would shape it: lower case, since
-        # names are case-insensitive, and empty values dropped: WARMPOOL_X= means unset).
+        # names are case-insensitive, and empty values dropped: an empty WARMPOOL_MODE= means unset).
         self.env_vars = {name.lower(): value for name, value in env.items() if value != ""}
 
 

@@ -120,7 +120,7 @@ def test_every_warmpool_name_in_the_repository_is_known():
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
     for name in filter(None, tracked):
         path = REPO / name.decode()
-        if path.is_file() and path.suffix not in (".png", ".ico", ".gz"):
+        if path.is_file() and path.suffix not in (".png", ".ico", ".gz") and path.name != Path(__file__).name:
             found |= set(re.findall(r"\bWARMPOOL_[A-Z0-9_]*[A-Z0-9]\b", path.read_text(errors="replace")))
     assert "WARMPOOL_API_KEYS" in found and "WARMPOOL_URL" in found  # the scan saw the repository
     families = ("WARMPOOL_IMAGE_", "WARMPOOL_TEST_", "WARMPOOL_DOCKER2_", "WARMPOOL_DASHBOARD_")
