@@ -129,9 +129,10 @@ def test_every_warmpool_name_in_the_repository_is_known():
     assert [variable(name) for name in EnvSettings.model_fields if variable(name) not in readme] == []
 
 
-@pytest.mark.parametrize("command", ["serve", "worker"])
-@pytest.mark.parametrize("bad", [{"WARMPOOL_DEFAULT_TIMEOUT_S": "30", "WARMPOOL_MAX_TIMEOUT_S": "5"},
-                                 {"WARMPOOL_MAX_BATCH": "1.5", "WARMPOOL_MODE": "hot"}], ids=["timeouts", "types"])
+@pytest.mark.parametrize(("command", "bad"), [
+    ("serve", {"WARMPOOL_DEFAULT_TIMEOUT_S": "30", "WARMPOOL_MAX_TIMEOUT_S": "5"}),
+    ("worker", {"WARMPOOL_MAX_BATCH": "1.5", "WARMPOOL_MODE": "hot"}),
+], ids=["serve", "worker"])
 def test_the_commands_refuse_bad_settings_with_a_message_not_a_traceback(command, bad):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WARMPOOL_")}
     env.update(bad, WARMPOOL_REDIS_URL="redis://127.0.0.1:1/0", DOCKER_HOST="unix:///nonexistent/docker.sock")
