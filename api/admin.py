@@ -23,6 +23,8 @@ from api.schemas import TierOut
 from api.state import dispatcher_of
 from pool.model.errors import InvalidRequest
 from pool.model.resources import MAX_COUNT
+from pool.model.snapshots import CapacitySnapshot
+from pool.model.warming import WarmingPolicy
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], route_class=BodyRoute,
                    dependencies=[Depends(require_admin_key)],
@@ -61,24 +63,6 @@ class TierAdminOut(TierOut):
         default=None, description="Scale-out mode: one row per live worker serving the tier (its counts)")
 
 
-class CapacityOut(BaseModel):
-    cpus: float
-    cpu_overcommit: float
-    cpu_budget: float
-    cpu_held: float
-    ram_bytes: int
-    ram_held_bytes: int
-    gpu_ids: list[str]
-    gpus_free: list[str]
-
-
-class WarmingOut(BaseModel):
-    enabled: bool
-    window_s: float
-    quiet_s: float
-    burst_sigmas: float
-
-
 class Persisted(BaseModel):
     persisted: bool = Field(description="Whether a resize outlives a restart")
     sizes_file: str | None = Field(default=None, description="Where resizes are kept, when they are")
@@ -87,8 +71,8 @@ class Persisted(BaseModel):
 
 class PoolsOut(Persisted):
     tiers: list[TierAdminOut]
-    capacity: CapacityOut
-    warming: WarmingOut
+    capacity: CapacitySnapshot  # the snapshot's own fields, as its as_dict gives them
+    warming: WarmingPolicy
 
 
 class ResizedOut(TierAdminOut, Persisted):
