@@ -159,10 +159,10 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     tiers = sorted_tiers(configured)
     if values.get("pool_sizes_file"):
         tiers = apply_sizes(tiers, load_sizes(values["pool_sizes_file"]))
-    warming = WarmingPolicy(**{"enabled": values.pop("warming", "on") == "on",
-                               **{key.removeprefix("warm_"): values.pop(key)
-                                  for key in ("warm_window_s", "warm_quiet_s", "warm_burst_sigmas") if key in values}})
-    for name in ("host_ram", "host_reserve_ram"):
+    warm = {key: values.pop(f"warm_{key}") for key in ("window_s", "quiet_s", "burst_sigmas")
+            if f"warm_{key}" in values}
+    warming = WarmingPolicy(enabled=values.pop("warming", "on") == "on", **warm)
+    for name in ("host_ram", "host_reserve_ram"):  # the variables' names carry no unit; the fields' do
         if name in values:
             values[f"{name}_bytes"] = values.pop(name)
     if "max_body_bytes" not in values:
