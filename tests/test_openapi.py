@@ -101,6 +101,10 @@ def test_every_operation_with_inputs_documents_its_422_and_the_task_routes_their
     for label, op in operations(document).items():
         if op.get("parameters") or op.get("requestBody"):
             assert "422" in op["responses"], label
+        if op.get("requestBody"):
+            assert "413" in op["responses"], label  # the body cap applies before any route
+        if label not in OPEN:
+            assert "503" in op["responses"], label  # the connection cap answers any route but the probes 503
     for label in ("POST /v1/execute", "POST /v1/tasks", "POST /v1/tasks/batch", "POST /v1/sessions",
                   "POST /v1/sessions/{session_id}/execute"):
         assert {"413", "422", "429", "503"} <= set(operations(document)[label]["responses"]), label
