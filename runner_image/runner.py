@@ -61,7 +61,8 @@ MPL_BUILT_CACHE = "/opt/warmpool/matplotlib"
 TASK_DIRS = [WORK_DIR, HOME_DIR]  # made by each task's child; main() adds MPLCONFIGDIR when the image sets it
 CACHE_LINKS: list = []  # (target, link): the built caches, linked into a task's MPLCONFIGDIR by its child
 MAX_FRAME_BYTES = 64 << 20
-KILL_WAIT_S = 3.0  # how long the reset keeps killing before it calls the container dirty (host waits 5 s)
+KILL_WAIT_S = 6.0  # how long the reset keeps killing before it calls the container dirty (host waits 15 s):
+# generous, as killing a fork bomb's 64 processes under gVisor on two loaded cores can take seconds
 CLEANER_WAIT_S = 5.0  # how long the scratch cleaner may take
 TEMPLATE_WAIT_S = 10.0  # how long PID 1 waits for the template's answer before it calls the container dirty
 NO_PIDFD_TICK_S = 0.002  # how often to look for the child's exit where there is no pidfd (gVisor)

@@ -135,17 +135,28 @@ class DockerBackend:
             raise self._failed("start", exc, "start container") from exc
 
     def remove(self, container_id: str) -> None:
-        """Force-remove; a container that is already gone is fine."""
+        """Force-remove, and return once the container is gone; one that is already gone is fine."""
         try:
             self.api.remove_container(container_id, force=True, v=True)
         except docker.errors.NotFound:
             return
         except docker.errors.APIError as exc:
             if exc.status_code == 409 and "already in progress" in str(exc.explanation):
+                # Another removal (a replacement's, a sweep's) has it: wait for that one, so that "removed"
+                # means gone (a shutdown must not return with a container of ours still there).
+                self._wait_removed(container_id)
                 return
             raise self._failed("remove", exc, "remove container") from exc
         except Exception as exc:
             raise self._failed("remove", exc, "remove container") from exc
+
+    def _wait_removed(self, container_id: str) -> None:
+        try:
+            self.api.wait(container_id, timeout=self._timeout_s, condition="removed")
+        except docker.errors.NotFound:
+            return  # gone before the wait began
+        except Exception as exc:
+            raise self._failed("remove", exc, "wait for a container's removal") from exc
 
     def list_ours(self, extra_label: str | None = None) -> list[OurContainer]:
         """Every container carrying our pool label (optionally also `key=value`), running or not."""
