@@ -9,8 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 from pool.model.errors import InvalidRequest
 from pool.model.resources import ResourceRequest, parse_bytes, parse_count, parse_number
 
-SUPPORTED_TASK_TYPES = ("execute_code",)
-
 
 _NUMBER = {"type": "number", "exclusiveMinimum": 0}
 _BYTES = {"type": "integer", "exclusiveMinimum": 0}
