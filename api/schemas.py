@@ -9,7 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 from pool.model.errors import InvalidRequest
 from pool.model.resources import ResourceRequest, parse_bytes, parse_count, parse_number
 
-
 _NUMBER = {"type": "number", "exclusiveMinimum": 0}
 _BYTES = {"type": "integer", "exclusiveMinimum": 0}
 _NUMERIC_STRING = {"type": "string", "description": "a number written as a string, e.g. \"2\""}
