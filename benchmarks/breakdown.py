@@ -1,7 +1,7 @@
 """Where each millisecond and each cpu-millisecond of a task goes, for one or more server variants, in one run.
 
 Run: .venv/bin/python benchmarks/breakdown.py [--requests 2000] [--rounds 2] [--body '{"code": ...}']
-     [--variant 'name[@CHECKOUT]:WARMPOOL_X=1,WARMPOOL_Y=2' ...] [--tiers-file FILE] [--markdown FILE]
+     [--variant 'name[@CHECKOUT]:WARMPOOL_CPU_PERIOD_US=10000,...' ...] [--tiers-file FILE] [--markdown FILE]
 
 Each variant is a `warmpool serve` (embedded, default tiers unless --tiers-file) with those environment
 variables (and that checkout's code, e.g. a worktree of main, for a before/after); the variants

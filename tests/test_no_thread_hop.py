@@ -15,10 +15,15 @@ from pool.settings import Settings
 from tests.fake_backend import FakeBackend
 
 
+def is_async(call: object) -> bool:
+    """A coroutine function, or an object whose __call__ is one (fastapi.security's HTTPBearer)."""
+    return inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(type(call).__call__)
+
+
 def sync_calls(dependant: Dependant, where: str) -> list[str]:
     found = []
     for sub in dependant.dependencies:
-        if sub.call is not None and not inspect.iscoroutinefunction(sub.call):
+        if sub.call is not None and not is_async(sub.call):
             found.append(f"{where}: dependency {getattr(sub.call, '__qualname__', sub.call)}")
         found += sync_calls(sub, where)
     return found
@@ -45,9 +50,9 @@ def test_every_route_and_dependency_is_async():
     offenders = []
     for route in routes:
         where = f"{sorted(route.methods)} {route.path}"
-        if not inspect.iscoroutinefunction(route.endpoint):
+        if not is_async(route.endpoint):
             offenders.append(f"{where}: endpoint {route.endpoint.__qualname__}")
         offenders += sync_calls(route.dependant, where)
     offenders += [f"router dependency {d.dependency.__qualname__}" for d in router_dependencies
-                  if not inspect.iscoroutinefunction(d.dependency)]
+                  if not is_async(d.dependency)]
     assert offenders == [], "plain def runs in a worker thread: make these async\n" + "\n".join(offenders)

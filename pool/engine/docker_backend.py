@@ -7,6 +7,7 @@ or `SandboxError` (it answered no). Nothing here is called on the per-task path.
 from __future__ import annotations
 
 import collections
+import math
 import socket
 import threading
 import time
@@ -97,7 +98,7 @@ class DockerBackend:
     def image_labels(self, image: str) -> dict[str, str] | None:
         """The image's labels, or None when the image is absent."""
         try:
-            raw = self.api.inspect_image(image)
+            raw = self.api.inspect_image(image)  # type: ignore[no-untyped-call]  # unannotated in types-docker
         except docker.errors.ImageNotFound:
             return None
         except Exception as exc:
@@ -121,7 +122,7 @@ class DockerBackend:
         except Exception as exc:
             raise self._failed("attach", exc, "attach") from exc
         inner = getattr(raw, "_sock", raw)
-        owned = inner.dup()
+        owned: socket.socket = inner.dup()  # docker-py types its socket as Any
         owned.setblocking(False)
         raw.close()
         if isinstance(inner, socket.socket):
@@ -152,7 +153,7 @@ class DockerBackend:
 
     def _wait_removed(self, container_id: str) -> None:
         try:
-            self.api.wait(container_id, timeout=self._timeout_s, condition="removed")
+            self.api.wait(container_id, timeout=math.ceil(self._timeout_s), condition="removed")  # int seconds
         except docker.errors.NotFound:
             return  # gone before the wait began
         except Exception as exc:
