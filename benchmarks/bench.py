@@ -84,7 +84,7 @@ FRESH_TIERS = {"tiers": [{"name": "fresh", "cpu": 0.5, "ram": "128MiB", "storage
                           "max_size": 8, "max_uses": 1}]}
 
 
-def replacement_run(env_extra: dict[str, str], count: int) -> tuple[list[str], float, list[dict]]:
+def replacement_run(env_extra: dict[str, str], count: int) -> tuple[list[str], float, list[dict[str, Any]]]:
     """`count` tasks from 8 clients on FRESH_TIERS: their statuses, the seconds taken, /v1/tiers after."""
     with server({"WARMPOOL_LEASE_TIMEOUT_S": "30", **env_extra}, FRESH_TIERS) as (url, _):
         with httpx.Client(base_url=url, timeout=60) as client:

@@ -38,7 +38,7 @@ from serving import REPO, instance_id_of, server  # noqa: E402
 HELLO = {"code": "print('hello')"}
 
 
-def measure(env: dict[str, str], tiers: dict | None, body: dict[str, Any], requests: int,
+def measure(env: dict[str, str], tiers: dict[str, Any] | None, body: dict[str, Any], requests: int,
             checkout: Path) -> dict[str, Any]:
     with server(env, tiers, checkout) as (url, pid):
         with httpx.Client(base_url=url, timeout=30) as client:
@@ -116,7 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # stop the servers on the way out
     variants = [parse_variant(v) for v in args.variant] or [("default", {}, REPO)]
-    tiers = json.loads(args.tiers_file.read_text()) if args.tiers_file else None
+    tiers: dict[str, Any] | None = json.loads(args.tiers_file.read_text()) if args.tiers_file else None
     load_before = describe_load()
     print(f"machine before: {load_before}", flush=True)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in variants}

@@ -92,7 +92,7 @@ def open_loop(base_url: str, rate_per_s: float, seconds: float, image: str | Non
                "--seconds", str(seconds), "--connections", str(connections), "--body", json.dumps(body)]
     done = subprocess.run(pinned(1, command),
                           capture_output=True, text=True, check=True, timeout=seconds + 120)
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    figures: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     figures["image"] = image or "python"
     figures["client"] = (f"open loop (benchmarks/open_loop.py), {connections} keep-alive connections, "
                          "latency from each request's due time")

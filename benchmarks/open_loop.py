@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 from latency import percentile
@@ -54,7 +55,8 @@ def build_request(host: str, path: str, body: bytes) -> bytes:
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
-async def run(url: str, rate: float, seconds: float, connections: int, body: dict, expect_stdout: str | None) -> dict:
+async def run(url: str, rate: float, seconds: float, connections: int, body: dict[str, Any],
+              expect_stdout: str | None) -> dict[str, Any]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     request = build_request(f"{host}:{port}", "/v1/execute", json.dumps(body).encode())

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -35,7 +36,7 @@ PATHS = (("fork (copy_process: page tables, vmas)", "copy_process"),
          ("pipe writes", "anon_pipe_write"), ("mkdir", "do_mkdirat"), ("openat", "do_sys_openat2"))
 
 
-def tiers_for(image: str) -> dict:
+def tiers_for(image: str) -> dict[str, Any]:
     ram = "256MiB" if image == "python" else "1GiB"
     return {"tiers": [{"name": "one", "image": image, "cpu": 1, "ram": ram, "storage": "64MiB", "min_idle": 1,
                        "max_size": 1}]}

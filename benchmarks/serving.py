@@ -8,8 +8,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -26,7 +28,8 @@ def instance_id_of(base_url: str) -> str:
 
 
 @contextmanager
-def server(env_extra: dict[str, str], tiers: dict | None = None, checkout: Path = REPO):
+def server(env_extra: dict[str, str], tiers: dict[str, Any] | None = None,
+           checkout: Path = REPO) -> Iterator[tuple[str, int]]:
     """A `warmpool serve` of `checkout` (another checkout's code runs under this venv: its directory comes
     first on the path) on a free loopback port, pinned to cpu 0; yields its URL and pid."""
     port = free_port()
