@@ -138,6 +138,11 @@ def _remove_replaced(client: docker.DockerClient, image_id: str) -> None:
     do not pile up: a datascience image is ~400 MB of its own. Docker refuses while a container uses it or
     a tag names it: then it stays."""
     try:
+        # Removing by id would also drop any other tag naming the same image (an identical build under
+        # another name shares its id): such an image is still someone's, so it stays.
+        if tags := client.images.get(image_id).tags:
+            log.info("kept image %s: still tagged %s", image_id[:19], ", ".join(tags))
+            return
         client.images.remove(image_id, force=False, noprune=False)
         log.info("removed image %s, which this build replaced", image_id[:19])
     except docker.errors.DockerException as exc:

@@ -141,6 +141,11 @@ def test_a_stale_image_is_rebuilt(docker_client, removed_after):
     stale, _ = docker_client.images.build(
         fileobj=io.BytesIO(f"FROM {spec.docker_image}\nLABEL {HASH_LABEL}=from-an-older-runner\n".encode()),
         tag=tag, rm=True)
+    # The same image under a second name (as when two checkouts build identical trees): the rebuild of the
+    # first name must leave the second one's image alone.
+    twin = f"warmpool-runner-stale-twin:{secrets.token_hex(4)}"
+    removed_after.append(twin)
+    stale.tag(twin)
     env = {**{k: v for k, v in os.environ.items() if k != "WARMPOOL_TIERS_FILE"}, "WARMPOOL_IMAGE": tag}
 
     def image_command() -> subprocess.CompletedProcess[str]:
@@ -153,6 +158,7 @@ def test_a_stale_image_is_rebuilt(docker_client, removed_after):
     built = docker_client.images.get(tag)
     assert built.id != stale.id and built.labels[HASH_LABEL] == build_hash(spec)
     assert rebuilt.stdout.split() == ["python", tag, built.id]
+    assert docker_client.images.get(twin).id == stale.id, "the rebuild removed an image another tag still names"
     again = image_command()
     assert again.returncode == 0 and "up to date" in again.stderr and "building" not in again.stderr, again.stderr
 
