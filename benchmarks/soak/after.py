@@ -4,6 +4,7 @@ to its targets."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -52,14 +53,31 @@ def wait_pools_at_target(stack: Stack, bound_s: float = POOL_RECOVERY_BOUND_S) -
     return None
 
 
+# Cluster bookkeeping that lives as long as the cluster (no TTL): the async results bound's indexes and
+# counters (pool/scaleout/redis_held.py) and the per-tier backlog length. Left behind, they must say that
+# nothing is pending any more: a reservation or backlog count still held after every task ended is a leak.
+BOOKKEEPING = re.compile(r"^held(-bytes|-done|-totals|-pending|-pending-bytes|:[^:]+(:done)?)$|^backlog-len:[^:]+$")
+
+
 def redis_keys_left(url: str, prefix: str) -> str:
-    """Keys of the soak's prefix that would never expire (finished results and their indexes expire)."""
-    client = redis.Redis.from_url(url)
+    """Keys of the soak's prefix that would never expire, apart from bookkeeping that reads as idle."""
+    client = redis.Redis.from_url(url, decode_responses=True)
     try:
-        forever = [key.decode() for key in client.scan_iter(match=f"{prefix}*", count=500) if client.ttl(key) == -1]
+        forever = [key for key in client.scan_iter(match=f"{prefix}:*", count=500) if client.ttl(key) == -1]
+        problems = [key for key in forever if not BOOKKEEPING.match(key[len(prefix) + 1:])]
+        totals = client.hgetall(f"{prefix}:held-totals")
+        problems += [f"held-totals {name}={totals[name]}" for name in ("pending_tasks", "pending_bytes")
+                     if int(totals.get(name, 0))]
+        if int(totals.get("tasks", 0)) != client.zcard(f"{prefix}:held-done"):
+            problems.append(f"held-totals tasks={totals.get('tasks')} but held-done has "
+                            f"{client.zcard(f'{prefix}:held-done')}")
+        if client.zcard(f"{prefix}:held-pending"):
+            problems.append(f"held-pending has {client.zcard(f'{prefix}:held-pending')} member(s)")
+        problems += [f"{key}={client.get(key)}" for key in forever if ":backlog-len:" in key
+                     and int(client.get(key) or 0)]
     finally:
         client.close()
-    return ", ".join(sorted(forever)[:10]) + (f" (+{len(forever) - 10})" if len(forever) > 10 else "")
+    return ", ".join(problems[:10]) + (f" (+{len(problems) - 10})" if len(problems) > 10 else "")
 
 
 def containers_left(engine: Engine, instance_ids: list[str]) -> str:
