@@ -81,6 +81,7 @@ test-swarm: service-image browser
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy pool api warmpool runner_image
+	$(VENV)/bin/mypy --explicit-package-bases benchmarks/soak
 
 # Under a minute, with no Docker engine and no Redis: lint, then every test marked neither `docker` nor
 # `redis` (the pool logic over a fake backend, the API in process, the pure model). DOCKER_HOST points

@@ -75,8 +75,11 @@ def test_recovery_runs_from_the_fault_to_the_next_success_of_its_tier_and_mode()
         record(body=ok, started_s=11.0, ended_s=13.0),
         record(body=ok, started_s=11.5, ended_s=12.5),
     ]
-    faults = [Fault("kill_container", "embedded", 10.0, ("nano",)), Fault("dockerd_restart", "embedded", 20.0,
-                                                                          ("nano", "small"))]
+    records.append(record(body=result("sandbox_error"), tier="small", started_s=15.0, ended_s=16.0))
+    faults = [Fault("kill_container", "embedded", 10.0, ("nano",)),
+              Fault("dockerd_restart", "embedded", 14.0, ("small",)),  # a task followed, none succeeded
+              Fault("pause_container", "embedded", 20.0, ("nano",)),  # no task followed: not measured
+              Fault("malformed_burst", "embedded", 5.0, ())]  # hit no tier: not measured
     times, unrecovered = recovery_times_s(faults, records)
     assert times == [2.5]
     assert [f.kind for f in unrecovered] == ["dockerd_restart"]

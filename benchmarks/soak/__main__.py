@@ -77,6 +77,7 @@ class Run:
             async with asyncio.TaskGroup() as group:
                 group.create_task(load.run(self.args.clients, seed))
                 group.create_task(injector.run(SCALEOUT_KINDS if redis_server else EMBEDDED_KINDS))
+                group.create_task(self.supervise(stack, load.stopping))
                 await asyncio.sleep(seconds)
                 load.stopping.set()
                 self.say(f"{mode}: stopping the load and the injector")
@@ -105,6 +106,14 @@ class Run:
         self.checks[f"{mode}: scratch mounts, loop devices"] = await asyncio.to_thread(after.scratch_left,
                                                                                       stack.scratch_dir)
         self.checks[f"{mode}: temporary files"] = after.tmp_left(stack.tmp_dir)
+
+    async def supervise(self, stack: Stack, stopping: asyncio.Event) -> None:
+        """Restart workers that exited by themselves, after a supervisor's usual delay."""
+        while not stopping.is_set():
+            await asyncio.sleep(2)
+            for line in stack.revive_exited_workers():
+                self.say(f"supervisor: {line}")
+                self.notes.append(f"supervisor: {line}")
 
     async def settle(self, stack: Stack, load: Load) -> None:
         """Follow async tasks still pending, then give callbacks their retry window."""

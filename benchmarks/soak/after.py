@@ -54,9 +54,12 @@ def wait_pools_at_target(stack: Stack, bound_s: float = POOL_RECOVERY_BOUND_S) -
 
 
 # Cluster bookkeeping that lives as long as the cluster (no TTL): the async results bound's indexes and
-# counters (pool/scaleout/redis_held.py) and the per-tier backlog length. Left behind, they must say that
-# nothing is pending any more: a reservation or backlog count still held after every task ended is a leak.
-BOOKKEEPING = re.compile(r"^held(-bytes|-done|-totals|-pending|-pending-bytes|:[^:]+(:done)?)$|^backlog-len:[^:]+$")
+# counters (pool/scaleout/redis_held.py), the per-tier backlog length, the tiers' streams (with their
+# consumer groups) and the count of session endings by reason. Left behind, they must say that nothing is
+# pending any more: a reservation, a backlog count or a stream entry still held after every task ended is
+# a leak.
+BOOKKEEPING = re.compile(r"^held(-bytes|-done|-totals|-pending|-pending-bytes|:[^:]+(:done)?)$"
+                         r"|^backlog-len:[^:]+$|^stream:[^:]+$|^sessions-ended$")
 
 
 def redis_keys_left(url: str, prefix: str) -> str:
@@ -65,16 +68,20 @@ def redis_keys_left(url: str, prefix: str) -> str:
     try:
         forever = [key for key in client.scan_iter(match=f"{prefix}:*", count=500) if client.ttl(key) == -1]
         problems = [key for key in forever if not BOOKKEEPING.match(key[len(prefix) + 1:])]
-        totals = client.hgetall(f"{prefix}:held-totals")
+        totals = {name: int(value) for name, value in client.hgetall(f"{prefix}:held-totals").items()}
         problems += [f"held-totals {name}={totals[name]}" for name in ("pending_tasks", "pending_bytes")
-                     if int(totals.get(name, 0))]
-        if int(totals.get("tasks", 0)) != client.zcard(f"{prefix}:held-done"):
-            problems.append(f"held-totals tasks={totals.get('tasks')} but held-done has "
-                            f"{client.zcard(f'{prefix}:held-done')}")
-        if client.zcard(f"{prefix}:held-pending"):
-            problems.append(f"held-pending has {client.zcard(f'{prefix}:held-pending')} member(s)")
-        problems += [f"{key}={client.get(key)}" for key in forever if ":backlog-len:" in key
+                     if totals.get(name, 0)]
+        done = int(client.zcard(f"{prefix}:held-done"))
+        if totals.get("tasks", 0) != done:
+            problems.append(f"held-totals tasks={totals.get('tasks', 0)} but held-done has {done}")
+        if pending_members := int(client.zcard(f"{prefix}:held-pending")):
+            problems.append(f"held-pending has {pending_members} member(s)")
+        problems += [f"{key}={int(client.get(key) or 0)}" for key in forever if ":backlog-len:" in key
                      and int(client.get(key) or 0)]
+        for key in (k for k in forever if ":stream:" in k):
+            pending = sum(int(g["pending"]) for g in client.xinfo_groups(key))
+            if client.xlen(key) or pending:
+                problems.append(f"{key}: {client.xlen(key)} entries, {pending} pending")
     finally:
         client.close()
     return ", ".join(problems[:10]) + (f" (+{len(problems) - 10})" if len(problems) > 10 else "")

@@ -76,16 +76,16 @@ class Injector:
         if not ours:
             raise RuntimeError("no container to kill")
         container, tier = self.rng.choice(ours)
-        self._fired("kill_container", (tier,), container)
         await self._docker("kill", container)
+        self._fired("kill_container", (tier,), container)
 
     async def pause_container(self) -> None:
         ours = await self._ours()
         if not ours:
             raise RuntimeError("no container to pause")
         container, tier = self.rng.choice(ours)
-        self._fired("pause_container", (tier,), container)
         await self._docker("pause", container)
+        self._fired("pause_container", (tier,), container)
         await asyncio.sleep(self.rng.uniform(2, 6))
         try:
             await self._docker("unpause", container)
@@ -125,8 +125,8 @@ class Injector:
                             if event == "stdout" and not fired:
                                 fired = True
                                 container = data["text"].split()[0]
-                                self._fired(kind, ("nano",), container)
                                 await self._docker(*command, container)
+                                self._fired(kind, ("nano",), container)
                             elif event == "result":
                                 result = data
                     self.load.finish(record, response, body=result if result is not None else "no result event")

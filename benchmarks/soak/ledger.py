@@ -147,8 +147,10 @@ def async_violations(task: AsyncTask) -> list[str]:
 
 
 def recovery_times_s(faults: Iterable[Fault], records: Iterable[Record]) -> tuple[list[float], list[Fault]]:
-    """Per fault, seconds from it to the end of the next succeeded task of a tier it hit (started after
-    it, same mode); and the faults no such task followed."""
+    """Per fault that hit tiers, seconds from it to the end of the next succeeded task of one of them
+    (started after it, same mode); and the faults after which tasks of those tiers ran but none succeeded.
+    A fault no task followed (fired as the load stopped) is not measured."""
+    records = list(records)
     successes = sorted((r for r in records if r.status_code == 200 and isinstance(r.body, dict)
                         and r.body.get("status") == "succeeded"), key=lambda r: r.ended_s)
     times: list[float] = []
@@ -158,7 +160,7 @@ def recovery_times_s(faults: Iterable[Fault], records: Iterable[Record]) -> tupl
                  and r.started_s >= fault.fired_s]
         if after:
             times.append(min(after) - fault.fired_s)
-        else:
+        elif any(r.mode == fault.mode and r.tier in fault.tiers and r.started_s >= fault.fired_s for r in records):
             unrecovered.append(fault)
     return times, unrecovered
 

@@ -203,6 +203,19 @@ class Stack:
         self.workers[name] = instance_id
         return name
 
+    def revive_exited_workers(self) -> list[str]:
+        """Replace each worker that exited by itself (as systemd's Restart=, a restart policy or Kubernetes
+        would): a worker started while its engine is down exits ("docker engine unreachable")."""
+        revived = []
+        for name, instance_id in list(self.workers.items()):
+            process = self.procs.started.get(name)
+            if process is not None and process.poll() is not None:
+                self.procs.stop(name)
+                del self.workers[name]
+                revived.append(f"{instance_id} exited with {process.returncode}; replaced by "
+                               f"{self.workers.get(self.start_worker())}")
+        return revived
+
     def worker_pid(self, name: str) -> int | None:
         process = self.procs.started.get(name)
         return process.pid if process is not None and process.poll() is None else None
