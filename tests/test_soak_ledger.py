@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from benchmarks.soak.after import RSS_SLACK_BYTES, memory_check
 from benchmarks.soak.balloon import GIB, MIB, available_bytes, next_chunk_bytes
-from benchmarks.soak.ledger import AsyncTask, Fault, Record, async_violations, judge, outcome, recovery_times_s
+from benchmarks.soak.ledger import (
+    AsyncTask,
+    Fault,
+    Record,
+    async_violations,
+    judge,
+    outcome,
+    recovery_times_s,
+    render,
+)
 
 
 def record(kind: str = "hello", code: int | None = 200, body: object = None, **fields) -> Record:
@@ -81,7 +90,7 @@ def test_recovery_runs_from_the_fault_to_the_next_success_of_its_tier_and_mode()
               Fault("pause_container", "embedded", 20.0, ("nano",)),  # no task followed: not measured
               Fault("malformed_burst", "embedded", 5.0, ())]  # hit no tier: not measured
     times, unrecovered = recovery_times_s(faults, records)
-    assert times == [2.5]
+    assert [(f.kind, t) for f, t in times] == [("kill_container", 2.5)]
     assert [f.kind for f in unrecovered] == ["dockerd_restart"]
 
 
@@ -90,7 +99,8 @@ def test_judge_collects_every_violation_and_after_check():
                     [Fault("kill_container", "embedded", 0.0, ("nano",))],
                     {"containers": "", "scratch": "2 mount(s)"})
     assert verdict.violations == ["1 x embedded hello !unanswered", "after: scratch: 2 mount(s)"]
-    assert verdict.recovery_s == [2.0]
+    assert [t for _, t in verdict.recovery_s] == [2.0]
+    assert "| embedded kill_container | 1 | 2.00 | 2.00 |" in render(verdict, [], [])
     assert not verdict.ok
 
 

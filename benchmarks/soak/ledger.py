@@ -146,20 +146,21 @@ def async_violations(task: AsyncTask) -> list[str]:
     return found
 
 
-def recovery_times_s(faults: Iterable[Fault], records: Iterable[Record]) -> tuple[list[float], list[Fault]]:
+def recovery_times_s(faults: Iterable[Fault], records: Iterable[Record]
+                     ) -> tuple[list[tuple[Fault, float]], list[Fault]]:
     """Per fault that hit tiers, seconds from it to the end of the next succeeded task of one of them
     (started after it, same mode); and the faults after which tasks of those tiers ran but none succeeded.
     A fault no task followed (fired as the load stopped) is not measured."""
     records = list(records)
     successes = sorted((r for r in records if r.status_code == 200 and isinstance(r.body, dict)
                         and r.body.get("status") == "succeeded"), key=lambda r: r.ended_s)
-    times: list[float] = []
+    times: list[tuple[Fault, float]] = []
     unrecovered: list[Fault] = []
     for fault in faults:
         after = [r.ended_s for r in successes if r.mode == fault.mode and r.tier in fault.tiers
                  and r.started_s >= fault.fired_s]
         if after:
-            times.append(min(after) - fault.fired_s)
+            times.append((fault, min(after) - fault.fired_s))
         elif any(r.mode == fault.mode and r.tier in fault.tiers and r.started_s >= fault.fired_s for r in records):
             unrecovered.append(fault)
     return times, unrecovered
@@ -170,7 +171,7 @@ class Verdict:
     outcomes: Counter[str]
     async_problems: Counter[str]
     faults: Counter[str]
-    recovery_s: list[float]
+    recovery_s: list[tuple[Fault, float]]
     unrecovered: list[Fault]
     after: dict[str, str]  # after-soak checks: name -> "" when clean, else what was left
     violations: list[str]
@@ -210,11 +211,15 @@ def render(verdict: Verdict, records: list[Record], tasks: list[AsyncTask]) -> s
         lines.append(f"| **{name}** | {n} |")
     lines += ["", "| fault | fired |", "| --- | ---: |"]
     lines += [f"| {name} | {n} |" for name, n in sorted(verdict.faults.items())]
-    lines += ["", "| recovery (fault to the next succeeded task of its tier) | seconds |", "| --- | ---: |"]
-    if verdict.recovery_s:
-        lines += [f"| p50 | {statistics.median(verdict.recovery_s):.2f} |",
-                  f"| max | {max(verdict.recovery_s):.2f} |", f"| faults measured | {len(verdict.recovery_s)} |"]
-    lines.append(f"| unrecovered | {len(verdict.unrecovered)} |")
+    lines += ["", "| recovery: fault to the next succeeded task of its tier | measured | p50 s | max s |",
+              "| --- | ---: | ---: | ---: |"]
+    by_kind: dict[str, list[float]] = {}
+    for fault, seconds in verdict.recovery_s:
+        by_kind.setdefault(f"{fault.mode} {fault.kind}", []).append(seconds)
+    by_kind["all faults"] = [seconds for _, seconds in verdict.recovery_s]
+    for name, times in by_kind.items() if verdict.recovery_s else ():
+        lines.append(f"| {name} | {len(times)} | {statistics.median(times):.2f} | {max(times):.2f} |")
+    lines.append(f"| unrecovered (tasks of its tiers ran after it, none succeeded) | {len(verdict.unrecovered)} | | |")
     lines += ["", "| after the soak | left |", "| --- | --- |"]
     lines += [f"| {name} | {left or 'nothing'} |" for name, left in sorted(verdict.after.items())]
     return "\n".join(lines)

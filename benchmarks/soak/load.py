@@ -108,6 +108,7 @@ class Load:
         while not self.stopping.is_set():
             kind = rng.choices(kinds, weights)[0]
             key = rng.choice(self.keys)
+            before = len(self.records)
             if kind == "session":
                 await self.session(client, key)
             elif kind == "stream":
@@ -116,6 +117,17 @@ class Load:
                 await self.async_task(client, key, rng)
             else:
                 await self.sync(client, kind, key)
+            await self._back_off(self.records[before:])
+
+    async def _back_off(self, sent: list[Record]) -> None:
+        """After a 429 or 503, wait as its Retry-After says (at most 2 s), as a well-behaved client does."""
+        refused = [r for r in sent if r.status_code in (429, 503)]
+        if refused:
+            try:
+                wait_s = float(refused[-1].retry_after or 1)
+            except ValueError:
+                wait_s = 1.0
+            await asyncio.sleep(min(2.0, max(0.1, wait_s)))
 
     async def sync(self, client: httpx.AsyncClient, kind: str, key: str) -> None:
         nonce = secrets.token_hex(6)
