@@ -64,28 +64,24 @@ class Injector:
     async def _docker(self, *args: str) -> str:
         return await asyncio.to_thread(self.engine.docker, *args)
 
-    async def _ours(self) -> list[tuple[str, str]]:
-        """(container id, tier) of this soak's running containers."""
+    async def _hit_one(self, kind: str, command: str) -> tuple[str, str]:
+        """`docker <command>` on a random running container of this soak's own; (its id, its tier)."""
         out = await self._docker("ps", "--filter", "label=warmpool.pool", "--format",
                                  '{{.ID}} {{.Label "warmpool.instance"}} {{.Label "warmpool.tier"}}')
         rows = [line.split() for line in out.splitlines() if line.strip()]
-        return [(row[0], row[2]) for row in rows if len(row) == 3 and row[1] in self.stack.instance_ids]
+        ours = [(row[0], row[2]) for row in rows if len(row) == 3 and row[1] in self.stack.instance_ids]
+        if not ours:
+            raise RuntimeError(f"no container to {command}")
+        container, tier = self.rng.choice(ours)
+        await self._docker(command, container)
+        self._fired(kind, (tier,), container)
+        return container, tier
 
     async def kill_container(self) -> None:
-        ours = await self._ours()
-        if not ours:
-            raise RuntimeError("no container to kill")
-        container, tier = self.rng.choice(ours)
-        await self._docker("kill", container)
-        self._fired("kill_container", (tier,), container)
+        await self._hit_one("kill_container", "kill")
 
     async def pause_container(self) -> None:
-        ours = await self._ours()
-        if not ours:
-            raise RuntimeError("no container to pause")
-        container, tier = self.rng.choice(ours)
-        await self._docker("pause", container)
-        self._fired("pause_container", (tier,), container)
+        container, _ = await self._hit_one("pause_container", "pause")
         await asyncio.sleep(self.rng.uniform(2, 6))
         try:
             await self._docker("unpause", container)
