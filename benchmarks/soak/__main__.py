@@ -84,6 +84,9 @@ class Run:
             self.records += load.records
             self.faults += injector.faults
             self.notes += [f"fault not fired: {e}" for e in injector.errors]
+            self.notes += [f"{mode}: dockerd restart: stopped after {stop_s:.1f} s, answering again after "
+                           f"{up_s:.1f} s (recovery counts from the stop's start)"
+                           for stop_s, up_s in injector.engine_restarts_s]
             await self.settle(stack, load)
             recovered_s = await asyncio.to_thread(after.wait_pools_at_target, stack)
             self.checks[f"{mode}: pool back to targets (bound {after.POOL_RECOVERY_BOUND_S:.0f} s)"] = (

@@ -40,6 +40,7 @@ class Injector:
     gap_s: tuple[float, float] = (6.0, 14.0)
     faults: list[Fault] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # faults that could not be fired (none to pick, ...)
+    engine_restarts_s: list[tuple[float, float]] = field(default_factory=list)  # (stopped, answering again)
 
     async def run(self, kinds: tuple[str, ...]) -> None:
         turn: list[str] = []
@@ -130,10 +131,13 @@ class Injector:
                 self.load.finish(record, None, error=f"{type(exc).__name__}: {exc}")
 
     async def dockerd_restart(self) -> None:
+        fired_s = self.clock()
         self._fired("dockerd_restart")
-        await asyncio.to_thread(self.engine.stop)
+        await asyncio.to_thread(self.engine.stop)  # dockerd stops its containers first (their stop timeout)
+        stopped_s = self.clock()
         await asyncio.sleep(1)
         await asyncio.to_thread(self.engine.start)
+        self.engine_restarts_s.append((stopped_s - fired_s, self.clock() - fired_s))
 
     async def worker_sigkill(self) -> None:
         name = self.rng.choice(sorted(self.stack.workers))
