@@ -108,7 +108,9 @@ class RateLimiter:
     """Token buckets per API key: `rate_per_s` submissions a second on average, `burst` at once.
 
     Buckets are keyed by a digest of the key (the keys themselves are not kept twice), and only keys that
-    passed authentication reach here, so the table is as small as the configured key list."""
+    passed authentication reach here, so the table is as small as the configured key list. `take` runs on
+    the event loop only (require_task_quota is async, so FastAPI never sends it to its thread pool) and
+    awaits nothing: no two calls interleave, and the buckets need no lock."""
 
     def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate_per_s = rate_per_s
@@ -135,8 +137,10 @@ class RateLimiter:
         return (1.0 - bucket.tokens) / self.rate_per_s
 
 
-def require_task_quota(request: Request, key: str = Depends(require_api_key)) -> str:
-    """An authenticated caller with a submission left in its rate; else 429 with Retry-After."""
+async def require_task_quota(request: Request, key: str = Depends(require_api_key)) -> str:
+    """An authenticated caller with a submission left in its rate; else 429 with Retry-After. Async though it
+    awaits nothing: a plain `def` dependency would cost a hop to the thread pool per task request, and put
+    the buckets in the hands of several threads."""
     limiter: RateLimiter = request.app.state.rate_limiter
     wait_s = limiter.take(key)
     if wait_s > 0:

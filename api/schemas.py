@@ -9,8 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pool.model.errors import InvalidRequest
 from pool.model.resources import ResourceRequest, parse_bytes, parse_count, parse_number
 
-SUPPORTED_TASK_TYPES = ("execute_code",)
-
 
 class ResourcesIn(BaseModel):
     """What the task needs; every field is optional. Sizes read like Docker's flags (powers of 1024)."""

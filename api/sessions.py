@@ -59,7 +59,7 @@ class SessionExecute(BaseModel):
                                     "code is interrupted (KeyboardInterrupt) and the session keeps its state")
     # `files` and `outputs` (DESIGN.md 1a) are not taken here yet: tasks take them (pool/model/files.py);
     # a call's would go into the spec that build_spec makes, and the runner's session_run would have to write
-    # them and collect outputs in the session's interpreter as task_child does (runner_image/taskfiles.py).
+    # them and collect outputs in the session's interpreter as task_child does (runner_image/sandbox/taskfiles.py).
 
 
 class SessionOut(BaseModel):

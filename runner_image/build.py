@@ -43,8 +43,7 @@ log = logging.getLogger(__name__)
 RUNNER_DIR = Path(__file__).resolve().parent
 DEFAULT_BASE_IMAGE = "warmpool-base:bookworm"
 HASH_LABEL = LABEL_HASH
-# The files of runner_image/ that go into every image (with site-packages/): its build hash covers them.
-CONTEXT_FILES = ("Dockerfile", "runner.py", "taskfiles.py")
+RUNNER_PACKAGE_DIR = RUNNER_DIR / "sandbox"
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 # What the imported base sets; a `docker import` image has no config of its own.
@@ -61,11 +60,20 @@ class ImageBuildError(RuntimeError):
     """A sandbox image (or its base) could not be built; the message says why and what to do."""
 
 
+def context_files() -> list[tuple[str, Path]]:
+    """The files of runner_image/ that go into every image (with site-packages/), as (name in the build
+    context, source): the Dockerfile, the entry point runner.py and the runner package with its parent's
+    (empty) __init__.py, so that it imports as `runner_image.sandbox` in the image as it does here. The
+    build hash covers them all."""
+    package = [(f"runner_image/sandbox/{path.name}", path) for path in sorted(RUNNER_PACKAGE_DIR.glob("*.py"))]
+    return [("Dockerfile", RUNNER_DIR / "Dockerfile"), ("runner.py", RUNNER_DIR / "runner.py"),
+            ("runner_image/__init__.py", RUNNER_DIR / "__init__.py"), *package]
+
+
 def build_hash(spec: ImageSpec) -> str:
     """Return the sha256 over the Dockerfile, the runner's files and the image's entry: it names what they build."""
     digest = hashlib.sha256()
-    for name in CONTEXT_FILES:
-        path = RUNNER_DIR / name
+    for name, path in context_files():
         try:
             data = path.read_bytes()
         except FileNotFoundError as exc:
@@ -137,7 +145,7 @@ def _remove_replaced(client: docker.DockerClient, image_id: str) -> None:
 
 
 def write_context(out: IO[bytes], site_packages: Path | None) -> None:
-    """The build context as a tar: CONTEXT_FILES and site-packages/ (empty when there are none)."""
+    """The build context as a tar: context_files() and site-packages/ (empty when there are none)."""
     def as_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
         info.uid = info.gid = 0
         info.uname = info.gname = ""
@@ -146,8 +154,8 @@ def write_context(out: IO[bytes], site_packages: Path | None) -> None:
         return info
 
     with tarfile.open(fileobj=out, mode="w") as tar:
-        for name in CONTEXT_FILES:
-            tar.add(RUNNER_DIR / name, arcname=name, filter=as_root)
+        for name, path in context_files():
+            tar.add(path, arcname=name, filter=as_root)
         if site_packages is None:
             folder = tarfile.TarInfo("site-packages")
             folder.type, folder.mode = tarfile.DIRTYPE, 0o755
@@ -171,12 +179,13 @@ def _build(client: docker.DockerClient, image: str, fileobj: IO[bytes], tag: str
         built, logs = client.images.build(fileobj=fileobj, custom_context=True, tag=tag, rm=True, forcerm=True,
                                           pull=False, network_mode="none", **kwargs)
     except docker.errors.BuildError as exc:
-        tail = "".join(str(chunk.get("stream") or chunk.get("error") or "") for chunk in exc.build_log)
+        tail = "".join(str(chunk.get("stream") or chunk.get("error") or "") for chunk in exc.build_log
+                       if isinstance(chunk, dict))
         raise ImageBuildError(f"docker build of {image} failed: {exc.msg}\n{tail[-2000:]}") from exc
     except docker.errors.DockerException as exc:
         raise ImageBuildError(f"docker build of {image} failed: {exc}") from exc
     for chunk in logs:
-        line = str(chunk.get("stream", "")).rstrip()
+        line = str(chunk.get("stream", "")).rstrip() if isinstance(chunk, dict) else ""
         if line:
             log.debug("build: %s", line)
     return str(built.id)

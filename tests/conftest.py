@@ -166,7 +166,9 @@ class Service:
     def execute(self, code: str, **fields) -> httpx.Response:
         return self.client.post("/v1/execute", json={"code": code, **self.defaults, **fields})
 
-    def stop(self, timeout_s: float = 30) -> int:
+    def stop(self, timeout_s: float = 90) -> int:
+        # Generous: the engine sometimes takes ~35 s to remove a gVisor sandbox (seen after a fork bomb on
+        # two loaded cores), and the service's shutdown waits for every removal so as to leave nothing behind.
         self.client.close()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

@@ -138,9 +138,11 @@ def test_the_build_context_holds_the_one_dockerfile_runner_and_packages(tmp_path
     site = tmp_path / "site"
     (site / "pkg").mkdir(parents=True)
     (site / "pkg" / "__init__.py").write_text("X = 1\n")
-    for source, expected in ((None, {"Dockerfile", "runner.py", "taskfiles.py", "site-packages"}),
-                             (site, {"Dockerfile", "runner.py", "taskfiles.py", "site-packages", "site-packages/pkg",
-                                     "site-packages/pkg/__init__.py"})):
+    runner = {"Dockerfile", "runner.py", "runner_image/__init__.py"} | {
+        f"runner_image/sandbox/{path.name}" for path in (build.RUNNER_DIR / "sandbox").glob("*.py")}
+    assert {"runner_image/sandbox/pid1.py", "runner_image/sandbox/taskfiles.py"} <= runner
+    for source, expected in ((None, runner | {"site-packages"}),
+                             (site, runner | {"site-packages", "site-packages/pkg", "site-packages/pkg/__init__.py"})):
         out = io.BytesIO()
         build.write_context(out, source)
         with tarfile.open(fileobj=out) as tar:

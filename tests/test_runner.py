@@ -1,6 +1,6 @@
-"""The in-container runner (runner_image/runner.py) over its frame protocol, in sandbox containers the
-pool's own code creates (tests/runner_harness.py): its backend, its host config for a test tier, its labels,
-from the image the service runs. The `runner` fixture removes every container it started, even on failure.
+"""The in-container runner (runner_image/runner.py, runner_image/sandbox/) over its frame protocol, in sandbox
+containers the pool's own code creates (tests/runner_harness.py): its backend, its host config for a test tier,
+its labels, from the image the service runs. The `runner` fixture removes every container it started, even on failure.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def test_uncaught_exception_prints_a_traceback(box):
     assert 'File "<task>", line 2, in <module>' in result["stderr"]
     assert "raise ValueError('boom')" in result["stderr"]  # the task's source line
     assert result["stderr"].endswith("ValueError: boom\n")
-    assert "runner.py" not in result["stderr"]
+    assert "/opt/warmpool" not in result["stderr"]  # no frame of the runner's own
     syntax, _ = box.run("print(")
     assert syntax["status"] == "failed" and "SyntaxError" in syntax["stderr"]
 

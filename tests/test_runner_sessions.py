@@ -150,7 +150,7 @@ def test_a_session_keeps_globals_imports_and_files_between_calls(box):
     _, failed, _ = session.call("print(double(None))")
     assert (failed["status"], failed["exit_code"], failed["session_ended"]) == ("failed", 1, None)
     assert 'File "<cell 3>", line 2, in double' in failed["stderr"], failed["stderr"]
-    assert "return 2 * v" in failed["stderr"] and "runner.py" not in failed["stderr"]
+    assert "return 2 * v" in failed["stderr"] and "/opt/warmpool" not in failed["stderr"]
     _, exited, _ = session.call("raise SystemExit(3)")
     assert (exited["status"], exited["exit_code"], exited["session_ended"]) == ("failed", 3, None)
     assert session.ok("print(x)") == "42\n", "SystemExit ends the call, not the session"
@@ -176,7 +176,7 @@ def test_a_timed_out_call_is_interrupted_and_the_session_keeps_its_state(box):
     _, result, reset = session.call("print('working', flush=True)\nwhile True: pass", timeout_s=0.5)
     assert (result["status"], result["session_ended"], reset) == ("timed_out", None, None), result
     assert result["stdout"] == "working\n" and result["stderr"].endswith("KeyboardInterrupt\n")
-    assert "runner.py" not in result["stderr"] and "<cell 2>" in result["stderr"]
+    assert "/opt/warmpool" not in result["stderr"] and "<cell 2>" in result["stderr"]
     assert time.monotonic() - started < 5
     _, slept, _ = session.call("import time\ntime.sleep(30)", timeout_s=0.5)
     assert (slept["status"], slept["session_ended"]) == ("timed_out", None)

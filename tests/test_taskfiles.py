@@ -11,8 +11,8 @@ import pytest
 
 from pool.model.errors import InvalidRequest
 from pool.model.files import check_outputs, decode_files, normal_path
-from runner_image import taskfiles
-from runner_image.taskfiles import FLAG_CONTENT, FLAG_CUT, RECORD, matches, parse_records, split_pattern
+from runner_image.sandbox import taskfiles
+from runner_image.sandbox.taskfiles import FLAG_CONTENT, FLAG_CUT, RECORD, matches, parse_records, split_pattern
 
 
 @dataclass

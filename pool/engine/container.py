@@ -26,7 +26,7 @@ from pool.model.tiers import Tier
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 10.0
-RESET_TIMEOUT_S = 5.0
+RESET_TIMEOUT_S = 15.0  # the runner kills for up to 6 s (KILL_WAIT_S), cleans for up to 5 s, then verifies
 # How long to wait for the engine to record the exit of a container that died under a task.
 DEATH_RECORD_WAIT_S = 3.0
 _serial = itertools.count(1)

@@ -7,6 +7,7 @@ or `SandboxError` (it answered no). Nothing here is called on the per-task path.
 from __future__ import annotations
 
 import collections
+import math
 import socket
 import threading
 import time
@@ -97,7 +98,7 @@ class DockerBackend:
     def image_labels(self, image: str) -> dict[str, str] | None:
         """The image's labels, or None when the image is absent."""
         try:
-            raw = self.api.inspect_image(image)
+            raw = self.api.inspect_image(image)  # type: ignore[no-untyped-call]  # unannotated in types-docker
         except docker.errors.ImageNotFound:
             return None
         except Exception as exc:
@@ -121,7 +122,7 @@ class DockerBackend:
         except Exception as exc:
             raise self._failed("attach", exc, "attach") from exc
         inner = getattr(raw, "_sock", raw)
-        owned = inner.dup()
+        owned: socket.socket = inner.dup()  # docker-py types its socket as Any
         owned.setblocking(False)
         raw.close()
         if isinstance(inner, socket.socket):
@@ -135,17 +136,28 @@ class DockerBackend:
             raise self._failed("start", exc, "start container") from exc
 
     def remove(self, container_id: str) -> None:
-        """Force-remove; a container that is already gone is fine."""
+        """Force-remove, and return once the container is gone; one that is already gone is fine."""
         try:
             self.api.remove_container(container_id, force=True, v=True)
         except docker.errors.NotFound:
             return
         except docker.errors.APIError as exc:
             if exc.status_code == 409 and "already in progress" in str(exc.explanation):
+                # Another removal (a replacement's, a sweep's) has it: wait for that one, so that "removed"
+                # means gone (a shutdown must not return with a container of ours still there).
+                self._wait_removed(container_id)
                 return
             raise self._failed("remove", exc, "remove container") from exc
         except Exception as exc:
             raise self._failed("remove", exc, "remove container") from exc
+
+    def _wait_removed(self, container_id: str) -> None:
+        try:
+            self.api.wait(container_id, timeout=math.ceil(self._timeout_s), condition="removed")  # int seconds
+        except docker.errors.NotFound:
+            return  # gone before the wait began
+        except Exception as exc:
+            raise self._failed("remove", exc, "wait for a container's removal") from exc
 
     def list_ours(self, extra_label: str | None = None) -> list[OurContainer]:
         """Every container carrying our pool label (optionally also `key=value`), running or not."""

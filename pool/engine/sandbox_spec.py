@@ -1,6 +1,6 @@
 """The hardened container configuration of a tier (pure: builds arguments, starts nothing).
 
-Security defaults for every container (DESIGN section 3): no network, read-only root, scratch capped at the
+Security defaults for every container (README, Security): no network, read-only root, scratch capped at the
 tier's storage (a filesystem of its own on disk, see scratch.py, or a tmpfs), every capability dropped but
 the three the runner needs to drop to the sandbox uid and to kill its leftovers, no-new-privileges, Docker's
 default seccomp, a pids limit, memory equal to memory+swap, a cpu quota, ulimits, an empty environment, no

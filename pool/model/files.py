@@ -2,7 +2,7 @@
 
 Paths are relative to the task's working directory and may not leave it: an absolute path, a `..` segment,
 an empty path or a NUL is refused, naming the entry (`files[2].path`). The runner checks again before it
-writes (runner_image/taskfiles.py), as the sandbox user, never following a symlink.
+writes (runner_image/sandbox/taskfiles.py), as the sandbox user, never following a symlink.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ class Tier:
     pids_limit: int = 128
     max_uses: int = 1000
     max_age_s: float = 3600.0
-    gpu_device_ids: tuple[str, ...] = field(default=())
     image: str = DEFAULT_IMAGE  # the name of the sandbox image its containers run (pool/model/images.py)
 
     def sort_key(self) -> tuple[int, int, float, int, str]:

@@ -75,4 +75,4 @@ class DoneEvents:
                 backoff_s = min(BACKOFF_MAX_S, backoff_s * 2)
             finally:
                 with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated

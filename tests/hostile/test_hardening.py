@@ -1,4 +1,4 @@
-"""The security defaults (DESIGN section 3), read back from the engine and from inside a running task."""
+"""The security defaults (README, Security), read back from the engine and from inside a running task."""
 
 from __future__ import annotations
 

@@ -44,6 +44,7 @@ results = {
     "open /proc/1/fd/3": attempt("", lambda: os.open('/proc/1/fd/3', os.O_WRONLY)),
     "open /proc/1/fd/4": attempt("", lambda: os.open('/proc/1/fd/4', os.O_WRONLY)),
     "write runner.py": attempt("", lambda: write('/opt/warmpool/runner.py', b'x')),
+    "write the runner package": attempt("", lambda: write('/opt/warmpool/runner_image/sandbox/pid1.py', b'x')),
 }
 for root, _, files in os.walk('/sys/fs/cgroup'):
     for name in files:

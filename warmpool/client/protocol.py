@@ -187,4 +187,5 @@ def event_of(name: str, data: str) -> StreamEvent:
 
 
 def is_stream(response: httpx.Response) -> bool:
-    return response.headers.get("content-type", "").partition(";")[0].strip() == SSE_TYPE
+    content_type: str = response.headers.get("content-type", "")
+    return content_type.partition(";")[0].strip() == SSE_TYPE

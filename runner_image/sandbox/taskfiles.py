@@ -1,4 +1,4 @@
-"""A task's files, in and out (stdlib only; imported by runner.py, see PROTOCOL.md "Files").
+"""A task's files, in and out (stdlib only; part of the runner, see PROTOCOL.md "Files").
 
 Everything here that touches the task's working directory runs in the task's own child, as the sandbox
 uid: writing the request's files before the code runs, and, after it ends, collecting the files its
@@ -19,6 +19,8 @@ import os
 import stat
 import struct
 import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 # A record: path length, size, flags; then the path; then `size` bytes of content when FLAG_CONTENT is set.
 RECORD = struct.Struct(">HQB")
@@ -43,7 +45,7 @@ class FileError(Exception):
 
 # ---- files in (the task's child, before the code runs) --------------------------------------------
 
-def checked_path(path):
+def checked_path(path: str | bytes) -> bytes:
     """`path` (str or bytes) as bytes if it is a safe relative file path, else ValueError saying why.
     The API checks the same; this is the runner's own guard."""
     raw = os.fsencode(path)
@@ -55,7 +57,7 @@ def checked_path(path):
     return raw
 
 
-def write_files(work_dir, files, read_exactly):
+def write_files(work_dir: str, files: Iterable[tuple[bytes, int]], read_exactly: Callable[[int], bytes]) -> None:
     """Write each (path, size) of `files` under `work_dir`, reading its bytes with `read_exactly(n)` (the
     go pipe from PID 1, so that one file at a time is held). Files are created new (O_EXCL, O_NOFOLLOW)
     by the sandbox uid; directories on the way are made as needed."""
@@ -84,17 +86,17 @@ def write_files(work_dir, files, read_exactly):
 class Sink:
     """Sends output files to PID 1 as records, while the byte budget lasts (later files: size only)."""
 
-    def __init__(self, fd, budget_bytes):
+    def __init__(self, fd: int, budget_bytes: int) -> None:
         self.fd = fd
         self.budget_bytes = budget_bytes
         self.entries = 0
-        self.paths = set()
+        self.paths: set[bytes] = set()
         self.cut = False
 
-    def full(self):
+    def full(self) -> bool:
         return self.entries >= MAX_OUTPUT_ENTRIES
 
-    def add(self, path, size, read=None):
+    def add(self, path: str, size: int, read: Callable[[int], bytes] | None = None) -> None:
         """One file; `read(n)` gives its content, called only if `size` fits the budget."""
         if self.full():
             self.mark_cut()
@@ -110,21 +112,21 @@ class Sink:
         else:
             self._write(RECORD.pack(len(raw), size, 0) + raw)
 
-    def mark_cut(self):
+    def mark_cut(self) -> None:
         if not self.cut:
             self.cut = True
             self._write(RECORD.pack(0, 0, FLAG_CUT))
 
-    def _write(self, data):
+    def _write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view):]
 
 
-def split_pattern(pattern):
+def split_pattern(pattern: str) -> tuple[str, ...]:
     """A glob as its segments, without empty and '.' segments; consecutive '**' count once, and a final
     '**' means every file below (`out/**` is `out/**/*`: outputs are files, never the directory)."""
-    parts = []
+    parts: list[str] = []
     for part in pattern.split("/"):
         if part in ("", ".") or (part == "**" and parts and parts[-1] == "**"):
             continue
@@ -134,19 +136,19 @@ def split_pattern(pattern):
     return tuple(parts)
 
 
-def _segment_matches(pattern, name):
+def _segment_matches(pattern: str, name: str) -> bool:
     if name.startswith(".") and not pattern.startswith("."):
         return False  # as glob: wildcards do not match a leading dot
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def matches(pattern, parts, prefix_only=False):
+def matches(pattern: Sequence[str], parts: Sequence[str], prefix_only: bool = False) -> bool:
     """Whether the path `parts` matches the glob segments `pattern` (`**`: zero or more directories);
     with `prefix_only`, whether some path below the directory `parts` could."""
     # Positions in the pattern reachable after each name, as in a regular-expression NFA: linear in size.
     states = _closure({0}, pattern)
     for name in parts:
-        after = set()
+        after: set[int] = set()
         for i in states:
             if i < len(pattern):
                 if pattern[i] == "**":
@@ -162,7 +164,7 @@ def matches(pattern, parts, prefix_only=False):
     return len(pattern) in states
 
 
-def _closure(states, pattern):
+def _closure(states: set[int], pattern: Sequence[str]) -> set[int]:
     """The states plus those reached by letting each '**' match zero directories."""
     out = set(states)
     for i in sorted(states):
@@ -172,7 +174,7 @@ def _closure(states, pattern):
     return out
 
 
-def note(text):
+def note(text: str) -> None:
     """A line for the task's stderr (fd 2 itself: the task may have replaced sys.stderr)."""
     try:
         os.write(2, f"warmpool: {text}\n".encode("utf-8", "backslashreplace"))
@@ -180,7 +182,7 @@ def note(text):
         pass
 
 
-def collect_outputs(work_dir, patterns, sink):
+def collect_outputs(work_dir: str, patterns: Iterable[str], sink: Sink) -> None:
     """Walk `work_dir` and send every regular file that a pattern matches, in name order."""
     compiled = [p for p in (split_pattern(p) for p in patterns) if p]
     if not compiled:
@@ -199,7 +201,7 @@ def collect_outputs(work_dir, patterns, sink):
         note(f"outputs: stopped after looking at {MAX_WALK_ENTRIES} entries of the working directory")
 
 
-def _walk(dir_fd, parts, patterns, sink, seen):
+def _walk(dir_fd: int, parts: tuple[str, ...], patterns: list[tuple[str, ...]], sink: Sink, seen: list[int]) -> None:
     try:
         with os.scandir(dir_fd) as listing:
             entries = sorted(listing, key=lambda e: e.name)
@@ -229,7 +231,7 @@ def _walk(dir_fd, parts, patterns, sink, seen):
             _send_file(dir_fd, entry.name, "/".join(path), sink)
 
 
-def open_dir(path, dir_fd=None):
+def open_dir(path: str, dir_fd: int | None = None) -> int:
     """A directory's fd, never through a symlink (ELOOP) and never anything but a directory (ENOTDIR)."""
     fd = os.open(path, OPEN_FLAGS, dir_fd=dir_fd)
     if not stat.S_ISDIR(os.fstat(fd).st_mode):
@@ -238,7 +240,7 @@ def open_dir(path, dir_fd=None):
     return fd
 
 
-def _send_file(dir_fd, name, path, sink):
+def _send_file(dir_fd: int, name: str, path: str, sink: Sink) -> None:
     try:
         fd = os.open(name, OPEN_FLAGS, dir_fd=dir_fd)
     except OSError:
@@ -254,7 +256,7 @@ def _send_file(dir_fd, name, path, sink):
         os.close(fd)
 
 
-def _read_up_to(fd, size):
+def _read_up_to(fd: int, size: int) -> bytes:
     """At most `size` bytes (a file the task's leftovers still write may grow or shrink meanwhile)."""
     chunks = io.BytesIO()
     while chunks.tell() < size:
@@ -270,29 +272,29 @@ def _read_up_to(fd, size):
 class Figures:
     """PNGs of the figures a task passed to plt.show() or left open, at most MAX_FIGURES of them."""
 
-    def __init__(self):
-        self.pngs = []
+    def __init__(self) -> None:
+        self.pngs: list[bytes] = []
         self.skipped = 0
 
-    def install(self):
+    def install(self) -> None:
         """Make plt.show() render every open figure and close it (as a notebook does), and Figure.show()
         render its own figure. Only where pyplot is already imported (a preloaded image)."""
-        plt = sys.modules.get("matplotlib.pyplot")
+        plt: Any = sys.modules.get("matplotlib.pyplot")  # a module, typed as Any: matplotlib is not ours
         if plt is None:
             return
         figures = self
 
-        def show(*args, **kwargs):
+        def show(*args: object, **kwargs: object) -> None:
             figures.capture(plt, close=True)
 
-        def figure_show(fig, *args, **kwargs):
+        def figure_show(fig: Any, *args: object, **kwargs: object) -> None:
             figures.render(fig)
 
         show.__doc__ = plt.show.__doc__
         plt.show = show
         plt.Figure.show = figure_show
 
-    def capture(self, plt, close):
+    def capture(self, plt: Any, close: bool) -> None:
         for num in plt.get_fignums():
             if len(self.pngs) < MAX_FIGURES:
                 self.render(plt.figure(num))
@@ -301,7 +303,7 @@ class Figures:
         if close:
             plt.close("all")
 
-    def render(self, fig):
+    def render(self, fig: Any) -> None:
         if len(self.pngs) >= MAX_FIGURES:
             self.skipped += 1
             return
@@ -313,42 +315,50 @@ class Figures:
             return
         self.pngs.append(buffer.getvalue())
 
-    def capture_open(self):
+    def capture_open(self) -> None:
         """Render the figures still open when the code ends."""
-        plt = sys.modules.get("matplotlib.pyplot")
+        plt: Any = sys.modules.get("matplotlib.pyplot")
         if plt is not None:
             try:
                 self.capture(plt, close=False)
             except BaseException as exc:  # MemoryError included: the task's result must still go out
                 note(f"open figures not saved: {exc!r}")
 
-    def send(self, sink):
+    def send(self, sink: Sink) -> None:
         """Send every PNG as figures/figure-<n>.png (n from 1, skipping names the outputs took)."""
         number = 0
         for png in self.pngs:
             number += 1
             while os.fsencode(FIGURE_PATH.format(number)) in sink.paths:
                 number += 1
-            sink.add(FIGURE_PATH.format(number), len(png), lambda size, png=png: png[:size])
+            sink.add(FIGURE_PATH.format(number), len(png), _prefixes_of(png))
         if self.skipped:
             note(f"{self.skipped} more figure(s) not saved: at most {MAX_FIGURES} per task")
             sink.mark_cut()
         self.pngs = []
 
 
+def _prefixes_of(data: bytes) -> Callable[[int], bytes]:
+    """A reader for Sink.add that gives the first `size` bytes of `data`."""
+    def read(size: int) -> bytes:
+        return data[:size]
+    return read
+
+
 # ---- PID 1: the records, parsed within the budget ---------------------------------------------------
 
-def records_bound(budget_bytes):
+def records_bound(budget_bytes: int) -> int:
     """The most bytes PID 1 keeps from a files pipe: the budget plus every entry's header and path."""
     return budget_bytes + (MAX_OUTPUT_ENTRIES + 1) * (RECORD.size + MAX_PATH_BYTES)
 
 
-def parse_records(buf, budget_bytes, overflowed):
+def parse_records(buf: bytes | bytearray, budget_bytes: int, overflowed: bool) -> tuple[list[dict[str, Any]], bool]:
     """(files, truncated) from what the child sent: entries as the result frame lists them, with the content
-    as base64 bytes (runner.send splices them into the frame). Content past
+    as base64 bytes (frames.send splices them into the frame). Content past
     the budget, entries past the bound, or bytes that are not records (a task may write its own) end up
     as `content: null` or not listed, and `truncated` says so."""
-    files, truncated, offset = [], overflowed, 0
+    files: list[dict[str, Any]] = []
+    truncated, offset = overflowed, 0
     view = memoryview(buf)
     while offset + RECORD.size <= len(buf):
         path_len, size, flags = RECORD.unpack_from(buf, offset)
