@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import pytest
@@ -14,6 +16,8 @@ from tests.docker_proxy import DockerProxy
 from tests.polling import wait_for
 
 pytestmark = pytest.mark.docker
+
+CALLBACK_ENV = {"WARMPOOL_CALLBACK_ALLOW": "127.0.0.2", "WARMPOOL_CALLBACK_SECRET": "soak-finding"}
 
 
 def _raw_exchange(base_url: str, request: bytes, split_at: int | None = None) -> bytes:
@@ -102,3 +106,47 @@ def test_an_async_task_that_cannot_get_a_container_waits_for_one(serve):
     assert service.client.delete(f"/v1/sessions/{session.json()['id']}").status_code == 204
     done = service.client.get(link, params={"wait_s": 30}).json()
     assert done["status"] == "succeeded" and done["stdout"] == "waited\n", done
+
+
+@pytest.mark.redis
+def test_a_callback_delivered_while_redis_restarts_is_not_sent_again(cluster, redis_server):
+    # Found by the soak's Redis restarts (scale-out): attempt 1 reached the receiver, recording it failed
+    # because Redis was restarting, the claim lapsed and the receiver got the same callback again.
+    server = redis_server(appendonly=True)
+    c = cluster(redis_url_=server.url)
+    c.worker()
+    # A 2 s attempt timeout makes the claim's lease 9 s: a lapsed claim would show up well within the wait.
+    api = c.api(env={**CALLBACK_ENV, "WARMPOOL_CALLBACK_ATTEMPT_TIMEOUT_S": "2"})
+    attempts: list[str] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            attempts.append(self.headers.get("x-warmpool-attempt", ""))
+            if len(attempts) == 1:
+                assert server.process is not None
+                server.process.terminate()  # a clean restart: Redis writes its AOF out, nothing is lost
+                server.process.wait(10)
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hook = ThreadingHTTPServer(("127.0.0.2", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.2:{hook.server_address[1]}/hook"
+        submitted = api.client.post("/v1/tasks", json={"code": "print('once')", "callback_url": url})
+        assert submitted.status_code == 202
+        wait_for(lambda: len(attempts) == 1, "the first attempt", timeout_s=60)
+        time.sleep(1)  # the API tries to record the attempt while Redis is away
+        server.process = None
+        server.start()
+        key = f"{c.prefix}:task:{submitted.json()['id']}"
+        wait_for(lambda: c.redis.hget(key, "callback_state") == "delivered", "the attempt recorded", timeout_s=30)
+        time.sleep(12)  # past the claim's lease: a second attempt would have come by now
+        assert attempts == ["1"]
+    finally:
+        hook.shutdown()
+        hook.server_close()
