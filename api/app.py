@@ -22,6 +22,7 @@ from api.errors import install_error_handlers
 from api.limits import BodySizeLimit, limiter_from
 from api.mcp_http import install_mcp
 from api.metrics import install_metrics
+from api.responses import TAGS
 from api.routes import router, task_body
 from api.sessions import admin_router as session_admin_router
 from api.sessions import router as session_router
@@ -58,7 +59,10 @@ def create_app(settings: Settings | None = None,
                 await relay.close()
             await dispatcher.close()
 
-    app = FastAPI(title="warmpool", version="0.1.0", lifespan=lifespan,
+    # Operation ids are the routes' names (`execute`, `get_task`), not FastAPI's `execute_v1_execute_post`:
+    # what generated clients name their methods after; tests/test_openapi.py lists them.
+    app = FastAPI(title="warmpool", version="0.1.0", lifespan=lifespan, openapi_tags=TAGS,
+                  generate_unique_id_function=lambda route: route.name,
                   description="Run Python snippets in warm, verified-clean Docker containers.")
     app.state.settings = settings
     app.state.rate_limiter = limiter_from(settings)

@@ -10,13 +10,26 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from typing import Annotated
 
-from fastapi import HTTPException, Request
+from fastapi import HTTPException, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 # Where AuthBeforeBody leaves the key it checked, so that the route's dependency does not hash it again.
 _CHECKED_KEY = "warmpool.api_key"
 MCP_PATH = "/mcp"  # the MCP endpoint (api/mcp_http.py) takes the same API keys as /v1/
+
+
+# The OpenAPI document's security schemes: an Authorize button in /docs, and generated clients that send the
+# key. The checks below read the header themselves (AuthBeforeBody calls them outside FastAPI's injection), so
+# the schemes' own answers are unused: auto_error=False keeps them from answering anything.
+API_KEY_SCHEME = HTTPBearer(scheme_name="ApiKey", auto_error=False,
+                            description="One of the server's WARMPOOL_API_KEYS (not needed when it has none)")
+ADMIN_KEY_SCHEME = HTTPBearer(scheme_name="AdminKey", auto_error=False,
+                              description="The server's WARMPOOL_ADMIN_KEY")
+ApiKeyScheme = Annotated[HTTPAuthorizationCredentials | None, Security(API_KEY_SCHEME)]
+AdminKeyScheme = Annotated[HTTPAuthorizationCredentials | None, Security(ADMIN_KEY_SCHEME)]
 
 
 def _bearer(request: Request) -> str | None:
@@ -40,7 +53,7 @@ def _matches(token: str, keys: tuple[str, ...]) -> bool:
 
 
 # async on purpose: FastAPI runs a plain `def` dependency in a worker thread, a costly hop per request.
-async def require_api_key(request: Request) -> str:
+async def require_api_key(request: Request, _scheme: ApiKeyScheme = None) -> str:
     """The caller's key (or "anonymous" when the server has no keys configured)."""
     keys: tuple[str, ...] = request.app.state.settings.api_keys
     if not keys:
@@ -57,7 +70,7 @@ async def require_api_key(request: Request) -> str:
     return token
 
 
-async def require_admin_key(request: Request) -> None:
+async def require_admin_key(request: Request, _scheme: AdminKeyScheme = None) -> None:
     admin_key: str | None = request.app.state.settings.admin_key
     if not admin_key:
         raise HTTPException(status_code=403, detail="admin routes are disabled: set WARMPOOL_ADMIN_KEY")

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 
 from api.errors import invalid_body
 from api.limits import require_task_quota
+from api.responses import API_KEY, described
 from api.routes import accepted, callback_refusal, prepare
 from api.schemas import BatchAccepted, BatchRequest
 from api.state import dispatcher_of, settings_of
@@ -33,12 +34,12 @@ def _located(response: JSONResponse, index: int) -> JSONResponse:
         k: v for k, v in response.headers.items() if k.lower() == "retry-after"})
 
 
-@router.post("/v1/tasks/batch", status_code=202, response_model=BatchAccepted,
-             responses={413: {"description": "Body, or one task's code or stdin, too large (names tasks[i])"},
-                        422: {"description": "A task is invalid (its location names tasks[i]), or too many tasks"},
-                        429: {"description": "Over this key's rate, or a tier's queue cannot take them all "
-                                             "(Retry-After)"},
-                        503: {"description": "No worker serves a tier, or a backend is down (Retry-After)"}})
+@router.post("/v1/tasks/batch", status_code=202, response_model=BatchAccepted, tags=["tasks"],
+             responses={**API_KEY, **described({
+                 413: "Body, or one task's code, stdin or files, too large (names tasks[i])",
+                 422: "A task is invalid (its location names tasks[i]), or too many tasks",
+                 429: "Over this key's rate or async task bounds, or a tier's queue cannot take them all",
+                 503: "No worker serves a tier, or a backend is down"})})
 async def submit_batch(body: BatchRequest, request: Request, key: str = Depends(require_task_quota)) -> Any:
     """Queue several snippets at once; each answer is like `POST /v1/tasks`'s, in the order sent.
 

@@ -162,5 +162,7 @@ def install_metrics(app: FastAPI) -> CollectorRegistry:
             body = render_pools(pools) + body
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    app.add_api_route("/metrics", metrics, methods=["GET"], response_class=Response)
+    app.add_api_route("/metrics", metrics, methods=["GET"], response_class=Response, tags=["health"],
+                      responses={200: {"description": "Prometheus text exposition format",
+                                       "content": {"text/plain": {"schema": {"type": "string"}}}}})
     return registry

@@ -16,10 +16,12 @@ from api.callback_http import submission_refusal
 from api.errors import invalid_body
 from api.json_body import BodyRoute
 from api.limits import require_task_quota
+from api.responses import API_KEY, MEANING, RETRY_AFTER, described, errors
 from api.schemas import (
     ExecuteRequest,
     ExecuteResponse,
     ImageOut,
+    ReadyOut,
     ResourcesIn,
     TaskAccepted,
     TaskPending,
@@ -135,12 +137,11 @@ def prepare(body: ExecuteRequest, settings: Settings) -> tuple[TaskSpec, Tier] |
     return spec, image_tier(settings, body.resources, body.image)
 
 
-@router.post("/v1/execute", response_model=ExecuteResponse,
-             responses={413: {"description": "Body, code or stdin too large"},
-                        422: {"description": "Invalid request"},
-                        429: {"description": "Over this key's rate, or too many requests wait for the tier "
-                                             "(Retry-After)"},
-                        503: {"description": "No capacity in time, or Docker unavailable (Retry-After)"}})
+@router.post("/v1/execute", response_model=ExecuteResponse, tags=["tasks"],
+             responses={**API_KEY, **described({
+                 413: "Body, code, stdin or files too large", 422: MEANING[422],
+                 429: "Over this key's rate, or too many requests wait for the tier",
+                 503: "No capacity in time, or Docker unavailable"})})
 async def execute(body: ExecuteRequest, request: Request, _key: str = Depends(require_task_quota)) -> Any:
     """Run a Python snippet on a warm container of the smallest tier that covers its resources.
 
@@ -179,11 +180,12 @@ def accepted(task_id: str) -> dict[str, str]:
     return {"id": task_id, "status": "queued", "link": f"/v1/tasks/{task_id}"}
 
 
-@router.post("/v1/tasks", status_code=202, response_model=TaskAccepted,
-             responses={413: {"description": "Body, code or stdin too large"},
-                        422: {"description": "Invalid request, or a callback_url the server does not allow"},
-                        429: {"description": "Over this key's rate, or the tier's queue is full (Retry-After)"},
-                        503: {"description": "No worker serves the tier, or a backend is down (Retry-After)"}})
+@router.post("/v1/tasks", status_code=202, response_model=TaskAccepted, tags=["tasks"],
+             responses={**API_KEY, **described({
+                 413: "Body, code, stdin or files too large",
+                 422: "Invalid request, or a callback_url the server does not allow",
+                 429: "Over this key's rate or async task bounds, or the tier's queue is full",
+                 503: "No worker serves the tier, or a backend is down"})})
 async def submit_task(body: TaskRequest, request: Request, key: str = Depends(require_task_quota)) -> Any:
     """Queue a snippet to run in the background; poll `link` for its state and then its result.
 
@@ -204,8 +206,9 @@ async def submit_task(body: TaskRequest, request: Request, key: str = Depends(re
     return JSONResponse(status_code=202, content=content, headers={"Location": content["link"]})
 
 
-@router.get("/v1/tasks/{task_id}", response_model=ExecuteResponse | TaskPending,
-            responses={404: {"description": "Unknown task, or its result expired"}})
+@router.get("/v1/tasks/{task_id}", response_model=ExecuteResponse | TaskPending, tags=["tasks"],
+            responses={**API_KEY, **described({404: "Unknown task (or another key's), or its result expired"}),
+                       **errors(422, 503)})
 async def get_task(task_id: str, request: Request, key: str = Depends(require_api_key),
                    wait_s: float = Query(default=0.0, ge=0, le=30, allow_inf_nan=False,
                                          description="Long poll: answer as soon as the task ends, or after this "
@@ -218,9 +221,11 @@ async def get_task(task_id: str, request: Request, key: str = Depends(require_ap
     return JSONResponse(task_body(view))
 
 
-@router.get("/v1/tasks/{task_id}/events",
-            responses={200: {"content": {"text/event-stream": {}}, "description": "The task's events"},
-                       404: {"description": "Unknown task, or its result expired"}})
+@router.get("/v1/tasks/{task_id}/events", tags=["tasks"],
+            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                             "description": "The task's events"},
+                       **API_KEY, **described({404: "Unknown task (or another key's), or its result expired"}),
+                       **errors(422, 503)})
 async def task_events(task_id: str, request: Request, key: str = Depends(require_api_key)) -> Any:
     """An async task's output as server-sent events: `stdout` and `stderr` as it writes (from its start, also
     when followed late), then one `result` event with the body `GET /v1/tasks/{id}` gives. A task that has
@@ -244,7 +249,8 @@ async def task_events(task_id: str, request: Request, key: str = Depends(require
     return stream_response(found, result_body)
 
 
-@router.get("/v1/tiers", response_model=list[TierOut], response_model_exclude_none=True)
+@router.get("/v1/tiers", response_model=list[TierOut], response_model_exclude_none=True, tags=["catalogue"],
+            operation_id="list_tiers", responses={**API_KEY, **errors(503)})
 async def tiers(request: Request, _key: str = Depends(require_api_key)) -> list[dict[str, Any]]:
     """The resource tiers, smallest first, with their live container counts.
 
@@ -253,7 +259,8 @@ async def tiers(request: Request, _key: str = Depends(require_api_key)) -> list[
     return [snapshot.as_dict() for snapshot in await dispatcher_of(request).tiers()]
 
 
-@router.get("/v1/images", response_model=list[ImageOut])
+@router.get("/v1/images", response_model=list[ImageOut], tags=["catalogue"], operation_id="list_images",
+            responses={**API_KEY, **errors(503)})
 async def images(request: Request, _key: str = Depends(require_api_key)) -> list[dict[str, Any]]:
     """The sandbox images the tiers serve: Python version, every package with its version, and the modules
     already imported in the warm interpreter (so that importing them in a task costs next to nothing).
@@ -262,13 +269,15 @@ async def images(request: Request, _key: str = Depends(require_api_key)) -> list
     return await dispatcher_of(request).images()
 
 
-@router.get("/healthz")
+@router.get("/healthz", tags=["health"])
 async def healthz() -> dict[str, str]:
     """The process is alive."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", tags=["health"], response_model=ReadyOut,
+            responses={503: {"model": ReadyOut, "headers": RETRY_AFTER,
+                             "description": "Not ready: the checks say which part is not"}})
 async def readyz(request: Request) -> JSONResponse:
     """Docker reachable, runner image present, and every tier warmed to its min_idle.
 

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from pool.model.errors import InvalidRequest
 from pool.model.resources import ResourceRequest, parse_bytes, parse_count, parse_number
+
+_NUMBER = {"type": "number", "exclusiveMinimum": 0}
+_BYTES = {"type": "integer", "exclusiveMinimum": 0}
+_NUMERIC_STRING = {"type": "string", "description": "a number written as a string, e.g. \"2\""}
+_SIZE_STRING = {"type": "string", "description": "a byte count, or a number with K/M/G/T (KB/MB/GB/TB, "
+                "KiB/MiB/GiB/TiB: all powers of 1024)"}
+
+
+def _schema(*choices: dict[str, Any]) -> WithJsonSchema:
+    """The field's schema in the document: one of `choices`, or null (absent)."""
+    return WithJsonSchema({"anyOf": [*choices, {"type": "null"}]})
 
 
 class ResourcesIn(BaseModel):
@@ -15,13 +26,17 @@ class ResourcesIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    cpu: Any = Field(default=None, description="CPUs: a number or numeric string, e.g. 0.5 or \"2\"",
-                     examples=["2"])
-    gpu: Any = Field(default=None, description="Whole GPUs; 0 when absent", examples=["0"])
-    ram: Any = Field(default=None, description="Memory: bytes or a size such as \"512MB\" or \"1GiB\"",
-                     examples=["512MB"])
-    storage: Any = Field(default=None, description="Scratch space: bytes or a size such as \"1GB\"",
-                         examples=["1GB"])
+    # The fields take what the seed sends (numeric strings, sizes with units) and are checked by the validators
+    # below, which name the field; the document says what they take: a number, or a string of one.
+    cpu: Annotated[Any, _schema(_NUMBER, _NUMERIC_STRING)] = Field(
+        default=None, description="CPUs: a number or numeric string, e.g. 0.5 or \"2\"", examples=[2, "0.5"])
+    gpu: Annotated[Any, _schema({"type": "integer", "minimum": 0}, _NUMERIC_STRING)] = Field(
+        default=None, description="Whole GPUs; 0 when absent", examples=[0, "1"])
+    ram: Annotated[Any, _schema(_BYTES, _SIZE_STRING)] = Field(
+        default=None, description="Memory: bytes or a size such as \"512MB\" or \"1GiB\"",
+        examples=[536870912, "512MB", "1GiB"])
+    storage: Annotated[Any, _schema(_BYTES, _SIZE_STRING)] = Field(
+        default=None, description="Scratch space: bytes or a size such as \"1GB\"", examples=[1073741824, "1GB"])
 
     @field_validator("cpu")
     @classmethod
@@ -63,7 +78,11 @@ class FileIn(BaseModel):
 class ExecuteRequest(BaseModel):
     """A snippet to run and the resources it needs."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"task_type": "execute_code", "code": "print('Hello, World!')",
+         "resources": {"cpu": "2", "gpu": "0", "ram": "512MB", "storage": "1GB"}},
+        {"code": "import sys\nprint(sys.stdin.read())", "stdin": "ada", "resources": {"cpu": 0.5, "ram": 134217728},
+         "timeout_s": 5}]})
 
     task_type: Literal["execute_code"] = Field(default="execute_code", description="Only 'execute_code' for now")
     code: str = Field(min_length=1, description="Python source, run as __main__")
@@ -184,3 +203,9 @@ class TierOut(BaseModel):
     starting: int
     workers: int | None = Field(default=None, description="Scale-out mode: live workers serving the tier")
     queued: int | None = Field(default=None, description="Scale-out mode: tasks waiting or running")
+
+
+class ReadyOut(BaseModel):
+    ready: bool
+    checks: dict[str, bool] = Field(description="Each check by name: docker, image, pools_warm (scale-out: "
+                                    "redis, workers)", examples=[{"docker": True, "image": True, "pools_warm": True}])

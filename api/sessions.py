@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import require_admin_key, require_api_key
 from api.limits import require_task_quota
+from api.responses import ADMIN_KEY, API_KEY, MEANING, described, errors
 from api.routes import build_spec, execution_body, image_tier, outcome_body
-from api.schemas import ExecuteRequest, ExecuteResponse, ResourcesIn, ResourcesOut
+from api.schemas import ExecuteRequest, ExecuteResponse, FileIn, ResourcesIn, ResourcesOut
 from api.state import dispatcher_of, settings_of
 from api.streaming import stream_response, wants_stream
 from pool.dispatch import owner_of
@@ -30,8 +31,8 @@ from pool.settings import Settings
 router = APIRouter(tags=["sessions"])
 admin_router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin_key)])
 _SESSION_ID = re.compile(r"[0-9a-f]{32}")
-GONE: dict[int | str, dict[str, Any]] = {
-    404: {"description": "Unknown, ended (the detail says why) or another key's session"}}
+GONE = {**API_KEY, **described({404: "Unknown, ended (the detail says why) or another key's session"}),
+        **errors(503)}
 
 
 class SessionCreate(BaseModel):
@@ -57,9 +58,11 @@ class SessionExecute(BaseModel):
     stdin: str = Field(default="", description="Text given to this call on standard input")
     timeout_s: float | None = Field(default=None, gt=0, description="This call's wall-clock limit; at it the "
                                     "code is interrupted (KeyboardInterrupt) and the session keeps its state")
-    # `files` and `outputs` (DESIGN.md 1a) are not taken here yet: tasks take them (pool/model/files.py);
-    # a call's would go into the spec that build_spec makes, and the runner's session_run would have to write
-    # them and collect outputs in the session's interpreter as task_child does (runner_image/sandbox/taskfiles.py).
+    files: list[FileIn] = Field(default_factory=list, description="Written under the session's working directory "
+                                "before this call's code runs (replacing a file already at that path); like "
+                                "every file there, they stay for the session's later calls")
+    outputs: list[str] = Field(default_factory=list, description="Globs relative to the working directory: the "
+                               "regular files they match when this call ends come back in `files`")
 
 
 class SessionOut(BaseModel):
@@ -73,6 +76,17 @@ class SessionOut(BaseModel):
     created_unix: float
     idle_s: float
     expires_in_s: float | None = Field(description="Until the idle timeout closes it; null while a call runs")
+
+
+class AdminSessionOut(SessionOut):
+    owner: str = Field(description="A digest of the key that holds it (never the key)")
+    worker: str = Field(description="The pool instance holding its container")
+    container: str
+
+
+class AdminSessionsOut(BaseModel):
+    sessions: list[AdminSessionOut]
+    count: int
 
 
 def session_body(info: SessionInfo) -> dict[str, Any]:
@@ -95,10 +109,10 @@ def _checked_id(session_id: str) -> str:
 
 
 @router.post("/v1/sessions", status_code=201, response_model=SessionOut,
-             responses={422: {"description": "Invalid request"},
-                        429: {"description": "This key holds WARMPOOL_MAX_SESSIONS_PER_KEY sessions, or over its "
-                                             "rate (Retry-After)"},
-                        503: {"description": "No container free in time, or Docker unavailable (Retry-After)"}})
+             responses={**API_KEY, **described({
+                 413: MEANING[413], 422: MEANING[422],
+                 429: "This key holds WARMPOOL_MAX_SESSIONS_PER_KEY sessions, or over its rate",
+                 503: "No container free in time, or Docker unavailable"})})
 async def open_session(body: SessionCreate, request: Request, key: str = Depends(require_task_quota)) -> Any:
     """Lease a container of the smallest tier that covers `resources` for this key's session: its calls share
     one interpreter (globals, imports and files persist) until it is deleted or idle past `idle_timeout_s`.
@@ -113,7 +127,7 @@ async def open_session(body: SessionCreate, request: Request, key: str = Depends
     return JSONResponse(status_code=201, content=session_body(info), headers={"Location": link})
 
 
-@router.get("/v1/sessions/{session_id}", response_model=SessionOut, responses=GONE)
+@router.get("/v1/sessions/{session_id}", response_model=SessionOut, responses={**GONE, **errors(422)})
 async def get_session(session_id: str, request: Request, key: str = Depends(require_api_key)) -> Any:
     """The session: its tier, state (`idle` or `busy`), calls so far, and when the idle timeout closes it."""
     info = await dispatcher_of(request).session(_checked_id(session_id), owner_of(key))
@@ -121,17 +135,23 @@ async def get_session(session_id: str, request: Request, key: str = Depends(requ
 
 
 @router.post("/v1/sessions/{session_id}/execute", response_model=ExecuteResponse,
-             responses={**GONE, 409: {"description": "Another call of this session is running"},
-                        413: {"description": "Code or stdin too large"}, 422: {"description": "Invalid request"}})
+             responses={**GONE, **described({409: "Another call of this session is running",
+                                             413: "Body, code, stdin or files too large",
+                                             422: "Invalid request (a bad `files` or `outputs` entry is named)",
+                                             429: "Over this key's rate"})})
 async def session_execute(session_id: str, body: SessionExecute, request: Request,
                           key: str = Depends(require_task_quota)) -> Any:
     """Run code in the session's interpreter; the answer is the /v1/execute body (or, with
-    `Accept: text/event-stream`, its event stream). A call that times out is interrupted and the session keeps
+    `Accept: text/event-stream`, its event stream). `files` are written before the code runs and `outputs`
+    collected after it, as for /v1/execute; the working directory is the session's, so files persist
+    between calls. On the `datascience` image the figures a call shows or leaves open come back as
+    `figures/figure-<n>.png` and are closed. A call that times out is interrupted and the session keeps
     its state when the code stops; a call that runs out of memory, or would not stop, ends the session (its
     `message` says so; later calls get 404 saying why)."""
     started = time.perf_counter()
     settings = settings_of(request)
-    spec = build_spec(ExecuteRequest(code=body.code, stdin=body.stdin, timeout_s=body.timeout_s), settings)
+    spec = build_spec(ExecuteRequest(code=body.code, stdin=body.stdin, timeout_s=body.timeout_s, files=body.files,
+                                     outputs=body.outputs), settings)
     if isinstance(spec, JSONResponse):
         return spec
     dispatcher, owner = dispatcher_of(request), owner_of(key)
@@ -147,7 +167,7 @@ async def session_execute(session_id: str, body: SessionExecute, request: Reques
     return JSONResponse(execution_body(execution, spec.task_id, (time.perf_counter() - started) * 1000))
 
 
-@router.delete("/v1/sessions/{session_id}", status_code=204, responses=GONE)
+@router.delete("/v1/sessions/{session_id}", status_code=204, responses={**GONE, **errors(422)})
 async def delete_session(session_id: str, request: Request, key: str = Depends(require_api_key)) -> Response:
     """End the session. Its container is reset and verified clean (or replaced) before anyone else gets it; a
     call still running finishes first."""
@@ -155,11 +175,13 @@ async def delete_session(session_id: str, request: Request, key: str = Depends(r
     return Response(status_code=204)
 
 
-@admin_router.get("/sessions")
-async def admin_sessions(request: Request) -> dict[str, Any]:
+@admin_router.get("/sessions", response_model=AdminSessionsOut, responses={**ADMIN_KEY, **errors(503)})
+async def admin_sessions(request: Request) -> Any:
     """Every live session: tier, state, calls, idle time, the worker and container holding it, and a digest
     of its key."""
     infos = await dispatcher_of(request).all_sessions()
-    return {"sessions": [{**session_body(info), "owner": info.owner, "worker": info.worker,
-                          "container": info.container} for info in infos],
-            "count": len(infos)}
+    return JSONResponse({"sessions": [admin_session_body(info) for info in infos], "count": len(infos)})
+
+
+def admin_session_body(info: SessionInfo) -> dict[str, Any]:
+    return {**session_body(info), "owner": info.owner, "worker": info.worker, "container": info.container}

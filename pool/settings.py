@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from pool.env_settings import SettingsError, read_env, unknown_variables
 from pool.model import images as catalogue
 from pool.model.callback_rules import CallbackPolicy
 from pool.model.errors import InvalidRequest
 from pool.model.images import ImageSpec
-from pool.model.resources import parse_bytes, parse_number
 from pool.model.result_bounds import Bounds, largest_task_bytes
 from pool.model.tiers import Tier, default_tiers, sorted_tiers, tiers_from_config
 from pool.model.warming import WarmingPolicy
 from pool.sizes_file import apply_sizes, load_sizes
+
+log = logging.getLogger(__name__)
 
 MIB = 1024 ** 2
 GIB = 1024 ** 3
@@ -37,7 +40,6 @@ class Settings:
     # The images this deployment knows (built-ins and the tiers file's), docker tags from the environment;
     # each tier serves one of them by name.
     images: tuple[ImageSpec, ...] = catalogue.BUILTIN
-    base_image: str = "warmpool-base:bookworm"
     instance_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
     docker_host: str | None = None
     lease_timeout_s: float = 5.0
@@ -134,49 +136,6 @@ class Settings:
                       max_results=self.max_results, max_result_bytes=self.max_result_bytes)
 
 
-def _get(env: Mapping[str, str], name: str) -> str | None:
-    value = env.get(f"WARMPOOL_{name}")
-    return value if value not in (None, "") else None
-
-
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = _get(env, name)
-    return default if raw is None else parse_number(f"WARMPOOL_{name}", raw, allow_zero=False)
-
-
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    return int(_float(env, name, default))
-
-
-def _bytes(env: Mapping[str, str], name: str, default: int) -> int:
-    return parse_bytes(f"WARMPOOL_{name}", _get(env, name) or default)
-
-
-def _float0(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = _get(env, name)
-    return default if raw is None else parse_number(f"WARMPOOL_{name}", raw, allow_zero=True)
-
-
-def _warming(env: Mapping[str, str]) -> WarmingPolicy:
-    defaults = WarmingPolicy()
-    enabled = (_get(env, "WARMING") or "on").lower()
-    if enabled not in ("on", "off"):
-        raise InvalidRequest("WARMPOOL_WARMING", f"must be 'on' or 'off', got {enabled!r}")
-    burst = _get(env, "WARM_BURST_SIGMAS")
-    return WarmingPolicy(
-        enabled=enabled == "on",
-        window_s=_float(env, "WARM_WINDOW_S", defaults.window_s),
-        quiet_s=_float(env, "WARM_QUIET_S", defaults.quiet_s),
-        burst_sigmas=defaults.burst_sigmas if burst is None
-        else parse_number("WARMPOOL_WARM_BURST_SIGMAS", burst, allow_zero=True),
-    )
-
-
-def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
-    raw = _get(env, name) or ""
-    return tuple(item.strip() for item in raw.split(",") if item.strip())
-
-
 def _check_images(tiers: tuple[Tier, ...], images: tuple[ImageSpec, ...]) -> None:
     known = [spec.name for spec in images]
     for index, tier in enumerate(tiers):
@@ -186,109 +145,57 @@ def _check_images(tiers: tuple[Tier, ...], images: tuple[ImageSpec, ...]) -> Non
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
-    """Read settings from the environment; nothing needs a file to start."""
+    """Read settings from the environment; nothing needs a file to start. SettingsError (an InvalidRequest)
+    names every bad variable; WARMPOOL_* names that nothing reads are logged as warnings."""
     env = os.environ if env is None else env
-    tiers_file = _get(env, "TIERS_FILE")
+    values = read_env(env).set_values()
+    tiers_file = values.pop("tiers_file", None)
     raw = catalogue.read_tiers_file(tiers_file) if tiers_file else None
     images = catalogue.with_env_tags(catalogue.images_from_config(raw), env)
+    for line in unknown_variables(env, {catalogue.env_tag_variable(spec.name) for spec in images}):
+        log.warning("%s", line)
     configured = tiers_from_config(raw, str(tiers_file)) if tiers_file else default_tiers()
     _check_images(configured, images)
     tiers = sorted_tiers(configured)
-    sizes_file = _get(env, "POOL_SIZES_FILE")
-    if sizes_file:
-        tiers = apply_sizes(tiers, load_sizes(sizes_file))
-    mode = _get(env, "MODE") or "warm"
-    if mode not in ("warm", "cold"):
-        raise InvalidRequest("WARMPOOL_MODE", f"must be 'warm' or 'cold', got {mode!r}")
-    scratch = _get(env, "SCRATCH") or "disk"
-    if scratch not in ("disk", "memory"):
-        raise InvalidRequest("WARMPOOL_SCRATCH", f"must be 'disk' or 'memory', got {scratch!r}")
-    ram = _get(env, "HOST_RAM")
-    api_keys, admin_key = _list(env, "API_KEYS"), _get(env, "ADMIN_KEY")
-    if admin_key is not None and admin_key in api_keys:
-        raise InvalidRequest("WARMPOOL_ADMIN_KEY", "must differ from every key in WARMPOOL_API_KEYS")
-    defaults = Settings()
-    max_files_bytes = parse_bytes("WARMPOOL_MAX_FILES_BYTES", _get(env, "MAX_FILES_BYTES") or defaults.max_files_bytes)
-    callback_allow, callback_secret = _list(env, "CALLBACK_ALLOW"), _get(env, "CALLBACK_SECRET") or ""
-    if callback_allow and not callback_secret:
-        raise InvalidRequest("WARMPOOL_CALLBACK_SECRET", "is required when WARMPOOL_CALLBACK_ALLOW is set: "
-                             "receivers check each callback's signature with it")
-    CallbackPolicy.parse(callback_allow)  # refuse a garbled allowlist at start, not at the first callback
-    settings = Settings(
-        tiers=tiers,
-        images=images,
-        base_image=_get(env, "BASE_IMAGE") or defaults.base_image,
-        instance_id=_get(env, "INSTANCE_ID") or defaults.instance_id,
-        docker_host=env.get("DOCKER_HOST") or None,
-        lease_timeout_s=_float(env, "LEASE_TIMEOUT_S", defaults.lease_timeout_s),
-        default_timeout_s=_float(env, "DEFAULT_TIMEOUT_S", defaults.default_timeout_s),
-        max_timeout_s=_float(env, "MAX_TIMEOUT_S", defaults.max_timeout_s),
-        max_code_bytes=parse_bytes("WARMPOOL_MAX_CODE_BYTES", _get(env, "MAX_CODE_BYTES") or defaults.max_code_bytes),
-        max_stdin_bytes=parse_bytes("WARMPOOL_MAX_STDIN_BYTES",
-                                    _get(env, "MAX_STDIN_BYTES") or defaults.max_stdin_bytes),
-        max_files_bytes=max_files_bytes,
-        max_output_files_bytes=parse_bytes("WARMPOOL_MAX_OUTPUT_FILES_BYTES",
-                                           _get(env, "MAX_OUTPUT_FILES_BYTES") or defaults.max_output_files_bytes),
-        max_body_bytes=parse_bytes("WARMPOOL_MAX_BODY_BYTES",
-                                   _get(env, "MAX_BODY_BYTES") or default_max_body_bytes(max_files_bytes)),
-        output_limit_bytes=parse_bytes("WARMPOOL_OUTPUT_LIMIT_BYTES",
-                                       _get(env, "OUTPUT_LIMIT_BYTES") or defaults.output_limit_bytes),
-        start_concurrency=_int(env, "START_CONCURRENCY", defaults.start_concurrency),
-        cpu_overcommit=_float(env, "CPU_OVERCOMMIT", defaults.cpu_overcommit),
-        host_cpus=None if _get(env, "HOST_CPUS") is None else _float(env, "HOST_CPUS", 1.0),
-        host_ram_bytes=None if ram is None else parse_bytes("WARMPOOL_HOST_RAM", ram),
-        host_reserve_ram_bytes=parse_bytes("WARMPOOL_HOST_RESERVE_RAM",
-                                           _get(env, "HOST_RESERVE_RAM") or defaults.host_reserve_ram_bytes),
-        host_reserve_cpus=parse_number("WARMPOOL_HOST_RESERVE_CPUS", _get(env, "HOST_RESERVE_CPUS") or 0,
-                                       allow_zero=True),
-        gpu_ids=_list(env, "GPU_IDS"),
-        warming=_warming(env),
-        pool_sizes_file=sizes_file,
-        api_keys=api_keys,
-        admin_key=admin_key,
-        rate_limit_per_s=_float0(env, "RATE_LIMIT_PER_S", defaults.rate_limit_per_s),
-        rate_limit_burst=int(_float0(env, "RATE_LIMIT_BURST", defaults.rate_limit_burst)),
-        max_waiting=int(_float0(env, "MAX_WAITING", defaults.max_waiting)),
-        max_header_bytes=_bytes(env, "MAX_HEADER_BYTES", defaults.max_header_bytes),
-        request_read_timeout_s=_float(env, "REQUEST_READ_TIMEOUT_S", defaults.request_read_timeout_s),
-        keep_alive_timeout_s=_float(env, "KEEP_ALIVE_TIMEOUT_S", defaults.keep_alive_timeout_s),
-        max_connections=_int(env, "MAX_CONNECTIONS", defaults.max_connections),
-        max_tasks_per_key=_int(env, "MAX_TASKS_PER_KEY", defaults.max_tasks_per_key),
-        max_result_bytes_per_key=_bytes(env, "MAX_RESULT_BYTES_PER_KEY", defaults.max_result_bytes_per_key),
-        max_results=_int(env, "MAX_RESULTS", defaults.max_results),
-        max_result_bytes=_bytes(env, "MAX_RESULT_BYTES", defaults.max_result_bytes),
-        redis_url=_get(env, "REDIS_URL"),
-        redis_prefix=_get(env, "REDIS_PREFIX") or defaults.redis_prefix,
-        result_ttl_s=_float(env, "RESULT_TTL_S", defaults.result_ttl_s),
-        max_queued=_int(env, "MAX_QUEUED", defaults.max_queued),
-        heartbeat_s=_float(env, "HEARTBEAT_S", defaults.heartbeat_s),
-        visibility_timeout_s=_float(env, "VISIBILITY_TIMEOUT_S", defaults.visibility_timeout_s),
-        worker_grace_s=_float0(env, "WORKER_GRACE_S", defaults.worker_grace_s),
-        worker_tiers=_list(env, "WORKER_TIERS"),
-        mode=mode,
-        scratch=scratch,
-        scratch_dir=_get(env, "SCRATCH_DIR") or defaults.scratch_dir,
-        max_batch=_int(env, "MAX_BATCH", defaults.max_batch),
-        callback_allow=callback_allow,
-        callback_secret=callback_secret,
-        callback_retry_s=_float(env, "CALLBACK_RETRY_S", defaults.callback_retry_s),
-        callback_attempt_timeout_s=_float(env, "CALLBACK_ATTEMPT_TIMEOUT_S", defaults.callback_attempt_timeout_s),
-        callback_concurrency=_int(env, "CALLBACK_CONCURRENCY", defaults.callback_concurrency),
-        max_sessions_per_key=int(_float0(env, "MAX_SESSIONS_PER_KEY", defaults.max_sessions_per_key)),
-        session_idle_timeout_s=_float(env, "SESSION_IDLE_TIMEOUT_S", defaults.session_idle_timeout_s),
-        max_session_idle_s=_float(env, "MAX_SESSION_IDLE_S", defaults.max_session_idle_s),
-    )
-    _check_result_bounds(settings)
+    if values.get("pool_sizes_file"):
+        tiers = apply_sizes(tiers, load_sizes(values["pool_sizes_file"]))
+    warm = {key: values.pop(f"warm_{key}") for key in ("window_s", "quiet_s", "burst_sigmas")
+            if f"warm_{key}" in values}
+    warming = WarmingPolicy(enabled=values.pop("warming", "on") == "on", **warm)
+    for name in ("host_ram", "host_reserve_ram"):  # the variables' names carry no unit; the fields' do
+        if name in values:
+            values[f"{name}_bytes"] = values.pop(name)
+    if "max_body_bytes" not in values:
+        values["max_body_bytes"] = default_max_body_bytes(values.get("max_files_bytes", DEFAULT_MAX_FILES_BYTES))
+    settings = Settings(tiers=tiers, images=images, warming=warming, docker_host=env.get("DOCKER_HOST") or None,
+                        **values)
+    if problems := cross_checks(settings):
+        raise SettingsError(problems)
+    CallbackPolicy.parse(settings.callback_allow)  # refuse a garbled allowlist at start, not at the first callback
     return settings
 
 
-def _check_result_bounds(settings: Settings) -> None:
-    """Each bound must hold at least one task of the largest allowed size, else every submission is 429."""
+def cross_checks(settings: Settings) -> list[tuple[str, str]]:
+    """What is wrong between settings that are each fine alone: (variable, why) naming the others involved."""
+    problems = []
+    if settings.default_timeout_s > settings.max_timeout_s:
+        problems.append(("WARMPOOL_DEFAULT_TIMEOUT_S", f"{settings.default_timeout_s:g} s is above "
+                         f"WARMPOOL_MAX_TIMEOUT_S ({settings.max_timeout_s:g} s): every request without a "
+                         f"timeout_s would be refused; lower it or raise WARMPOOL_MAX_TIMEOUT_S"))
+    if settings.session_idle_timeout_s > settings.max_session_idle_s:
+        problems.append(("WARMPOOL_SESSION_IDLE_TIMEOUT_S", f"{settings.session_idle_timeout_s:g} s is above "
+                         f"WARMPOOL_MAX_SESSION_IDLE_S ({settings.max_session_idle_s:g} s)"))
+    if settings.admin_key is not None and settings.admin_key in settings.api_keys:
+        problems.append(("WARMPOOL_ADMIN_KEY", "must differ from every key in WARMPOOL_API_KEYS"))
+    if settings.callback_allow and not settings.callback_secret:
+        problems.append(("WARMPOOL_CALLBACK_SECRET", "is required when WARMPOOL_CALLBACK_ALLOW is set: receivers "
+                         "check each callback's signature with it"))
     largest = largest_task_bytes(settings.max_code_bytes, settings.max_stdin_bytes, settings.output_limit_bytes,
                                  settings.max_files_bytes, settings.max_output_files_bytes)
     for name, value in (("MAX_RESULT_BYTES_PER_KEY", settings.max_result_bytes_per_key),
                         ("MAX_RESULT_BYTES", settings.max_result_bytes)):
+        # Each bound must hold at least one task of the largest allowed size, else every submission is 429.
         if value < largest:
-            raise InvalidRequest(f"WARMPOOL_{name}", f"must be at least {largest} bytes (code, stdin and files "
-                                                     f"caps, twice the output limit and the output files cap as "
-                                                     f"base64), got {value}")
+            problems.append((f"WARMPOOL_{name}", f"must be at least {largest} bytes (the code, stdin and files "
+                             f"caps, twice the output limit and the output files cap as base64), got {value}"))
+    return problems

@@ -178,6 +178,12 @@ def test_sessions_keep_state_until_closed(serve):
             assert session.execute("x = 41 + 1").ok
             assert session.execute("print(x)").stdout == "42\n"
             assert [e.text for e in session.stream("print(x + 1)") if e.kind == "stdout"] == ["43\n"]
+            # files go in with one call and stay; outputs of a later call bring back what an earlier one wrote
+            assert session.execute("import pathlib; pathlib.Path('out.bin').write_bytes(b'x' * x)",
+                                   files={"in.bin": b"\x01\x02"}).ok
+            later = session.execute("print(open('in.bin', 'rb').read())", outputs=["*.bin"])
+            assert later.stdout == "b'\\x01\\x02'\n"
+            assert [(f.path, f.content) for f in later.files] == [("in.bin", b"\x01\x02"), ("out.bin", b"x" * 42)]
         with pytest.raises(NotFound):
             session.refresh()
 

@@ -13,6 +13,7 @@ PACKAGES = ("pool", "api", "warmpool", "runner_image")
 LAYERS: tuple[tuple[str, int], ...] = (
     ("pool.model", 0),  # pure: data types, parsing, tiers, capacity, warming arithmetic, framing, errors
     ("pool.settings", 1),
+    ("pool.env_settings", 1),  # the WARMPOOL_* variables, typed (pydantic-settings)
     ("pool.sizes_file", 1),
     ("pool.background", 1),  # the owner of background tasks, shared by both back ends
     ("pool.task_stream", 1),  # a streamed task's output for its followers, shared by both back ends

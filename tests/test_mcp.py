@@ -135,6 +135,11 @@ def test_mcp_sessions_keep_state_until_closed(serve):
         assert first.structured_content["status"] == "succeeded"
         second = await client.call_tool("session_run", {"session_id": session_id, "code": "print(x)"})
         assert second.structured_content["stdout"] == "42\n"
+        sent = await client.call_tool("session_run", {"session_id": session_id, "code": "print(open('in.txt').read())",
+                                                      "files": [{"path": "in.txt", "content": "kept"}]})
+        assert sent.structured_content["stdout"] == "kept\n", text_of(sent)
+        back = await client.call_tool("session_run", {"session_id": session_id, "code": "x", "outputs": ["*.txt"]})
+        assert [(f["path"], f["content"]) for f in back.structured_content["files"]] == [("in.txt", "kept")]
         closed = await client.call_tool("close_session", {"session_id": session_id})
         assert closed.structured_content["closed"] is True
         gone = await client.call_tool("session_run", {"session_id": session_id, "code": "print(x)"})

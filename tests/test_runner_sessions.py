@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import secrets
 import time
 from typing import Any
@@ -154,6 +156,59 @@ def test_a_session_keeps_globals_imports_and_files_between_calls(box):
     _, exited, _ = session.call("raise SystemExit(3)")
     assert (exited["status"], exited["exit_code"], exited["session_ended"]) == ("failed", 3, None)
     assert session.ok("print(x)") == "42\n", "SystemExit ends the call, not the session"
+    assert session.close()["clean"] is True
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def returned(result: dict) -> dict[str, bytes | None]:
+    """A result's files as {path: content} (None where the budget left it out)."""
+    return {e["path"]: None if e["content"] is None else base64.b64decode(e["content"]) for e in result["files"]}
+
+
+def test_a_sessions_calls_take_files_and_give_outputs_back(box):
+    session = Session(box)
+    _, first, _ = session.call("print(open('data/in.csv').read().split())\nopen('made.txt', 'w').write('call 1')",
+                               files=[{"path": "data/in.csv", "content": b64(b"a,b\n1,2\n")}], outputs=["*.txt"])
+    assert (first["status"], first["stdout"], first["session_ended"]) == ("succeeded", "['a,b', '1,2']\n", None)
+    assert first["files"] == [{"path": "made.txt", "size_bytes": 6, "encoding": "base64", "content": b64(b"call 1")}]
+    assert first["files_truncated"] is False
+    # Files persist: the CSV sent in call 1 and the file call 1 wrote are there in call 2; a file sent again
+    # replaces the old one; outputs are this call's only (a call without `outputs` gives none back).
+    assert session.ok("print(open('data/in.csv').read().count(',') + len(open('made.txt').read()))") == "8\n"
+    _, second, _ = session.call("open('data/more.csv', 'w').write('c')", outputs=["made.txt", "data/**"],
+                                files=[{"path": "data/in.csv", "content": b64(b"new")}])
+    assert returned(second) == {"made.txt": b"call 1", "data/in.csv": b"new", "data/more.csv": b"c"}, second
+    _, third, _ = session.call("print('no outputs asked')")
+    assert (third["files"], third["files_truncated"]) == ([], False)
+    # Larger than a pipe's buffer both ways, and past the budget: listed without content.
+    big = secrets.token_bytes(3 << 20)
+    _, large, _ = session.call("import hashlib\nd = open('in.bin', 'rb').read()\nprint(hashlib.sha256(d).hexdigest())\n"
+                               "open('out.bin', 'wb').write(d[::-1])\nopen('huge.bin', 'wb').truncate(9 << 20)",
+                               files=[{"path": "in.bin", "content": b64(big)}], outputs=["out.bin", "huge.bin"],
+                               max_output_files_bytes=8 << 20)
+    assert large["status"] == "succeeded" and large["stdout"] == hashlib.sha256(big).hexdigest() + "\n"
+    assert returned(large) == {"huge.bin": None, "out.bin": big[::-1]} and large["files_truncated"] is True
+    assert session.close()["clean"] is True
+
+
+def test_a_file_that_cannot_be_written_fails_the_call_and_the_session_goes_on(box):
+    session = Session(box)
+    session.ok("import os\nos.mkdir('taken')\nx = 7")
+    # The code does not run; the files after the bad one are still read off the go pipe, so the next call
+    # is not mistaken for their bytes.
+    _, bad, _ = session.call("print('ran')", files=[{"path": "taken", "content": b64(b"x")},
+                                                    {"path": "after.txt", "content": b64(b"y" * (1 << 20))}])
+    assert (bad["status"], bad["stdout"], bad["session_ended"]) == ("failed", "", None), bad
+    assert "could not write files[0] 'taken'" in bad["stderr"], bad["stderr"]
+    assert session.ok("print(x, sorted(os.listdir('.')))") == "7 ['taken']\n"
+    # A symlink the session planted at a file's path is replaced, never written through.
+    session.ok("os.symlink('/tmp/home/target', 'link.txt')")
+    look = "print(os.path.islink('link.txt'), open('link.txt').read(), os.path.exists('/tmp/home/target'))"
+    _, linked, _ = session.call(look, files=[{"path": "link.txt", "content": b64(b"z")}])
+    assert linked["stdout"] == "False z False\n", linked
     assert session.close()["clean"] is True
 
 

@@ -6,6 +6,7 @@ container; when that worker dies or stops, the session ends with a reason and no
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import time
 
@@ -120,6 +121,32 @@ def test_sessions_run_on_the_worker_that_holds_them(cluster):
     gone = call(api, sid, "print(x)")
     assert (gone.status_code, gone.json()["detail"]) == (404, f"session '{sid}' has ended: deleted")
     open_session(api)  # the deleted one's slot is free again
+
+
+def test_a_sessions_files_and_outputs_travel_through_redis(cluster):
+    c = cluster()
+    c.worker()
+    api = c.api(env=API_ENV)
+    sid = open_session(api)["id"]
+    payload = bytes(range(256)) * 4
+    first = call(api, sid, "open('made.txt', 'w').write(open('data/in.csv').read().upper())",
+                 files=[{"path": "data/in.csv", "content": "a,b\n1,2\n"},
+                        {"path": "blob.bin", "content": base64.b64encode(payload).decode(), "encoding": "base64"}],
+                 outputs=["*.txt"]).json()
+    assert first["status"] == "succeeded", first
+    assert [(f["path"], base64.b64decode(f["content"])) for f in first["files"]] == [("made.txt", b"A,B\n1,2\n")]
+    second = call(api, sid, "print(len(open('blob.bin', 'rb').read()), open('data/in.csv').read().count(','))",
+                  outputs=["made.txt", "*.bin"]).json()
+    assert (second["status"], second["stdout"], second["files_truncated"]) == ("succeeded", "1024 2\n", False)
+    assert {f["path"]: base64.b64decode(f["content"]) for f in second["files"]} == {
+        "blob.bin": payload, "made.txt": b"A,B\n1,2\n"}
+    # Streamed, the result event carries the files too; a bad path is a 422 naming it, before any hop.
+    _, found = stream_all(api.client, "POST", f"/v1/sessions/{sid}/execute", headers=ALICE,
+                          json={"code": "print('s', flush=True)", "outputs": ["made.txt"]})
+    assert [f["path"] for f in found[-1].data["files"]] == ["made.txt"]
+    refused = call(api, sid, "1", files=[{"path": "../x", "content": ""}])
+    assert refused.status_code == 422 and "files[0].path" in refused.text, refused.text
+    assert api.client.delete(f"/v1/sessions/{sid}", headers=ALICE).status_code == 204
 
 
 def test_a_session_whose_worker_dies_ends_with_a_reason_and_nothing_hangs(cluster):

@@ -3,6 +3,7 @@ deletion with a verified reset, endings with a reason, idle timeout, limits, dra
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import json
 from collections.abc import Callable, Iterator
@@ -245,6 +246,52 @@ def test_a_session_call_streams_its_output(svc, opened):
     unknown = stream_all(svc.client, "POST", "/v1/sessions/0123456789abcdef0123456789abcdef/execute",
                               headers=ALICE, json={"code": "1"})[0]
     assert unknown.status_code == 404  # errors before the call runs stay plain HTTP errors
+
+
+def test_a_sessions_calls_take_files_and_collect_outputs(svc, opened):
+    sid = opened()["id"]
+    first = call(svc, sid, "import csv\nrows = list(csv.DictReader(open('data/in.csv')))\n"
+                           "open('made.txt', 'w').write(f'{len(rows)} rows')",
+                 files=[{"path": "data/in.csv", "content": "a,b\n1,2\n3,4\n"}], outputs=["*.txt"]).json()
+    assert first["status"] == "succeeded", first
+    assert first["files"] == [{"path": "made.txt", "size_bytes": 6, "encoding": "base64",
+                               "content": base64.b64encode(b"2 rows").decode()}] and first["files_truncated"] is False
+    # Call 2 reads the CSV call 1 was sent, and its outputs return the file call 1 wrote.
+    second = call(svc, sid, "print(sum(int(r['b']) for r in csv.DictReader(open('data/in.csv'))), len(rows))",
+                  outputs=["made.txt"]).json()
+    assert (second["status"], second["stdout"]) == ("succeeded", "6 2\n"), second
+    assert [(f["path"], base64.b64decode(f["content"])) for f in second["files"]] == [("made.txt", b"2 rows")]
+    # A file sent as base64 replaces the one at its path; a call without outputs gives no files back.
+    third = call(svc, sid, "print(open('data/in.csv', 'rb').read())",
+                 files=[{"path": "data/in.csv", "content": base64.b64encode(b"\xff\x00").decode(),
+                         "encoding": "base64"}]).json()
+    assert (third["stdout"], third["files"], third["files_truncated"]) == ("b'\\xff\\x00'\n", [], False), third
+    # Past the server's output files cap (16 MiB by default): listed, content null, files_truncated.
+    big = call(svc, sid, "open('big.bin', 'wb').truncate(17 << 20)", outputs=["*.bin"]).json()
+    assert big["files"] == [{"path": "big.bin", "size_bytes": 17 << 20, "encoding": "base64", "content": None}]
+    assert big["files_truncated"] is True
+
+
+@pytest.mark.parametrize(("entry", "field"), [
+    ({"files": [{"path": "ok.txt"}, {"path": "../escape.txt"}]}, "files[1].path"),
+    ({"files": [{"path": "/etc/passwd"}]}, "files[0].path"),
+    ({"files": [{"path": ""}]}, "files[0].path"),
+    ({"files": [{"path": "a\u0000b"}]}, "files[0].path"),
+    ({"files": [{"path": "x", "content": "!!", "encoding": "base64"}]}, "files[0].content"),
+    ({"outputs": ["../*"]}, "outputs[0]"),
+])
+def test_bad_files_in_a_session_call_are_422_naming_the_entry(svc, opened, entry, field):
+    sid = opened()["id"]
+    ok(svc, sid, "x = 1")
+    response = call(svc, sid, "print('must not run')", **entry)
+    assert response.status_code == 422 and field in response.text, response.text
+    assert ok(svc, sid, "print(x)") == "1\n"  # nothing ran, and the session goes on
+
+
+def test_files_over_the_cap_in_a_session_call_are_413(svc, opened):
+    sid = opened()["id"]
+    response = call(svc, sid, "1", files=[{"path": "big.txt", "content": "x" * ((16 << 20) + 1)}])
+    assert response.status_code == 413 and "files" in response.json()["detail"], response.text
 
 
 @pytest.mark.parametrize(("body", "field"), [

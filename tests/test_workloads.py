@@ -204,6 +204,28 @@ def test_a_plot_comes_back_as_a_png_without_asking(service):
     assert succeeded(service, "print('no figure')", image="datascience")["files"] == []
 
 
+def test_a_session_on_the_datascience_image_gives_each_calls_figures(service):
+    """As a task's: shown and still-open figures come back as figures/figure-<n>.png; a session's call then
+    closes them (as a notebook does), so the next call neither sees nor returns them again."""
+    opened = service.client.post("/v1/sessions", json={"image": "datascience", "idle_timeout_s": 60})
+    assert opened.status_code == 201, opened.text
+    sid = opened.json()["id"]
+    try:
+        first = service.client.post(f"/v1/sessions/{sid}/execute", json={"code": PLOT}).json()
+        assert (first["status"], first["stdout"], first["image"]) == ("succeeded", "drawn\n", "datascience"), first
+        pngs = files_of(first)
+        assert list(pngs) == ["figures/figure-1.png", "figures/figure-2.png"]
+        assert all(png is not None and png.startswith(PNG_SIGNATURE) for png in pngs.values())
+        second = service.client.post(f"/v1/sessions/{sid}/execute",
+                                     json={"code": "print(len(plt.get_fignums()))"}).json()
+        assert (second["status"], second["stdout"], second["files"]) == ("succeeded", "0\n", []), second
+        third = service.client.post(f"/v1/sessions/{sid}/execute",
+                                    json={"code": "plt.plot([3, 1])", "outputs": ["*.csv"]}).json()
+        assert list(files_of(third)) == ["figures/figure-1.png"], third  # numbered per call, as per task
+    finally:
+        service.client.delete(f"/v1/sessions/{sid}")
+
+
 def test_outputs_and_figures_together_share_the_names(service):
     code = ("import os, matplotlib.pyplot as plt\nos.makedirs('figures')\n"
             "open('figures/figure-1.png', 'wb').write(b'mine')\nplt.plot([1, 2])")

@@ -381,6 +381,9 @@ class PoolManager:
             self.ledger.release(pool.tier.resources, gpu_ids)
             return
         handle.on_lost = self._on_lost
+        if pool.state_of(handle).drained:  # a drain came while it started: it is replaced, never leased
+            self.retire(handle, RetireReason.DRAINED)
+            return
         pool.offer(handle)
 
     def _start_failed(self, pool: TierPool, exc: PoolError) -> None:

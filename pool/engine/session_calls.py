@@ -32,7 +32,7 @@ async def run_call(handle: ContainerHandle, spec: TaskSpec, on_output: OutputSin
     The result's `session_ended` says when the call ended the session (the runner then resets)."""
     frame = {"op": "session_run", "id": spec.task_id, "code": spec.code, "stdin": spec.stdin,
              "timeout_s": spec.timeout_s, "output_limit_bytes": spec.output_limit_bytes,
-             "stream": on_output is not None}
+             "stream": on_output is not None, **spec.files_fields()}
     reply = await handle.request(frame, "result", spec.timeout_s + INTERRUPT_GRACE_S + RESULT_GRACE_S, on_output)
     return reply if isinstance(reply, TaskResult) else handle.result_of(reply)
 

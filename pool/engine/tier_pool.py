@@ -170,7 +170,7 @@ class TierPool:
 
         `ledger_room` is how many more containers of this tier the host ledger could hold now.
         """
-        drained = [h for h in self.idle if h.created_at < self.drained_at_s]  # were starting during a drain
+        drained = [h for h in self.idle if h.created_at < self.drained_at_s]  # a defence: none should be idle
         for handle in drained:
             self.forget(handle)
         now_s = self._clock()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 DEFAULT_OUTPUT_FILES_BYTES = 16 * 1024 * 1024
@@ -55,17 +55,38 @@ class TaskSpec:
     max_output_files_bytes: int = DEFAULT_OUTPUT_FILES_BYTES
 
     def run_frame(self, fsize_limit_bytes: int, nofile_limit: int, nproc_limit: int = 0) -> dict[str, Any]:
-        frame: dict[str, Any] = {
-            "op": "run", "id": self.task_id, "code": self.code, "stdin": self.stdin, "timeout_s": self.timeout_s,
-            "output_limit_bytes": self.output_limit_bytes, "fsize_limit_bytes": fsize_limit_bytes,
-            "nofile_limit": nofile_limit, "nproc_limit": nproc_limit,
-            "max_output_files_bytes": self.max_output_files_bytes}
+        return {"op": "run", "id": self.task_id, "code": self.code, "stdin": self.stdin, "timeout_s": self.timeout_s,
+                "output_limit_bytes": self.output_limit_bytes, "fsize_limit_bytes": fsize_limit_bytes,
+                "nofile_limit": nofile_limit, "nproc_limit": nproc_limit, **self.files_fields()}
+
+    def files_fields(self) -> dict[str, Any]:
+        """`max_output_files_bytes`, and `files` (content base64) and `outputs` when there are any: the fields
+        a `run` or `session_run` frame (and a session call sent through Redis) carries them in."""
+        fields: dict[str, Any] = {"max_output_files_bytes": self.max_output_files_bytes}
         if self.files:
-            frame["files"] = [{"path": f.path, "content": base64.b64encode(f.content).decode("ascii")}
-                              for f in self.files]
+            fields["files"] = [{"path": f.path, "content": base64.b64encode(f.content).decode("ascii")}
+                               for f in self.files]
         if self.outputs:
-            frame["outputs"] = list(self.outputs)
-        return frame
+            fields["outputs"] = list(self.outputs)
+        return fields
+
+    def with_files_fields(self, fields: dict[str, Any]) -> TaskSpec:
+        """This spec with the files, outputs and budget that `files_fields` wrote into `fields`;
+        ValueError, KeyError or TypeError when they are malformed."""
+        outputs = fields.get("outputs") or []
+        if not isinstance(outputs, list) or not all(isinstance(p, str) for p in outputs):
+            raise TypeError("outputs must be a list of strings")
+        limit = fields.get("max_output_files_bytes", DEFAULT_OUTPUT_FILES_BYTES)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise ValueError("max_output_files_bytes must be a whole number, not negative")
+        return replace(self, files=input_files(fields.get("files") or []), outputs=tuple(outputs),
+                       max_output_files_bytes=limit)
+
+
+def input_files(entries: Any) -> tuple[InputFile, ...]:
+    """`files` as `files_fields` wrote them; ValueError (binascii.Error), KeyError or TypeError if malformed."""
+    return tuple(InputFile(path=str(f["path"]), content=base64.b64decode(f["content"], validate=True))
+                 for f in entries)
 
 
 @dataclass(frozen=True)

@@ -164,7 +164,8 @@ class RedisSessions:
     async def _call(self, session_id: str, owner: str, record: dict[str, str], spec: TaskSpec,
                     stream: bool) -> Execution:
         command = {"op": "call", "id": spec.task_id, "code": spec.code, "stdin": spec.stdin,
-                   "timeout_s": spec.timeout_s, "output_limit_bytes": spec.output_limit_bytes, "stream": stream}
+                   "timeout_s": spec.timeout_s, "output_limit_bytes": spec.output_limit_bytes, "stream": stream,
+                   **spec.files_fields()}
         wait_s = spec.timeout_s + INTERRUPT_GRACE_S + RESULT_GRACE_S + CALL_SLACK_S
         body = await self._ask(session_id, owner, record["worker"], command, wait_s)
         if "error" in body and "tier" not in body:

@@ -138,7 +138,8 @@ class WorkerSessions:
     async def _call(self, session_id: str, owner: str, command: dict[str, Any]) -> str:
         started_unix = time.time()
         spec = TaskSpec(task_id=str(command["id"]), code=str(command["code"]), stdin=str(command.get("stdin", "")),
-                        timeout_s=float(command["timeout_s"]), output_limit_bytes=int(command["output_limit_bytes"]))
+                        timeout_s=float(command["timeout_s"]), output_limit_bytes=int(command["output_limit_bytes"])
+                        ).with_files_fields(command)
         relay = OutputRelay(self.redis, self.keys.output(spec.task_id), int(self.settings.result_ttl_s * 1000)) \
             if command.get("stream") else None
         try:

@@ -7,7 +7,6 @@ the task's hash (async tasks) and on the submitting API's reply list (synchronou
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import math
@@ -26,7 +25,16 @@ from pool.model.errors import (
     TooManySessions,
 )
 from pool.model.resources import Resources
-from pool.model.results import DEFAULT_OUTPUT_FILES_BYTES, InputFile, Status, TaskResult, TaskSpec, Usage, output_files
+from pool.model.results import (
+    DEFAULT_OUTPUT_FILES_BYTES,
+    InputFile,
+    Status,
+    TaskResult,
+    TaskSpec,
+    Usage,
+    input_files,
+    output_files,
+)
 from pool.model.tasks import Execution
 from pool.model.tiers import Tier
 
@@ -64,11 +72,9 @@ class StreamEntry:
                   "submitted_unix": repr(self.submitted_unix), "result_ttl_ms": str(self.result_ttl_ms),
                   "lease_wait_s": repr(self.lease_wait_s), "max_result_bytes": str(self.max_result_bytes),
                   "max_output_files_bytes": str(spec.max_output_files_bytes)}
-        if spec.files:  # JSON, content as base64: stream fields are text
-            fields["files"] = json.dumps([{"path": f.path, "content": base64.b64encode(f.content).decode("ascii")}
-                                          for f in spec.files])
-        if spec.outputs:
-            fields["outputs"] = json.dumps(list(spec.outputs))
+        for name, value in spec.files_fields().items():  # files and outputs as JSON: stream fields are text
+            if name in ("files", "outputs"):
+                fields[name] = json.dumps(value)
         if self.stream:
             fields["stream"] = "1"
         if self.session is not None:
@@ -109,8 +115,7 @@ class SessionOpen:
 
 def _files(fields: Mapping[str, str]) -> tuple[InputFile, ...]:
     try:
-        return tuple(InputFile(path=str(f["path"]), content=base64.b64decode(f["content"], validate=True))
-                     for f in json.loads(fields.get("files", "[]")))
+        return input_files(json.loads(fields.get("files", "[]")))
     except (KeyError, TypeError, ValueError, binascii.Error) as exc:
         raise MalformedEntry(f"bad task entry: files: {exc!r}") from None
 

@@ -364,8 +364,8 @@ def main(sidecar: Sidecar | None = None) -> None:
     """Entry point of `warmpool worker`: settings from the environment (WARMPOOL_REDIS_URL is required)."""
     try:
         settings = from_env()
-    except PoolError as exc:
-        sys.exit(f"warmpool worker: {exc}")
+    except (PoolError, OSError, ValueError) as exc:
+        sys.exit(f"warmpool worker: bad settings: {exc}")
     if not settings.redis_url:
         sys.exit("warmpool worker: set WARMPOOL_REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
     try:

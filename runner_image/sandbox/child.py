@@ -35,7 +35,6 @@ def task_child(go_r: int, out_w: int, err_w: int, status_w: int, files_w: int) -
         reseed()
         message = go_pipe.receive(GO_FD)
         if message[0] is None:  # not a task: a session's interpreter, which serves calls until PID 1 ends it
-            os.close(FILES_FD)
             session_child(*message[1:])  # never returns
         (code, compiled, stdin, timeout_s, fsize_limit, nofile_limit, nproc_limit, outputs, files_limit,
          files) = message
@@ -64,7 +63,7 @@ def task_child(go_r: int, out_w: int, err_w: int, status_w: int, files_w: int) -
                 figures.capture_open()
         status = run_code(code, compiled, at_end)
         if os.getpid() == me:
-            send_outputs(outputs, files_limit, figures)
+            taskfiles.send_outputs(FILES_FD, WORK_DIR, outputs, files_limit, figures)
             say_done(status)
     except taskfiles.FileError as exc:
         os.write(2, str(exc).encode("utf-8", "backslashreplace"))
@@ -82,16 +81,6 @@ def reseed() -> None:
     numpy_random = sys.modules.get("numpy.random")
     if numpy_random is not None:
         numpy_random.seed()
-
-
-def send_outputs(outputs: list[str], files_limit: int, figures: taskfiles.Figures) -> None:
-    """After the code: the files `outputs` match, then the figures, as records on FILES_FD."""
-    sink = taskfiles.Sink(FILES_FD, files_limit)
-    try:
-        taskfiles.collect_outputs(WORK_DIR, outputs, sink)
-        figures.send(sink)
-    except OSError as exc:  # the task closed or filled the pipe: only its own result is short
-        taskfiles.note(f"outputs not sent: {exc.strerror or exc!r}")
 
 
 def say_done(status: int) -> None:

@@ -20,7 +20,7 @@ def encode(message: tuple[Any, ...]) -> bytes:
     """A go message, length first: a task's (code, code object or None, stdin bytes, timeout_s, fsize_limit,
     nofile_limit, nproc_limit, outputs, files_limit, [(file path, size)]), a session's (None, fsize_limit,
     nofile_limit, nproc_limit), or a session call's (nonce, code, code object or None, stdin bytes,
-    filename)."""
+    filename, outputs, files_limit, [(file path, size)]); the files' bytes follow a task's or a call's."""
     body = marshal.dumps(message)
     return LENGTH.pack(len(body)) + body
 

@@ -55,28 +55,35 @@ def parse_task(msg: dict[str, Any], msg_id: str) -> Task:
     timeout_s = parse_timeout(msg)
     output_limit, fsize_limit, nofile_limit, nproc_limit = parse_limits(
         msg, ("output_limit_bytes", "fsize_limit_bytes", "nofile_limit"))
-    files_limit: int = field(msg, "max_output_files_bytes", int, DEFAULT_OUTPUT_FILES_BYTES)
-    if files_limit < 0:
-        raise ProtocolError("run: max_output_files_bytes must not be negative")
-    outputs: list[Any] = field(msg, "outputs", list, [])
-    if not all(isinstance(pattern, str) for pattern in outputs):
-        raise ProtocolError("run: outputs must be a list of strings")
+    files, outputs, files_limit = parse_file_fields(msg)
     return Task(msg_id, field(msg, "code", str), field(msg, "stdin", str, ""), timeout_s, output_limit, fsize_limit,
                 nofile_limit, nproc_limit, stream=field(msg, "stream", bool, False),
-                files=parse_files(field(msg, "files", list, [])), outputs=outputs, files_limit=files_limit)
+                files=files, outputs=outputs, files_limit=files_limit)
 
 
-def parse_files(entries: list[Any]) -> list[tuple[bytes, bytes]]:
+def parse_file_fields(msg: dict[str, Any]) -> tuple[list[tuple[bytes, bytes]], list[str], int]:
+    """A `run` or `session_run` frame's (files, outputs, max_output_files_bytes), checked."""
+    op = msg.get("op")
+    files_limit: int = field(msg, "max_output_files_bytes", int, DEFAULT_OUTPUT_FILES_BYTES)
+    if files_limit < 0:
+        raise ProtocolError(f"{op}: max_output_files_bytes must not be negative")
+    outputs: list[Any] = field(msg, "outputs", list, [])
+    if not all(isinstance(pattern, str) for pattern in outputs):
+        raise ProtocolError(f"{op}: outputs must be a list of strings")
+    return parse_files(field(msg, "files", list, []), op), outputs, files_limit
+
+
+def parse_files(entries: list[Any], op: object = "run") -> list[tuple[bytes, bytes]]:
     """The request's files as [(path bytes, content bytes)]: each `content` (base64) is decoded and dropped
     from the frame as it goes, so that PID 1 holds one copy of the files and the frame's text, not two."""
     files = []
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) \
                 or not isinstance(entry.get("content"), str):
-            raise ProtocolError(f"run: files[{index}] must hold a string path and base64 content")
+            raise ProtocolError(f"{op}: files[{index}] must hold a string path and base64 content")
         try:
             path = taskfiles.checked_path(entry["path"])
             files.append((path, binascii.a2b_base64(entry.pop("content"), strict_mode=True)))
         except (ValueError, binascii.Error) as exc:
-            raise ProtocolError(f"run: files[{index}]: {exc}") from None
+            raise ProtocolError(f"{op}: files[{index}]: {exc}") from None
     return files

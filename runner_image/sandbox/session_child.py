@@ -1,6 +1,10 @@
 """A session's interpreter (a task child whose go message said "session"): it serves every call of its
 one session in one `__main__`, so globals, imports and files persist; it never serves anyone else. PID 1
-ends it (and resets the container as after a task) when the session ends."""
+ends it (and resets the container as after a task) when the session ends.
+
+Each call may bring files (written under the working directory before its code runs, replacing what is
+there) and `outputs` globs (collected after it, with the figures it showed or left open, and sent on the
+files pipe before the call's done record), exactly as a task's child does (taskfiles)."""
 
 import linecache
 import os
@@ -9,8 +13,8 @@ import sys
 import types
 from typing import NoReturn
 
-from runner_image.sandbox import execute, go_pipe
-from runner_image.sandbox.config import CALL_DONE, CALL_MEMORY_ERROR, GO_FD, STATUS_FD, STATUS_READY
+from runner_image.sandbox import execute, go_pipe, taskfiles
+from runner_image.sandbox.config import CALL_DONE, CALL_MEMORY_ERROR, FILES_FD, GO_FD, STATUS_FD, STATUS_READY, WORK_DIR
 from runner_image.sandbox.fdio import write_all
 from runner_image.sandbox.limits import apply_task_limits
 
@@ -29,16 +33,28 @@ def session_child(fsize_limit: int, nofile_limit: int, nproc_limit: int) -> NoRe
             main = execute.task_main()
             execute._KEEP.append(sys.stdin)  # each call gets a stdin of its own on fd 0; this one must not close it
             signal.signal(signal.SIGINT, interrupt_call)
+            figures = taskfiles.Figures()
+            figures.install()
             os.write(STATUS_FD, STATUS_READY)
         except BaseException as exc:
             os.write(2, f"sandbox setup failed: {exc!r}".encode())
             os._exit(status)
         status = 0
         while True:
-            nonce, code, compiled, stdin, filename = go_pipe.receive(GO_FD)  # EOF: the session ended
+            # EOF: the session ended. The call's files follow the message on the go pipe.
+            nonce, code, compiled, stdin, filename, outputs, files_limit, files = go_pipe.receive(GO_FD)
             call_stdin(stdin)
             del stdin
-            exit_code, flags = session_call(main, code, compiled, filename)
+            try:
+                taskfiles.write_files(WORK_DIR, files, lambda size: go_pipe.read_exactly(GO_FD, size), replace=True)
+            except taskfiles.FileError as exc:  # the code does not run; the session goes on
+                os.write(2, str(exc).encode("utf-8", "backslashreplace"))
+                exit_code, flags = 1, 0
+            else:
+                exit_code, flags = session_call(main, code, compiled, filename)
+                # As a notebook does: what a call showed or left open is its own, closed once sent.
+                figures.capture_open(close=True)
+            taskfiles.send_outputs(FILES_FD, WORK_DIR, outputs, files_limit, figures)
             os.write(STATUS_FD, CALL_DONE + nonce + bytes((exit_code & 0xFF, flags)))
     except BaseException:
         status = status or 1

@@ -14,13 +14,13 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from runner_image.sandbox import go_pipe, zygote
+from runner_image.sandbox import go_pipe, taskfiles, zygote
 from runner_image.sandbox.config import CALL_DONE, CALL_MEMORY_ERROR, STATUS_READY
 from runner_image.sandbox.fdio import read_status, write_all
 from runner_image.sandbox.frames import ProtocolError, send
-from runner_image.sandbox.pipes import Outputs
+from runner_image.sandbox.pipes import Bounded, Outputs
 from runner_image.sandbox.procs import has_exited, kill_task, oom_kills, open_pidfd
-from runner_image.sandbox.requests import field, parse_limits, parse_timeout
+from runner_image.sandbox.requests import field, parse_file_fields, parse_limits, parse_timeout
 from runner_image.sandbox.reset import reset_and_report
 from runner_image.sandbox.tasks import NO_PIDFD_TICK_S
 
@@ -38,6 +38,15 @@ class Session(NamedTuple):
     out_r: int
     err_r: int
     status_r: int
+    files_r: int  # each call's outputs and figures, as records (taskfiles), before its done record
+
+
+class CallFiles(NamedTuple):
+    """A call's files in and out: [(path, content)] to write first, globs to collect, their byte budget."""
+
+    files: list[tuple[bytes, bytes]]
+    outputs: list[str]
+    limit_bytes: int
 
 
 _session: Session | None = None  # the open session's interpreter, or None
@@ -67,8 +76,7 @@ def handle_session_open(msg: dict[str, Any], msg_id: str) -> None:
         failure = f"runner failed to open the session: {exc!r}"
     if not failure and child is not None:
         os.set_blocking(child.go_w, False)  # its code may stop reading: PID 1 must never block on it
-        os.close(child.files_r)  # a session's calls give no files back (yet): only tasks use that pipe
-        _session = Session(pid, child.go_w, child.out_r, child.err_r, child.status_r)
+        _session = Session(pid, child.go_w, child.out_r, child.err_r, child.status_r, child.files_r)
         send({"op": "session_opened", "id": msg_id, "ok": True, "detail": ""})
         return
     if child is not None:
@@ -94,8 +102,9 @@ def handle_session_run(msg: dict[str, Any], msg_id: str) -> None:
     if limit < 0:
         raise ProtocolError("session_run: output_limit_bytes must not be negative")
     code, stdin, stream = field(msg, "code", str), field(msg, "stdin", str, ""), field(msg, "stream", bool, False)
+    files = CallFiles(*parse_file_fields(msg))
     try:
-        result = run_call(_session, msg_id, code, stdin, timeout_s, limit, stream)
+        result = run_call(_session, msg_id, code, stdin, timeout_s, limit, stream, files)
     except Exception as exc:
         failure = f"runner failed to run the call: {exc!r}"
         send({"op": "error", "id": msg_id, "detail": failure})
@@ -123,21 +132,26 @@ def end_session() -> None:
     if session is None:
         return
     kill_task(session.pid)
-    for fd in (session.go_w, session.out_r, session.err_r, session.status_r):
+    for fd in (session.go_w, session.out_r, session.err_r, session.status_r, session.files_r):
         os.close(fd)
 
 
 def run_call(session: Session, call_id: str, code: str, stdin: str, timeout_s: float, limit: int,
-             stream: bool) -> dict[str, Any]:
+             stream: bool, files: CallFiles) -> dict[str, Any]:
     """Send one call to the session's interpreter, watch it, and build its `result` frame."""
     _session_calls[0] += 1
     filename = f"<cell {_session_calls[0]}>"  # tracebacks through an earlier cell's function show its source
     nonce = os.urandom(8)
-    go = go_pipe.encode((nonce, code, go_pipe.precompile(code, filename), stdin.encode("utf-8", "replace"), filename))
+    go = go_pipe.encode((nonce, code, go_pipe.precompile(code, filename), stdin.encode("utf-8", "replace"), filename,
+                         files.outputs, files.limit_bytes, [(path, len(data)) for path, data in files.files]))
+    go += b"".join(data for _, data in files.files)  # each file's bytes follow, as for a task
     cpu_before, oom_before = process_cpu_s(session.pid), oom_kills()
     started = time.monotonic()
     outputs = Outputs(session.out_r, session.err_r, limit, call_id if stream else None, keep_reading=True)
-    verdict, done = watch_call(session, nonce, go, started + timeout_s, outputs)
+    discard_stale(session.files_r)
+    records = Bounded(taskfiles.records_bound(files.limit_bytes))
+    verdict, done = watch_call(session, nonce, go, started + timeout_s, outputs, records)
+    del go
     run_ms = (time.monotonic() - started) * 1000
     exit_code: int | None = None
     sig: int | None = None
@@ -167,17 +181,31 @@ def run_call(session: Session, call_id: str, code: str, stdin: str, timeout_s: f
                        else "succeeded" if exit_code == 0 else "failed")
     out, err = (bytes(buf[:limit]).decode("utf-8", "replace") for buf in outputs.bufs.values())
     truncated = [len(buf) > limit for buf in outputs.bufs.values()]
+    # Only a call that said done sent its records whole; otherwise what came is partial, and says so.
+    returned, files_truncated = taskfiles.parse_records(records.data, files.limit_bytes,
+                                                        records.overflowed or (done is None and bool(records.data)))
     return {"op": "result", "id": call_id, "status": verdict, "exit_code": exit_code, "signal": sig,
             "stdout": out, "stderr": err, "stdout_truncated": truncated[0], "stderr_truncated": truncated[1],
             "run_ms": round(run_ms, 3), "usage": {"cpu_s": round(max(0.0, cpu_s), 6), "max_rss_bytes": max_rss},
-            "session_ended": ended or None}
+            "files": returned, "files_truncated": files_truncated, "session_ended": ended or None}
 
 
-def watch_call(session: Session, nonce: bytes, go: bytes, deadline: float,
-               outputs: Outputs) -> tuple[str | None, tuple[int, int] | None]:
-    """Send the call (without ever blocking on the interpreter) and collect its output until it reports
-    the call done. At the deadline, or past the output cap, it is interrupted (SIGINT: a KeyboardInterrupt
-    in the call) and given SESSION_INTERRUPT_GRACE_S to stop.
+def discard_stale(files_r: int) -> None:
+    """Drop what sits in the files pipe before a call: only something the session itself started can have
+    written it between calls (never another session's data), and it is not this call's outputs."""
+    os.set_blocking(files_r, False)
+    stale = Bounded(0)
+    try:
+        stale.pump(files_r, drain=True)
+    except OSError:
+        pass
+
+
+def watch_call(session: Session, nonce: bytes, go: bytes, deadline: float, outputs: Outputs,
+               records: Bounded) -> tuple[str | None, tuple[int, int] | None]:
+    """Send the call (without ever blocking on the interpreter) and collect its output and its files records
+    (into `records`) until it reports the call done. At the deadline, or past the output cap, it is
+    interrupted (SIGINT: a KeyboardInterrupt in the call) and given SESSION_INTERRUPT_GRACE_S to stop.
 
     Returns (verdict or None, (exit status, flags) or None); None means the interpreter did not finish the
     call: it died, or it did not stop after the interrupt."""
@@ -186,7 +214,7 @@ def watch_call(session: Session, nonce: bytes, go: bytes, deadline: float,
     pidfd = open_pidfd(session.pid)
     tick_s = math.inf if pidfd is not None else NO_PIDFD_TICK_S
     poller = select.poll()
-    for fd in (session.out_r, session.err_r, session.status_r, pidfd):
+    for fd in (session.out_r, session.err_r, session.status_r, session.files_r, pidfd):
         if fd is not None:
             os.set_blocking(fd, False)
             poller.register(fd, select.POLLIN)
@@ -206,6 +234,7 @@ def watch_call(session: Session, nonce: bytes, go: bytes, deadline: float,
             if now >= give_up_at or has_exited(session.pid):
                 outputs.drain()
                 outputs.flush(final=True)
+                records.pump(session.files_r, drain=True)
                 return verdict, None
             wait_s = min((deadline if verdict is None else give_up_at) - now, tick_s, outputs.flush_in())
             for fd, _ in poller.poll(math.ceil(max(0.0, wait_s) * 1000)):
@@ -229,7 +258,11 @@ def watch_call(session: Session, nonce: bytes, go: bytes, deadline: float,
                     if (done := call_done(said, nonce)) is not None:
                         outputs.drain()  # the interpreter flushed before it said done: all of it is there
                         outputs.flush(final=True)
+                        records.pump(session.files_r, drain=True)  # and sent its records before that
                         return verdict, done
+                elif fd == session.files_r:
+                    if not records.pump(fd, drain=False):
+                        poller.unregister(fd)
                 elif fd in outputs.bufs and not outputs.read(fd):
                     poller.unregister(fd)
             outputs.flush()

@@ -57,28 +57,49 @@ def checked_path(path: str | bytes) -> bytes:
     return raw
 
 
-def write_files(work_dir: str, files: Iterable[tuple[bytes, int]], read_exactly: Callable[[int], bytes]) -> None:
+def write_files(work_dir: str, files: Iterable[tuple[bytes, int]], read_exactly: Callable[[int], bytes],
+                replace: bool = False) -> None:
     """Write each (path, size) of `files` under `work_dir`, reading its bytes with `read_exactly(n)` (the
     go pipe from PID 1, so that one file at a time is held). Files are created new (O_EXCL, O_NOFOLLOW)
-    by the sandbox uid; directories on the way are made as needed."""
+    by the sandbox uid; directories on the way are made as needed. With `replace` (a session's call, whose
+    working directory holds the earlier calls' files), a file or symlink already at a path is removed first:
+    the symlink itself, never what it points to.
+
+    Every file's bytes are read even after one fails (a session's go pipe carries its next call after them);
+    then FileError names the first that failed."""
+    failure: FileError | None = None
     for index, (path, size) in enumerate(files):
         data = read_exactly(size)
+        if failure is not None:
+            continue
         try:
-            raw = checked_path(path)
-            parent, _, _ = raw.rpartition(b"/")
-            if parent:
-                os.makedirs(os.path.join(os.fsencode(work_dir), parent), mode=0o755, exist_ok=True)
-            fd = os.open(os.path.join(os.fsencode(work_dir), raw),
-                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
+            _write_file(work_dir, checked_path(path), data, replace)
         except (OSError, ValueError) as exc:
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise FileError(f"warmpool: could not write files[{index}] {os.fsdecode(path)!r}: {detail}\n") from None
+            failure = FileError(f"warmpool: could not write files[{index}] {os.fsdecode(path)!r}: {detail}\n")
+    if failure is not None:
+        raise failure
+
+
+def _write_file(work_dir: str, raw: bytes, data: bytes, replace: bool) -> None:
+    parent, _, _ = raw.rpartition(b"/")
+    if parent:
+        os.makedirs(os.path.join(os.fsencode(work_dir), parent), mode=0o755, exist_ok=True)
+    target = os.path.join(os.fsencode(work_dir), raw)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(target, flags, 0o644)
+    except FileExistsError:
+        if not replace:
+            raise
+        os.unlink(target)  # a directory there: EISDIR, reported as the entry's failure
+        fd = os.open(target, flags, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 # ---- outputs (the task's child, after the code ends) ----------------------------------------------
@@ -172,6 +193,16 @@ def _closure(states: set[int], pattern: Sequence[str]) -> set[int]:
             i += 1
             out.add(i)
     return out
+
+
+def send_outputs(fd: int, work_dir: str, outputs: list[str], files_limit: int, figures: "Figures") -> None:
+    """After the code: the files `outputs` match, then the figures, as records on the files pipe `fd`."""
+    sink = Sink(fd, files_limit)
+    try:
+        collect_outputs(work_dir, outputs, sink)
+        figures.send(sink)
+    except OSError as exc:  # the task closed or filled the pipe: only its own result is short
+        note(f"outputs not sent: {exc.strerror or exc!r}")
 
 
 def note(text: str) -> None:
@@ -315,12 +346,13 @@ class Figures:
             return
         self.pngs.append(buffer.getvalue())
 
-    def capture_open(self) -> None:
-        """Render the figures still open when the code ends."""
+    def capture_open(self, close: bool = False) -> None:
+        """Render the figures still open when the code ends (and, with `close`, close them: a session's
+        next call starts without them)."""
         plt: Any = sys.modules.get("matplotlib.pyplot")
         if plt is not None:
             try:
-                self.capture(plt, close=False)
+                self.capture(plt, close=close)
             except BaseException as exc:  # MemoryError included: the task's result must still go out
                 note(f"open figures not saved: {exc!r}")
 

@@ -8,6 +8,7 @@ a plain task and from a new session: same container (the reset verified it clean
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.hostile.conftest import STORAGE_BYTES, container_of_box, execute
+from tests.hostile.test_files_hostile import PLANT
 from tests.hostile.test_reuse_leaks import PREFIX, look_everywhere
 
 pytestmark = pytest.mark.docker
@@ -127,4 +129,26 @@ def test_a_session_that_changes_its_interpreter_deeply_leaves_no_trace(box):
     changed = call(box, sid, "import os, sys\nsys.stdout.write(str(builtins.wp_planted == secret) + ' '"
                              " + os.environ['WPLEAK'][:7] + ' ' + str(sys.getrecursionlimit()))")
     assert changed["stdout"] == f"True {PREFIX} 50", changed  # the session lives with what it did
+    deleted_leaves_nothing(box, sid, before, secret)
+
+
+def test_symlinks_and_fifos_a_session_planted_are_never_followed_and_its_files_go_with_it(box):
+    """A session plants symlinks (to /etc/passwd, /proc/1/environ, /dev/zero, /, /etc) and a FIFO in one
+    call; a later call's outputs match them all and get only the regular files, promptly (the FIFO was
+    never opened). Once deleted, the next lease sees none of the session's files."""
+    before = container_of_box(box)
+    secret = f"{PREFIX}files{secrets.token_hex(8)}"
+    sid = open_session(box)
+    sent = call(box, sid, PLANT, files=[{"path": "in/secret.txt", "content": secret}])
+    assert (sent["status"], sent["stdout"]) == ("succeeded", "planted\n"), sent
+    collected = call(box, sid, "print('collecting')",
+                     outputs=["*", "*/*", "root/etc/*", "etc/**", "sub/*", "in/*"])
+    assert collected["status"] == "succeeded", collected
+    assert sorted((e["path"], base64.b64decode(e["content"])) for e in collected["files"]) == [
+        ("in/secret.txt", secret.encode()), ("ok.txt", b"ok")], collected["files"]
+    assert collected["files_truncated"] is False
+    # A file sent onto a planted symlink replaces the link; it never writes through it.
+    through = call(box, sid, "import os\nprint(os.path.islink('passwd.txt'), open('/etc/passwd').read()[:5])",
+                   files=[{"path": "passwd.txt", "content": "mine"}])
+    assert through["stdout"] == "False root:\n", through
     deleted_leaves_nothing(box, sid, before, secret)
