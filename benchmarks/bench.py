@@ -1,99 +1,40 @@
-"""`make bench`: bounded headless locust sessions against servers started on loopback, plus latency.py.
+"""`make bench`: every figure of issue 15 in one run, each section with the machine's state before it.
 
-Everything in RESULTS.md comes from one run of this script. The server (uvicorn, one process) is pinned
-to cpu 0 and locust to cpu 1 with `taskset` where the machine has two or more cpus; the sandbox
-containers are not pinned (they share both cpus, as they would in production).
+Sections (each a fresh server on loopback, default tiers unless said): for each image (python, then
+datascience) one keep-alive client's latency, closed loops of 10, 50 and 100 locust users with keep-alive
+and 50 with a new connection per request, then an open loop at 60% of the best closed-loop rate; a
+runsc tier beside a runc one; short tasks beside long ones in another tier; the replacement rate; cold
+mode; `docker run` and `docker exec` per task; and where the cpu goes (benchmarks/breakdown.py). The
+server is pinned to cpu 0 and the load generators to cpu 1 (load.py); the containers are not pinned.
+
+Before each section, benchmarks/machine.py looks at the load average and the busy processes; the section
+says what it saw. When the machine was busy before any section, RESULTS.md is left alone and the run is
+written to RESULTS.busy.md, unless --allow-busy (then the busy sections are marked in RESULTS.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import csv
-import json
 import os
-import shutil
-import subprocess
+import signal
 import sys
-import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import free_port, measure_cold, measure_exec, measure_warm, render, summary, wait_ready  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-LOCUSTFILE = REPO / "benchmarks" / "locustfile.py"
-PIN = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
-
-
-def pinned(cpu: int, command: list[str]) -> list[str]:
-    return ["taskset", "-c", str(cpu), *command] if PIN else command
-
-
-@contextmanager
-def server(env_extra: dict[str, str], tiers: dict | None = None):
-    port = free_port()
-    instance_id = f"bench-{port}"
-    env = {**os.environ, "WARMPOOL_INSTANCE_ID": instance_id, **env_extra}
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as tiers_file:
-        json.dump(tiers or {}, tiers_file)
-    if tiers:
-        env["WARMPOOL_TIERS_FILE"] = tiers_file.name
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115 - closed below
-    process = subprocess.Popen(pinned(0, [sys.executable, "-m", "warmpool", "serve", "--host", "127.0.0.1",
-                                          "--port", str(port)]), cwd=REPO, env=env,
-                               stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=base_url, timeout=10) as client:
-            if not wait_ready(client, 300):
-                log.seek(0)
-                raise SystemExit(f"server did not become ready:\n{log.read()[-3000:]}")
-        yield base_url, process.pid
-    finally:
-        process.terminate()
-        process.wait(120)
-        wait_until_removed(instance_id)
-        os.unlink(tiers_file.name)
-        log.close()
-        os.unlink(log.name)
-
-
-def wait_until_removed(instance_id: str, timeout_s: float = 120) -> None:
-    """Let the engine finish removing a stopped server's containers before the next one starts."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        listed = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=warmpool.instance={instance_id}"],
-                                capture_output=True, text=True).stdout.split()
-        if not listed:
-            return
-        time.sleep(1)
-
-
-def locust(base_url: str, users: int, run_time_s: int, mix: str = "hello", ram: str | None = None) -> dict:
-    """One bounded headless locust session; returns the aggregated row of its stats."""
-    with tempfile.TemporaryDirectory() as tmp:
-        prefix = Path(tmp) / "run"
-        env = {**os.environ, "WARMPOOL_MIX": mix}
-        if ram:
-            env["WARMPOOL_BENCH_RAM"] = ram
-        subprocess.run(pinned(1, [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-                                  "-u", str(users), "-r", str(users), "-t", f"{run_time_s}s", "--host", base_url,
-                                  "--csv", str(prefix), "--only-summary", "--stop-timeout", "5",
-                                  "--exit-code-on-error", "0"]),
-                       env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       timeout=run_time_s + 60)
-        with open(f"{prefix}_stats.csv") as stats:
-            rows = {row["Name"]: row for row in csv.DictReader(stats)}
-    row = rows["Aggregated"]
-    return {"users": users, "mix": mix, "requests": int(row["Request Count"]), "failures": int(row["Failure Count"]),
-            "rps": float(row["Requests/s"]), "p50": float(row["50%"]), "p95": float(row["95%"]),
-            "p99": float(row["99%"]), "by_name": {k: v for k, v in rows.items() if k != "Aggregated"}}
+import breakdown  # noqa: E402
+import load  # noqa: E402
+from latency import measure_cold, measure_exec, measure_warm, render, summary  # noqa: E402
+from load import locust  # noqa: E402
+from machine import look  # noqa: E402
+from report import Section, destination, kept_sections  # noqa: E402
+from serving import REPO, server  # noqa: E402
 
 
 def background_long_tasks(url: str, code: str, ram: str, clients: int, stop: threading.Event) -> list[str]:
@@ -129,7 +70,8 @@ def isolation(url: str, run_time_s: int) -> str:
         stop.set()
         thread.join()
     base = rows[0][1]["p99"]
-    lines = ["| short tasks (hello, nano tier, 10 users) | req/s | p50 ms | p99 ms | p99 vs alone |",
+    lines = ["| short tasks (hello, nano tier; locust FastHttpUser x10, keep-alive) | req/s | p50 ms | p99 ms "
+             "| p99 vs alone |",
              "| --- | --- | --- | --- | --- |"]
     for label, r in rows:
         change = 100 * (r["p99"] / base - 1)
@@ -140,14 +82,21 @@ def isolation(url: str, run_time_s: int) -> str:
 # Every task needs a fresh container (max_uses 1).
 FRESH_TIERS = {"tiers": [{"name": "fresh", "cpu": 0.5, "ram": "128MiB", "storage": "64MiB", "min_idle": 4,
                           "max_size": 8, "max_uses": 1}]}
+# The same for the datascience image: its idle interpreter holds ~75 MiB, so the tier gets more memory.
+FRESH_TIERS_BY_IMAGE = {"python": FRESH_TIERS,
+                        "datascience": {"tiers": [{**FRESH_TIERS["tiers"][0], "ram": "512MiB",
+                                                   "image": "datascience"}]}}
 
 
-def replacement_run(env_extra: dict[str, str], count: int) -> tuple[list[str], float, list[dict]]:
-    """`count` tasks from 8 clients on FRESH_TIERS: their statuses, the seconds taken, /v1/tiers after."""
-    with server({"WARMPOOL_LEASE_TIMEOUT_S": "30", **env_extra}, FRESH_TIERS) as (url, _):
+def replacement_run(env_extra: dict[str, str], count: int,
+                    image: str = "python") -> tuple[list[str], float, list[dict[str, Any]]]:
+    """`count` tasks from 8 clients on a max_uses=1 tier of `image`: their statuses, the seconds taken,
+    /v1/tiers after."""
+    with server({"WARMPOOL_LEASE_TIMEOUT_S": "30", **env_extra}, FRESH_TIERS_BY_IMAGE[image]) as (url, _):
         with httpx.Client(base_url=url, timeout=60) as client:
             def one(_: int) -> str:
-                return str(client.post("/v1/execute", json={"code": "print(1)"}).json().get("status"))
+                body = {"code": "print(1)", **({} if image == "python" else {"image": image})}
+                return str(client.post("/v1/execute", json=body).json().get("status"))
             started = time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(8) as pool:
                 statuses = list(pool.map(one, range(count)))
@@ -156,80 +105,172 @@ def replacement_run(env_extra: dict[str, str], count: int) -> tuple[list[str], f
 
 
 def replacement_rate(count: int) -> str:
-    """How many containers/s the pool replaces when every task needs a fresh one."""
-    statuses, elapsed_s, admin_view = replacement_run({}, count)
-    ok = statuses.count("succeeded")
-    return (f"{count} tasks on a tier with `max_uses: 1` (every task gets a fresh container; 8 concurrent clients, "
-            f"4 warm, at most 8): {ok} succeeded in {elapsed_s:.1f} s, i.e. **{count / elapsed_s:.1f} containers "
-            f"replaced per second** (tier after the run: {admin_view[0]['idle']} idle).")
-
-
-# Sections this script does not write: scaleout.py's, and the hand-measured cpu breakdown.
-# The sections this script writes; every other section of RESULTS.md belongs to another benchmark script
-# (scaleout.py, compare_images.py, ...) or was written by hand, and is kept as it is.
-OWN_HEADINGS = ("## Load (locust", "## Tier isolation", "## Replacement rate", "## Cold mode", "## Latency of print")
-
-
-def kept_sections(path: Path) -> str:
-    """The sections of RESULTS.md that this script does not write, kept as they are, in their order."""
-    if not path.exists():
-        return ""
-    text = path.read_text()
-    starts = [i for i in range(len(text)) if text.startswith("## ", i) and (i == 0 or text[i - 1] == "\n")]
-    kept = []
-    for start, end in zip(starts, starts[1:] + [len(text)], strict=True):
-        section = text[start:end]
-        if not section.startswith(OWN_HEADINGS):
-            kept.append(section.rstrip() + "\n")
-    return "\n".join(kept)
-
-
-def table(rows: list[dict]) -> str:
-    lines = ["| mix | users | requests | failures | req/s | p50 ms | p95 ms | p99 ms |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['mix']} | {r['users']} | {r['requests']} | {r['failures']} | {r['rps']:.0f} | "
-                     f"{r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} |")
+    """How many containers/s the pool replaces when every task needs a fresh one, on each image."""
+    lines = []
+    for image in ("python", "datascience"):
+        statuses, elapsed_s, admin_view = replacement_run({}, count, image)
+        ok = statuses.count("succeeded")
+        rate = count / elapsed_s
+        lines.append(
+            f"- `{image}`: {count} tasks on a tier with `max_uses: 1` (every task gets a fresh container; client: "
+            f"8 threads sharing one httpx.Client, keep-alive; 4 warm, at most 8): {ok} succeeded in "
+            f"{elapsed_s:.1f} s, i.e. **{rate:.1f} containers replaced per second** (tier after the run: "
+            f"{admin_view[0]['idle']} idle). Target (issue 15): >= {TARGET_REPLACEMENTS_PER_S:g}/s "
+            f"{verdict(rate >= TARGET_REPLACEMENTS_PER_S)}.")
     return "\n".join(lines)
+
+
+# Targets of issue 15 (this machine, one run).
+TARGET_KEEP_ALIVE_PER_S = 500
+TARGET_NEW_CONNECTION_PER_S = 400
+TARGET_ONE_CLIENT_P50_MS, TARGET_ONE_CLIENT_P99_MS = 3.0, 10.0
+TARGET_OPEN_LOOP_P99_MS = 20.0
+TARGET_REPLACEMENTS_PER_S = 10.0
+OPEN_LOOP_SHARE = 0.6
+WARMUP_S = 10
+
+
+def verdict(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def image_load(image: str, run_time_s: int, one_client_count: int) -> str:
+    """One server, default tiers, tasks on `image`: one client, closed loops, then the open loop."""
+    ask = None if image == "python" else image
+    with server({}) as (url, _):
+        single = load.one_client(url, one_client_count, ask)
+        # Not recorded: under load the pool starts more containers of the tier (demand warming), which costs
+        # cpu; without this the first closed loop measured that growth (a first run after a start gave
+        # half the rate of a second one, whichever client it was).
+        locust(url, 100, WARMUP_S, image=ask)
+        closed = [locust(url, users, run_time_s, image=ask) for users in (10, 50, 100)]
+        closed.append(locust(url, 50, run_time_s, image=ask, keep_alive=False))
+        if image == "python":
+            closed.append(locust(url, 50, run_time_s, mix="mixed"))
+        capacity = max(r["rps"] for r in closed if r["keep_alive"] and r["mix"] == "hello")
+        opened = load.open_loop(url, OPEN_LOOP_SHARE * capacity, run_time_s, ask)
+        opened["capacity"] = capacity
+    best_new = max(r["rps"] for r in closed if not r["keep_alive"])
+    failures = sum(r["failures"] for r in closed) + opened["failures"]
+    targets = (f"Targets (issue 15): >= {TARGET_KEEP_ALIVE_PER_S}/s keep-alive: {capacity:.0f}/s "
+               f"{verdict(capacity >= TARGET_KEEP_ALIVE_PER_S)}; >= {TARGET_NEW_CONNECTION_PER_S}/s with a new "
+               f"connection per request: {best_new:.0f}/s {verdict(best_new >= TARGET_NEW_CONNECTION_PER_S)}; "
+               f"one client p50 <= {TARGET_ONE_CLIENT_P50_MS:g} ms and p99 <= {TARGET_ONE_CLIENT_P99_MS:g} ms: "
+               f"{single['p50']:.2f} / {single['p99']:.2f} ms "
+               f"{verdict(single['p50'] <= TARGET_ONE_CLIENT_P50_MS and single['p99'] <= TARGET_ONE_CLIENT_P99_MS)}; "
+               f"open loop at {100 * OPEN_LOOP_SHARE:.0f}% p99 <= {TARGET_OPEN_LOOP_P99_MS:g} ms: "
+               f"{opened['p99']:.1f} ms {verdict(opened['p99'] <= TARGET_OPEN_LOOP_P99_MS)}; failures: {failures}.")
+    return "\n\n".join([
+        f"Tasks: `print('hello')` on the {image} image (mixed: the locustfile's mix), default tiers, one server; "
+        f"the closed loops follow an unrecorded {WARMUP_S} s one of 100 users, so the tier has grown first.",
+        "One client:\n\n" + load.one_client_table([single]),
+        "Closed loop (locust; each user sends its next request when the answer came, so at saturation the "
+        "rate is the capacity and the wait is users / rate):\n\n" + load.closed_table(closed),
+        f"Open loop at {100 * OPEN_LOOP_SHARE:.0f}% of the best keep-alive closed-loop rate above:\n\n"
+        + load.open_table([opened]),
+        targets])
+
+
+def runtime_tiers(runtime: str) -> dict[str, Any]:
+    # gVisor's Sentry needs more memory than the task (tests/hostile/conftest.py sizes it the same way).
+    ram = "128MiB" if runtime == "runc" else "1GiB"
+    return {"tiers": [{"name": f"nano-{runtime}", "cpu": 0.5, "ram": ram, "storage": "128MiB", "min_idle": 4,
+                       "max_size": 16, "runtime": runtime, "pids_limit": 64}]}
+
+
+def runsc_beside_runc(run_time_s: int, count: int) -> str:
+    rows, closed = [], []
+    for runtime in ("runc", "runsc"):
+        with server({}, runtime_tiers(runtime)) as (url, _):
+            single = load.one_client(url, count)
+            single["tier"] += " (0.5 cpu)"
+            rows.append(single)
+            row = locust(url, 20, run_time_s)
+            row["image"] = f"python, nano-{runtime}"
+            closed.append(row)
+    ratio = rows[1]["p50"] / rows[0]["p50"]
+    return "\n\n".join([
+        "Each runtime in its own server, one tier of 0.5 cpu, 4 warm (runsc's with 1 GiB: the Sentry's own "
+        "memory).", load.one_client_table(rows), load.closed_table(closed),
+        f"runsc/runc: one-client p50 x{ratio:.1f}, throughput x{closed[1]['rps'] / closed[0]['rps']:.2f}."])
+
+
+def where_the_time_goes(count: int) -> str:
+    results = {name: [breakdown.measure({}, None, body, count, REPO) | {"requests": count}]
+               for name, body in (("nano (default request)", breakdown.HELLO),
+                                  ("small (`\"cpu\": 1`)", {**breakdown.HELLO, "resources": {"cpu": 1}}))}
+    return breakdown.render(results, f"benchmarks/bench.py (breakdown.measure, {count} requests per tier)", "")
+
+
+def isolation_section(run_time_s: int) -> str:
+    with server({}) as (url, _):
+        return isolation(url, run_time_s)
+
+
+def cold_section(run_time_s: int) -> str:
+    with server({"WARMPOOL_MODE": "cold"}) as (url, _):
+        return load.closed_table([locust(url, 10, run_time_s)])
+
+
+def latency_section() -> str:
+    results = {"warm pool (HTTP, keep-alive)": summary(measure_warm(1000)),
+               "docker run per task": summary(measure_cold(30)),
+               "docker exec into a running container": summary(measure_exec(30))}
+    return render(results, "python benchmarks/latency.py --warm 1000 --cold 30 --exec 30")
+
+
+SECTION_HEADINGS = {
+    "python": "## Load on the python image (default tiers)",
+    "datascience": "## Load on the datascience image (default tiers)",
+    "runsc": "## runsc beside runc",
+    "isolation": "## Tier isolation: short tasks beside long ones in another tier",
+    "replacement": "## Replacement rate",
+    "cold": "## Cold mode (a container started per task)",
+    "latency": "## Latency of print('hello'), one client (benchmarks/latency.py)",
+    "breakdown": "## Where the time goes (benchmarks/breakdown.py, from make bench)",
+}
+# Headings this script wrote before (replaced by the ones above when it runs); every other section of
+# RESULTS.md belongs to another script or was written by hand, and is kept as it is.
+OLD_HEADINGS = ("## Load (locust", "## Cold mode", "## Latency of print")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-time", type=int, default=20, help="seconds per locust session")
+    parser.add_argument("--run-time", type=int, default=60, help="seconds per load session (issue 15: 60)")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--allow-busy", action="store_true", help="write RESULTS.md even when the machine was busy "
+                        "before a section (the section is marked)")
+    parser.add_argument("--only", nargs="+", choices=sorted(SECTION_HEADINGS), help="run these sections only")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # stop the servers on the way out
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    sections: list[str] = []
-
-    load_rows = []
-    with server({}) as (url, _):
-        for users in (10, 50, 100):
-            load_rows.append(locust(url, users, args.run_time))
-            print(table(load_rows[-1:]), flush=True)
-        load_rows.append(locust(url, 50, args.run_time, mix="mixed"))
-    sections.append("## Load (locust, warm pool, default tiers)\n\n" + table(load_rows))
-
-    with server({}) as (url, _):
-        sections.append("## Tier isolation: short tasks beside long ones in another tier\n\n" +
-                        isolation(url, args.run_time))
-    sections.append("## Replacement rate\n\n" + replacement_rate(100))
-
-    with server({"WARMPOOL_MODE": "cold"}) as (url, _):
-        cold_rows = [locust(url, 10, args.run_time)]
-    sections.append("## Cold mode (a container started per task), same locust settings\n\n" + table(cold_rows))
-
-    warm = summary(measure_warm(1000))
-    results = {"warm pool (HTTP, keep-alive)": warm, "docker run per task": summary(measure_cold(30)),
-               "docker exec into a running container": summary(measure_exec(30))}
-    sections.append("## Latency of print('hello'), one client (benchmarks/latency.py)\n\n" +
-                    render(results, "python benchmarks/latency.py --warm 1000 --cold 30 --exec 30"))
-
-    header = (f"# Benchmark results\n\nProduced by `make bench` (`python benchmarks/bench.py --run-time "
-              f"{args.run_time}`) on {started}; {os.cpu_count()} cpus. Server pinned to cpu 0 and locust to cpu 1: "
-              f"{'yes' if PIN else 'no (taskset missing or one cpu)'}; sandbox containers unpinned.\n")
-    kept = kept_sections(args.output)
-    args.output.write_text(header + "\n" + "\n\n".join(sections) + "\n" + ("\n" + kept if kept else ""))
-    print(f"wrote {args.output}")
+    short_s = min(args.run_time, 20)
+    work: dict[str, Callable[[], str]] = {
+        "python": lambda: image_load("python", args.run_time, 2000),
+        "datascience": lambda: image_load("datascience", args.run_time, 2000),
+        "runsc": lambda: runsc_beside_runc(short_s, 1000),
+        "isolation": lambda: isolation_section(short_s),
+        "replacement": lambda: replacement_rate(100),
+        "cold": lambda: cold_section(short_s),
+        "latency": latency_section,
+        "breakdown": lambda: where_the_time_goes(1000),
+    }
+    sections = []
+    for key in args.only or list(work):
+        before = look()
+        print(f"{SECTION_HEADINGS[key]}: machine before: {before.describe()}", flush=True)
+        section = Section(SECTION_HEADINGS[key], work[key](), before)
+        print(section.render(), flush=True)
+        sections.append(section)
+    path, why = destination(args.output, sections, args.allow_busy)
+    header = (f"# Benchmark results\n\nProduced by `make bench` (`python benchmarks/bench.py {' '.join(sys.argv[1:])}`"
+              f") from {started}; {os.cpu_count()} cpus. Server pinned to cpu 0 and the load generators to cpu 1: "
+              f"{'yes' if load.PIN else 'no (taskset missing or one cpu)'}; sandbox containers unpinned. {why}.\n")
+    kept = kept_sections(args.output, tuple(s.heading for s in sections) + OLD_HEADINGS)
+    path.write_text(header + "\n" + "\n".join(s.render() for s in sections) + ("\n" + kept if kept else ""))
+    print(f"wrote {path}: {why}")
+    if path != args.output:
+        sys.exit(3)
 
 
 if __name__ == "__main__":

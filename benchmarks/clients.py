@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import server  # noqa: E402
 from latency import percentile  # noqa: E402
+from serving import server  # noqa: E402
 
 from warmpool.client import AsyncClient, Client  # noqa: E402
 

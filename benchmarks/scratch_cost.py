@@ -22,8 +22,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import replacement_run, server  # noqa: E402
+from bench import replacement_run  # noqa: E402
 from latency import summary  # noqa: E402
+from serving import server  # noqa: E402
 
 from pool.engine.container import CreateOptions, start_container  # noqa: E402
 from pool.engine.docker_backend import DockerBackend  # noqa: E402

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, ValidationError
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from pool.model import cpu_quota
 from pool.model.errors import InvalidRequest
 from pool.model.resources import parse_bytes, parse_count, parse_number
 
@@ -54,6 +55,16 @@ Bytes = Annotated[int, _parsed(lambda v: parse_bytes("", v))]
 Count = Annotated[int, _parsed(lambda v: parse_count("", v, minimum=1))]
 CountOrZero = Annotated[int, _parsed(lambda v: parse_count("", v))]
 Names = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_items)]
+# The kernel's bounds of cpu.cfs_period_us, in microseconds.
+CpuPeriod = Annotated[int, _parsed(lambda v: _cpu_period_us(v))]
+
+
+def _cpu_period_us(value: Any) -> int:
+    period_us = parse_count("", value, minimum=cpu_quota.MIN_PERIOD_US)
+    if period_us > cpu_quota.MAX_PERIOD_US:
+        raise InvalidRequest("", f"must be from {cpu_quota.MIN_PERIOD_US} to {cpu_quota.MAX_PERIOD_US} "
+                             f"microseconds, got {period_us}")
+    return period_us
 
 
 class EnvSettings(BaseSettings):
@@ -76,6 +87,8 @@ class EnvSettings(BaseSettings):
     max_body_bytes: Bytes | None = None
     output_limit_bytes: Bytes | None = None
     start_concurrency: Count | None = None
+    cpu_period_us: CpuPeriod | None = None
+    reuse_cooldown_cpu_ms: NonNegative | None = None
     cpu_overcommit: Positive | None = None
     host_cpus: Positive | None = None
     host_ram: Bytes | None = None
@@ -178,6 +191,7 @@ OTHER_READERS = {
     "WARMPOOL_RUNNER_IMAGE": "the swarm stack", "WARMPOOL_TIERS": "the swarm stack",
     "WARMPOOL_PORT": "the swarm stack", "WARMPOOL_DOCKER_SOCKET": "the swarm stack",
     "WARMPOOL_MIX": "the benchmarks", "WARMPOOL_BENCH_RAM": "the benchmarks",
+    "WARMPOOL_BENCH_IMAGE": "the benchmarks", "WARMPOOL_BENCH_CONNECTION": "the benchmarks",
     "WARMPOOL_REDIS_DIR": "scripts/ensure-redis.sh", "WARMPOOL_DOCKERD_LOG": "scripts/ensure-docker.sh",
     "WARMPOOL_DOCKER_DAEMON_JSON": "scripts/ensure-docker.sh", "WARMPOOL_DOCKER_WAIT_S": "scripts/ensure-docker.sh",
 }

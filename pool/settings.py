@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pool.env_settings import SettingsError, read_env, unknown_variables
+from pool.model import cpu_quota
 from pool.model import images as catalogue
 from pool.model.callback_rules import CallbackPolicy
 from pool.model.errors import InvalidRequest
@@ -56,6 +57,14 @@ class Settings:
     max_body_bytes: int = default_max_body_bytes(DEFAULT_MAX_FILES_BYTES)
     output_limit_bytes: int = MIB
     nofile_limit: int = 256
+    # The CFS period of every sandbox's cpu quota (the quota is the tier's cpu times it). A task that uses
+    # its quota up waits for the rest of the period; the runner's reset and pre-fork after each task count
+    # against the same quota. See pool/model/cpu_quota.py and benchmarks/RESULTS.md for why 100 ms stays.
+    cpu_period_us: int = cpu_quota.DEFAULT_PERIOD_US
+    # A short task's cpu in its sandbox, the runner's housekeeping after it included: an idle container
+    # rests this over its tier's cpu before it is leased again while another has rested longer (0: off,
+    # always the most recently used one). See pool/model/cpu_quota.py.
+    reuse_cooldown_cpu_ms: float = cpu_quota.TASK_HOUSEKEEPING_CPU_S * 1000
     start_concurrency: int = 4
     cpu_overcommit: float = 16.0
     host_cpus: float | None = None

@@ -96,7 +96,8 @@ def test_gpu_containers_get_exactly_their_gpus_as_device_requests(gpu_settings):
     host_config = api.create_host_config(**kwargs)
     assert host_config["DeviceRequests"] == [
         {"Driver": "nvidia", "Count": 0, "DeviceIDs": ["GPU-a", "GPU-b"], "Capabilities": [["gpu"]], "Options": {}}]
-    assert host_config["NetworkMode"] == "none" and host_config["NanoCpus"] == 4_000_000_000
+    assert host_config["NetworkMode"] == "none"
+    assert (host_config["CpuQuota"], host_config["CpuPeriod"]) == (400_000, 100_000), "4 cpus"
     cpu = next(t for t in gpu_settings.tiers if t.name == "cpu")
     assert "DeviceRequests" not in api.create_host_config(**host_config_kwargs(cpu, nofile_limit=256))
 

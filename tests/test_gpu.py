@@ -67,7 +67,8 @@ def test_a_gpu_container_is_created_with_its_gpu_ids_and_the_engine_refusal_is_c
     (host_config,) = created
     assert host_config["DeviceRequests"] == [
         {"Driver": "nvidia", "Count": 0, "DeviceIDs": ["GPU-fake-0"], "Capabilities": [["gpu"]], "Options": {}}]
-    assert host_config["NanoCpus"] == 1_000_000_000 and host_config["Memory"] == 128 * 1024**2
+    assert (host_config["CpuQuota"], host_config["CpuPeriod"]) == (100_000, 100_000)
+    assert host_config["Memory"] == 128 * 1024**2
     assert docker_client.api.containers(all=True, filters={"label": f"warmpool.instance={instance_id}"}) == []
 
 

@@ -79,15 +79,26 @@ print(json.dumps({
     # memory+swap (v1), or swap alone (v2): its file must be there, or swap is not limited
     "swap": read('/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes' if v1 else '/sys/fs/cgroup/memory.swap.max'),
     "pids": read('/sys/fs/cgroup/pids/pids.max', '/sys/fs/cgroup/pids.max'),
+    # quota and period in microseconds: v1's two files, or v2's cpu.max ("quota period")
+    "cpu": (read('/sys/fs/cgroup/cpu/cpu.cfs_quota_us') + ' ' + read('/sys/fs/cgroup/cpu/cpu.cfs_period_us')) if v1
+           else read('/sys/fs/cgroup/cpu.max'),
     "tmp_bytes": st.f_blocks * st.f_frsize, "uid": os.getuid(), "host": socket.gethostname()}))
 """
 
 
-@pytest.mark.parametrize(("ram", "tier", "ram_bytes", "nano_cpus", "tmp_bytes"), [
-    ("64MiB", "one", 96 * MIB, 500_000_000, 32 * MIB),
-    ("200MiB", "two", 256 * MIB, 1_000_000_000, 128 * MIB),
+def test_the_cpu_period_setting_reaches_the_kernel(serve):
+    """WARMPOOL_CPU_PERIOD_US: the same share of cpu (the quota scales with it), enforced over that period."""
+    svc = serve(env={"WARMPOOL_CPU_PERIOD_US": "10000"})
+    body = svc.execute(LIMITS_SEEN_INSIDE, resources={"ram": "64MiB"}).json()
+    assert (body["status"], body["tier"]) == ("succeeded", "one"), body
+    assert json.loads(body["stdout"])["cpu"] == "5000 10000", "0.5 cpu: 5 ms in every 10 ms"
+
+
+@pytest.mark.parametrize(("ram", "tier", "ram_bytes", "quota_us", "tmp_bytes"), [
+    ("64MiB", "one", 96 * MIB, 50_000, 32 * MIB),
+    ("200MiB", "two", 256 * MIB, 100_000, 128 * MIB),
 ])
-def test_limits_are_really_applied(service, docker_client, ram, tier, ram_bytes, nano_cpus, tmp_bytes):
+def test_limits_are_really_applied(service, docker_client, ram, tier, ram_bytes, quota_us, tmp_bytes):
     """The container that ran the task has its own tier's limits, seen from inside and by the engine."""
     body = service.execute(LIMITS_SEEN_INSIDE, resources={"ram": ram}).json()
     assert (body["status"], body["tier"]) == ("succeeded", tier), body
@@ -95,6 +106,7 @@ def test_limits_are_really_applied(service, docker_client, ram, tier, ram_bytes,
     no_swap = str(ram_bytes) if inside["cgroup"] == "v1" else "0"  # memory+swap == memory, or swap 0
     assert int(inside["memory"]) == ram_bytes and inside["swap"] == no_swap
     assert inside["pids"] == "128" and inside["uid"] == 10001
+    assert inside["cpu"] == f"{quota_us} 100000", "the tier's cpus over Docker's default 100 ms period"
     # /tmp is a filesystem of the tier's storage: its size less ext4's own metadata (test_scratch.py)
     assert 0.9 * tmp_bytes < inside["tmp_bytes"] <= tmp_bytes
     # The hostname is the container's short id: inspect that very container.
@@ -102,7 +114,8 @@ def test_limits_are_really_applied(service, docker_client, ram, tier, ram_bytes,
     assert inspect["Config"]["Labels"]["warmpool.tier"] == tier
     assert inspect["Config"]["Labels"]["warmpool.instance"] == service.instance_id
     host = inspect["HostConfig"]
-    assert (host["Memory"], host["MemorySwap"], host["NanoCpus"]) == (ram_bytes, ram_bytes, nano_cpus)
+    assert (host["Memory"], host["MemorySwap"]) == (ram_bytes, ram_bytes)
+    assert (host["CpuQuota"], host["CpuPeriod"], host["NanoCpus"]) == (quota_us, 100_000, 0)
     assert host["PidsLimit"] == 128 and host["NetworkMode"] == "none" and host["ReadonlyRootfs"] is True
     (scratch,) = inspect["Mounts"]  # its own scratch filesystem, made for it
     assert (scratch["Type"], scratch["Destination"]) == ("bind", "/tmp") and not host.get("Tmpfs")

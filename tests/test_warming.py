@@ -240,3 +240,55 @@ def test_a_burst_on_one_tier_warms_it_and_it_idles_back_down(serve, docker_clien
     wait_for(lambda: burst_containers() == 1, "the quiet tier idled back down to one container")
     burst = tiers()["burst"]
     assert burst["idle"] == 1 and burst["replaced"].get("scaled_down", 0) >= 1
+
+
+def test_a_container_still_cooling_after_its_reset_is_passed_over_for_a_rested_one():
+    """One client, task after task on a 0.5-cpu tier: the most recent container is taken only once it has
+    rested the tier's cooldown; until then the one that rested longest is (issue 15: two containers
+    ping-ponged over their cpu quota and were throttled)."""
+    clock = Clock()
+    pool = TierPool(TIER, clock)
+    assert pool.cooldown_s == pytest.approx(0.01), "5 ms of housekeeping cpu at 0.5 cpu"
+    handles = [handle(i) for i in range(4)]
+    for h in handles:
+        pool.offer(h)
+        clock.now_s += 1.0  # all rested
+    served = []
+    for _ in range(8):  # a task every 4 ms: each container gets one per ~16 ms, not every other task
+        h = pool.take_idle()
+        assert h is not None
+        served.append(h.name)
+        clock.now_s += 0.004
+        pool.offer(h)
+    assert served[:4] == ["c3", "c2", "c1", "c0"], "most recent first among the rested"
+    assert served[4:] == ["c3", "c2", "c1", "c0"], "then the one that rested longest"
+    clock.now_s += 1.0
+    last = pool.take_idle()
+    assert last is not None and last.name == "c0", "once all rested: the most recent again (the rest age out)"
+
+
+def test_without_a_cooldown_the_most_recent_is_always_taken():
+    clock = Clock()
+    pool = TierPool(TIER, clock, housekeeping_cpu_s=0.0)
+    for h in (handle(0), handle(1)):
+        pool.offer(h)
+    served = []
+    for _ in range(4):
+        h = pool.take_idle()
+        assert h is not None
+        served.append(h.name)
+        clock.now_s += 0.004
+        pool.offer(h)
+    assert served == ["c1"] * 4
+
+
+def test_a_dead_idle_container_is_never_lent():
+    clock = Clock()
+    pool = TierPool(TIER, clock)
+    live, dead = handle(0), handle(1)
+    pool.offer(live)
+    pool.offer(dead)
+    clock.now_s += 1.0
+    dead.channel.alive = False  # type: ignore[union-attr]
+    assert pool.take_idle() is live
+    assert pool.take_idle() is None and not pool.idle

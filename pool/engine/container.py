@@ -17,6 +17,7 @@ from pool.engine.backend import ContainerBackend
 from pool.engine.channel import ChannelClosed, RunnerChannel
 from pool.engine.sandbox_spec import host_config_kwargs, labels_for, task_nproc_limit
 from pool.engine.scratch import ScratchSlot, ScratchStore
+from pool.model import cpu_quota
 from pool.model.errors import PoolError, SandboxError
 from pool.model.resources import format_bytes
 from pool.model.results import Status, TaskResult, TaskSpec
@@ -44,6 +45,7 @@ class CreateOptions:
     owner: str
     nofile_limit: int
     scratch: ScratchStore | None = None  # None: scratch is a tmpfs (WARMPOOL_SCRATCH=memory, a fake backend)
+    cpu_period_us: int = cpu_quota.DEFAULT_PERIOD_US
 
 
 class ContainerHandle:
@@ -171,7 +173,8 @@ async def start_container(backend: ContainerBackend, tier: Tier, options: Create
         slot = await anyio.to_thread.run_sync(store.make, f"{tier.name}-{serial}", tier.resources.storage_bytes)
     try:
         host_options = host_config_kwargs(tier, nofile_limit=options.nofile_limit, gpu_ids=gpu_ids,
-                                          scratch_dir=None if slot is None else slot.mount_dir)
+                                          scratch_dir=None if slot is None else slot.mount_dir,
+                                          cpu_period_us=options.cpu_period_us)
         labels = labels_for(tier, options.instance_id, options.owner)
         container_id = await anyio.to_thread.run_sync(
             lambda: backend.create(image=options.docker_images[tier.image], name=name, labels=labels,

@@ -69,7 +69,9 @@ class PoolManager:
         # The one place the mode is looked at: from here on the mode object decides (pool/engine/modes.py).
         self.mode: Mode = (ColdMode(self._start_for_lease) if settings.mode == "cold"
                            else WarmMode(settings.max_waiting, engine_up=lambda: self.docker_ok, wake=self.wake))
-        self.pools = {tier.name: TierPool(tier, single_use=self.mode.single_use) for tier in settings.tiers}
+        self.pools = {tier.name: TierPool(tier, single_use=self.mode.single_use,
+                                          housekeeping_cpu_s=settings.reuse_cooldown_cpu_ms / 1000)
+                      for tier in settings.tiers}
         # Nothing is held before `start` reads the host's inventory: until then no container fits.
         self.ledger = CapacityLedger(HostInventory(cpus=0.0, ram_bytes=0))
         self.docker_ok = False
@@ -77,7 +79,8 @@ class PoolManager:
         self.image_labels: dict[str, dict[str, str]] = {}  # image name -> its docker labels, read at start
         self._options = CreateOptions(docker_images={spec.name: spec.docker_image for spec in settings.images},
                                       instance_id=settings.instance_id, owner=owner_token(),
-                                      nofile_limit=settings.nofile_limit, scratch=scratch)
+                                      nofile_limit=settings.nofile_limit, scratch=scratch,
+                                      cpu_period_us=settings.cpu_period_us)
         self._background = TaskOwner("pool")  # replenisher, container starts and removals
         self._wake = asyncio.Event()
         self._start_slots = asyncio.Semaphore(settings.start_concurrency)

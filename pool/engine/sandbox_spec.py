@@ -4,7 +4,7 @@ Security defaults for every container (README, Security): no network, read-only 
 tier's storage (a filesystem of its own on disk, see scratch.py, or a tmpfs), every capability dropped but
 the three the runner needs to drop to the sandbox uid and to kill its leftovers, no-new-privileges, Docker's
 default seccomp, a pids limit, memory equal to memory+swap, a cpu quota, ulimits, an empty environment, no
-mount but that scratch, no logging.
+mount but that scratch, no logging. The cpu quota's period is a setting (pool/model/cpu_quota.py).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 from pool.engine.backend import INSTANCE_LABEL, OWNER_LABEL, POOL_LABEL, TIER_LABEL
 from pool.engine.docker_backend import gpu_device_requests, no_logging, scratch_bind, ulimits
+from pool.model import cpu_quota
 from pool.model.tiers import Tier
 
 RUNNER_CAPABILITIES = ("SETUID", "SETGID", "KILL")
@@ -71,11 +72,13 @@ def task_nproc_limit(tier: Tier) -> int:
 
 
 def host_config_kwargs(tier: Tier, *, nofile_limit: int, gpu_ids: tuple[str, ...] = (),
-                       scratch_dir: str | None = None) -> dict[str, Any]:
+                       scratch_dir: str | None = None,
+                       cpu_period_us: int = cpu_quota.DEFAULT_PERIOD_US) -> dict[str, Any]:
     """Keyword arguments for docker-py's ``create_host_config`` for one container of `tier`: its scratch is
     `scratch_dir` (a filesystem of the tier's storage, mounted nosuid,nodev,noexec by scratch.py) when
     given, else a tmpfs of that size."""
     storage_bytes = tier.resources.storage_bytes
+    period_us, quota_us = cpu_quota.cfs_quota(tier.resources.cpu, cpu_period_us)
     scratch: dict[str, Any] = (
         {"mounts": [scratch_bind(scratch_dir, SCRATCH_TARGET)]} if scratch_dir is not None
         else {"tmpfs": {SCRATCH_TARGET: f"rw,nosuid,nodev,noexec,size={storage_bytes},mode=1777"}})
@@ -90,7 +93,8 @@ def host_config_kwargs(tier: Tier, *, nofile_limit: int, gpu_ids: tuple[str, ...
         "pids_limit": host_pids_limit(tier),
         "mem_limit": tier.resources.ram_bytes,
         "memswap_limit": tier.resources.ram_bytes,
-        "nano_cpus": int(tier.resources.cpu * 1e9),
+        "cpu_period": period_us,  # Docker takes these or nano_cpus (always 100 ms), not both
+        "cpu_quota": quota_us,
         "ulimits": ulimits(nofile_limit, storage_bytes),
         "log_config": no_logging(),
         "ipc_mode": "private",

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pool.engine.container import ContainerHandle
+from pool.model import cpu_quota
 from pool.model.backoff import Backoff
 from pool.model.errors import NoCapacity, NoTierFits, PoolError
 from pool.model.lifecycle import ContainerState, RetireReason, ReusePolicy, Verdict, after_task, while_idle
@@ -40,7 +41,8 @@ class TierStats:
 class TierPool:
     """One tier's containers. Only the manager changes it, always on the event loop."""
 
-    def __init__(self, tier: Tier, clock: Callable[[], float] = time.monotonic, *, single_use: bool = False) -> None:
+    def __init__(self, tier: Tier, clock: Callable[[], float] = time.monotonic, *, single_use: bool = False,
+                 housekeeping_cpu_s: float = cpu_quota.TASK_HOUSEKEEPING_CPU_S) -> None:
         self.tier = tier
         self.reuse = ReusePolicy(max_uses=tier.max_uses, max_age_s=tier.max_age_s, single_use=single_use)
         self._clock = clock  # monotonic seconds; tests pass their own
@@ -61,6 +63,7 @@ class TierPool:
         self.unfit: NoTierFits | None = None  # set when the host can never hold one of its containers
         self._leased_at_s: dict[ContainerHandle, float] = {}
         self._idle_since_s: dict[ContainerHandle, float] = {}
+        self.cooldown_s = cpu_quota.reuse_cooldown_s(tier.resources.cpu, housekeeping_cpu_s)
 
     @property
     def total(self) -> int:
@@ -97,13 +100,25 @@ class TierPool:
         self.demand.record_lease(self._clock())
 
     def take_idle(self) -> ContainerHandle | None:
-        while self.idle:
-            handle = self.idle.popleft()
-            self._idle_since_s.pop(handle, None)
-            if handle.alive:
-                self._lend(handle)
-                return handle
-        return None
+        """The most recently used idle container that has rested `cooldown_s` since its reset, else the one
+        that rested longest: the surplus still ages out (retune removes the least recent), and a container
+        whose quota its last task and reset spent is not handed the next task while another is fresh."""
+        now_s = self._clock()
+        chosen: ContainerHandle | None = None
+        for handle in list(self.idle):  # most recent first
+            if not handle.alive:
+                self.idle.remove(handle)
+                self._idle_since_s.pop(handle, None)
+                continue
+            chosen = handle
+            if now_s - self._idle_since_s.get(handle, now_s) >= self.cooldown_s:
+                break
+        if chosen is None:
+            return None
+        self.idle.remove(chosen)
+        self._idle_since_s.pop(chosen, None)
+        self._lend(chosen)
+        return chosen
 
     def offer(self, handle: ContainerHandle) -> None:
         """A ready container goes to the longest waiter, else to the idle queue (most recent first)."""

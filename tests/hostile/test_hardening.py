@@ -44,7 +44,7 @@ def test_engine_applies_every_default(box, docker_client):
     assert host["CapDrop"] == ["ALL"] and sorted(host["CapAdd"]) == ["KILL", "SETGID", "SETUID"]
     assert host["SecurityOpt"] == ["no-new-privileges"]  # and no "seccomp=unconfined": Docker's default profile
     assert host["Memory"] > 0 and host["MemorySwap"] == host["Memory"]
-    assert host["NanoCpus"] == 500_000_000
+    assert (host["CpuQuota"], host["CpuPeriod"]) == (50_000, 100_000)  # 0.5 cpu
     if box.runtime == "runc":
         assert host["PidsLimit"] == PIDS_LIMIT
     else:  # the Sentry's own threads count on the host; the tier's limit applies inside (RLIMIT_NPROC)

@@ -1,0 +1,53 @@
+"""Is the machine quiet enough to benchmark? Its load average and the processes busy right now.
+
+`look()` samples every process's cpu time over a second or two and names those that used more than a
+little of it; benchmarks call it before each section, print it beside the figures, and mark (or refuse
+to write) figures taken while other work ran.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from cpu_account import all_processes_ms
+
+# Busy means: a 1-minute load average above a quarter of the cpus (other suites run at several), or any
+# process not ours using more than 10% of a cpu while we looked.
+BUSY_LOAD_PER_CPU = 0.25
+BUSY_PROCESS_SHARE = 0.10
+
+
+@dataclass(frozen=True)
+class Look:
+    load: tuple[float, float, float]
+    cpus: int
+    busy_processes: tuple[tuple[str, float], ...]  # (name, share of one cpu) over the sample
+
+    @property
+    def busy(self) -> bool:
+        return self.load[0] > BUSY_LOAD_PER_CPU * self.cpus or any(
+            share > BUSY_PROCESS_SHARE for _, share in self.busy_processes)
+
+    def describe(self) -> str:
+        procs = ", ".join(f"{name} {100 * share:.0f}%" for name, share in self.busy_processes) or "none"
+        verdict = "BUSY" if self.busy else "quiet"
+        return (f"{verdict}: load average {self.load[0]:.2f} / {self.load[1]:.2f} / {self.load[2]:.2f} on "
+                f"{self.cpus} cpus; processes using more than 2% of a cpu: {procs}")
+
+
+def look(sample_s: float = 2.0, exclude: frozenset[int] = frozenset()) -> Look:
+    """The load average and the processes (other than `exclude` and this one) busy over `sample_s`."""
+    before = all_processes_ms()
+    time.sleep(sample_s)
+    after = all_processes_ms()
+    skip = exclude | {os.getpid()}
+    shares = [(name, (ms - before[pid][1]) / (sample_s * 1000)) for pid, (name, ms) in after.items()
+              if pid in before and pid not in skip]
+    busy = tuple(sorted(((n, s) for n, s in shares if s > 0.02), key=lambda item: -item[1])[:6])
+    return Look(load=os.getloadavg(), cpus=os.cpu_count() or 1, busy_processes=busy)
+
+
+def describe_load() -> str:
+    return look().describe()
