@@ -12,7 +12,7 @@ REDIS_PORT ?= $(or $(WARMPOOL_TEST_REDIS_PORT),6399)
 PYTEST_ARGS ?=
 SERVICE_IMAGE ?= $(or $(WARMPOOL_SERVICE_IMAGE),warmpool-service:latest)
 
-.PHONY: venv docker image redis browser run test check lint bench bench-scaleout bench-stream bench-clients service-image test-swarm
+.PHONY: venv docker image redis browser run test check lint bench bench-scaleout bench-stream bench-clients service-image test-swarm soak
 
 venv: $(STAMP)
 
@@ -81,6 +81,7 @@ test-swarm: service-image browser
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy pool api warmpool runner_image
+	$(VENV)/bin/mypy --explicit-package-bases benchmarks/soak
 
 # Under a minute, with no Docker engine and no Redis: lint, then every test marked neither `docker` nor
 # `redis` (the pool logic over a fake backend, the API in process, the pure model). DOCKER_HOST points
@@ -111,3 +112,11 @@ bench-stream: venv docker image redis
 # writes its section "Batches and the Python client" of benchmarks/RESULTS.md.
 bench-clients: venv docker image
 	$(PY) benchmarks/clients.py
+
+# Bounded (SOAK_S seconds of load, default 600, plus about 3 minutes of set-up and checks): a mixed load
+# under injected faults, embedded then scale-out (two workers, a redis-server on SOAK_REDIS_PORT), on a
+# dockerd of the soak's own (so that it may restart it); prints the ledger and exits 1 on any violation.
+SOAK_S ?= 600
+SOAK_ARGS ?=
+soak: venv docker image
+	SOAK_S=$(SOAK_S) $(PY) -m benchmarks.soak $(SOAK_ARGS)

@@ -39,6 +39,7 @@ class CallbackRelay:
         self.concurrency = settings.callback_concurrency
         self.sender = sender or CallbackSender(CallbackPolicy.parse(settings.callback_allow),
                                                settings.callback_secret, settings.callback_attempt_timeout_s)
+        self.record_window_s = settings.callback_attempt_timeout_s + 5  # see _record
         self._owner = TaskOwner("callback relay")
         self._in_flight = 0
         self._slot_freed = asyncio.Event()
@@ -74,10 +75,28 @@ class CallbackRelay:
         try:
             body = json.dumps(self.render(due.view), separators=(",", ":")).encode()
             delivered = await self.sender.send(due.url, body, due.task_id, due.attempt)
-            try:
-                await self.dispatcher.callback_finished(due, delivered)
-            except BackendUnavailable as exc:  # the claim lapses and another attempt follows
-                log.warning("callback of task %s: could not record attempt %d: %s", due.task_id, due.attempt, exc)
+            await self._record(due, delivered)
         finally:
             self._in_flight -= 1
             self._slot_freed.set()
+
+    async def _record(self, due: DueCallback, delivered: bool) -> None:
+        """Report the attempt, retrying while Redis is away (a restart) for as long as the claim holds.
+
+        Found by the chaos soak: an attempt delivered while Redis restarted was not recorded, its claim
+        lapsed, and the receiver got the callback a second time. The claim's lease (pool/scaleout/
+        redis_dispatch.py) is twice the attempt timeout plus 5 s, so even an attempt that took its whole
+        timeout leaves this long to report it; past it, another attempt follows (and is numbered so)."""
+        deadline_s = asyncio.get_running_loop().time() + self.record_window_s
+        backoff_s = 0.1
+        while True:
+            try:
+                await self.dispatcher.callback_finished(due, delivered)
+                return
+            except BackendUnavailable as exc:
+                if self._owner.closing or asyncio.get_running_loop().time() + backoff_s > deadline_s:
+                    log.warning("callback of task %s: could not record attempt %d: %s", due.task_id, due.attempt,
+                                exc)
+                    return
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(1.0, backoff_s * 2)

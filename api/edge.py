@@ -65,6 +65,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._reading_head = True  # the next bytes belong to a request line or headers
         self._head_bytes = 0
+        self._head_tail = b""  # the last bytes of the head read so far: its end may straddle two reads
         self._read_deadline: asyncio.TimerHandle | None = None
         self._last_active_s = 0.0
 
@@ -105,11 +106,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         self._last_active_s = self.loop.time()
         if self._reading_head:
-            self._head_bytes += len(data)
+            # Counted before the parser sees the bytes: a head that arrives whole in one read (anything up
+            # to the 64 KiB uvicorn reads at once) would otherwise be parsed, its request complete and the
+            # count reset before it was ever compared with the cap. Only the head's own bytes count (up to
+            # the blank line, which may straddle two reads), never a body that came in the same read.
+            window = self._head_tail + data
+            end = window.find(b"\r\n\r\n")
+            self._head_bytes += len(data) if end < 0 else max(0, end + 4 - len(self._head_tail))
+            self._head_tail = window[-3:]
+            if self._head_bytes > self.limits.max_header_bytes:
+                if not self.transport.is_closing():
+                    self._refuse(431, f"request line and headers exceed the {self.limits.max_header_bytes} "
+                                      "byte limit")
+                return
         super().data_received(data)
-        if self._reading_head and self._head_bytes > self.limits.max_header_bytes \
-                and not self.transport.is_closing():
-            self._refuse(431, f"request line and headers exceed the {self.limits.max_header_bytes} byte limit")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -118,6 +128,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._reading_head = False
         self._head_bytes = 0
+        self._head_tail = b""
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:

@@ -18,13 +18,13 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from pool.background import TaskOwner
 from pool.engine.manager import PoolManager
 from pool.model.callback_rules import next_delay_s
-from pool.model.errors import Overloaded, PoolError, ResultEvicted, SandboxError
+from pool.model.errors import BackendUnavailable, NoCapacity, Overloaded, PoolError, ResultEvicted, SandboxError
 from pool.model.fair_queue import FairQueue
 from pool.model.result_bounds import ResultBook, pending_bytes, result_bytes
 from pool.model.results import TaskSpec
@@ -35,6 +35,10 @@ from pool.task_stream import TaskStream
 log = logging.getLogger(__name__)
 
 SWEEP_EVERY_S = 1.0
+# A task that could not start (the engine away, no container in time) is tried again this often, for up to
+# the longest a task may run after its submission: its code was never sent, so running it later keeps it
+# at most once, as a task waiting in scale-out mode's backlog waits for a worker.
+START_RETRY_S = 1.0
 
 
 @dataclass
@@ -125,8 +129,7 @@ class AsyncTasks:
 
         assert record.stream is not None
         try:
-            record.execution = await self.pool.execute(tier_name, spec, start_gate=started,
-                                                       on_output=record.stream.write)
+            record.execution = await self._execute_once_started(tier_name, record, spec, started)
         except PoolError as exc:
             record.error = exc
         except asyncio.CancelledError:
@@ -139,6 +142,20 @@ class AsyncTasks:
             self._running[tier_name] -= 1
             self._end(spec.task_id, record)
             self._start_waiting(tier_name)
+
+    async def _execute_once_started(self, tier_name: str, record: _Record, spec: TaskSpec,
+                                    started: Callable[[], Awaitable[bool]]) -> Execution:
+        """Run it; while it cannot start (BackendUnavailable, NoCapacity before its start gate opened), wait
+        and try again until settings.max_timeout_s after its submission."""
+        assert record.stream is not None
+        while True:
+            try:
+                return await self.pool.execute(tier_name, spec, start_gate=started, on_output=record.stream.write)
+            except (BackendUnavailable, NoCapacity):
+                if record.state == TaskState.RUNNING or self._closing or \
+                        time.monotonic() - record.submitted_at + START_RETRY_S > self.settings.max_timeout_s:
+                    raise
+            await asyncio.sleep(START_RETRY_S)
 
     def _end(self, task_id: str, record: _Record) -> None:
         record.state = TaskState.DONE

@@ -17,7 +17,7 @@ from pool.engine.backend import ContainerBackend
 from pool.engine.manager import PoolManager
 from pool.engine.scratch import ScratchStore
 from pool.engine.sessions import SessionManager
-from pool.model.errors import PoolError, SandboxError
+from pool.model.errors import BackendUnavailable, PoolError, SandboxError
 from pool.model.images import describe
 from pool.model.results import TaskSpec
 from pool.model.sessions import SessionFigures, SessionInfo
@@ -54,9 +54,14 @@ class EmbeddedDispatcher:
         return await self.pool.execute(tier_name, spec, wait_s)
 
     async def submit(self, tier_name: str, spec: TaskSpec, owner: str, callback_url: str = "") -> None:
-        self.async_tasks.submit_many([Submission(tier_name, spec, callback_url)], owner)
+        await self.submit_many([Submission(tier_name, spec, callback_url)], owner)
 
     async def submit_many(self, submissions: Sequence[Submission], owner: str) -> None:
+        # While the engine is known to be away, refuse (503, Retry-After) as a synchronous request is, and
+        # as scale-out mode refuses while no worker serves the tier, rather than accept tasks that could
+        # only wait for it.
+        if not self.pool.docker_ok:
+            raise BackendUnavailable("the Docker engine is not answering; retry shortly")
         self.async_tasks.submit_many(submissions, owner)
 
     async def task(self, task_id: str, owner: str, wait_s: float = 0.0) -> TaskView | None:
