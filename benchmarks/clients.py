@@ -22,6 +22,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency import percentile  # noqa: E402
+from results_section import replace_section  # noqa: E402
 from serving import server  # noqa: E402
 
 from warmpool.client import AsyncClient, Client  # noqa: E402
@@ -90,14 +91,6 @@ def render(rates: list[float], ours: list[float], raw: list[float], size: int, c
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    start = text.find(HEADING)
-    if start < 0:
-        path.write_text(text.rstrip() + "\n\n" + section)
-        return
-    end = text.find("\n## ", start + len(HEADING))
-    path.write_text(text[:start] + section + (text[end + 1:] if end >= 0 else ""))
 
 
 def main() -> None:
@@ -114,7 +107,7 @@ def main() -> None:
         ours, raw = overhead(url, args.count)
     command = (f"python benchmarks/clients.py --rounds {args.rounds} --batch {args.batch} --count {args.count}")
     section = render(rates, ours, raw, args.batch, command, started)
-    write_section(args.output, section)
+    replace_section(args.output, HEADING, section)
     print(section)
 
 

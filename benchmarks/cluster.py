@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_section import replace_section  # noqa: E402
 from scaleout import Processes, free_port, serve, start_redis, wait_until  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -163,15 +164,6 @@ def render(results: dict[str, Any], command: str) -> str:
     ])
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    start = text.find(HEADING)
-    if start < 0:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
-    path.write_text(text.rstrip() + "\n")
 
 
 def main() -> None:
@@ -208,7 +200,7 @@ def main() -> None:
     section = render(results, command.strip())
     print(section)
     if args.markdown:
-        write_section(args.markdown, section)
+        replace_section(args.markdown, HEADING, section)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency import free_port, summary, wait_ready  # noqa: E402
+from results_section import replace_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 HEADING = "## Images: datascience beside python (benchmarks/images.py)"
@@ -172,14 +173,6 @@ def render(results: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    start = text.find(HEADING)
-    if start < 0:
-        path.write_text(text.rstrip("\n") + "\n\n" + section if text else section)
-        return
-    end = text.find("\n## ", start + len(HEADING))
-    path.write_text(text[:start] + section + (text[end + 1:] if end >= 0 else ""))
 
 
 def main() -> None:
@@ -193,7 +186,7 @@ def main() -> None:
     section = render(results, ("python benchmarks/images.py " + " ".join(sys.argv[1:])).strip())
     print(section)
     if args.markdown:
-        replace_section(args.markdown, section)
+        replace_section(args.markdown, HEADING, section)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_section import replace_section  # noqa: E402
 from scaleout import Processes, ready, serve, start_redis, summary, wait_until, workers_serving  # noqa: E402
 
 HEADING = "## Streaming and sessions (benchmarks/stream_sessions.py)"
@@ -167,15 +168,6 @@ def targets(results: dict[str, dict[str, dict[str, float]]]) -> str:
             "fork of a task child and the reset, which is why it is a little faster.")
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's section of `path` (up to the next `## ` heading), or append it."""
-    text = path.read_text() if path.exists() else ""
-    start = text.find(HEADING)
-    if start < 0:
-        path.write_text(text.rstrip("\n") + ("\n\n" if text else "") + section)
-        return
-    end = text.find("\n## ", start + len(HEADING))
-    path.write_text(text[:start] + section + (text[end:] if end >= 0 else ""))
 
 
 def main() -> None:
@@ -191,7 +183,7 @@ def main() -> None:
     section = render(results, command, load_before)
     print(section)
     if args.markdown:
-        write_section(args.markdown, section)
+        replace_section(args.markdown, HEADING, section)
 
 
 if __name__ == "__main__":

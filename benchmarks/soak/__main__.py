@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.results_section import replace_section
 from benchmarks.soak import after
 from benchmarks.soak.faults import EMBEDDED_KINDS, SCALEOUT_KINDS, Injector
 from benchmarks.soak.ledger import RESULT_STATUSES, AsyncTask, Fault, Record, judge, outcome, render
@@ -159,7 +160,7 @@ class Run:
         else:
             print("soak: no violation")
         if self.args.markdown:
-            write_section(Path(self.args.markdown), self.section(table))
+            replace_section(Path(self.args.markdown), HEADING, self.section(table))
         return 0 if verdict.ok else 1
 
     def print_examples(self) -> None:
@@ -185,16 +186,6 @@ def _final(body: Any) -> bool:
     return isinstance(body, dict) and body.get("status") in RESULT_STATUSES
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the soak's section of the file (or append it)."""
-    text = path.read_text() if path.exists() else ""
-    start = text.find(HEADING)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
-    path.write_text(text)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
