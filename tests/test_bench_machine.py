@@ -1,0 +1,19 @@
+"""benchmarks/machine.py: what makes `make bench` call the machine busy."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from machine import Look  # noqa: E402
+
+
+def test_another_process_using_the_cpu_makes_it_busy():
+    assert Look(load=(0.1, 0.1, 0.1), cpus=2, busy_processes=(("pytest", 0.44),)).busy
+
+
+def test_the_run_s_own_trailing_load_average_does_not():
+    # Right after a section of the same run the 1-minute load average is still high while nothing else runs.
+    look = Look(load=(12.4, 16.2, 9.4), cpus=2, busy_processes=(("containerd", 0.03),))
+    assert not look.busy
+    assert look.describe().startswith("quiet: load average 12.40")
