@@ -177,7 +177,7 @@ class Run:
         return "\n".join([
             HEADING, "",
             f"`make soak SOAK_S={self.args.seconds:.0f}` ({self.args.clients} clients, seed {self.args.seed}); "
-            f"{platform.node()}, {os.cpu_count()} cores shared with other engineers' tests, load average "
+            f"{platform.node()}, {os.cpu_count()} cores, load average "
             f"{load[0]:.2f} at the end; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
             table, "", *[f"- {note}" for note in self.notes], ""])
 
