@@ -400,3 +400,21 @@ def test_works_under_gvisor(runner, engine):
     assert result["status"] == "timed_out" and reset["clean"] is True
     procs = ONLY_RUNNER_AND_ME
     assert run_ok(box, procs)["stdout"] == "True\n"
+
+
+def test_each_task_costs_the_template_one_fork_on_runc(box):
+    # The template forks each task's child straight into PID 1's care (clone(CLONE_PARENT), sibling.py), not
+    # through an intermediate process: with nothing else forking between hello tasks, their pids step by one.
+    # (runsc makes the flag's child the template's own: the template then falls back to the intermediate.)
+    pids = [int(run_ok(box, "import os\nprint(os.getpid())")["stdout"]) for _ in range(6)]
+    assert [b - a for a, b in zip(pids, pids[1:], strict=False)] == [1] * 5, pids
+
+
+def test_under_gvisor_the_template_falls_back_to_the_intermediate(runner, engine):
+    require_gvisor(engine)
+    box = runner(runtime="runsc")
+    pids = [int(run_ok(box, "import os\nprint(os.getpid(), os.getppid())")["stdout"].split()[0])
+            for _ in range(4)]
+    parents = {run_ok(box, "import os\nprint(os.getppid())")["stdout"] for _ in range(2)}
+    assert parents == {"1\n"}  # PID 1 waits for every child, whichever way it was forked
+    assert [b - a for a, b in zip(pids, pids[1:], strict=False)] == [2] * 3, pids

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import NoReturn
 
+from runner_image.sandbox import sibling
 from runner_image.sandbox.child import task_child
 from runner_image.sandbox.config import KILL_WAIT_S, SCRATCH_DIRS
 from runner_image.sandbox.limits import drop_to_sandbox
@@ -50,8 +51,44 @@ def template_main(sock: socket.socket) -> NoReturn:
 
 
 def spawn(go_r: int, out_w: int, err_w: int, status_w: int, files_w: int) -> int:
-    """Fork a task's child through an intermediate that exits at once: the child is reparented to PID 1,
-    so that PID 1 can wait for it (status, rusage) as for its own. Returns the child's pid."""
+    """Fork a task's child as PID 1's (see sibling), so that PID 1 can wait for it (status, rusage) as for
+    its own and the template never sees it exit. Returns the child's pid."""
+    global _sibling_works
+    if _sibling_works and sibling.available():
+        try:
+            pid = sibling.fork_sibling()
+        except OSError:
+            _sibling_works = False  # a kernel without CLONE_PARENT: the double fork from now on
+        else:
+            if pid == 0:
+                try:
+                    task_child(go_r, out_w, err_w, status_w, files_w)  # never returns
+                finally:
+                    os._exit(125)
+            if not is_own_child(pid):
+                return pid
+            # gVisor accepts the flag but makes the child ours: it has run nothing yet (it waits for its
+            # task on the go pipe), so end it here and use the double fork from now on.
+            _sibling_works = False
+            kill_task(pid)
+            os.waitpid(pid, 0)
+    return spawn_through_intermediate(go_r, out_w, err_w, status_w, files_w)
+
+
+_sibling_works = True  # until the kernel shows otherwise
+
+
+def is_own_child(pid: int) -> bool:
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
+def spawn_through_intermediate(go_r: int, out_w: int, err_w: int, status_w: int, files_w: int) -> int:
+    """The portable way, one fork more: an intermediate forks the child and exits at once, and once it is
+    reaped the child's parent is PID 1."""
     pid_r, pid_w = os.pipe()
     middle = os.fork()
     if middle == 0:
