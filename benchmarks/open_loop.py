@@ -9,13 +9,15 @@ keep-alive HTTP/1.1 connections, opened at the start; a request due while every 
 waits for one, and that wait counts. The client is a bare asyncio HTTP/1.1 writer and reader (uvloop when
 installed) so that it costs little cpu beside the server; its own cpu is printed with the figures. Prints
 one JSON object: the rate asked for and achieved, the count, failures, p50/p90/p99/max in ms, the share of
-requests sent more than 1 ms late, and the client's cpu ms per request.
+requests sent more than 1 ms late, the client's cpu ms per request, and how many requests took over
+SLOW_MS in each second of the run (whether the tail is one stall or spread).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import time
@@ -23,6 +25,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from latency import percentile
+
+SLOW_MS = 50.0  # a request slower than this counts in `slow_by_second` (seconds from the start: a burst or a trickle)
 
 
 class ConnectionClosedIdle(ConnectionError):
@@ -65,6 +69,7 @@ async def run(url: str, rate: float, seconds: float, connections: int, body: dic
         idle.put_nowait(Connection(*await asyncio.open_connection(host, port)))
     count = int(rate * seconds)
     latencies: list[float] = []
+    slow_by_second: collections.Counter[int] = collections.Counter()  # when the tail happened
     late = failures = 0
 
     async def one(due: float) -> None:
@@ -82,6 +87,8 @@ async def run(url: str, rate: float, seconds: float, connections: int, body: dic
             connection = Connection(*await asyncio.open_connection(host, port))
         idle.put_nowait(connection)
         latencies.append((time.perf_counter() - due) * 1000)
+        if latencies[-1] > SLOW_MS:
+            slow_by_second[int(due - start)] += 1
         failures += not ok
 
     cpu_before = os.times()
@@ -106,7 +113,8 @@ async def run(url: str, rate: float, seconds: float, connections: int, body: dic
     return {"rate_asked": rate, "rate_done": count / elapsed_s, "count": count, "failures": failures,
             "p50": percentile(latencies, 0.5), "p90": percentile(latencies, 0.9), "p99": percentile(latencies, 0.99),
             "max": max(latencies), "late_share": late / count, "connections": connections,
-            "client_cpu_ms": cpu_ms / count}
+            "client_cpu_ms": cpu_ms / count, "slow_ms": SLOW_MS,
+            "slow_by_second": dict(sorted(slow_by_second.items()))}
 
 
 def main() -> None:

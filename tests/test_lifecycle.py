@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
 
 import pytest
 
@@ -10,12 +12,14 @@ from pool.model.backoff import Backoff
 from pool.model.lifecycle import (
     RESET,
     REUSE,
+    WEAR_SPREAD,
     ContainerState,
     Fate,
     RetireReason,
     ReusePolicy,
     Verdict,
     after_task,
+    draw_wear_share,
     while_idle,
 )
 from pool.model.results import Status
@@ -91,3 +95,23 @@ def test_backoff_doubles_up_to_its_cap_and_resets():
 def test_a_long_outage_does_not_overflow_the_backoff():
     backoff = Backoff(first_s=0.5, max_s=60.0, failures=5000)
     assert backoff.next_s() == 60.0
+
+
+def test_each_container_serves_its_own_share_of_the_limits_and_never_more():
+    policy = ReusePolicy(max_uses=10, max_age_s=60)
+    share = ContainerState(alive=True, uses=7, age_s=1.0, wear_share=0.8)
+    assert after_task(policy, share, status=None) == REUSE
+    assert after_task(policy, dataclasses.replace(share, uses=8), status=None) == Verdict.retire(RetireReason.USE_LIMIT)
+    assert while_idle(policy, dataclasses.replace(share, age_s=47.9)) is None
+    assert while_idle(policy, dataclasses.replace(share, age_s=48.0)) == RetireReason.AGE_LIMIT
+    # A fresh container per task stays one task, whatever its share.
+    once = ReusePolicy(max_uses=1, max_age_s=60)
+    assert after_task(once, ContainerState(alive=True, uses=1, age_s=0.1, wear_share=0.75), status=None) == \
+        Verdict.retire(RetireReason.USE_LIMIT)
+
+
+def test_wear_shares_spread_over_the_last_quarter_so_containers_started_together_retire_apart():
+    rng = random.Random(7)
+    shares = [draw_wear_share(rng) for _ in range(1000)]
+    assert 1 - WEAR_SPREAD <= min(shares) < 0.76 and 0.99 < max(shares) <= 1.0
+    assert len({math.ceil(1000 * s) for s in shares[:16]}) == 16  # sixteen containers, sixteen use limits

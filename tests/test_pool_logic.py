@@ -164,6 +164,18 @@ async def test_max_uses_retires_a_container_after_its_last_task(pool_of):
     assert replaced(manager, "one") == {"use_limit": 1}
 
 
+async def test_a_container_retires_at_its_own_share_of_max_uses(pool_of):
+    manager, _ = await pool_of(tiers=[{**ONE, "max_uses": 4}])
+    (first,) = manager.pools["one"].idle
+    first.wear_share = 0.75  # drawn at start in [0.75, 1]: this one serves 3 of the tier's 4
+    names = []
+    for _ in range(4):
+        names.append((await manager.execute("one", spec())).container_name)
+        await settled(manager, "one", idle=1)
+    assert names[:3] == [first.name] * 3 and names[3] != first.name
+    assert replaced(manager, "one") == {"use_limit": 1}
+
+
 async def test_max_age_retires_a_container_when_it_returns_and_when_it_idles(pool_of):
     manager, backend = await pool_of(tiers=[{**ONE, "max_age_s": 0.2}])
     first = await manager.execute("one", spec())

@@ -9,7 +9,15 @@ from pool.engine.container import ContainerHandle
 from pool.engine.tier_pool import TierPool
 from pool.model.resources import Resources
 from pool.model.tiers import Tier
-from pool.model.warming import Demand, WarmingPolicy, demand_idle, idle_to_remove, warm_target
+from pool.model.warming import (
+    SOON_MAX_S,
+    Demand,
+    WarmingPolicy,
+    demand_idle,
+    idle_to_remove,
+    waiters_to_start_for,
+    warm_target,
+)
 from tests.polling import wait_for
 
 MIB = 1024**2
@@ -292,3 +300,15 @@ def test_a_dead_idle_container_is_never_lent():
     dead.channel.alive = False  # type: ignore[union-attr]
     assert pool.take_idle() is live
     assert pool.take_idle() is None and not pool.idle
+
+
+def test_a_waiter_gets_a_new_container_only_when_no_busy_one_comes_back_sooner():
+    # 4 ms tasks: busy containers leased within the last 16 ms are as good as back.
+    assert waiters_to_start_for(3, [0.001, 0.002, 0.5], typical_hold_s=0.004) == (1, pytest.approx(0.014))
+    assert waiters_to_start_for(2, [0.001, 0.002, 0.003], typical_hold_s=0.004)[0] == 0
+    # Long tasks (or a session holding its container): the window is capped, so waiters get new containers.
+    assert waiters_to_start_for(2, [0.3, 5.0], typical_hold_s=10.0) == (2, math.inf)
+    assert waiters_to_start_for(2, [0.1], typical_hold_s=10.0) == (1, pytest.approx(SOON_MAX_S - 0.1))
+    # Nothing known yet, or nothing waits: every waiter counts, and there is nothing to recheck.
+    assert waiters_to_start_for(2, [0.001], typical_hold_s=0.0) == (2, math.inf)
+    assert waiters_to_start_for(0, [0.001], typical_hold_s=0.004) == (0, math.inf)

@@ -19,6 +19,7 @@ from pool.engine.sandbox_spec import host_config_kwargs, labels_for, task_nproc_
 from pool.engine.scratch import ScratchSlot, ScratchStore
 from pool.model import cpu_quota
 from pool.model.errors import PoolError, SandboxError
+from pool.model.lifecycle import draw_wear_share
 from pool.model.resources import format_bytes
 from pool.model.results import Status, TaskResult, TaskSpec
 from pool.model.tasks import RESULT_GRACE_S
@@ -58,6 +59,7 @@ class ContainerHandle:
         self.gpu_ids = gpu_ids
         self.created_at = time.monotonic()
         self.uses = 0
+        self.wear_share = draw_wear_share()  # its own share of the tier's max_uses and max_age_s (lifecycle)
         self.channel: RunnerChannel | None = None
         self.on_lost: Callable[[ContainerHandle, str], None] | None = None
         self.scratch: tuple[ScratchStore, ScratchSlot] | None = None  # its disk scratch, until given back

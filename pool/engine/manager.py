@@ -328,7 +328,9 @@ class PoolManager:
     # warming ---------------------------------------------------------------------------------------
     async def _replenish_loop(self) -> None:
         while True:
-            with anyio.move_on_after(TICK_S):
+            # Sooner than the tick when a waiting lease was left to a busy container that may not come back.
+            recheck_s = min((pool.recheck_in_s() for pool in self.pools.values()), default=TICK_S)
+            with anyio.move_on_after(min(TICK_S, recheck_s + 0.001)):
                 await self._wake.wait()
             self._wake.clear()
             if not self.docker_ok:

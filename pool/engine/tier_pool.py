@@ -17,7 +17,7 @@ from pool.model.results import Status
 from pool.model.snapshots import TierCounters, TierSnapshot
 from pool.model.stats import RunTimes, WaitSamples
 from pool.model.tiers import Tier
-from pool.model.warming import Demand, WarmingPolicy, idle_to_remove, warm_target
+from pool.model.warming import Demand, WarmingPolicy, idle_to_remove, waiters_to_start_for, warm_target
 
 START_BACKOFF_MAX_S = 60.0
 
@@ -90,9 +90,22 @@ class TierPool:
         return sum(1 for w in self.waiters if not w.done())
 
     def starts_wanted(self) -> int:
-        """How many containers to start now: the idle target plus waiting leases, within max_size."""
-        need = self.target_idle + self.pending_waiters() - len(self.idle) - self.starting
+        """How many containers to start now: the idle target plus the waiting leases no busy container will
+        serve soon (warming.waiters_to_start_for), within max_size."""
+        waiters, _ = self._waiters_to_start_for()
+        need = self.target_idle + waiters - len(self.idle) - self.starting
         return max(0, min(need, self.max_size - self.total))
+
+    def recheck_in_s(self) -> float:
+        """When `starts_wanted` may say more without anything happening: a busy container counted as coming
+        back soon has not (inf when nothing waits on one)."""
+        return self._waiters_to_start_for()[1]
+
+    def _waiters_to_start_for(self) -> tuple[int, float]:
+        now_s = self._clock()
+        return waiters_to_start_for(self.pending_waiters(),
+                                    [now_s - leased_s for leased_s in self._leased_at_s.values()],
+                                    self.demand.typical_hold_s())
 
     def note_lease(self) -> None:
         """A lease was asked for (granted or not): counted, and fed to the demand estimate."""
@@ -163,7 +176,7 @@ class TierPool:
     def state_of(self, handle: ContainerHandle, *, closing: bool = False) -> ContainerState:
         return ContainerState(alive=handle.alive, uses=handle.uses, age_s=handle.age_s,
                               drained=handle.created_at < self.drained_at_s, over_max_size=self.total > self.max_size,
-                              closing=closing)
+                              closing=closing, wear_share=handle.wear_share)
 
     def after_task(self, handle: ContainerHandle, *, status: Status | None, reset_clean: bool | None = None,
                    closing: bool = False) -> Verdict:

@@ -96,3 +96,26 @@ def idle_to_remove(*, idle_for_s: Sequence[float], target: int, total: int, max_
     else:
         stale_above = sum(1 for age_s in idle_for_s[:above_target] if age_s >= quiet_s)
     return min(len(idle_for_s), max(over_max, stale_above))
+
+
+# A waiting lease is served by whichever comes first: a busy container coming back, or a new one. A new
+# one costs ~0.2-0.3 s of the host's cpu (and dockerd's) and takes as long to come up, so it is started only
+# for the waiters that busy containers will not serve soon: those leased less than SOON_HOLDS typical hold
+# times ago (at most SOON_MAX_S) count as coming back. Without this, a hiccup of a few ms at 150 hello
+# tasks/s (7 leases waiting for 4 ms tasks) started 6-9 containers at once on 2 cpus, which slowed every
+# task, which made more leases wait: a 3-5 s stall (benchmarks/RESULTS.md, open loop).
+SOON_HOLDS = 4.0
+SOON_MAX_S = 0.2
+
+
+def waiters_to_start_for(waiters: int, busy_lease_ages_s: Sequence[float], typical_hold_s: float) -> tuple[int, float]:
+    """(waiters a new container should be started for, seconds until that should be asked again): the
+    waiters beyond the busy containers that are likely back within the soon window. The second figure is
+    when the youngest of those leaves the window (inf when none was counted)."""
+    if waiters <= 0 or typical_hold_s <= 0:
+        return max(0, waiters), math.inf
+    window_s = min(SOON_HOLDS * typical_hold_s, SOON_MAX_S)
+    soon = sorted(window_s - age for age in busy_lease_ages_s if age < window_s)
+    if not soon:
+        return waiters, math.inf
+    return max(0, waiters - len(soon)), soon[0]
