@@ -176,6 +176,25 @@ async def test_a_container_retires_at_its_own_share_of_max_uses(pool_of):
     assert replaced(manager, "one") == {"use_limit": 1}
 
 
+async def test_a_waiter_is_left_to_a_busy_container_only_if_that_one_comes_back(pool_of):
+    manager, _ = await pool_of(tiers=[{**ONE, "max_size": 2, "max_uses": 2}])
+    pool = manager.pools["one"]
+    for _ in range(8):
+        pool.demand.record_hold(0.1)  # tasks hold a container 0.1 s: one leased just now is back within 0.2 s
+    held = await manager.lease("one", 1)
+    waiter = asyncio.get_running_loop().create_future()
+    pool.waiters.append(waiter)
+    try:
+        assert pool._waiters_to_start_for()[0] == 0  # held comes back sooner than a start would
+        assert 0 < pool.recheck_in_s() <= 0.2
+        held.uses = 2  # its task wears it out: it will be replaced, not returned, so the waiter needs a start
+        assert pool._waiters_to_start_for() == (1, float("inf"))
+    finally:
+        waiter.cancel()
+        held.uses = 0
+        manager.give_back(held)
+
+
 async def test_max_age_retires_a_container_when_it_returns_and_when_it_idles(pool_of):
     manager, backend = await pool_of(tiers=[{**ONE, "max_age_s": 0.2}])
     first = await manager.execute("one", spec())

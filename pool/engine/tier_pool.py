@@ -103,9 +103,10 @@ class TierPool:
 
     def _waiters_to_start_for(self) -> tuple[int, float]:
         now_s = self._clock()
-        return waiters_to_start_for(self.pending_waiters(),
-                                    [now_s - leased_s for leased_s in self._leased_at_s.values()],
-                                    self.demand.typical_hold_s())
+        # Only containers that can come back count: not one its task wears out (max_uses: 1 never does).
+        comeback_ages_s = [now_s - leased_s for handle, leased_s in self._leased_at_s.items()
+                           if not self.reuse.single_use and while_idle(self.reuse, self.state_of(handle)) is None]
+        return waiters_to_start_for(self.pending_waiters(), comeback_ages_s, self.demand.typical_hold_s())
 
     def note_lease(self) -> None:
         """A lease was asked for (granted or not): counted, and fed to the demand estimate."""
