@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,11 +103,14 @@ class TierPool:
         return self._waiters_to_start_for()[1]
 
     def _waiters_to_start_for(self) -> tuple[int, float]:
+        waiters = self.pending_waiters()
+        if not waiters:
+            return 0, math.inf  # the common case, asked on every wake-up: nothing to weigh
         now_s = self._clock()
         # Only containers that can come back count: not one its task wears out (max_uses: 1 never does).
         comeback_ages_s = [now_s - leased_s for handle, leased_s in self._leased_at_s.items()
                            if not self.reuse.single_use and while_idle(self.reuse, self.state_of(handle)) is None]
-        return waiters_to_start_for(self.pending_waiters(), comeback_ages_s, self.demand.typical_hold_s())
+        return waiters_to_start_for(waiters, comeback_ages_s, self.demand.typical_hold_s())
 
     def note_lease(self) -> None:
         """A lease was asked for (granted or not): counted, and fed to the demand estimate."""
