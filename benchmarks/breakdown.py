@@ -69,7 +69,8 @@ WALL = (("rtt_p50", "round trip p50"), ("rtt_p99", "round trip p99"), ("run_p50"
 CPU = (("server", "server (uvicorn, FastAPI, pool)"), ("server_sys", "... of which kernel"),
        ("client", "client (httpx, this process)"), ("sandbox", "sandbox cgroups (all)"),
        ("sandbox_sys", "... of which kernel"), ("runner_pid1", "... runner PID 1"),
-       ("lasting", "... template and helpers"), ("per_task_procs", "... per-task processes (child, intermediate)"),
+       ("lasting", "... template and helpers"),
+       ("per_task_procs", "... per-task processes (the task's child; under gVisor also an intermediate)"),
        ("dockerd", "dockerd (attach stream; shared daemon)"), ("shims", "containerd shims"),
        ("others", "rest of the machine (not ours)"))
 

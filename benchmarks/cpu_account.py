@@ -7,8 +7,8 @@ time, cpu.stat for CFS throttling) and, inside it, the runner's PID 1 and the pr
 tasks (the template, its helpers) by /proc/<pid>/schedstat; the Docker daemon and each container's
 containerd shim (every frame to and from a runner goes through them: the channel is an attached socket);
 the whole machine (/proc/stat) and every other process, so the rest of the machine's load is named.
-What the per-task processes (each task's child, the template's intermediate) cost is the cgroup's total
-less the processes that lived through the run: they have exited by the time it ends.
+What the per-task processes (each task's child; under gVisor also the template's intermediate) cost is
+the cgroup's total less the processes that lived through the run: they have exited by the time it ends.
 """
 
 from __future__ import annotations

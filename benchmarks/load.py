@@ -102,10 +102,17 @@ def open_loop(base_url: str, rate_per_s: float, seconds: float, image: str | Non
 def open_table(rows: list[dict[str, Any]]) -> str:
     return markdown_table(
         ["image", "client", "capacity req/s (closed loop, best)", "rate asked", "rate sent", "requests", "failures",
-         "p50 ms", "p90 ms", "p99 ms", "max ms", "sent > 1 ms late", "client cpu ms/req"],
+         "p50 ms", "p90 ms", "p99 ms", "max ms", "requests over 50 ms (in how many seconds)", "sent > 1 ms late",
+         "client cpu ms/req"],
         [[r["image"], r["client"], f"{r['capacity']:.0f}", f"{r['rate_asked']:.0f}", f"{r['rate_done']:.0f}",
           str(r["count"]), str(r["failures"]), f"{r['p50']:.1f}", f"{r['p90']:.1f}", f"{r['p99']:.1f}",
-          f"{r['max']:.0f}", f"{100 * r['late_share']:.1f}%", f"{r['client_cpu_ms']:.2f}"] for r in rows])
+          f"{r['max']:.0f}", slow_cell(r.get("slow_by_second", {})), f"{100 * r['late_share']:.1f}%",
+          f"{r['client_cpu_ms']:.2f}"] for r in rows])
+
+
+def slow_cell(slow_by_second: dict[str, int]) -> str:
+    """Whether the open loop's tail was one stall or spread out: its slow requests, and over how many seconds."""
+    return f"{sum(slow_by_second.values())} ({len(slow_by_second)})"
 
 
 def sequential(client: httpx.Client, body: dict[str, Any], count: int) -> tuple[list[float], list[dict[str, Any]]]:

@@ -3,7 +3,7 @@
 Run (root, perf installed): .venv/bin/python benchmarks/perf_sandbox.py [--image python] [--seconds 10]
 It serves one tier of one container (1 cpu) of the image, sends 30 hello tasks to warm it, then records
 cpu-clock samples (4 kHz, call graphs) of the runner's PID 1 and the template, and of everything they fork
-from then on (perf follows children: the intermediates and the task children), while one keep-alive
+from then on (perf follows children: the task children, and under gVisor the intermediates), while one keep-alive
 client sends hello tasks for `--seconds`. Prints the sandbox cpu per task, its share by process (PID 1,
 the template, the processes forked per task) and by path (fork, page faults and of them copy-on-write,
 the interpreter), from `perf report`.
@@ -97,9 +97,9 @@ def main() -> None:
           f"{total_ms:.0f} ms of sandbox cpu sampled at {FREQUENCY_HZ} Hz: {cpu_ms:.2f} ms per task\n")
     print("| part | share of the sandbox's cpu | ms per task |\n| --- | --- | --- |")
     per_task = 100 - by_pid.get(pid1, 0) - by_pid.get(template, 0)
-    for label, share in (("runner PID 1", by_pid.get(pid1, 0)), ("template (forks the intermediates)",
+    for label, share in (("runner PID 1", by_pid.get(pid1, 0)), ("template (forks the task children)",
                                                                   by_pid.get(template, 0)),
-                         ("per-task processes (intermediate, child)", per_task)):
+                         ("per-task processes (the task's child)", per_task)):
         print(f"| {label} | {share:.1f}% | {share * cpu_ms / 100:.2f} |")
     for label, symbol in PATHS:
         share = by_symbol.get(symbol, 0.0)
