@@ -17,6 +17,10 @@ from cpu_account import all_processes_ms
 # printed beside it but does not decide: it trails by minutes, so a section that follows another of the
 # same run saw that section's own load (12 on a quiet machine) and was marked busy.
 BUSY_PROCESS_SHARE = 0.10
+# Or: the hypervisor took more than this share of the cpus' time (steal, /proc/stat) while we looked. No
+# process here shows it, yet it slows everything: on 2026-11-30 a top snapshot in a run showed 43% steal,
+# and that run's figures were 20-50% off the run before (benchmarks/RESULTS.md).
+BUSY_STEAL_SHARE = 0.10
 
 
 @dataclass(frozen=True)
@@ -24,28 +28,42 @@ class Look:
     load: tuple[float, float, float]
     cpus: int
     busy_processes: tuple[tuple[str, float], ...]  # (name, share of one cpu) over the sample
+    steal_share: float = 0.0  # of all cpus' time over the sample, taken by the hypervisor
 
     @property
     def busy(self) -> bool:
-        return any(share > BUSY_PROCESS_SHARE for _, share in self.busy_processes)
+        return (any(share > BUSY_PROCESS_SHARE for _, share in self.busy_processes)
+                or self.steal_share > BUSY_STEAL_SHARE)
 
     def describe(self) -> str:
         procs = ", ".join(f"{name} {100 * share:.0f}%" for name, share in self.busy_processes) or "none"
         verdict = "BUSY" if self.busy else "quiet"
         return (f"{verdict}: load average {self.load[0]:.2f} / {self.load[1]:.2f} / {self.load[2]:.2f} on "
-                f"{self.cpus} cpus; processes using more than 2% of a cpu: {procs}")
+                f"{self.cpus} cpus; steal {100 * self.steal_share:.0f}%; "
+                f"processes using more than 2% of a cpu: {procs}")
 
 
 def look(sample_s: float = 2.0, exclude: frozenset[int] = frozenset()) -> Look:
     """The load average and the processes (other than `exclude` and this one) busy over `sample_s`."""
-    before = all_processes_ms()
+    before, ticks_before = all_processes_ms(), cpu_ticks()
     time.sleep(sample_s)
-    after = all_processes_ms()
+    after, ticks_after = all_processes_ms(), cpu_ticks()
     skip = exclude | {os.getpid()}
     shares = [(name, (ms - before[pid][1]) / (sample_s * 1000)) for pid, (name, ms) in after.items()
               if pid in before and pid not in skip]
     busy = tuple(sorted(((n, s) for n, s in shares if s > 0.02), key=lambda item: -item[1])[:6])
-    return Look(load=os.getloadavg(), cpus=os.cpu_count() or 1, busy_processes=busy)
+    deltas = [b - a for a, b in zip(ticks_before, ticks_after, strict=True)]
+    steal_share = deltas[STEAL_FIELD] / sum(deltas) if sum(deltas) else 0.0
+    return Look(load=os.getloadavg(), cpus=os.cpu_count() or 1, busy_processes=busy, steal_share=steal_share)
+
+
+STEAL_FIELD = 7  # /proc/stat's cpu line: user nice system idle iowait irq softirq steal guest guest_nice
+
+
+def cpu_ticks() -> list[int]:
+    """The whole machine's cpu time by kind (/proc/stat's first line), in clock ticks."""
+    with open("/proc/stat") as stat:
+        return [int(field) for field in stat.readline().split()[1:]]
 
 
 def describe_load() -> str:

@@ -17,3 +17,14 @@ def test_the_run_s_own_trailing_load_average_does_not():
     look = Look(load=(12.4, 16.2, 9.4), cpus=2, busy_processes=(("containerd", 0.03),))
     assert not look.busy
     assert look.describe().startswith("quiet: load average 12.40")
+
+
+def test_the_hypervisor_taking_the_cpus_makes_it_busy():
+    look = Look(load=(0.5, 0.5, 0.5), cpus=2, busy_processes=(), steal_share=0.4)
+    assert look.busy
+    assert "steal 40%" in look.describe()
+
+
+def test_look_measures_steal_as_a_share():
+    from machine import look as look_now
+    assert 0.0 <= look_now(sample_s=0.2).steal_share <= 1.0
