@@ -108,8 +108,9 @@ class TierPool:
             return 0, math.inf  # the common case, asked on every wake-up: nothing to weigh
         now_s = self._clock()
         # Only containers that can come back count: not one its task wears out (max_uses: 1 never does).
-        comeback_ages_s = [now_s - leased_s for handle, leased_s in self._leased_at_s.items()
-                           if not self.reuse.single_use and while_idle(self.reuse, self.state_of(handle)) is None]
+        comeback_ages_s = [] if self.reuse.single_use else [
+            now_s - leased_s for handle, leased_s in self._leased_at_s.items()
+            if while_idle(self.reuse, self.state_of(handle)) is None]
         return waiters_to_start_for(waiters, comeback_ages_s, self.demand.typical_hold_s())
 
     def note_lease(self) -> None:

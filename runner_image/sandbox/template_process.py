@@ -54,7 +54,7 @@ def spawn(go_r: int, out_w: int, err_w: int, status_w: int, files_w: int) -> int
     """Fork a task's child as PID 1's (see sibling), so that PID 1 can wait for it (status, rusage) as for
     its own and the template never sees it exit. Returns the child's pid."""
     global _sibling_works
-    if _sibling_works and sibling.available():
+    if _sibling_works:
         try:
             pid = sibling.fork_sibling()
         except OSError:
@@ -75,7 +75,7 @@ def spawn(go_r: int, out_w: int, err_w: int, status_w: int, files_w: int) -> int
     return spawn_through_intermediate(go_r, out_w, err_w, status_w, files_w)
 
 
-_sibling_works = True  # until the kernel shows otherwise
+_sibling_works = sibling.available()  # until the kernel shows otherwise
 
 
 def is_own_child(pid: int) -> bool:
