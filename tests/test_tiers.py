@@ -7,7 +7,7 @@ import pytest
 from pool.model.capacity import CapacityLedger, HostInventory
 from pool.model.errors import CapacityError, InvalidRequest, NoTierFits
 from pool.model.resources import ResourceRequest, Resources
-from pool.model.tiers import Tier, default_tiers, fit_tier, load_tiers_file
+from pool.model.tiers import DEFAULT_MAX_USES, Tier, default_tiers, fit_tier, load_tiers_file, tier_from_dict
 
 MIB, GIB = 1024**2, 1024**3
 
@@ -134,3 +134,13 @@ def test_tiers_serve_a_known_image_and_requests_fit_within_their_image(tmp_path)
     with pytest.raises(NoTierFits) as unserved:
         fit_tier(tiers, ResourceRequest(), "ml")
     assert unserved.value.field == "image"
+
+
+def test_a_container_serves_ten_thousand_tasks_unless_the_tier_says_otherwise():
+    # Replacing a container is a docker run that stalls running tasks on a small host (tiers.py says what
+    # was measured); every built-in tier and every tiers-file entry without max_uses keeps the default.
+    assert DEFAULT_MAX_USES == 10_000
+    assert {tier.max_uses for tier in default_tiers()} == {DEFAULT_MAX_USES}
+    plain = tier_from_dict({"name": "t", "cpu": 1, "ram": "64MiB", "storage": "32MiB"}, 0)
+    assert plain.max_uses == DEFAULT_MAX_USES
+    assert tier_from_dict({"name": "t", "cpu": 1, "ram": "64MiB", "storage": "32MiB", "max_uses": 1}, 0).max_uses == 1

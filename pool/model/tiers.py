@@ -16,6 +16,16 @@ GIB = 1024 ** 3
 DEFAULT_IMAGE = "python"
 
 
+# Tasks a container serves before it is replaced (each draws 75-100% of it: lifecycle.WEAR_SPREAD). Every
+# task runs in a fresh fork of a pristine template and every reuse is verified clean, so this bounds only
+# the runner's own drift, and none was seen: over 10,000 hello tasks in one container PID 1's RSS grew
+# 13.3 -> 14.0 MiB in the first 4,000 and not after, the template's not at all, open fds not at all. A
+# replacement is a `docker run` (0.44 s here), and while one starts a sequential client's p99 went from 9
+# to 23 ms: at 1,000 uses, replacements came every few seconds under load and made the open loop's slow
+# bursts (benchmarks/RESULTS.md, "Open loop tail").
+DEFAULT_MAX_USES = 10_000
+
+
 @dataclass(frozen=True)
 class Tier:
     """A class of identical warm containers; the pool keeps between min_idle and max_size of them."""
@@ -26,7 +36,7 @@ class Tier:
     max_size: int = 8
     runtime: str = "runc"
     pids_limit: int = 128
-    max_uses: int = 1000
+    max_uses: int = DEFAULT_MAX_USES
     max_age_s: float = 3600.0
     image: str = DEFAULT_IMAGE  # the name of the sandbox image its containers run (pool/model/images.py)
 
@@ -84,7 +94,7 @@ def tier_from_dict(raw: dict[str, Any], index: int) -> Tier:
         max_size=parse_count(f"{where}.max_size", raw.get("max_size", 8)),
         runtime=str(raw.get("runtime", "runc")),
         pids_limit=parse_count(f"{where}.pids_limit", raw.get("pids_limit", 128)),
-        max_uses=parse_count(f"{where}.max_uses", raw.get("max_uses", 1000)),
+        max_uses=parse_count(f"{where}.max_uses", raw.get("max_uses", DEFAULT_MAX_USES)),
         max_age_s=parse_number(f"{where}.max_age_s", raw.get("max_age_s", 3600.0), allow_zero=False),
         image=raw.get("image", DEFAULT_IMAGE),
     )
