@@ -127,6 +127,7 @@ TARGET_ONE_CLIENT_P50_MS, TARGET_ONE_CLIENT_P99_MS = 3.0, 10.0
 TARGET_OPEN_LOOP_P99_MS = 20.0
 TARGET_REPLACEMENTS_PER_S = 10.0
 OPEN_LOOP_SHARE = 0.6
+ADMIN_KEY = "bench-admin"  # the servers bench starts listen on loopback only
 WARMUP_S = 10
 
 
@@ -137,7 +138,7 @@ def verdict(ok: bool) -> str:
 def image_load(image: str, run_time_s: int, one_client_count: int) -> str:
     """One server, default tiers, tasks on `image`: one client, closed loops, then the open loop."""
     ask = None if image == "python" else image
-    with server({}) as (url, _):
+    with server({"WARMPOOL_ADMIN_KEY": ADMIN_KEY}) as (url, _):
         single = load.one_client(url, one_client_count, ask)
         # Not recorded: under load the pool starts more containers of the tier (demand warming), which costs
         # cpu; without this the first closed loop measured that growth (a first run after a start gave
@@ -148,8 +149,11 @@ def image_load(image: str, run_time_s: int, one_client_count: int) -> str:
         if image == "python":
             closed.append(locust(url, 50, run_time_s, mix="mixed"))
         capacity = max(r["rps"] for r in closed if r["keep_alive"] and r["mix"] == "hello")
+        created_before, replaced_before = load.pool_counters(url, single["tier"], ADMIN_KEY)
         opened = load.open_loop(url, OPEN_LOOP_SHARE * capacity, run_time_s, ask)
-        opened["capacity"] = capacity
+        created_after, replaced_after = load.pool_counters(url, single["tier"], ADMIN_KEY)
+        opened.update(capacity=capacity, started_during=created_after - created_before,
+                      replaced_during=replaced_after - replaced_before)
     best_new = max(r["rps"] for r in closed if not r["keep_alive"])
     failures = sum(r["failures"] for r in closed) + opened["failures"]
     targets = (f"Targets (issue 15): >= {TARGET_KEEP_ALIVE_PER_S}/s keep-alive: {capacity:.0f}/s "

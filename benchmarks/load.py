@@ -102,12 +102,28 @@ def open_loop(base_url: str, rate_per_s: float, seconds: float, image: str | Non
 def open_table(rows: list[dict[str, Any]]) -> str:
     return markdown_table(
         ["image", "client", "capacity req/s (closed loop, best)", "rate asked", "rate sent", "requests", "failures",
-         "p50 ms", "p90 ms", "p99 ms", "max ms", "requests over 50 ms (in how many seconds)", "sent > 1 ms late",
+         "p50 ms", "p90 ms", "p99 ms", "max ms", "requests over 50 ms (in how many seconds)",
+         "containers started during it (of them replacements)", "sent > 1 ms late",
          "client cpu ms/req"],
         [[r["image"], r["client"], f"{r['capacity']:.0f}", f"{r['rate_asked']:.0f}", f"{r['rate_done']:.0f}",
           str(r["count"]), str(r["failures"]), f"{r['p50']:.1f}", f"{r['p90']:.1f}", f"{r['p99']:.1f}",
-          f"{r['max']:.0f}", slow_cell(r.get("slow_by_second", {})), f"{100 * r['late_share']:.1f}%",
+          f"{r['max']:.0f}", slow_cell(r.get("slow_by_second", {})), starts_cell(r), f"{100 * r['late_share']:.1f}%",
           f"{r['client_cpu_ms']:.2f}"] for r in rows])
+
+
+def starts_cell(row: dict[str, Any]) -> str:
+    """Containers the tier started while the loop ran, and how many of them replaced worn ones: a start is
+    a `docker run`, which slows the tasks beside it (benchmarks/open_loop_tail.py)."""
+    if "started_during" not in row:
+        return "not recorded"
+    return f"{row['started_during']} ({row['replaced_during']})"
+
+
+def pool_counters(base_url: str, tier: str, admin_key: str) -> tuple[int, int]:
+    """The tier's containers created and replaced so far (the admin view's counters)."""
+    with httpx.Client(base_url=base_url, timeout=10, headers={"Authorization": f"Bearer {admin_key}"}) as admin:
+        view = next(t for t in admin.get("/v1/admin/pools").json()["tiers"] if t["name"] == tier)
+    return int(view["created"]), sum(view["replaced"].values())
 
 
 def slow_cell(slow_by_second: dict[str, int]) -> str:
