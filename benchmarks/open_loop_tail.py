@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from pool.model.tiers import DEFAULT_MAX_USES, Tier, default_tiers  # noqa: E402
 
 ADMIN_KEY = "bench-admin"
 HELLO = {"code": "print('hello')"}
-STALL_CONTAINER = "warmpool-bench-stall"
+STALL_CONTAINER = f"warmpool-bench-stall-{os.getpid()}"
 
 
 def tier_entry(tier: Tier) -> dict[str, Any]:
@@ -77,8 +78,9 @@ def replacement_cost(image: str) -> str:
         try:
             for _ in range(6):
                 start = time.monotonic()
-                subprocess.run(["docker", "run", "-d", "-i", "--name", STALL_CONTAINER, "--network", "none",
-                                "--memory", "256m", image], capture_output=True, check=True)
+                subprocess.run(["docker", "run", "-d", "-i", "--name", STALL_CONTAINER, "--label",
+                                "warmpool.pool=bench", "--network", "none", "--memory", "256m", image],
+                               capture_output=True, check=True)
                 run_ms.append((time.monotonic() - start) * 1000)
                 time.sleep(1.5)
                 subprocess.run(["docker", "rm", "-f", STALL_CONTAINER], capture_output=True)
