@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import os
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -34,7 +36,7 @@ from latency import measure_cold, measure_exec, measure_warm, render, summary  #
 from load import locust  # noqa: E402
 from machine import look  # noqa: E402
 from report import Section, destination, kept_sections  # noqa: E402
-from serving import REPO, server  # noqa: E402
+from serving import REPO, fresh_containers, server  # noqa: E402
 
 
 def background_long_tasks(url: str, code: str, ram: str, clients: int, stop: threading.Event) -> list[str]:
@@ -80,7 +82,8 @@ def isolation(url: str, run_time_s: int) -> str:
 
 
 # Every task needs a fresh container (max_uses 1).
-FRESH_TIERS = {"tiers": [{"name": "fresh", "cpu": 0.5, "ram": "128MiB", "storage": "64MiB", "min_idle": 4,
+FRESH_MIN_IDLE = 4
+FRESH_TIERS = {"tiers": [{"name": "fresh", "cpu": 0.5, "ram": "128MiB", "storage": "64MiB", "min_idle": FRESH_MIN_IDLE,
                           "max_size": 8, "max_uses": 1}]}
 # The same for the datascience image: its idle interpreter holds ~75 MiB, so the tier gets more memory.
 FRESH_TIERS_BY_IMAGE = {"python": FRESH_TIERS,
@@ -88,35 +91,53 @@ FRESH_TIERS_BY_IMAGE = {"python": FRESH_TIERS,
                                                    "image": "datascience"}]}}
 
 
-def replacement_run(env_extra: dict[str, str], count: int,
-                    image: str = "python") -> tuple[list[str], float, list[dict[str, Any]]]:
-    """`count` tasks from 8 clients on a max_uses=1 tier of `image`: their statuses, the seconds taken,
-    /v1/tiers after."""
+def replacement_run(env_extra: dict[str, str], count: int, image: str = "python",
+                    rounds: int = 1) -> tuple[list[str], list[float], list[dict[str, Any]]]:
+    """`rounds` times `count` tasks from 8 clients on a max_uses=1 tier of `image`, in one server: their
+    statuses, the seconds each round took, /v1/tiers after."""
     with server({"WARMPOOL_LEASE_TIMEOUT_S": "30", **env_extra}, FRESH_TIERS_BY_IMAGE[image]) as (url, _):
         with httpx.Client(base_url=url, timeout=60) as client:
             def one(_: int) -> str:
                 body = {"code": "print(1)", **({} if image == "python" else {"image": image})}
                 return str(client.post("/v1/execute", json=body).json().get("status"))
-            started = time.perf_counter()
-            with concurrent.futures.ThreadPoolExecutor(8) as pool:
-                statuses = list(pool.map(one, range(count)))
-            elapsed_s = time.perf_counter() - started
+            statuses: list[str] = []
+            elapsed_s: list[float] = []
+            for _ in range(rounds):
+                wait_idle(client, FRESH_MIN_IDLE)
+                started = time.perf_counter()
+                with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                    statuses += pool.map(one, range(count))
+                elapsed_s.append(time.perf_counter() - started)
             return statuses, elapsed_s, client.get("/v1/tiers").json()
 
 
-def replacement_rate(count: int) -> str:
+def wait_idle(client: httpx.Client, idle: int, timeout_s: float = 120) -> None:
+    """Until the (only) tier has `idle` warm containers: each round starts from the same warm pool."""
+    deadline_s = time.monotonic() + timeout_s
+    while client.get("/v1/tiers").json()[0]["idle"] < idle and time.monotonic() < deadline_s:
+        time.sleep(0.2)
+
+
+# The rate is the median over this many rounds in one server (one round of 100 moved by a fifth between
+# two `make bench` runs); every round's rate stands beside it.
+REPLACEMENT_ROUNDS = 3
+
+
+def replacement_rate(count_by_image: dict[str, int]) -> str:
     """How many containers/s the pool replaces when every task needs a fresh one, on each image."""
     lines = []
-    for image in ("python", "datascience"):
-        statuses, elapsed_s, admin_view = replacement_run({}, count, image)
+    for image, count in count_by_image.items():
+        statuses, elapsed_s, admin_view = replacement_run({}, count, image, REPLACEMENT_ROUNDS)
         ok = statuses.count("succeeded")
-        rate = count / elapsed_s
+        rates = [count / s for s in elapsed_s]
+        rate = statistics.median(rates)
         lines.append(
-            f"- `{image}`: {count} tasks on a tier with `max_uses: 1` (every task gets a fresh container; client: "
-            f"8 threads sharing one httpx.Client, keep-alive; 4 warm, at most 8): {ok} succeeded in "
-            f"{elapsed_s:.1f} s, i.e. **{rate:.1f} containers replaced per second** (tier after the run: "
-            f"{admin_view[0]['idle']} idle). Target (issue 15): >= {TARGET_REPLACEMENTS_PER_S:g}/s "
-            f"{verdict(rate >= TARGET_REPLACEMENTS_PER_S)}.")
+            f"- `{image}`: {REPLACEMENT_ROUNDS} rounds of {count} tasks on a tier with `max_uses: 1` (every task "
+            f"gets a fresh container; client: 8 threads sharing one httpx.Client, keep-alive; 4 warm, at most 8; "
+            f"each round starts once 4 are warm): {ok} of {len(statuses)} succeeded; rounds "
+            f"{', '.join(f'{r:.1f}' for r in rates)}/s, median **{rate:.1f} containers replaced per second** "
+            f"(tier after the run: {admin_view[0]['idle']} idle). Target (issue 15): >= "
+            f"{TARGET_REPLACEMENTS_PER_S:g}/s {verdict(rate >= TARGET_REPLACEMENTS_PER_S)}.")
     return "\n".join(lines)
 
 
@@ -149,10 +170,11 @@ def image_load(image: str, run_time_s: int, one_client_count: int) -> str:
         if image == "python":
             closed.append(locust(url, 50, run_time_s, mix="mixed"))
         capacity = max(r["rps"] for r in closed if r["keep_alive"] and r["mix"] == "hello")
+        fresh = fresh_containers(url, single["tier"], ADMIN_KEY)
         created_before, replaced_before = load.pool_counters(url, single["tier"], ADMIN_KEY)
         opened = load.open_loop(url, OPEN_LOOP_SHARE * capacity, run_time_s, ask)
         created_after, replaced_after = load.pool_counters(url, single["tier"], ADMIN_KEY)
-        opened.update(capacity=capacity, started_during=created_after - created_before,
+        opened.update(capacity=capacity, fresh=fresh, started_during=created_after - created_before,
                       replaced_during=replaced_after - replaced_before)
     best_new = max(r["rps"] for r in closed if not r["keep_alive"])
     failures = sum(r["failures"] for r in closed) + opened["failures"]
@@ -170,7 +192,10 @@ def image_load(image: str, run_time_s: int, one_client_count: int) -> str:
         "One client:\n\n" + load.one_client_table([single]),
         "Closed loop (locust; each user sends its next request when the answer came, so at saturation the "
         "rate is the capacity and the wait is users / rate):\n\n" + load.closed_table(closed),
-        f"Open loop at {100 * OPEN_LOOP_SHARE:.0f}% of the best keep-alive closed-loop rate above:\n\n"
+        f"Open loop at {100 * OPEN_LOOP_SHARE:.0f}% of the best keep-alive closed-loop rate above, on fresh "
+        f"containers: the tier was drained first ({fresh} replaced) and settled, so that none wears out "
+        "(max_uses) inside the loop wherever the closed loops left their use counts (what a replacement "
+        "costs the tasks beside it: \"Open loop tail\" below):\n\n"
         + load.open_table([opened]),
         targets])
 
@@ -182,28 +207,43 @@ def runtime_tiers(runtime: str) -> dict[str, Any]:
                        "max_size": 16, "runtime": runtime, "pids_limit": 64}]}
 
 
+RUNTIMES = ("runc", "runsc")
+
+
 def runsc_beside_runc(run_time_s: int, count: int) -> str:
-    rows, closed = [], []
-    for runtime in ("runc", "runsc"):
-        with server({}, runtime_tiers(runtime)) as (url, _):
-            single = load.one_client(url, count)
-            single["tier"] += " (0.5 cpu)"
-            rows.append(single)
-            row = locust(url, 20, run_time_s)
+    with contextlib.ExitStack() as servers:
+        urls = {runtime: servers.enter_context(server({}, runtime_tiers(runtime)))[0] for runtime in RUNTIMES}
+        runs: dict[str, list[dict[str, float]]] = {runtime: [] for runtime in RUNTIMES}
+        for _ in range(load.ONE_CLIENT_RUNS):  # alternated: a drift of the machine falls on both runtimes
+            for runtime in RUNTIMES:
+                runs[runtime] += load.one_client(urls[runtime], count, runs=1)["runs"]
+        rows = [load.combined({"image": "python", "tier": f"nano-{runtime} (0.5 cpu)", "n": count}, runs[runtime])
+                for runtime in RUNTIMES]
+        closed = []
+        for runtime in RUNTIMES:
+            row = locust(urls[runtime], 20, run_time_s)
             row["image"] = f"python, nano-{runtime}"
             closed.append(row)
     ratio = rows[1]["p50"] / rows[0]["p50"]
     return "\n\n".join([
-        "Each runtime in its own server, one tier of 0.5 cpu, 4 warm (runsc's with 1 GiB: the Sentry's own "
-        "memory).", load.one_client_table(rows), load.closed_table(closed),
+        "Each runtime in its own server (both up at once), one tier of 0.5 cpu, 4 warm (runsc's with 1 GiB: the "
+        "Sentry's own memory); the one-client runs alternate between the two servers.",
+        load.one_client_table(rows), load.closed_table(closed),
         f"runsc/runc: one-client p50 x{ratio:.1f}, throughput x{closed[1]['rps'] / closed[0]['rps']:.2f}."])
 
 
+BREAKDOWN_ROUNDS = 3  # medians over rounds, tiers alternated: one round's server cpu moved by a fifth between runs
+
+
 def where_the_time_goes(count: int) -> str:
-    results = {name: [breakdown.measure({}, None, body, count, REPO) | {"requests": count}]
-               for name, body in (("nano (default request)", breakdown.HELLO),
-                                  ("small (`\"cpu\": 1`)", {**breakdown.HELLO, "resources": {"cpu": 1}}))}
-    return breakdown.render(results, f"benchmarks/bench.py (breakdown.measure, {count} requests per tier)", "")
+    bodies = {"nano (default request)": breakdown.HELLO,
+              "small (`\"cpu\": 1`)": {**breakdown.HELLO, "resources": {"cpu": 1}}}
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in bodies}
+    for _ in range(BREAKDOWN_ROUNDS):
+        for name, body in bodies.items():
+            results[name].append(breakdown.measure({}, None, body, count, REPO) | {"requests": count})
+    return breakdown.render(results, f"benchmarks/bench.py (breakdown.measure, {count} requests per tier and round)",
+                            "")
 
 
 def isolation_section(run_time_s: int) -> str:
@@ -252,12 +292,12 @@ def main() -> None:
     work: dict[str, Callable[[], str]] = {
         "python": lambda: image_load("python", args.run_time, 2000),
         "datascience": lambda: image_load("datascience", args.run_time, 2000),
-        "runsc": lambda: runsc_beside_runc(short_s, 1000),
+        "runsc": lambda: runsc_beside_runc(short_s, 500),
         "isolation": lambda: isolation_section(short_s),
-        "replacement": lambda: replacement_rate(100),
+        "replacement": lambda: replacement_rate({"python": 100, "datascience": 30}),
         "cold": lambda: cold_section(short_s),
         "latency": latency_section,
-        "breakdown": lambda: where_the_time_goes(1000),
+        "breakdown": lambda: where_the_time_goes(600),
     }
     sections = []
     for key in args.only or list(work):

@@ -74,7 +74,7 @@ def replacement_rate(scratch: str, count: int) -> float:
     statuses, elapsed_s, _ = replacement_run({"WARMPOOL_SCRATCH": scratch}, count)
     if statuses.count("succeeded") != count:
         raise SystemExit(f"replacement run: {statuses}")
-    return count / elapsed_s
+    return count / elapsed_s[0]
 
 
 def store_ms(size_bytes: int, count: int) -> tuple[dict[str, float], dict[str, float]]:

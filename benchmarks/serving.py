@@ -33,7 +33,8 @@ def server(env_extra: dict[str, str], tiers: dict[str, Any] | None = None,
     """A `warmpool serve` of `checkout` (another checkout's code runs under this venv: its directory comes
     first on the path) on a free loopback port, pinned to cpu 0; yields its URL and pid."""
     port = free_port()
-    instance_id = f"bench-{port}"
+    base_url = f"http://127.0.0.1:{port}"
+    instance_id = instance_id_of(base_url)
     env = {**os.environ, "WARMPOOL_INSTANCE_ID": instance_id, **env_extra}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as tiers_file:
         json.dump(tiers or {}, tiers_file)
@@ -43,7 +44,6 @@ def server(env_extra: dict[str, str], tiers: dict[str, Any] | None = None,
     process = subprocess.Popen(pinned(0, [sys.executable, "-m", "warmpool", "serve", "--host", "127.0.0.1",
                                           "--port", str(port)]), cwd=checkout, env=env,
                                stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=base_url, timeout=10) as client:
             if not wait_ready(client, 300):
@@ -59,12 +59,58 @@ def server(env_extra: dict[str, str], tiers: dict[str, Any] | None = None,
         os.unlink(log.name)
 
 
+def containers_of(instance_id: str) -> int:
+    """How many containers the engine holds for the instance (running or not)."""
+    return len(subprocess.run(["docker", "ps", "-aq", "--filter", f"label=warmpool.instance={instance_id}"],
+                              capture_output=True, text=True).stdout.split())
+
+
 def wait_until_removed(instance_id: str, timeout_s: float = 120) -> None:
     """Let the engine finish removing a stopped server's containers before the next one starts."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        listed = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=warmpool.instance={instance_id}"],
-                                capture_output=True, text=True).stdout.split()
-        if not listed:
+        if not containers_of(instance_id):
             return
         time.sleep(1)
+
+
+def fresh_containers(base_url: str, tier: str, admin_key: str, timeout_s: float = 180) -> int:
+    """Drain `tier` (admin route) and wait until every drained container is gone, none is starting and the
+    tier has idle ones: the open loop then runs on containers that served no task. Without it, whether a
+    container wore out (max_uses) inside the loop depended on how many tasks the closed loops before it
+    happened to send: one `make bench` run of three had both datascience containers replaced in its open
+    loop (p99 275 ms against 14 and 19). What a replacement costs the tasks beside it is measured on its
+    own (benchmarks/open_loop_tail.py). Returns how many containers the drain replaced."""
+    def views() -> list[dict[str, Any]]:
+        return list(admin.get("/v1/admin/pools").raise_for_status().json()["tiers"])
+
+    def view() -> dict[str, Any]:
+        return next(t for t in views() if t["name"] == tier)
+
+    with httpx.Client(base_url=base_url, timeout=10, headers={"Authorization": f"Bearer {admin_key}"}) as admin:
+        drained_before = view()["replaced"].get("drained", 0)
+        answer = admin.post(f"/v1/admin/pools/{tier}/drain").raise_for_status().json()
+        doomed = sum(int(answer[k]) for k in ("idle_replaced", "busy_replaced_when_done",
+                                              "starting_replaced_when_ready"))
+        deadline_s = time.monotonic() + timeout_s
+        while True:
+            tiers = views()
+            now = next(t for t in tiers if t["name"] == tier)
+            # The admin view counts a drained container when its removal starts: the engine's count of
+            # the instance's containers (all tiers) says when the removals are done.
+            if (now["replaced"].get("drained", 0) - drained_before >= doomed and now["starting"] == 0
+                    and now["idle"] > 0 and containers_of(instance_id_of(base_url)) == held(tiers)):
+                break
+            if time.monotonic() > deadline_s:
+                raise SystemExit(f"tier {tier} did not settle after a drain: {now}")
+            time.sleep(0.5)
+    time.sleep(FRESH_SETTLE_S)
+    return doomed
+
+
+FRESH_SETTLE_S = 3.0  # the removals' and starts' last cpu (docker rm, the new runners' imports) dies down
+
+
+def held(tiers: list[dict[str, Any]]) -> int:
+    """The containers the admin view says the server holds, over all its tiers."""
+    return sum(int(t["idle"]) + int(t["busy"]) + int(t["starting"]) for t in tiers)

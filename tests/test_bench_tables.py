@@ -1,11 +1,16 @@
-"""benchmarks/load.py: the open loop's table says how many containers the tier started during the loop."""
+"""benchmarks/: the open loop's table says how many containers the tier started during the loop; one-client
+figures are medians of runs; reproduce.py reads every figure of RESULTS.md and flags the ones that moved."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from load import open_table  # noqa: E402
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+import reproduce  # noqa: E402
+from load import combined, one_client_table, open_table  # noqa: E402
 
 ROW = {"image": "python", "client": "open loop", "capacity": 280.0, "rate_asked": 168.0, "rate_done": 168.0,
        "count": 10080, "failures": 0, "p50": 4.0, "p90": 5.0, "p99": 7.0, "max": 17.0,
@@ -22,3 +27,32 @@ def test_the_starts_during_the_loop_stand_beside_its_tail():
 
 def test_a_row_without_the_counts_says_so():
     assert "| not recorded |" in open_table([ROW])
+
+
+def test_a_one_client_figure_is_the_median_of_its_runs_with_each_run_beside_it():
+    runs = [{"p50": 5.0, "p95": 6.0, "p99": 9.0, "run_p50": 2.0, "run_p99": 3.0},
+            {"p50": 4.0, "p95": 5.0, "p99": 30.0, "run_p50": 2.1, "run_p99": 3.1},
+            {"p50": 4.5, "p95": 5.5, "p99": 8.0, "run_p50": 1.9, "run_p99": 2.9}]
+    row = combined({"image": "python", "tier": "nano", "n": 2000}, runs)
+    assert (row["p50"], row["p99"]) == (4.5, 9.0)  # one run's stall does not set the figure
+    header, _, line = one_client_table([row]).splitlines()
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")], [c.strip() for c in line.strip("|").split("|")],
+                     strict=True))
+    assert cells["each run: p50 / p99 ms"] == "5.00 / 9.00, 4.00 / 30.00, 4.50 / 8.00"
+    assert cells["client"].endswith("median of 3 runs")
+
+
+def test_reproduce_reads_every_figure_of_the_results_file_and_flags_what_moved():
+    text = (REPO / "benchmarks" / "RESULTS.md").read_text()
+    first = reproduce.figures(text)
+    assert len(first) == 27 and all(value > 0 for value in first.values())
+    _, moved = reproduce.compare(first, first, 0.15)
+    assert moved == []
+    second = {**first, "python one client p99 ms": first["python one client p99 ms"] * 1.2}
+    table, moved = reproduce.compare(first, second, 0.15)
+    assert moved == ["python one client p99 ms"] and "x1.20 **(over 15%)**" in table
+
+
+def test_reproduce_names_a_missing_figure():
+    with pytest.raises(LookupError, match="datascience"):
+        reproduce.figures((REPO / "benchmarks" / "RESULTS.md").read_text().replace("| datascience | hello |", "|"))
