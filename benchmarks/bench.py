@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import functools
 import os
 import signal
 import statistics
@@ -165,17 +166,23 @@ def image_load(image: str, run_time_s: int, one_client_count: int) -> str:
         # cpu; without this the first closed loop measured that growth (a first run after a start gave
         # half the rate of a second one, whichever client it was).
         locust(url, 100, WARMUP_S, image=ask)
-        closed = [locust(url, users, run_time_s, image=ask) for users in (10, 50, 100)]
-        closed.append(locust(url, 50, run_time_s, image=ask, keep_alive=False))
+
+        def counted(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+            """A load run, with the containers the tier started (and replaced) while it ran."""
+            created_before, replaced_before = load.pool_counters(url, single["tier"], ADMIN_KEY)
+            row = run()
+            created_after, replaced_after = load.pool_counters(url, single["tier"], ADMIN_KEY)
+            return row | {"started_during": created_after - created_before,
+                          "replaced_during": replaced_after - replaced_before}
+
+        closed = [counted(functools.partial(locust, url, users, run_time_s, image=ask)) for users in (10, 50, 100)]
+        closed.append(counted(functools.partial(locust, url, 50, run_time_s, image=ask, keep_alive=False)))
         if image == "python":
-            closed.append(locust(url, 50, run_time_s, mix="mixed"))
+            closed.append(counted(functools.partial(locust, url, 50, run_time_s, mix="mixed")))
         capacity = max(r["rps"] for r in closed if r["keep_alive"] and r["mix"] == "hello")
         fresh = fresh_containers(url, single["tier"], ADMIN_KEY)
-        created_before, replaced_before = load.pool_counters(url, single["tier"], ADMIN_KEY)
-        opened = load.open_loop(url, OPEN_LOOP_SHARE * capacity, run_time_s, ask)
-        created_after, replaced_after = load.pool_counters(url, single["tier"], ADMIN_KEY)
-        opened.update(capacity=capacity, fresh=fresh, started_during=created_after - created_before,
-                      replaced_during=replaced_after - replaced_before)
+        opened = counted(functools.partial(load.open_loop, url, OPEN_LOOP_SHARE * capacity, run_time_s, ask))
+        opened.update(capacity=capacity, fresh=fresh)
     best_new = max(r["rps"] for r in closed if not r["keep_alive"])
     failures = sum(r["failures"] for r in closed) + opened["failures"]
     targets = (f"Targets (issue 15): >= {TARGET_KEEP_ALIVE_PER_S}/s keep-alive: {capacity:.0f}/s "
@@ -236,7 +243,7 @@ BREAKDOWN_ROUNDS = 3  # medians over rounds, tiers alternated: one round's serve
 
 
 def where_the_time_goes(count: int) -> str:
-    bodies = {"nano (default request)": breakdown.HELLO,
+    bodies: dict[str, dict[str, Any]] = {"nano (default request)": breakdown.HELLO,
               "small (`\"cpu\": 1`)": {**breakdown.HELLO, "resources": {"cpu": 1}}}
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in bodies}
     for _ in range(BREAKDOWN_ROUNDS):

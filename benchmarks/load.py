@@ -79,9 +79,10 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def closed_table(rows: list[dict[str, Any]]) -> str:
     return markdown_table(
         ["image", "mix", "client", "requests", "failures", "req/s", "p50 ms", "p95 ms", "p99 ms",
-         "users / req/s (Little's law wait, ms)"],
+         "users / req/s (Little's law wait, ms)", "containers started during it (of them replacements)"],
         [[r["image"], r["mix"], r["client"], str(r["requests"]), str(r["failures"]), f"{r['rps']:.0f}",
-          f"{r['p50']:.0f}", f"{r['p95']:.0f}", f"{r['p99']:.0f}", f"{r['little_ms']:.0f}"] for r in rows])
+          f"{r['p50']:.0f}", f"{r['p95']:.0f}", f"{r['p99']:.0f}", f"{r['little_ms']:.0f}", starts_cell(r)]
+         for r in rows])
 
 
 def open_loop(base_url: str, rate_per_s: float, seconds: float, image: str | None = None,

@@ -10,7 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 import reproduce  # noqa: E402
-from load import combined, one_client_table, open_table  # noqa: E402
+from load import closed_table, combined, one_client_table, open_table  # noqa: E402
 
 ROW = {"image": "python", "client": "open loop", "capacity": 280.0, "rate_asked": 168.0, "rate_done": 168.0,
        "count": 10080, "failures": 0, "p50": 4.0, "p90": 5.0, "p99": 7.0, "max": 17.0,
@@ -56,3 +56,10 @@ def test_reproduce_reads_every_figure_of_the_results_file_and_flags_what_moved()
 def test_reproduce_names_a_missing_figure():
     with pytest.raises(LookupError, match="datascience"):
         reproduce.figures((REPO / "benchmarks" / "RESULTS.md").read_text().replace("| datascience | hello |", "|"))
+
+
+def test_a_closed_loop_row_says_how_many_containers_started_while_it_ran():
+    row = {"image": "datascience", "mix": "hello", "client": "locust FastHttpUser x10, keep-alive", "requests": 5000,
+           "failures": 0, "rps": 83.0, "p50": 110.0, "p95": 140.0, "p99": 150.0, "little_ms": 120.0}
+    assert closed_table([{**row, "started_during": 2, "replaced_during": 2}]).splitlines()[2].endswith("| 2 (2) |")
+    assert closed_table([row]).splitlines()[2].endswith("| not recorded |")
