@@ -37,7 +37,7 @@ from latency import measure_cold, measure_exec, measure_warm, render, summary  #
 from load import locust  # noqa: E402
 from machine import look  # noqa: E402
 from report import Section, destination, kept_sections  # noqa: E402
-from serving import REPO, fresh_containers, server  # noqa: E402
+from serving import ADMIN_KEY, REPO, fresh_containers, server  # noqa: E402
 
 
 def background_long_tasks(url: str, code: str, ram: str, clients: int, stop: threading.Event) -> list[str]:
@@ -149,7 +149,6 @@ TARGET_ONE_CLIENT_P50_MS, TARGET_ONE_CLIENT_P99_MS = 3.0, 10.0
 TARGET_OPEN_LOOP_P99_MS = 20.0
 TARGET_REPLACEMENTS_PER_S = 10.0
 OPEN_LOOP_SHARE = 0.6
-ADMIN_KEY = "bench-admin"  # the servers bench starts listen on loopback only
 WARMUP_S = 10
 
 

@@ -34,11 +34,11 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_section import replace_section  # noqa: E402
 from scaleout import Processes, free_port, serve, start_redis, wait_until  # noqa: E402
+from serving import ADMIN_KEY  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER2 = "unix:///run/warmpool-docker2.sock"
 HEADING = "## Cluster operations (two engines)"
-ADMIN_KEY = "bench-admin"
 TIERS = {"tiers": [
     {"name": "one", "cpu": 0.5, "ram": "96MiB", "storage": "32MiB", "min_idle": 1, "max_size": 2},
     {"name": "two", "cpu": 1, "ram": "256MiB", "storage": "128MiB", "min_idle": 1, "max_size": 6},

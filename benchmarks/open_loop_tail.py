@@ -34,7 +34,6 @@ import serving  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pool.model.tiers import DEFAULT_MAX_USES, Tier, default_tiers  # noqa: E402
 
-ADMIN_KEY = "bench-admin"
 HELLO = {"code": "print('hello')"}
 STALL_CONTAINER = f"warmpool-bench-stall-{os.getpid()}"
 
@@ -106,12 +105,12 @@ def open_loop_round(max_uses: int, rate_per_s: float, seconds: float, warm_s: in
     """Measurement 2, one round: the open loop's tail and what the pool did during it."""
     polled: list[dict[str, Any]] = []
     stop = threading.Event()
-    env = {"WARMPOOL_ADMIN_KEY": ADMIN_KEY}
+    env = {"WARMPOOL_ADMIN_KEY": serving.ADMIN_KEY}
     with serving.server(env, tiers=tiers_with_nano_max_uses(max_uses)) as (url, _):
         load.locust(url, 100, warm_s)
 
         def poll() -> None:
-            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
+            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {serving.ADMIN_KEY}"}) as admin:
                 while not stop.is_set():
                     tiers = admin.get("/v1/admin/pools").json()["tiers"]
                     polled.append(next(t for t in tiers if t["name"] == "nano"))

@@ -22,6 +22,9 @@ from load import pinned  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 
+ADMIN_KEY = "bench-admin"  # the admin key of the servers benchmarks start: they listen on loopback only
+
+
 def instance_id_of(base_url: str) -> str:
     """The instance id `server` gave the server at `base_url` (its containers carry it as a label)."""
     return f"bench-{base_url.rsplit(':', 1)[1]}"
