@@ -307,7 +307,7 @@ def main() -> None:
     }
     sections = []
     for key in args.only or list(work):
-        before = look()
+        before = look(speed=True)
         print(f"{SECTION_HEADINGS[key]}: machine before: {before.describe()}", flush=True)
         section = Section(SECTION_HEADINGS[key], work[key](), before)
         print(section.render(), flush=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from cpu_account import all_processes_ms
 
@@ -24,11 +25,28 @@ BUSY_STEAL_SHARE = 0.10
 
 
 @dataclass(frozen=True)
+class Speed:
+    """How long this machine took, just now, for two fixed pieces of work (best of SPEED_REPEATS): the
+    interpreter's (a pure-Python loop) and the kernel's (FORKS forks of a process holding FORK_HEAP_MIB,
+    each child exiting at once: page tables copied and torn down, as for each task). The host is shared:
+    the same code gave throughputs 15-30% apart in two runs 25 minutes apart with no other process and no
+    steal, and these say whether the machine itself was slower."""
+
+    interpreter_ms: float
+    fork_ms: float
+
+    def describe(self) -> str:
+        return (f"fixed work (best of {SPEED_REPEATS}): interpreter {self.interpreter_ms:.1f} ms, "
+                f"fork {self.fork_ms:.1f} ms")
+
+
+@dataclass(frozen=True)
 class Look:
     load: tuple[float, float, float]
     cpus: int
     busy_processes: tuple[tuple[str, float], ...]  # (name, share of one cpu) over the sample
     steal_share: float = 0.0  # of all cpus' time over the sample, taken by the hypervisor
+    speed: Speed | None = field(default=None, compare=False)
 
     @property
     def busy(self) -> bool:
@@ -40,11 +58,13 @@ class Look:
         verdict = "BUSY" if self.busy else "quiet"
         return (f"{verdict}: load average {self.load[0]:.2f} / {self.load[1]:.2f} / {self.load[2]:.2f} on "
                 f"{self.cpus} cpus; steal {100 * self.steal_share:.0f}%; "
-                f"processes using more than 2% of a cpu: {procs}")
+                f"processes using more than 2% of a cpu: {procs}"
+                + (f"; {self.speed.describe()}" if self.speed else ""))
 
 
-def look(sample_s: float = 2.0, exclude: frozenset[int] = frozenset()) -> Look:
-    """The load average and the processes (other than `exclude` and this one) busy over `sample_s`."""
+def look(sample_s: float = 2.0, exclude: frozenset[int] = frozenset(), speed: bool = False) -> Look:
+    """The load average and the processes (other than `exclude` and this one) busy over `sample_s`; with
+    `speed`, then how fast the machine did a fixed piece of work (`measure_speed`)."""
     before, ticks_before = all_processes_ms(), cpu_ticks()
     time.sleep(sample_s)
     after, ticks_after = all_processes_ms(), cpu_ticks()
@@ -54,7 +74,43 @@ def look(sample_s: float = 2.0, exclude: frozenset[int] = frozenset()) -> Look:
     busy = tuple(sorted(((n, s) for n, s in shares if s > 0.02), key=lambda item: -item[1])[:6])
     deltas = [b - a for a, b in zip(ticks_before, ticks_after, strict=True)]
     steal_share = deltas[STEAL_FIELD] / sum(deltas) if sum(deltas) else 0.0
-    return Look(load=os.getloadavg(), cpus=os.cpu_count() or 1, busy_processes=busy, steal_share=steal_share)
+    return Look(load=os.getloadavg(), cpus=os.cpu_count() or 1, busy_processes=busy, steal_share=steal_share,
+                speed=measure_speed() if speed else None)
+
+
+SPEED_REPEATS = 5
+INTERPRETER_LOOPS = 300_000
+FORKS = 20
+FORK_HEAP_MIB = 64
+
+
+def measure_speed() -> Speed:
+    """Time the fixed work `Speed` describes, in this process (a fraction of a second)."""
+    def interpreter() -> None:
+        total = 0
+        for i in range(INTERPRETER_LOOPS):
+            total += i * i
+
+    heap = bytearray(FORK_HEAP_MIB << 20)
+    heap[::4096] = b"x" * len(heap[::4096])  # touch every page, so each fork copies its page tables
+
+    def forks() -> None:
+        for _ in range(FORKS):
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+
+    return Speed(interpreter_ms=best_ms(interpreter), fork_ms=best_ms(forks))
+
+
+def best_ms(work: Callable[[], None]) -> float:
+    times = []
+    for _ in range(SPEED_REPEATS):
+        started = time.perf_counter()
+        work()
+        times.append((time.perf_counter() - started) * 1000)
+    return min(times)
 
 
 STEAL_FIELD = 7  # /proc/stat's cpu line: user nice system idle iowait irq softirq steal guest guest_nice

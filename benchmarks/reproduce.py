@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import statistics
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +74,16 @@ def figures(text: str) -> dict[str, float]:
     return found
 
 
+def machine_speed(text: str) -> dict[str, float]:
+    """The fixed work's times (machine.Speed) before the run's sections, median over the sections; empty
+    for a file written before bench.py measured them."""
+    found = re.findall(rf"interpreter {NUMBER} ms, fork {NUMBER} ms", text)
+    if not found:
+        return {}
+    return {"interpreter ms": statistics.median(float(i) for i, _ in found),
+            "fork ms": statistics.median(float(f) for _, f in found)}
+
+
 def compare(first_run: dict[str, float], second_run: dict[str, float], within: float) -> tuple[str, list[str]]:
     """The side-by-side table, and the names of the figures that moved by more than `within`."""
     lines = ["| figure | run 1 | run 2 | run 2 / run 1 |", "| --- | --- | --- | --- |"]
@@ -93,14 +104,21 @@ def main() -> None:
     parser.add_argument("second", type=Path)
     parser.add_argument("--within", type=float, default=0.15)
     args = parser.parse_args()
+    texts = [path.read_text() for path in (args.first, args.second)]
     try:
-        runs = [figures(path.read_text()) for path in (args.first, args.second)]
+        runs = [figures(text) for text in texts]
     except (LookupError, ValueError) as exc:
         sys.exit(f"reproduce: {exc}")
     table, moved = compare(runs[0], runs[1], args.within)
     print(table)
     print(f"\n{len(runs[0]) - len(moved)} of {len(runs[0])} figures within {100 * args.within:.0f}%"
           + (f"; moved more: {', '.join(moved)}" if moved else ""))
+    speeds = [machine_speed(text) for text in texts]
+    if all(speeds):
+        first_speed, second_speed = speeds
+        print("\nThe machine itself (the same fixed work before each section, median over sections; machine.Speed): "
+              + "; ".join(f"{name} {first_speed[name]:.1f} -> {second_speed[name]:.1f} ms "
+                          f"(x{second_speed[name] / first_speed[name]:.2f})" for name in first_speed))
 
 
 if __name__ == "__main__":

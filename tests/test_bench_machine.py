@@ -28,3 +28,11 @@ def test_the_hypervisor_taking_the_cpus_makes_it_busy():
 def test_look_measures_steal_as_a_share():
     from machine import look as look_now
     assert 0.0 <= look_now(sample_s=0.2).steal_share <= 1.0
+
+
+def test_the_machine_s_speed_is_the_time_of_fixed_work_and_stands_in_the_line():
+    from machine import measure_speed
+    speed = measure_speed()
+    assert speed.interpreter_ms > 0 and speed.fork_ms > 0
+    look = Look(load=(0.5, 0.5, 0.5), cpus=2, busy_processes=(), speed=speed)
+    assert f"interpreter {speed.interpreter_ms:.1f} ms, fork {speed.fork_ms:.1f} ms" in look.describe()

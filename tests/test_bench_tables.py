@@ -63,3 +63,11 @@ def test_a_closed_loop_row_says_how_many_containers_started_while_it_ran():
            "failures": 0, "rps": 83.0, "p50": 110.0, "p95": 140.0, "p99": 150.0, "little_ms": 120.0}
     assert closed_table([{**row, "started_during": 2, "replaced_during": 2}]).splitlines()[2].endswith("| 2 (2) |")
     assert closed_table([row]).splitlines()[2].endswith("| not recorded |")
+
+
+def test_reproduce_reads_the_machine_s_speed_before_each_section():
+    text = ("Machine before this section: quiet: ...; fixed work (best of 5): interpreter 20.0 ms, fork 10.0 ms\n"
+            "Machine before this section: quiet: ...; fixed work (best of 5): interpreter 30.0 ms, fork 14.0 ms\n"
+            "Machine before this section: quiet: ...; fixed work (best of 5): interpreter 22.0 ms, fork 11.0 ms\n")
+    assert reproduce.machine_speed(text) == {"interpreter ms": 22.0, "fork ms": 11.0}
+    assert reproduce.machine_speed("no such line") == {}
