@@ -33,6 +33,7 @@ def test_look_measures_steal_as_a_share():
 def test_the_machine_s_speed_is_the_time_of_fixed_work_and_stands_in_the_line():
     from machine import measure_speed
     speed = measure_speed()
-    assert speed.interpreter_ms > 0 and speed.fork_ms > 0
+    assert speed.interpreter_ms > 0 and speed.all_cpus_ms > 0 and speed.fork_ms > 0
     look = Look(load=(0.5, 0.5, 0.5), cpus=2, busy_processes=(), speed=speed)
-    assert f"interpreter {speed.interpreter_ms:.1f} ms, fork {speed.fork_ms:.1f} ms" in look.describe()
+    assert (f"interpreter {speed.interpreter_ms:.1f} ms, on every cpu at once {speed.all_cpus_ms:.1f} ms, "
+            f"fork {speed.fork_ms:.1f} ms") in look.describe()

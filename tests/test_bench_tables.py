@@ -66,8 +66,8 @@ def test_a_closed_loop_row_says_how_many_containers_started_while_it_ran():
 
 
 def test_reproduce_reads_the_machine_s_speed_before_each_section():
-    text = ("Machine before this section: quiet: ...; fixed work (best of 5): interpreter 20.0 ms, fork 10.0 ms\n"
-            "Machine before this section: quiet: ...; fixed work (best of 5): interpreter 30.0 ms, fork 14.0 ms\n"
-            "Machine before this section: quiet: ...; fixed work (best of 5): interpreter 22.0 ms, fork 11.0 ms\n")
-    assert reproduce.machine_speed(text) == {"interpreter ms": 22.0, "fork ms": 11.0}
+    line = ("Machine before this section: quiet: ...; fixed work (best of 5): interpreter {} ms, "
+            "on every cpu at once {} ms, fork {} ms\n")
+    text = line.format(20.0, 21.0, 10.0) + line.format(30.0, 40.0, 14.0) + line.format(22.0, 23.0, 11.0)
+    assert reproduce.machine_speed(text) == {"interpreter ms": 22.0, "on every cpu at once ms": 23.0, "fork ms": 11.0}
     assert reproduce.machine_speed("no such line") == {}
