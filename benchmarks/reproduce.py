@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,14 +73,30 @@ def figures(text: str) -> dict[str, float]:
     return found
 
 
-def machine_speed(text: str) -> dict[str, float]:
-    """The fixed work's times (machine.Speed) before the run's sections, median over the sections; empty
-    for a file written before bench.py measured them."""
-    found = re.findall(rf"interpreter {NUMBER} ms, on every cpu at once {NUMBER} ms, fork {NUMBER} ms", text)
-    if not found:
-        return {}
-    return {name: statistics.median(float(times[i]) for times in found)
-            for i, name in enumerate(("interpreter ms", "on every cpu at once ms", "fork ms"))}
+SPEED_LINE = re.compile(rf"^(## [^\n]*)\n\nMachine before this section:[^\n]*interpreter {NUMBER} ms, "
+                        rf"on every cpu at once {NUMBER} ms, fork {NUMBER} ms", re.MULTILINE)
+SPEED_NAMES = ("interpreter ms", "on every cpu at once ms", "fork ms")
+
+
+def machine_speed(text: str) -> dict[str, dict[str, float]]:
+    """Each section's fixed-work times (machine.Speed, taken before it), by heading; empty for a file
+    written before bench.py measured them."""
+    return {heading.removeprefix("## "): dict(zip(SPEED_NAMES, map(float, times), strict=True))
+            for heading, *times in SPEED_LINE.findall(text)}
+
+
+def speed_table(first_run: dict[str, dict[str, float]], second_run: dict[str, dict[str, float]]) -> str:
+    """The machine's speed before each section in both runs: a figure that moved with it moved with the host."""
+    lines = ["| section | " + " | ".join(f"{name}: run 1 -> run 2" for name in SPEED_NAMES) + " |",
+             "| --- |" + " --- |" * len(SPEED_NAMES)]
+    for heading, first_times in first_run.items():
+        second_times = second_run.get(heading)
+        if second_times is None:
+            continue
+        lines.append(f"| {heading} | " + " | ".join(
+            f"{first_times[name]:.1f} -> {second_times[name]:.1f} (x{second_times[name] / first_times[name]:.2f})"
+            for name in SPEED_NAMES) + " |")
+    return "\n".join(lines)
 
 
 def compare(first_run: dict[str, float], second_run: dict[str, float], within: float) -> tuple[str, list[str]]:
@@ -115,10 +130,8 @@ def main() -> None:
           + (f"; moved more: {', '.join(moved)}" if moved else ""))
     speeds = [machine_speed(text) for text in texts]
     if all(speeds):
-        first_speed, second_speed = speeds
-        print("\nThe machine itself (the same fixed work before each section, median over sections; machine.Speed): "
-              + "; ".join(f"{name} {first_speed[name]:.1f} -> {second_speed[name]:.1f} ms "
-                          f"(x{second_speed[name] / first_speed[name]:.2f})" for name in first_speed))
+        print("\nThe machine itself: the same fixed work before each section (machine.Speed, best of 5), ms:\n")
+        print(speed_table(*speeds))
 
 
 if __name__ == "__main__":

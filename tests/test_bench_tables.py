@@ -66,8 +66,13 @@ def test_a_closed_loop_row_says_how_many_containers_started_while_it_ran():
 
 
 def test_reproduce_reads_the_machine_s_speed_before_each_section():
-    line = ("Machine before this section: quiet: ...; fixed work (best of 5): interpreter {} ms, "
-            "on every cpu at once {} ms, fork {} ms\n")
-    text = line.format(20.0, 21.0, 10.0) + line.format(30.0, 40.0, 14.0) + line.format(22.0, 23.0, 11.0)
-    assert reproduce.machine_speed(text) == {"interpreter ms": 22.0, "on every cpu at once ms": 23.0, "fork ms": 11.0}
+    def section(heading: str, interpreter: float) -> str:
+        return (f"## {heading}\n\nMachine before this section: quiet: ...; fixed work (best of 5): interpreter "
+                f"{interpreter} ms, on every cpu at once 30.0 ms, fork 80.0 ms\n\nfigures\n\n")
+    first = reproduce.machine_speed(section("Load on the python image", 25.7) + section("Replacement rate", 16.0))
+    second = reproduce.machine_speed(section("Load on the python image", 15.2) + section("Replacement rate", 16.0))
+    assert first["Load on the python image"] == {"interpreter ms": 25.7, "on every cpu at once ms": 30.0,
+                                                 "fork ms": 80.0}
+    table = reproduce.speed_table(first, second)
+    assert "| Load on the python image | 25.7 -> 15.2 (x0.59) | 30.0 -> 30.0 (x1.00)" in table
     assert reproduce.machine_speed("no such line") == {}
