@@ -6,10 +6,15 @@ and 50 with a new connection per request, then an open loop at 60% of the best c
 runsc tier beside a runc one; short tasks beside long ones in another tier; the replacement rate; cold
 mode; `docker run` and `docker exec` per task; and where the cpu goes (benchmarks/breakdown.py). The
 server is pinned to cpu 0 and the load generators to cpu 1 (load.py); the containers are not pinned.
+So that a figure is not one moment of a shared machine: one-client figures are medians of 3 runs, the
+replacement rate and the breakdown medians of 3 rounds; the open loop runs on a freshly drained tier
+(no max_uses replacement inside it), and each load row counts the containers started while it ran.
+`benchmarks/reproduce.py` compares two runs' figures.
 
-Before each section, benchmarks/machine.py looks at the load average and the busy processes; the section
-says what it saw. When the machine was busy before any section, RESULTS.md is left alone and the run is
-written to RESULTS.busy.md, unless --allow-busy (then the busy sections are marked in RESULTS.md).
+Before each section, benchmarks/machine.py looks at the load average, steal and the busy processes, and
+times a fixed piece of work (machine.Speed); the section says what it saw. When the machine was busy
+before any section, RESULTS.md is left alone and the run is written to RESULTS.busy.md, unless
+--allow-busy (then the busy sections are marked in RESULTS.md).
 """
 
 from __future__ import annotations
