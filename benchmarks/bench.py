@@ -42,7 +42,7 @@ from latency import measure_cold, measure_exec, measure_warm, render, summary  #
 from load import locust  # noqa: E402
 from machine import look  # noqa: E402
 from report import Section, destination, kept_sections  # noqa: E402
-from serving import ADMIN_KEY, REPO, fresh_containers, server  # noqa: E402
+from serving import ADMIN_KEY, REPO, fresh_containers, pool_counters, server  # noqa: E402
 
 
 def background_long_tasks(url: str, code: str, ram: str, clients: int, stop: threading.Event) -> list[str]:
@@ -173,9 +173,9 @@ def image_load(image: str, run_time_s: int, one_client_count: int) -> str:
 
         def counted(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
             """A load run, with the containers the tier started (and replaced) while it ran."""
-            created_before, replaced_before = load.pool_counters(url, single["tier"], ADMIN_KEY)
+            created_before, replaced_before = pool_counters(url, single["tier"])
             row = run()
-            created_after, replaced_after = load.pool_counters(url, single["tier"], ADMIN_KEY)
+            created_after, replaced_after = pool_counters(url, single["tier"])
             return row | {"started_during": created_after - created_before,
                           "replaced_during": replaced_after - replaced_before}
 
@@ -184,7 +184,7 @@ def image_load(image: str, run_time_s: int, one_client_count: int) -> str:
         if image == "python":
             closed.append(counted(functools.partial(locust, url, 50, run_time_s, mix="mixed")))
         capacity = max(r["rps"] for r in closed if r["keep_alive"] and r["mix"] == "hello")
-        fresh = fresh_containers(url, single["tier"], ADMIN_KEY)
+        fresh = fresh_containers(url, single["tier"])
         opened = counted(functools.partial(load.open_loop, url, OPEN_LOOP_SHARE * capacity, run_time_s, ask))
         opened.update(capacity=capacity, fresh=fresh)
     best_new = max(r["rps"] for r in closed if not r["keep_alive"])

@@ -120,13 +120,6 @@ def starts_cell(row: dict[str, Any]) -> str:
     return f"{row['started_during']} ({row['replaced_during']})"
 
 
-def pool_counters(base_url: str, tier: str, admin_key: str) -> tuple[int, int]:
-    """The tier's containers created and replaced so far (the admin view's counters)."""
-    with httpx.Client(base_url=base_url, timeout=10, headers={"Authorization": f"Bearer {admin_key}"}) as admin:
-        view = next(t for t in admin.get("/v1/admin/pools").json()["tiers"] if t["name"] == tier)
-    return int(view["created"]), sum(view["replaced"].values())
-
-
 def slow_cell(slow_by_second: dict[str, int]) -> str:
     """Whether the open loop's tail was one stall or spread out: its slow requests, and over how many seconds."""
     return f"{sum(slow_by_second.values())} ({len(slow_by_second)})"

@@ -110,10 +110,9 @@ def open_loop_round(max_uses: int, rate_per_s: float, seconds: float, warm_s: in
         load.locust(url, 100, warm_s)
 
         def poll() -> None:
-            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {serving.ADMIN_KEY}"}) as admin:
+            with serving.admin_client(url) as admin:
                 while not stop.is_set():
-                    tiers = admin.get("/v1/admin/pools").json()["tiers"]
-                    polled.append(next(t for t in tiers if t["name"] == "nano"))
+                    polled.append(serving.tier_view(serving.pool_views(admin), "nano"))
                     time.sleep(0.1)
 
         poller = threading.Thread(target=poll)

@@ -77,32 +77,47 @@ def wait_until_removed(instance_id: str, timeout_s: float = 120) -> None:
         time.sleep(1)
 
 
-def fresh_containers(base_url: str, tier: str, admin_key: str, timeout_s: float = 180) -> int:
+def admin_client(base_url: str) -> httpx.Client:
+    """A client of the admin routes of a server `server()` started (with WARMPOOL_ADMIN_KEY=ADMIN_KEY)."""
+    return httpx.Client(base_url=base_url, timeout=10, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+
+
+def pool_views(admin: httpx.Client) -> list[dict[str, Any]]:
+    """Every tier's view from GET /v1/admin/pools."""
+    return list(admin.get("/v1/admin/pools").raise_for_status().json()["tiers"])
+
+
+def tier_view(views: list[dict[str, Any]], tier: str) -> dict[str, Any]:
+    return next(view for view in views if view["name"] == tier)
+
+
+def pool_counters(base_url: str, tier: str) -> tuple[int, int]:
+    """The tier's containers created and replaced so far (the admin view's counters)."""
+    with admin_client(base_url) as admin:
+        view = tier_view(pool_views(admin), tier)
+    return int(view["created"]), sum(view["replaced"].values())
+
+
+def fresh_containers(base_url: str, tier: str, timeout_s: float = 180) -> int:
     """Drain `tier` (admin route) and wait until every drained container is gone, none is starting and the
     tier has idle ones: the open loop then runs on containers that served no task. Without it, whether a
     container wore out (max_uses) inside the loop depended on how many tasks the closed loops before it
     happened to send: one `make bench` run of three had both datascience containers replaced in its open
     loop (p99 275 ms against 14 and 19). What a replacement costs the tasks beside it is measured on its
     own (benchmarks/open_loop_tail.py). Returns how many containers the drain replaced."""
-    def views() -> list[dict[str, Any]]:
-        return list(admin.get("/v1/admin/pools").raise_for_status().json()["tiers"])
-
-    def view() -> dict[str, Any]:
-        return next(t for t in views() if t["name"] == tier)
-
-    with httpx.Client(base_url=base_url, timeout=10, headers={"Authorization": f"Bearer {admin_key}"}) as admin:
-        drained_before = view()["replaced"].get("drained", 0)
+    with admin_client(base_url) as admin:
+        drained_before = tier_view(pool_views(admin), tier)["replaced"].get("drained", 0)
         answer = admin.post(f"/v1/admin/pools/{tier}/drain").raise_for_status().json()
         doomed = sum(int(answer[k]) for k in ("idle_replaced", "busy_replaced_when_done",
                                               "starting_replaced_when_ready"))
         deadline_s = time.monotonic() + timeout_s
         while True:
-            tiers = views()
-            now = next(t for t in tiers if t["name"] == tier)
+            views = pool_views(admin)
+            now = tier_view(views, tier)
             # The admin view counts a drained container when its removal starts: the engine's count of
             # the instance's containers (all tiers) says when the removals are done.
             if (now["replaced"].get("drained", 0) - drained_before >= doomed and now["starting"] == 0
-                    and now["idle"] > 0 and containers_of(instance_id_of(base_url)) == held(tiers)):
+                    and now["idle"] > 0 and containers_of(instance_id_of(base_url)) == held(views)):
                 break
             if time.monotonic() > deadline_s:
                 raise SystemExit(f"tier {tier} did not settle after a drain: {now}")
